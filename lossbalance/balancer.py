@@ -1,0 +1,411 @@
+"""``LossBalancer``: replaces ``optimizer.step()`` for models trained on several named loss terms."""
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable, Iterable, Literal, Mapping
+
+import torch
+from torch import Tensor
+
+from .gradients import GradientEngine, GradStats
+from .strategies.base import StepRecord, Strategy, make_strategy
+from .validation import check_finite, check_key_set, check_losses, reaches
+
+__all__ = ["LossBalancer"]
+
+Losses = Mapping[str, Tensor]
+Bound = float | Mapping[str, float] | None
+
+
+class LossBalancer:
+    r"""Balance named loss terms and step the wrapped optimizer.
+
+    Each ``step(losses)`` takes a dict of scalar loss terms built from one forward graph,
+    differentiates each term separately (when the strategy needs gradients and an update is
+    due), updates the weights ``lambda_i``, writes ``sum_i lambda_i grad L_i`` into ``.grad``
+    (overwriting it) and calls ``optimizer.step()``. It returns the weighted total (detached).
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer``; its parameters that require grad are balanced.
+        strategy: a :class:`~lossbalance.strategies.Strategy` or a registered short name.
+        update_every: update the weights on every n-th step (the first step included).
+        weights: initial weight per term (default 1).
+        min_weight, max_weight: clamp every updated weight (a float, or a dict per term).
+        warmup: number of steps that keep the initial weights before the first update.
+        frozen: never update the weights (they stay as they are, e.g. after loading).
+        terms: the terms and their canonical order (default: the keys of the first step).
+        optional: terms that may be absent on some steps (their weight is kept meanwhile).
+        scope: ``{term: parameters}``: the parameters a term may train (default: all). The term's
+            gradient flows through the whole graph but only its scope receives it.
+        probe: take the gradient statistics on this subset of the parameters only.
+        memory: ``"keep"`` (reuse the per-term gradients for the step) or ``"lean"``.
+        nonfinite: ``"raise"`` on NaN/Inf losses (or gradient statistics), or ``"skip"`` the step.
+        history: keep the last n steps' weights and losses (0: none).
+        seed: seed of the balancer's own random generator (saved in ``state_dict``).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        strategy: str | Strategy = "lra",
+        *,
+        update_every: int = 1,
+        weights: Mapping[str, float] | None = None,
+        min_weight: Bound = None,
+        max_weight: Bound = None,
+        warmup: int = 0,
+        frozen: bool = False,
+        terms: Iterable[str] | None = None,
+        optional: Iterable[str] = (),
+        scope: Mapping[str, Iterable[Tensor]] | None = None,
+        probe: Iterable[Tensor] | None = None,
+        memory: Literal["keep", "lean"] = "keep",
+        nonfinite: Literal["raise", "skip"] = "raise",
+        history: int = 0,
+        seed: int = 0,
+    ):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"LossBalancer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}; "
+                "create the optimizer first, e.g. torch.optim.Adam(model.parameters())"
+            )
+        if not isinstance(update_every, int) or update_every < 1:
+            raise ValueError(f"update_every must be a positive integer, got {update_every!r}")
+        if not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        if not isinstance(history, int) or history < 0:
+            raise ValueError(f"history must be a non-negative integer, got {history!r}")
+        self.optimizer = optimizer
+        self.strategy = make_strategy(strategy)
+        self.update_every = update_every
+        self.warmup = warmup
+        self.frozen = frozen
+        self.nonfinite = nonfinite
+        self.generator = torch.Generator().manual_seed(seed)
+        self._memory = memory
+        self._probe = None if probe is None else list(probe)
+        self._engine = self._make_engine()
+        self._initial = dict(weights or {})
+        self._bounds = (min_weight, max_weight)
+        self._scope_params = {name: list(params) for name, params in (scope or {}).items()}
+        self._scopes = self._resolve_scopes()
+        self._names: list[str] = []
+        self._optional = set(optional)
+        self._weights = self._engine.layout.numel.new_zeros(0, dtype=self._weight_dtype())
+        self._lower = self._weights.clone()
+        self._upper = self._weights.clone()
+        for name in terms or ():
+            self.add_term(name)
+        self._step = 0
+        self._updates = 0
+        self._skipped = 0
+        self._checked: set[str] = set()
+        self._active: tuple[tuple[str, ...], tuple[str, ...], Tensor] | None = None  # keys, names, index
+        self._last: tuple[tuple[str, ...], Tensor, Tensor, GradStats | None] | None = None
+        self._history: deque = deque(maxlen=history)
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _balanced_params(self) -> list[Tensor]:
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
+        if not params:
+            raise ValueError("the optimizer holds no parameter that requires grad: nothing to balance")
+        return params
+
+    def _make_engine(self) -> GradientEngine:
+        params = self._balanced_params()
+        self._param_ids = tuple(map(id, params))
+        return GradientEngine(params, memory=self._memory, probe=self._probe)
+
+    def _weight_dtype(self) -> torch.dtype:
+        return torch.promote_types(self._engine.layout.dtype, torch.float32)
+
+    def _resolve_scopes(self) -> dict[str, frozenset[int]]:
+        held = set(self._engine.layout.position)
+        scopes = {}
+        for name, params in self._scope_params.items():
+            if not params:
+                raise ValueError(f"the scope of term {name!r} is empty: name at least one parameter it may train")
+            ids = frozenset(map(id, params))
+            if not ids <= held:
+                raise ValueError(
+                    f"the scope of term {name!r} names a parameter the optimizer does not hold "
+                    "(or that does not require grad): scopes must be subsets of the optimizer's parameters"
+                )
+            scopes[name] = ids
+        return scopes
+
+    def _bound(self, which: int, name: str) -> float:
+        bound = self._bounds[which]
+        default = 0.0 if which == 0 else float("inf")
+        if isinstance(bound, Mapping):
+            return float(bound.get(name, default))
+        return default if bound is None else float(bound)
+
+    # ------------------------------------------------------------------ terms
+    def add_term(self, name: str, weight: float | None = None, *, optional: bool = False) -> None:
+        """Declare a term (e.g. one that appears in a later phase) with its initial weight."""
+        if not isinstance(name, str):
+            raise TypeError(f"term names must be strings, got {name!r}")
+        if name in self._names:
+            raise ValueError(f"term {name!r} is already declared")
+        value = float(self._initial.get(name, 1.0) if weight is None else weight)
+        if not value > 0 or value == float("inf"):
+            raise ValueError(f"the initial weight of term {name!r} must be finite and positive, got {value}")
+        self._names.append(name)
+        extend = lambda t, v: torch.cat([t, t.new_full((1,), v)])  # noqa: E731
+        self._weights = extend(self._weights, value)
+        self._lower = extend(self._lower, self._bound(0, name))
+        self._upper = extend(self._upper, self._bound(1, name))
+        if optional:
+            self._optional.add(name)
+        self._active = None
+
+    def remove_term(self, name: str) -> None:
+        """Forget a term and its weight (e.g. a phase that ended)."""
+        if name not in self._names:
+            raise KeyError(f"term {name!r} is not declared; declared: {self._names}")
+        keep = [i for i, n in enumerate(self._names) if n != name]
+        self._names.pop(self._names.index(name))
+        self._weights, self._lower, self._upper = (t[keep] for t in (self._weights, self._lower, self._upper))
+        self._optional.discard(name)
+        self._checked.discard(name)
+        self._active = None
+
+    def _resolve_terms(self, losses: Losses) -> tuple[str, ...]:
+        """The present terms in canonical order; validates the key set without changing it."""
+        keys = tuple(losses)
+        if self._active is not None and self._active[0] == keys:
+            return self._active[1]
+        if not self._names:
+            for name in self._scopes:
+                if name not in losses and name not in self._optional:
+                    raise KeyError(f"scope names the term {name!r}, which is not among the terms {list(keys)}")
+            names = keys
+        else:
+            check_key_set(keys, self._names, self._optional)
+            names = tuple(n for n in self._names if n in losses)
+        self.strategy.validate_terms(names)
+        return names
+
+    def _index(self, losses: Losses, names: tuple[str, ...]) -> Tensor:
+        """Register the first step's terms and return the indices of ``names`` in the weights."""
+        keys = tuple(losses)
+        if self._active is not None and self._active[0] == keys:
+            return self._active[2]
+        for name in names:
+            if name not in self._names:
+                self.add_term(name)
+        index = torch.tensor([self._names.index(n) for n in names], device=self._weights.device)
+        self._active = (keys, names, index)
+        return index
+
+    def _check_reach(self, names: tuple[str, ...], losses: Losses) -> None:
+        """On a term's first appearance: does its graph reach the parameters it may train?"""
+        for name in names:
+            if name in self._checked:
+                continue
+            scope = self._scopes.get(name)
+            if not reaches(losses[name], scope if scope is not None else self._param_ids):
+                where = "any balanced parameter" if scope is None else "any parameter of its scope"
+                raise ValueError(
+                    f"loss term {name!r} has no path to {where}: it was built from tensors that "
+                    "do not depend on them (detached, or only on inputs)"
+                )
+        self._checked.update(names)
+
+    # ------------------------------------------------------------------ the step
+    def _due(self) -> bool:
+        if self.frozen or self._step < self.warmup:
+            return False
+        return (self._step - self.warmup) % self.update_every == 0
+
+    def _backward(self, losses: Losses, may_update: bool) -> Tensor | None:
+        """Validate, update the weights when due, write ``.grad``. ``None``: step skipped."""
+        if tuple(map(id, self._balanced_params())) != self._param_ids:
+            self._engine = self._make_engine()
+            self._scopes = self._resolve_scopes()
+        check_losses(losses, self._engine.layout.device)
+        names = self._resolve_terms(losses)
+        self._check_reach(names, losses)
+        terms = [losses[n] for n in names]
+        values = torch.stack([t.detach().reshape(()) for t in terms]).to(self._weights.dtype)
+        if not self._finite(names, values, "loss value"):
+            return None
+        index = self._index(losses, names)
+        scopes = [self._scopes.get(n) for n in names]
+        weights = self._weights[index]
+        update = may_update and self._due()
+        stats = None
+        if update and self.strategy.needs_gradients:
+            stats = self._engine.term_gradients(names, terms, scopes)
+            if not self._finite(names, stats.sum_sq.sum(1), "gradient (sum of squares)"):
+                return None
+        if update:
+            record = StepRecord(names, values, weights, self._step, self._updates, stats, self.generator)
+            new = self.strategy.update(record).to(weights.dtype)
+            weights = torch.minimum(torch.maximum(new, self._lower[index]), self._upper[index])
+            self._weights[index] = weights
+            self._updates += 1
+        if stats is not None and self._engine.reuses:
+            self._engine.write_combined(weights)
+        else:
+            self._engine.backward(terms, weights, scopes)
+        if may_update:
+            self._last = (names, values, weights, stats)
+            if self._history.maxlen:
+                self._history.append((self._step, names, weights.clone(), values))
+            self._step += 1
+        return torch.dot(weights, values)
+
+    def _finite(self, names: tuple[str, ...], values: Tensor, what: str) -> bool:
+        if self.nonfinite == "raise":
+            check_finite(names, values, what)
+            return True
+        if bool(torch.isfinite(values).all()):
+            return True
+        self._skipped += 1
+        return False
+
+    def backward(self, losses: Losses) -> Tensor:
+        """Everything :meth:`step` does except ``optimizer.step()``; returns the weighted total.
+
+        Use it to clip or inspect gradients before calling ``optimizer.step()`` yourself.
+        """
+        total = self._backward(losses, True)
+        return total if total is not None else self._nan()
+
+    def step(self, losses: Losses | None = None, *, closure: Callable[[], Losses] | None = None) -> Tensor:
+        """Balance, write ``.grad`` and step the optimizer; returns the weighted total (detached).
+
+        Pass either the dict of loss terms or a ``closure`` that recomputes and returns it (for
+        ``torch.optim.LBFGS``). With a closure, the weights are updated at most once per call,
+        on its first evaluation, and held fixed while the optimizer re-evaluates it.
+        """
+        if (losses is None) == (closure is None):
+            raise TypeError("step() takes either the dict of loss terms or closure=, exactly one of them")
+        if losses is not None:
+            total = self._backward(losses, True)
+            if total is None:
+                return self._nan()
+            self.optimizer.step()
+            return total
+        with torch.enable_grad():
+            first = self._backward(self._call(closure), True)
+        if first is None:
+            return self._nan()
+        pending = [first]
+
+        def evaluate() -> Tensor:
+            if pending:
+                return pending.pop()
+            with torch.enable_grad():
+                total = self._backward(self._call(closure), False)
+            return total if total is not None else self._nan()
+
+        self.optimizer.step(evaluate)
+        return first
+
+    @staticmethod
+    def _call(closure: Callable[[], Losses]) -> Losses:
+        terms = closure()
+        if not isinstance(terms, Mapping):
+            raise TypeError(
+                f"the closure must return the dict of loss terms, got {type(terms).__name__}; "
+                "the balancer does the backward pass itself"
+            )
+        return terms
+
+    def _nan(self) -> Tensor:
+        return self._weights.new_full((), float("nan"))
+
+    # ------------------------------------------------------------------ pass-through and reporting
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Current weight of every declared term."""
+        return dict(zip(self._names, self._weights.tolist()))
+
+    @property
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Per-term figures of the last step: loss, weight and, where computed, gradient statistics.
+
+        The gradient figures (``grad_mean``, ``grad_max``, ``grad_norm``, over each term's scope)
+        are present when that step computed per-term gradients.
+        """
+        if self._last is None:
+            return {}
+        names, values, weights, grads = self._last
+        columns = {"loss": values, "weight": weights}
+        if grads is not None:
+            columns.update(grad_mean=grads.mean_abs(), grad_max=grads.max_abs_over(), grad_norm=grads.norm())
+        table = {key: col.tolist() for key, col in columns.items()}
+        return {name: {key: table[key][i] for key in table} for i, name in enumerate(names)}
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The last ``history`` steps: ``{"step": n, "weights": {...}, "losses": {...}}``."""
+        return [
+            {"step": step, "weights": dict(zip(names, w.tolist())), "losses": dict(zip(names, v.tolist()))}
+            for step, names, w, v in self._history
+        ]
+
+    @property
+    def step_count(self) -> int:
+        """Steps taken (a ``step`` call with a closure counts once)."""
+        return self._step
+
+    @property
+    def skipped(self) -> int:
+        """Steps skipped for non-finite values under ``nonfinite="skip"``."""
+        return self._skipped
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's and the balancer's state; loading it continues a run bit for bit."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "names": list(self._names),
+            "optional": sorted(self._optional),
+            "weights": self._weights.clone(),
+            "lower": self._lower.clone(),
+            "upper": self._upper.clone(),
+            "step": self._step,
+            "updates": self._updates,
+            "skipped": self._skipped,
+            "strategy": self.strategy.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        missing = {"optimizer", "names", "weights", "step", "updates", "strategy", "generator"} - set(state)
+        if missing:
+            raise KeyError(f"not a LossBalancer state_dict: missing {sorted(missing)}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        device, dtype = self._weights.device, self._weights.dtype
+        self._names = list(state["names"])
+        self._optional = set(state.get("optional", ()))
+        self._weights = state["weights"].to(device=device, dtype=dtype).clone()
+        n = len(self._names)
+        self._lower = state.get("lower", torch.zeros(n)).to(device=device, dtype=dtype).clone()
+        self._upper = state.get("upper", torch.full((n,), float("inf"))).to(device=device, dtype=dtype).clone()
+        self._step = int(state["step"])
+        self._updates = int(state["updates"])
+        self._skipped = int(state.get("skipped", 0))
+        self.strategy.load_state_dict(state["strategy"])
+        self.generator.set_state(state["generator"])
+        self._active = None
+        self._checked = set()
+
+    def __repr__(self) -> str:
+        return (
+            f"LossBalancer({type(self.optimizer).__name__}, {self.strategy!r}, update_every={self.update_every}, "
+            f"memory={self._memory!r}, terms={self._names})"
+        )

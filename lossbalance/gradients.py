@@ -1,0 +1,284 @@
+"""The gradient engine: per-term gradients from one graph, their statistics, the write-back.
+
+The engine differentiates each loss term separately with ``torch.autograd.grad`` on the one
+forward graph (``retain_graph`` for all but the last), never touching ``.grad`` while doing so.
+Each term is differentiated with respect to its own *scope* (the parameters it may train), so
+gradient flows through the whole graph but only the scope receives it.
+
+Memory modes
+    ``"keep"`` (default)
+        The K per-term gradients are kept in one flat ``(K, P)`` buffer; the statistics are
+        taken from it and the combined gradient ``sum_i w_i g_i`` is written into ``.grad``
+        from it: no further backward pass. Extra memory: K x P.
+    ``"lean"``
+        Each term's gradient is reduced to its statistics at once and dropped; the step then
+        runs one backward of the weighted sum. Extra memory: about P, one more backward.
+
+With a ``probe`` (a subset of the parameters, e.g. the last layer), the statistics are taken
+on the probe only, and the step is one backward of the weighted sum.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Literal, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["GradStats", "GradientEngine", "MEMORY_MODES"]
+
+MEMORY_MODES = ("keep", "lean")
+Selection = Literal["all", "matrices"]
+Over = Literal["scope", "shared"]
+
+
+class _Layout:
+    """A fixed ordering of parameter tensors in one flat vector: matrices first, then the rest.
+
+    Putting every tensor with ``ndim >= 2`` first makes "weight matrices only" a prefix.
+    """
+
+    def __init__(self, params: Sequence[Tensor]):
+        order = sorted(range(len(params)), key=lambda j: params[j].dim() < 2)
+        self.params: list[Tensor] = [params[j] for j in order]
+        self.sizes: list[int] = [p.numel() for p in self.params]
+        self.total = sum(self.sizes)
+        first = self.params[0]
+        self.device, self.dtype = first.device, first.dtype
+        self.numel = torch.tensor(self.sizes, dtype=self.dtype, device=self.device)
+        self.matrix = torch.tensor([p.dim() >= 2 for p in self.params], device=self.device)
+        self.position = {id(p): j for j, p in enumerate(self.params)}
+        self._zeros = torch.zeros(self.total, dtype=self.dtype, device=self.device)
+        self.zero_parts = list(self._zeros.split(self.sizes))
+
+    def mask(self, scope: frozenset[int] | None) -> Tensor:
+        """(T,) bool: which tensors of this layout a scope (set of ``id(param)``) covers."""
+        if scope is None:
+            return torch.ones(len(self.params), dtype=torch.bool, device=self.device)
+        return torch.tensor([id(p) in scope for p in self.params], device=self.device)
+
+    def inputs(self, scope: frozenset[int] | None) -> list[int]:
+        """Positions of the tensors a scope covers (all of them without a scope)."""
+        if scope is None:
+            return list(range(len(self.params)))
+        return [j for j, p in enumerate(self.params) if id(p) in scope]
+
+    def table(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-tensor sum |g|, max |g| and sum g^2 of the rows of ``flat`` (R, P) -> 3 x (R, T)."""
+        magnitude = flat.abs()
+        parts = magnitude.split(self.sizes, dim=1)
+        raw = flat.split(self.sizes, dim=1)
+        sum_abs = torch.stack([part.sum(1) for part in parts], 1)
+        max_abs = torch.stack([part.amax(1) for part in parts], 1)
+        sum_sq = torch.stack([torch.linalg.vector_norm(part, dim=1) for part in raw], 1).square()
+        return sum_abs, max_abs, sum_sq
+
+
+@dataclass(frozen=True)
+class GradStats:
+    """Per-term, per-tensor gradient statistics of one step (K terms, T parameter tensors).
+
+    ``sum_abs``, ``max_abs``, ``sum_sq`` are ``(K, T)`` tables of ``sum |g|``, ``max |g|`` and
+    ``sum g^2`` over each parameter tensor; ``numel`` (T,) counts its entries; ``matrix`` (T,)
+    marks the weight matrices (``ndim >= 2``); ``scope`` (K, T) marks what each term may train.
+    ``gradients`` is the ``(K, P)`` matrix of flat per-term gradients in ``"keep"`` mode without
+    a probe (``None`` otherwise). The reductions below take a term's statistics over its scope
+    (``over="scope"``, default) or over the tensors every term may train (``over="shared"``).
+    """
+
+    sum_abs: Tensor
+    max_abs: Tensor
+    sum_sq: Tensor
+    numel: Tensor
+    matrix: Tensor
+    scope: Tensor
+    gradients: Tensor | None = None
+
+    def selection(self, tensors: Selection = "all", over: Over = "scope") -> Tensor:
+        """(K, T) bool mask of the tensors each term's statistics run over."""
+        mask = self.scope if over == "scope" else self.scope.all(0, keepdim=True).expand_as(self.scope)
+        if tensors == "matrices":
+            mask = mask & self.matrix
+        elif tensors != "all":
+            raise ValueError(f"tensors must be 'all' or 'matrices', got {tensors!r}")
+        return mask
+
+    def mean_abs(self, tensors: Selection = "all", *, layerwise: bool = False, over: Over = "scope") -> Tensor:
+        """(K,) mean |g|: over all selected entries, or (``layerwise``) the mean of per-tensor means."""
+        mask = self.selection(tensors, over)
+        zero = self.sum_abs.new_zeros(())
+        if layerwise:
+            per_tensor = torch.where(mask, self.sum_abs / self.numel, zero)
+            return per_tensor.sum(1) / mask.sum(1)
+        return torch.where(mask, self.sum_abs, zero).sum(1) / torch.where(mask, self.numel, zero).sum(1)
+
+    def max_abs_over(self, tensors: Selection = "all", *, over: Over = "scope") -> Tensor:
+        """(K,) max |g| over the selected tensors."""
+        mask = self.selection(tensors, over)
+        return torch.where(mask, self.max_abs, self.max_abs.new_zeros(())).amax(1)
+
+    def norm(self, tensors: Selection = "all", *, over: Over = "scope") -> Tensor:
+        """(K,) Euclidean norm ||g|| over the selected tensors."""
+        mask = self.selection(tensors, over)
+        return torch.where(mask, self.sum_sq, self.sum_sq.new_zeros(())).sum(1).sqrt()
+
+    def cosine(self) -> Tensor:
+        """(K, K) cosine similarity of the per-term gradients (needs the kept gradients)."""
+        if self.gradients is None:
+            raise RuntimeError("cosine similarities need memory='keep' and no probe")
+        gram = self.gradients @ self.gradients.T
+        norms = gram.diagonal().sqrt()
+        return gram / (norms[:, None] * norms[None, :]).clamp_min(torch.finfo(gram.dtype).tiny)
+
+
+class GradientEngine:
+    """Per-term gradients of scalar losses that share one graph.
+
+    ``params``: the balanced parameters (one device and dtype). ``memory``: ``"keep"`` or
+    ``"lean"`` (see the module docstring). ``probe``: optional subset of ``params`` on which the
+    statistics are taken.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        *,
+        memory: str = "keep",
+        probe: Iterable[Tensor] | None = None,
+    ):
+        if memory not in MEMORY_MODES:
+            raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+        kinds = {(p.device, p.dtype) for p in params}
+        if len(kinds) > 1:
+            found = ", ".join(sorted(f"{d}/{t}" for d, t in kinds))
+            raise ValueError(
+                f"the balanced parameters must share one device and dtype; found {found}. "
+                "Cast them (e.g. model.to(dtype)) or balance each group with its own LossBalancer."
+            )
+        self.memory = memory
+        self.layout = _Layout(params)
+        self.params = self.layout.params
+        if probe is None:
+            self.probe = None
+        else:
+            probe = list(probe)
+            unknown = [p for p in probe if id(p) not in self.layout.position]
+            if unknown or not probe:
+                raise ValueError("probe must be a non-empty subset of the optimizer's parameters")
+            self.probe = _Layout(probe)
+        self.reuses = self.probe is None and memory == "keep"
+        self._buffer: Tensor | None = None
+        self._combined = torch.empty(self.layout.total, dtype=self.layout.dtype, device=self.layout.device)
+        self._grad_views = list(self._combined.split(self.layout.sizes))
+        self._grad_views = [v.view_as(p) for v, p in zip(self._grad_views, self.params)]
+        self._reached: list[bool] = []
+
+    @property
+    def stats_layout(self) -> _Layout:
+        return self.layout if self.probe is None else self.probe
+
+    def _rows(self, k: int) -> Tensor:
+        rows = k if self.reuses else 1
+        if self._buffer is None or self._buffer.shape[0] != rows:
+            self._buffer = torch.empty(rows, self.stats_layout.total, dtype=self.layout.dtype, device=self.layout.device)
+        return self._buffer
+
+    def term_gradients(
+        self,
+        names: Sequence[str],
+        losses: Sequence[Tensor],
+        scopes: Sequence[frozenset[int] | None],
+    ) -> GradStats:
+        """Differentiate each term w.r.t. its scope and return the statistics of the gradients.
+
+        Raises ``ValueError`` naming a term that reaches none of the parameters it may train.
+        In ``"keep"`` mode without probe the last call frees the graph; otherwise the graph is
+        retained for the weighted-sum backward of :meth:`backward`.
+        """
+        layout = self.stats_layout
+        buffer = self._rows(len(losses))
+        tables = []
+        reached = [False] * len(self.layout.params)
+        for i, (name, loss, scope) in enumerate(zip(names, losses, scopes)):
+            positions = layout.inputs(scope)
+            row = buffer[i] if self.reuses else buffer[0]
+            parts = list(layout.zero_parts)
+            if positions:
+                retain = not (self.reuses and i == len(losses) - 1)
+                try:
+                    grads = torch.autograd.grad(
+                        loss, [layout.params[j] for j in positions], retain_graph=retain, allow_unused=True
+                    )
+                except RuntimeError as error:
+                    raise RuntimeError(f"while differentiating term {name!r}: {error}") from error
+                hit = False
+                for j, g in zip(positions, grads):
+                    if g is not None:
+                        parts[j] = g.reshape(-1)
+                        hit = True
+                        if self.reuses:
+                            reached[j] = True
+                if not hit and self.probe is None:
+                    where = "any balanced parameter" if scope is None else "any parameter of its scope"
+                    raise ValueError(
+                        f"loss term {name!r} has no path to {where}: it was built from tensors that do "
+                        "not depend on them (detached, or only on inputs)"
+                    )
+            torch.cat(parts, out=row)
+            if not self.reuses:
+                tables.append(layout.table(buffer))
+        if self.reuses:
+            self._reached = reached
+            sum_abs, max_abs, sum_sq = layout.table(buffer)
+        else:
+            sum_abs, max_abs, sum_sq = (torch.cat(t) for t in zip(*tables))
+        scope_mask = torch.stack([layout.mask(s) for s in scopes])
+        return GradStats(
+            sum_abs, max_abs, sum_sq, layout.numel, layout.matrix, scope_mask,
+            buffer if self.reuses else None,
+        )
+
+    def write_combined(self, weights: Tensor, combined: Tensor | None = None) -> None:
+        """``.grad = sum_i w_i g_i`` from the kept gradients (or ``.grad = combined`` when given).
+
+        Parameters that no term reached get ``.grad = None``.
+        """
+        assert self.reuses and self._buffer is not None
+        if combined is None:
+            torch.mv(self._buffer.T, weights.to(self._buffer.dtype), out=self._combined)
+        else:
+            self._combined.copy_(combined)
+        for p, view, hit in zip(self.params, self._grad_views, self._reached):
+            p.grad = view if hit else None
+
+    def backward(
+        self,
+        losses: Sequence[Tensor],
+        weights: Tensor,
+        scopes: Sequence[frozenset[int] | None],
+    ) -> None:
+        """One backward of the weighted sum per distinct scope; ``.grad`` is overwritten.
+
+        Terms sharing a scope are summed before differentiating, so the common case (no scopes)
+        is exactly one backward of ``sum_i w_i L_i``. Parameters no term reaches get ``None``.
+        """
+        groups: dict[frozenset[int] | None, list[int]] = {}
+        for i, scope in enumerate(scopes):
+            groups.setdefault(scope, []).append(i)
+        total: list[Tensor | None] = [None] * len(self.params)
+        for n, (scope, members) in enumerate(groups.items()):
+            positions = self.layout.inputs(scope)
+            objective = sum(weights[i] * losses[i] for i in members)
+            try:
+                grads = torch.autograd.grad(
+                    objective, [self.params[j] for j in positions],
+                    retain_graph=n < len(groups) - 1, allow_unused=True,
+                )
+            except RuntimeError as error:
+                names = "the weighted sum of the terms"
+                raise RuntimeError(f"while differentiating {names}: {error}") from error
+            for j, g in zip(positions, grads):
+                if g is not None:
+                    total[j] = g if total[j] is None else total[j] + g
+        for p, g in zip(self.params, total):
+            p.grad = g

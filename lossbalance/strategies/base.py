@@ -1,0 +1,97 @@
+"""The strategy protocol, the record a strategy sees, and the registry of short names."""
+from __future__ import annotations
+
+import difflib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import Tensor
+
+from ..gradients import GradStats
+
+__all__ = ["StepRecord", "Strategy", "register", "available_strategies", "make_strategy"]
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What a strategy sees of one update step (read-only).
+
+    ``names``: the terms present, in the balancer's canonical order; ``losses`` (K,) their
+    detached values; ``weights`` (K,) their current weights; ``step``: the balancer's step
+    counter (0 on the first step); ``update``: how many updates came before this one;
+    ``grads``: per-term gradient statistics (``None`` for strategies that need none);
+    ``generator``: the balancer's random generator (the only source of randomness allowed).
+    """
+
+    names: tuple[str, ...]
+    losses: Tensor
+    weights: Tensor
+    step: int
+    update: int
+    grads: GradStats | None
+    generator: torch.Generator
+
+
+class Strategy(ABC):
+    """A weighting strategy: turns a :class:`StepRecord` into new weights.
+
+    A strategy owns its state and serialises it; it never touches ``.grad`` or the optimizer.
+    Subclasses set ``name`` (the registry's short name) and ``needs_gradients``.
+    """
+
+    name: ClassVar[str] = ""
+    needs_gradients: ClassVar[bool] = False
+
+    def validate_terms(self, names: Sequence[str]) -> None:
+        """Raise ``KeyError`` naming what is wrong if the strategy cannot work on these terms."""
+
+    @abstractmethod
+    def update(self, record: StepRecord) -> Tensor:
+        """Return the new (K,) weights for ``record.names``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def options(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this strategy."""
+        return {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({args})"
+
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: make ``cls`` available under ``cls.name``."""
+    if not cls.name or cls.name in _REGISTRY:
+        raise ValueError(f"strategy name {cls.name!r} is empty or taken")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_strategies() -> list[str]:
+    """The registered short names."""
+    return sorted(_REGISTRY)
+
+
+def make_strategy(strategy: str | Strategy, **options: Any) -> Strategy:
+    """A strategy object from a short name (with options) or the object itself."""
+    if isinstance(strategy, Strategy):
+        if options:
+            raise TypeError("options go to the strategy's constructor when a strategy object is given")
+        return strategy
+    if not isinstance(strategy, str):
+        raise TypeError(f"strategy must be a short name or a Strategy object, got {type(strategy).__name__}")
+    if strategy not in _REGISTRY:
+        close = difflib.get_close_matches(strategy, _REGISTRY, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown strategy {strategy!r}.{hint} Known: {', '.join(available_strategies())}")
+    return _REGISTRY[strategy](**options)
