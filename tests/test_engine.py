@@ -1,0 +1,158 @@
+"""The gradient engine: the balancer's .grad equals a plain weighted backward, in every mode."""
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from lossbalance import LossBalancer, LRAnnealing
+from lossbalance.gradients import GradientEngine
+
+from _models import PINN1D, TwoHeads, grads_of
+
+warnings.filterwarnings("ignore", message="LRAnnealing: no reference")
+
+MODES = [dict(memory="keep"), dict(memory="lean"), dict(probe="last"), dict(update_every=3)]
+
+
+def build(problem, mode, strategy):
+    params = list(problem.model.parameters())
+    opt = torch.optim.SGD(params, lr=1e-3)
+    mode = dict(mode)
+    if mode.get("probe") == "last":
+        mode["probe"] = params[-2:]
+    return LossBalancer(opt, strategy, **mode)
+
+
+def reference_grads(params, losses, weights):
+    for p in params:
+        p.grad = None
+    sum(weights[n] * losses[n] for n in losses).backward(inputs=params)
+    return grads_of(params)
+
+
+def assert_same(got, want, rtol=1e-5):
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if g is not None:
+            torch.testing.assert_close(g, w, rtol=rtol, atol=1e-7 * max(1.0, w.abs().max().item()))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    scales=st.lists(st.floats(1e-3, 1e3), min_size=3, max_size=3),
+    mode=st.sampled_from(MODES),
+    strategy=st.sampled_from(["lra", "static"]),
+    steps=st.integers(1, 4),
+)
+def test_grad_equals_weighted_backward(seed, scales, mode, strategy, steps):
+    problem = PINN1D(seed=seed % 7)
+    params = list(problem.model.parameters())
+    balancer = build(problem, mode, strategy)
+
+    def scaled():
+        return {k: v * c for (k, v), c in zip(problem.losses().items(), scales)}
+
+    for _ in range(steps):
+        balancer.step(scaled())
+    balancer.backward(scaled())
+    got = grads_of(params)
+    assert_same(got, reference_grads(params, scaled(), balancer.weights))
+
+
+@settings(max_examples=15, deadline=None)
+@given(perm=st.permutations(["pde", "dirichlet", "neumann"]), mode=st.sampled_from(MODES))
+def test_result_does_not_depend_on_dict_order(perm, mode):
+    runs = []
+    for order in (["pde", "dirichlet", "neumann"], perm):
+        problem = PINN1D(seed=3)
+        balancer = build(problem, mode, LRAnnealing(reference="pde"))
+        for _ in range(3):
+            losses = problem.losses()
+            balancer.step({k: losses[k] for k in order})
+        runs.append(([p.detach().clone() for p in problem.model.parameters()], balancer.weights))
+    (p1, w1), (p2, w2) = runs
+    assert w1 == pytest.approx(w2, rel=1e-6)
+    for a, b in zip(p1, p2):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_shared_trunk_two_heads(mode):
+    model = TwoHeads()
+    model.model = model
+    balancer = build(model, mode, LRAnnealing(reference="a"))
+    params = list(model.parameters())
+    balancer.backward(model.losses())
+    got = grads_of(params)
+    want = reference_grads(params, model.losses(), balancer.weights)
+    assert_same(got, want)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_unreached_parameters_keep_none_and_inputs_untouched(mode):
+    problem = PINN1D()
+    spare = torch.nn.Parameter(torch.ones(3))
+    params = list(problem.model.parameters())
+    opt = torch.optim.SGD([*params, spare], lr=0.1)
+    mode = dict(mode)
+    if mode.get("probe") == "last":
+        mode["probe"] = params[-2:]
+    balancer = LossBalancer(opt, LRAnnealing(reference="pde"), **mode)
+    x = torch.rand(8, 1, requires_grad=True)
+    losses = problem.losses()
+    losses["extra"] = problem.model(x).pow(2).mean()
+    balancer.step(losses)
+    assert spare.grad is None
+    assert x.grad is None
+    torch.testing.assert_close(spare.detach(), torch.ones(3))
+
+
+def test_term_not_reaching_a_layer_contributes_zero_there():
+    model = TwoHeads()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    balancer = LossBalancer(opt, LRAnnealing(reference="a"))
+    balancer.backward(model.losses())
+    got = model.a.weight.grad.clone()
+    w = balancer.weights
+    model.zero_grad()
+    (w["a"] * model.losses()["a"]).backward()
+    torch.testing.assert_close(got, model.a.weight.grad)
+
+
+def test_statistics_match_direct_autograd():
+    problem = PINN1D(seed=1)
+    params = list(problem.model.parameters())
+    engine = GradientEngine(params)
+    losses = problem.losses()
+    stats = engine.term_gradients(list(losses), list(losses.values()), [None] * 3)
+    for i, loss in enumerate(problem.losses().values()):
+        grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        matrices = torch.cat([g.reshape(-1) for g in grads if g.dim() >= 2])
+        torch.testing.assert_close(stats.mean_abs()[i], flat.abs().mean())
+        torch.testing.assert_close(stats.max_abs_over()[i], flat.abs().max())
+        torch.testing.assert_close(stats.norm()[i], flat.norm())
+        torch.testing.assert_close(stats.mean_abs("matrices")[i], matrices.abs().mean())
+        layerwise = torch.stack([g.abs().mean() for g in grads if g.dim() >= 2]).mean()
+        torch.testing.assert_close(stats.mean_abs("matrices", layerwise=True)[i], layerwise)
+
+
+def test_cosine_matrix():
+    model = TwoHeads()
+    engine = GradientEngine(list(model.parameters()))
+    losses = model.losses()
+    stats = engine.term_gradients(list(losses), list(losses.values()), [None, None])
+    ga = torch.cat([g.reshape(-1) for g in torch.autograd.grad(model.losses()["a"], list(model.parameters()), allow_unused=True, materialize_grads=True)])
+    gb = torch.cat([g.reshape(-1) for g in torch.autograd.grad(model.losses()["b"], list(model.parameters()), allow_unused=True, materialize_grads=True)])
+    want = torch.nn.functional.cosine_similarity(ga, gb, dim=0)
+    torch.testing.assert_close(stats.cosine()[0, 1], want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.cosine().diagonal(), torch.ones(2))
+
+
+def test_mixed_dtypes_are_refused_with_a_clear_message():
+    a = torch.nn.Parameter(torch.zeros(2))
+    b = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="one device and dtype"):
+        GradientEngine([a, b])
