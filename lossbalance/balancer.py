@@ -153,11 +153,14 @@ class LossBalancer:
         value = float(self._initial.get(name, 1.0) if weight is None else weight)
         if not value > 0 or value == float("inf"):
             raise ValueError(f"the initial weight of term {name!r} must be finite and positive, got {value}")
+        lower, upper = self._bound(0, name), self._bound(1, name)
+        if lower > upper:
+            raise ValueError(f"term {name!r}: min_weight {lower} > max_weight {upper}")
         self._names.append(name)
         extend = lambda t, v: torch.cat([t, t.new_full((1,), v)])  # noqa: E731
         self._weights = extend(self._weights, value)
-        self._lower = extend(self._lower, self._bound(0, name))
-        self._upper = extend(self._upper, self._bound(1, name))
+        self._lower = extend(self._lower, lower)
+        self._upper = extend(self._upper, upper)
         if optional:
             self._optional.add(name)
         self._active = None
@@ -185,7 +188,7 @@ class LossBalancer:
             names = keys
         else:
             check_key_set(keys, self._names, self._optional)
-            names = tuple(n for n in self._names if n in losses)
+            names = tuple(n for n in self._names if n in losses) + tuple(n for n in keys if n not in self._names)
         self.strategy.validate_terms(names)
         return names
 

@@ -76,7 +76,7 @@ def reaches(loss: Tensor, targets: Collection[int]) -> bool:
 
 def check_key_set(present: Collection[str], known: Collection[str], optional: Collection[str]) -> None:
     """Raise ``KeyError`` if the terms of a step differ from the declared ones."""
-    unknown = [n for n in present if n not in known]
+    unknown = [n for n in present if n not in known and n not in optional]
     missing = [n for n in known if n not in present and n not in optional]
     if unknown or missing:
         parts = []

@@ -51,7 +51,7 @@ class TwoHeads(nn.Module):
         g = torch.Generator().manual_seed(seed + 1)
         self.x = torch.randn(64, 3, generator=g)
         self.ya = torch.sin(self.x.sum(1, keepdim=True))
-        self.yb = 100.0 * self.x[:, :1] ** 2
+        self.yb = 10.0 * self.x[:, :1] ** 2
 
     def losses(self) -> dict[str, torch.Tensor]:
         h = self.trunk(self.x)
