@@ -243,12 +243,11 @@ class LossBalancer:
         stats = None
         if update and self.strategy.needs_gradients:
             stats = self._engine.term_gradients(names, terms, scopes)
-            if not self._finite(names, stats.sum_sq.sum(1), "gradient (sum of squares)"):
+            if not self._finite(names, stats.max_abs.amax(1), "gradient entry (max |g|)"):
                 return None
         if update:
             record = StepRecord(names, values, weights, self._step, self._updates, stats, self.generator)
-            new = self.strategy.update(record).to(weights.dtype)
-            weights = torch.minimum(torch.maximum(new, self._lower[index]), self._upper[index])
+            weights = self._sanitize(self.strategy.update(record), weights, index)
             self._weights[index] = weights
             self._updates += 1
         if stats is not None and self._engine.reuses:
@@ -261,6 +260,13 @@ class LossBalancer:
                 self._history.append((self._step, names, weights.clone(), values))
             self._step += 1
         return torch.dot(weights, values)
+
+    def _sanitize(self, new: Tensor, old: Tensor, index: Tensor) -> Tensor:
+        """Bound the strategy's weights; a non-finite or non-positive weight keeps its old value."""
+        limits = torch.finfo(old.dtype)
+        new = new.to(torch.float64)
+        new = torch.where(torch.isfinite(new) & (new > 0), new, old).clamp(limits.tiny, limits.max).to(old.dtype)
+        return torch.minimum(torch.maximum(new, self._lower[index]), self._upper[index])
 
     def _finite(self, names: tuple[str, ...], values: Tensor, what: str) -> bool:
         if self.nonfinite == "raise":

@@ -45,26 +45,35 @@ class _Layout:
         self.total = sum(self.sizes)
         first = self.params[0]
         self.device, self.dtype = first.device, first.dtype
-        self.numel = torch.tensor(self.sizes, dtype=self.dtype, device=self.device)
+        self.stat_dtype = torch.promote_types(self.dtype, torch.float64)
+        self.numel = torch.tensor(self.sizes, dtype=self.stat_dtype, device=self.device)
         self.matrix = torch.tensor([p.dim() >= 2 for p in self.params], device=self.device)
         self.position = {id(p): j for j, p in enumerate(self.params)}
         self._zeros = torch.zeros(self.total, dtype=self.dtype, device=self.device)
         self.zero_parts = list(self._zeros.split(self.sizes))
+        self._masks: dict[tuple[frozenset[int] | None, ...], Tensor] = {}
+        self._inputs: dict[frozenset[int] | None, list[int]] = {}
 
-    def mask(self, scope: frozenset[int] | None) -> Tensor:
-        """(T,) bool: which tensors of this layout a scope (set of ``id(param)``) covers."""
-        if scope is None:
-            return torch.ones(len(self.params), dtype=torch.bool, device=self.device)
-        return torch.tensor([id(p) in scope for p in self.params], device=self.device)
+    def masks(self, scopes: Sequence[frozenset[int] | None]) -> Tensor:
+        """(K, T) bool: which tensors of this layout each scope (set of ``id(param)``) covers."""
+        key = tuple(scopes)
+        if key not in self._masks:
+            rows = [[scope is None or id(p) in scope for p in self.params] for scope in scopes]
+            self._masks[key] = torch.tensor(rows, dtype=torch.bool, device=self.device)
+        return self._masks[key]
 
     def inputs(self, scope: frozenset[int] | None) -> list[int]:
         """Positions of the tensors a scope covers (all of them without a scope)."""
-        if scope is None:
-            return list(range(len(self.params)))
-        return [j for j, p in enumerate(self.params) if id(p) in scope]
+        if scope not in self._inputs:
+            self._inputs[scope] = [j for j, p in enumerate(self.params) if scope is None or id(p) in scope]
+        return self._inputs[scope]
 
     def table(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-tensor sum |g|, max |g| and sum g^2 of the rows of ``flat`` (R, P) -> 3 x (R, T)."""
+        """Per-tensor sum |g|, max |g| and sum g^2 of the rows of ``flat`` (R, P) -> 3 x (R, T).
+
+        Computed in float64, so squares and sums of float32 gradients cannot overflow.
+        """
+        flat = flat.to(self.stat_dtype)
         magnitude = flat.abs()
         parts = magnitude.split(self.sizes, dim=1)
         raw = flat.split(self.sizes, dim=1)
@@ -79,10 +88,10 @@ class GradStats:
     """Per-term, per-tensor gradient statistics of one step (K terms, T parameter tensors).
 
     ``sum_abs``, ``max_abs``, ``sum_sq`` are ``(K, T)`` tables of ``sum |g|``, ``max |g|`` and
-    ``sum g^2`` over each parameter tensor; ``numel`` (T,) counts its entries; ``matrix`` (T,)
+    ``sum g^2`` over each parameter tensor (in float64 for float32 parameters); ``numel`` (T,) counts its entries; ``matrix`` (T,)
     marks the weight matrices (``ndim >= 2``); ``scope`` (K, T) marks what each term may train.
-    ``gradients`` is the ``(K, P)`` matrix of flat per-term gradients in ``"keep"`` mode without
-    a probe (``None`` otherwise). The reductions below take a term's statistics over its scope
+    ``gradients`` is the ``(K, P)`` matrix of flat per-term gradients and ``gram`` its ``(K, K)``
+    Gram matrix ``g_i . g_j``, both in ``"keep"`` mode without a probe (``None`` otherwise). The reductions below take a term's statistics over its scope
     (``over="scope"``, default) or over the tensors every term may train (``over="shared"``).
     """
 
@@ -93,6 +102,7 @@ class GradStats:
     matrix: Tensor
     scope: Tensor
     gradients: Tensor | None = None
+    gram: Tensor | None = None
 
     def selection(self, tensors: Selection = "all", over: Over = "scope") -> Tensor:
         """(K, T) bool mask of the tensors each term's statistics run over."""
@@ -123,12 +133,23 @@ class GradStats:
         return torch.where(mask, self.sum_sq, self.sum_sq.new_zeros(())).sum(1).sqrt()
 
     def cosine(self) -> Tensor:
-        """(K, K) cosine similarity of the per-term gradients (needs the kept gradients)."""
-        if self.gradients is None:
+        """(K, K) cosine similarity of the per-term gradients (needs the kept gradients).
+
+        A zero gradient has cosine 0 with every other term (and 1 with itself).
+        """
+        if self.gram is None:
             raise RuntimeError("cosine similarities need memory='keep' and no probe")
-        gram = self.gradients @ self.gradients.T
-        norms = gram.diagonal().sqrt()
-        return gram / (norms[:, None] * norms[None, :]).clamp_min(torch.finfo(gram.dtype).tiny)
+        norms = self.gram.diagonal().sqrt()
+        cosine = self.gram / (norms[:, None] * norms[None, :]).clamp_min(torch.finfo(self.gram.dtype).tiny)
+        return cosine.fill_diagonal_(1.0)
+
+    def conflict_fraction(self) -> Tensor:
+        """Fraction of the K(K-1)/2 term pairs whose gradients conflict (``g_i . g_j < 0``)."""
+        if self.gram is None:
+            raise RuntimeError("conflict diagnostics need memory='keep' and no probe")
+        k = self.gram.shape[0]
+        upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=self.gram.device), 1)
+        return (self.gram[upper] < 0).sum() / max(k * (k - 1) // 2, 1)
 
 
 class GradientEngine:
@@ -232,11 +253,14 @@ class GradientEngine:
             sum_abs, max_abs, sum_sq = layout.table(buffer)
         else:
             sum_abs, max_abs, sum_sq = (torch.cat(t) for t in zip(*tables))
-        scope_mask = torch.stack([layout.mask(s) for s in scopes])
         return GradStats(
-            sum_abs, max_abs, sum_sq, layout.numel, layout.matrix, scope_mask,
-            buffer if self.reuses else None,
+            sum_abs, max_abs, sum_sq, layout.numel, layout.matrix, layout.masks(scopes),
+            buffer if self.reuses else None, self._gram(buffer) if self.reuses else None,
         )
+
+    def _gram(self, buffer: Tensor) -> Tensor:
+        wide = buffer.to(self.layout.stat_dtype)
+        return wide @ wide.T
 
     def write_combined(self, weights: Tensor, combined: Tensor | None = None) -> None:
         """``.grad = sum_i w_i g_i`` from the kept gradients (or ``.grad = combined`` when given).
