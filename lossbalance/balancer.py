@@ -7,6 +7,8 @@ from typing import Any, Callable, Iterable, Literal, Mapping
 import torch
 from torch import Tensor
 
+from .combine import Combiner, WeightedSum, make_combiner
+from .config import export_config, parse_config
 from .gradients import GradientEngine, GradStats
 from .strategies.base import StepRecord, Strategy, make_strategy
 from .validation import check_finite, check_key_set, check_losses, reaches
@@ -38,6 +40,12 @@ class LossBalancer:
         scope: ``{term: parameters}``: the parameters a term may train (default: all). The term's
             gradient flows through the whole graph but only its scope receives it.
         probe: take the gradient statistics on this subset of the parameters only.
+        combine: how the weighted per-term gradients become one direction: ``"sum"`` (default),
+            ``"pcgrad"``, ``"config"``, a :class:`~lossbalance.combine.Combiner` or a callable on
+            the ``(K, P)`` matrix. Anything but the sum needs the per-term gradients every step.
+        diagnose_every: also compute the per-term gradients (norms, cosine similarities, fraction
+            of conflicting pairs) every n-th step, for strategies that need no gradients (0: only
+            on steps that compute them anyway). Costs the per-term gradients on those steps.
         memory: ``"keep"`` (reuse the per-term gradients for the step) or ``"lean"``.
         nonfinite: ``"raise"`` on NaN/Inf losses (or gradient statistics), or ``"skip"`` the step.
         history: keep the last n steps' weights and losses (0: none).
@@ -59,6 +67,8 @@ class LossBalancer:
         optional: Iterable[str] = (),
         scope: Mapping[str, Iterable[Tensor]] | None = None,
         probe: Iterable[Tensor] | None = None,
+        combine: str | Combiner | Callable[[Tensor], Tensor] = "sum",
+        diagnose_every: int = 0,
         memory: Literal["keep", "lean"] = "keep",
         nonfinite: Literal["raise", "skip"] = "raise",
         history: int = 0,
@@ -77,16 +87,24 @@ class LossBalancer:
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         if not isinstance(history, int) or history < 0:
             raise ValueError(f"history must be a non-negative integer, got {history!r}")
+        if not isinstance(diagnose_every, int) or diagnose_every < 0:
+            raise ValueError(f"diagnose_every must be a non-negative integer, got {diagnose_every!r}")
         self.optimizer = optimizer
         self.strategy = make_strategy(strategy)
         self.update_every = update_every
         self.warmup = warmup
         self.frozen = frozen
         self.nonfinite = nonfinite
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self._memory = memory
         self._probe = None if probe is None else list(probe)
         self._engine = self._make_engine()
+        self.combiner = make_combiner(combine)
+        self._combines = not isinstance(self.combiner, WeightedSum)
+        self.diagnose_every = diagnose_every
+        if (self._combines or diagnose_every) and not self._engine.reuses:
+            raise ValueError("combine= and diagnose_every= need the kept per-term gradients: memory='keep' and no probe")
         self._initial = dict(weights or {})
         self._bounds = (min_weight, max_weight)
         self._scope_params = {name: list(params) for name, params in (scope or {}).items()}
@@ -98,12 +116,16 @@ class LossBalancer:
         self._upper = self._weights.clone()
         for name in terms or ():
             self.add_term(name)
+        stray = [n for n in self._scopes if self._names and n not in self._names and n not in self._optional]
+        if stray:
+            raise KeyError(f"scope names term(s) {stray} that are neither in terms= nor in optional=")
         self._step = 0
         self._updates = 0
         self._skipped = 0
         self._checked: set[str] = set()
         self._active: tuple[tuple[str, ...], tuple[str, ...], Tensor] | None = None  # keys, names, index
         self._last: tuple[tuple[str, ...], Tensor, Tensor, GradStats | None] | None = None
+        self._diagnostics: tuple[int, tuple[str, ...], tuple[Tensor, Tensor, Tensor]] | None = None
         self._history: deque = deque(maxlen=history)
 
     # ------------------------------------------------------------------ set-up helpers
@@ -240,8 +262,9 @@ class LossBalancer:
         scopes = [self._scopes.get(n) for n in names]
         weights = self._weights[index]
         update = may_update and self._due()
+        diagnose = may_update and self.diagnose_every > 0 and self._step % self.diagnose_every == 0
         stats = None
-        if update and self.strategy.needs_gradients:
+        if (update and self.strategy.needs_gradients) or self._combines or diagnose:
             stats = self._engine.term_gradients(names, terms, scopes)
             if not self._finite(names, stats.max_abs.amax(1), "gradient entry (max |g|)"):
                 return None
@@ -251,13 +274,22 @@ class LossBalancer:
             self._weights[index] = weights
             self._updates += 1
         if stats is not None and self._engine.reuses:
-            self._engine.write_combined(weights)
+            direction = None
+            if self._combines:
+                assert stats.gradients is not None
+                weighted = weights.to(stats.gradients.dtype)[:, None] * stats.gradients
+                direction = self.combiner(weighted, generator=self.generator)
+            self._engine.write_combined(weights, direction)
         else:
             self._engine.backward(terms, weights, scopes)
         if may_update:
             self._last = (names, values, weights, stats)
+            figures = None
+            if stats is not None and stats.gram is not None:
+                figures = (stats.norm(), stats.cosine(), stats.conflict_fraction())
+                self._diagnostics = (self._step, names, figures)
             if self._history.maxlen:
-                self._history.append((self._step, names, weights.clone(), values))
+                self._history.append((self._step, names, weights.clone(), values, figures))
             self._step += 1
         return torch.dot(weights, values)
 
@@ -359,12 +391,29 @@ class LossBalancer:
         return {name: {key: table[key][i] for key in table} for i, name in enumerate(names)}
 
     @property
+    def diagnostics(self) -> dict[str, Any] | None:
+        """Conflict diagnostics of the last step that computed the per-term gradients.
+
+        ``{"step", "names", "grad_norm": {term: ||g||}, "cosine": K x K list, "conflict_fraction"}``:
+        ``cosine[i][j]`` is the cosine similarity of terms i and j, ``conflict_fraction`` the share
+        of pairs with a negative one. ``None`` before any such step (see ``diagnose_every``).
+        """
+        if self._diagnostics is None:
+            return None
+        step, names, figures = self._diagnostics
+        return {"step": step, "names": list(names), **_diagnostic_figures(names, figures)}
+
+    @property
     def history(self) -> list[dict[str, Any]]:
-        """The last ``history`` steps: ``{"step": n, "weights": {...}, "losses": {...}}``."""
-        return [
-            {"step": step, "weights": dict(zip(names, w.tolist())), "losses": dict(zip(names, v.tolist()))}
-            for step, names, w, v in self._history
-        ]
+        """The last ``history`` steps: ``{"step", "weights": {...}, "losses": {...}}``, plus
+        ``"grad_norm"``, ``"cosine"`` and ``"conflict_fraction"`` on steps with per-term gradients."""
+        out = []
+        for step, names, w, v, figures in self._history:
+            entry = {"step": step, "weights": dict(zip(names, w.tolist())), "losses": dict(zip(names, v.tolist()))}
+            if figures is not None:
+                entry.update(_diagnostic_figures(names, figures))
+            out.append(entry)
+        return out
 
     @property
     def step_count(self) -> int:
@@ -375,6 +424,39 @@ class LossBalancer:
     def skipped(self) -> int:
         """Steps skipped for non-finite values under ``nonfinite="skip"``."""
         return self._skipped
+
+    # ------------------------------------------------------------------ configuration
+    @classmethod
+    def from_config(
+        cls, optimizer: torch.optim.Optimizer, config: Mapping[str, Any], *, model: torch.nn.Module | None = None
+    ) -> "LossBalancer":
+        """Build a balancer from a plain dict (YAML/TOML/Hydra); see :mod:`lossbalance.config`.
+
+        Every problem of the config is reported at once (:class:`~lossbalance.config.ConfigError`),
+        before anything is built. Scopes and the probe name parameters by prefix of
+        ``model.named_parameters()``.
+        """
+        return cls(optimizer, **parse_config(config, model=model))
+
+    def config(self, model: torch.nn.Module | None = None) -> dict[str, Any]:
+        """The plain dict that :meth:`from_config` turns back into an equivalent balancer."""
+        settings: dict[str, Any] = {
+            "strategy": self.strategy.name, "strategy_options": self.strategy.options(),
+            "update_every": self.update_every, "warmup": self.warmup, "frozen": self.frozen,
+            "memory": self._memory, "nonfinite": self.nonfinite, "history": self._history.maxlen,
+            "diagnose_every": self.diagnose_every, "seed": self.seed,
+            "combine": self.combiner.name, "combine_options": self.combiner.options(),
+        }
+        if self._initial:
+            settings["weights"] = dict(self._initial)
+        for key, bound in zip(("min_weight", "max_weight"), self._bounds):
+            if bound is not None:
+                settings[key] = dict(bound) if isinstance(bound, Mapping) else bound
+        if self._names:
+            settings["terms"] = list(self._names)
+        if self._optional:
+            settings["optional"] = sorted(self._optional)
+        return export_config(settings, self._scope_params, self._probe, model)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -416,5 +498,10 @@ class LossBalancer:
     def __repr__(self) -> str:
         return (
             f"LossBalancer({type(self.optimizer).__name__}, {self.strategy!r}, update_every={self.update_every}, "
-            f"memory={self._memory!r}, terms={self._names})"
+            f"combine={self.combiner!r}, memory={self._memory!r}, terms={self._names})"
         )
+
+
+def _diagnostic_figures(names: tuple[str, ...], figures: tuple[Tensor, Tensor, Tensor]) -> dict[str, Any]:
+    norms, cosine, fraction = figures
+    return {"grad_norm": dict(zip(names, norms.tolist())), "cosine": cosine.tolist(), "conflict_fraction": fraction.item()}
