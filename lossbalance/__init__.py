@@ -1,14 +1,19 @@
 """lossbalance: adaptive weighting of named loss terms for PyTorch (PINNs, multi-task learning)."""
 from .balancer import LossBalancer
+from .combine import ConFIG, PCGrad, WeightedSum, available_combiners
+from .config import ConfigError, available_presets
 from .gradients import GradientEngine, GradStats
+from .scope import constant_call
 from .strategies import (
-    GradNorm, GradNormRatio, LRAnnealing, Static, StepRecord, Strategy, available_strategies, register,
+    DWA, GradNorm, GradNormRatio, LRAnnealing, ReLoBRaLo, SoftAdapt, Static, StepRecord, Strategy,
+    UncertaintyWeighting, available_strategies, register,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LossBalancer", "GradientEngine", "GradStats", "GradNorm", "GradNormRatio", "LRAnnealing", "Static",
-    "StepRecord", "Strategy",
-    "available_strategies", "register", "__version__",
+    "LossBalancer", "GradientEngine", "GradStats", "StepRecord", "Strategy", "register",
+    "available_strategies", "available_combiners", "available_presets", "ConfigError", "constant_call",
+    "DWA", "GradNorm", "GradNormRatio", "LRAnnealing", "ReLoBRaLo", "SoftAdapt", "Static", "UncertaintyWeighting",
+    "ConFIG", "PCGrad", "WeightedSum", "__version__",
 ]

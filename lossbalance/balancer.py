@@ -48,6 +48,9 @@ class LossBalancer:
             on steps that compute them anyway). Costs the per-term gradients on those steps.
         memory: ``"keep"`` (reuse the per-term gradients for the step) or ``"lean"``.
         nonfinite: ``"raise"`` on NaN/Inf losses (or gradient statistics), or ``"skip"`` the step.
+        distributed: average gradients and loss values over the processes of ``process_group``
+            (one collective call per step). Default: on when ``torch.distributed`` is initialised
+            with more than one process.
         history: keep the last n steps' weights and losses (0: none).
         seed: seed of the balancer's own random generator (saved in ``state_dict``).
     """
@@ -73,6 +76,8 @@ class LossBalancer:
         nonfinite: Literal["raise", "skip"] = "raise",
         history: int = 0,
         seed: int = 0,
+        distributed: bool | None = None,
+        process_group: Any = None,
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -99,6 +104,7 @@ class LossBalancer:
         self.generator = torch.Generator().manual_seed(seed)
         self._memory = memory
         self._probe = None if probe is None else list(probe)
+        self._reduce = _mean_over_processes(distributed, process_group)
         self._engine = self._make_engine()
         self.combiner = make_combiner(combine)
         self._combines = not isinstance(self.combiner, WeightedSum)
@@ -138,7 +144,7 @@ class LossBalancer:
     def _make_engine(self) -> GradientEngine:
         params = self._balanced_params()
         self._param_ids = tuple(map(id, params))
-        return GradientEngine(params, memory=self._memory, probe=self._probe)
+        return GradientEngine(params, memory=self._memory, probe=self._probe, reduce=self._reduce)
 
     def _weight_dtype(self) -> torch.dtype:
         return torch.promote_types(self._engine.layout.dtype, torch.float32)
@@ -256,7 +262,8 @@ class LossBalancer:
         self._check_reach(names, losses)
         terms = [losses[n] for n in names]
         values = torch.stack([t.detach().reshape(()) for t in terms]).to(self._weights.dtype)
-        if not self._finite(names, values, "loss value"):
+        distributed = self._reduce is not None
+        if not distributed and not self._finite(names, values, "loss value"):
             return None
         index = self._index(losses, names)
         scopes = [self._scopes.get(n) for n in names]
@@ -265,8 +272,14 @@ class LossBalancer:
         diagnose = may_update and self.diagnose_every > 0 and self._step % self.diagnose_every == 0
         stats = None
         if (update and self.strategy.needs_gradients) or self._combines or diagnose:
-            stats = self._engine.term_gradients(names, terms, scopes)
+            stats, values = self._engine.term_gradients(names, terms, scopes, values)
+            if distributed and not self._finite(names, values, "loss value (averaged over processes)"):
+                return None
             if not self._finite(names, stats.max_abs.amax(1), "gradient entry (max |g|)"):
+                return None
+        elif update and distributed:  # a loss-value strategy needs the averaged values first
+            self._reduce(values)
+            if not self._finite(names, values, "loss value (averaged over processes)"):
                 return None
         if update:
             record = StepRecord(names, values, weights, self._step, self._updates, stats, self.generator)
@@ -281,7 +294,9 @@ class LossBalancer:
                 direction = self.combiner(weighted, generator=self.generator)
             self._engine.write_combined(weights, direction)
         else:
-            self._engine.backward(terms, weights, scopes)
+            values = self._engine.backward(terms, weights, scopes, values)
+            if distributed and not update and not self._finite(names, values, "loss value (averaged over processes)"):
+                return None
         if may_update:
             self._last = (names, values, weights, stats)
             figures = None
@@ -500,6 +515,25 @@ class LossBalancer:
             f"LossBalancer({type(self.optimizer).__name__}, {self.strategy!r}, update_every={self.update_every}, "
             f"combine={self.combiner!r}, memory={self._memory!r}, terms={self._names})"
         )
+
+
+def _mean_over_processes(distributed: bool | None, group: Any) -> Callable[[Tensor], None] | None:
+    """An in-place mean over the processes of ``group``, or ``None`` when not distributed."""
+    dist = torch.distributed
+    active = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+    if distributed is None:
+        distributed = active
+    if not distributed:
+        return None
+    if not active:
+        raise ValueError("distributed=True needs an initialised torch.distributed process group")
+    size = dist.get_world_size(group)
+
+    def reduce(tensor: Tensor) -> None:
+        dist.all_reduce(tensor, group=group)
+        tensor.div_(size)
+
+    return reduce
 
 
 def _diagnostic_figures(names: tuple[str, ...], figures: tuple[Tensor, Tensor, Tensor]) -> dict[str, Any]:

@@ -64,6 +64,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "strategy_options": {"normalize": "mean", "alpha": 0.1, "eps": 1e-5},
         "update_every": 1000,
     },
+    # Bischof & Kraus 2021 (arXiv 2110.09813), the authors' code (rbischof/relative_balancing,
+    # src/train.py and src/update_rules.py): --alpha .999, --T 1., --rho 1. (Bernoulli mean: no
+    # random lookback unless set), 1e-12 inside the ratio. The paper tunes these per problem.
+    "bischof2021": {
+        "strategy": "relobralo",
+        "strategy_options": {"alpha": 0.999, "expected_rho": 1.0, "tau": 1.0, "eps": 1e-12},
+        "update_every": 1,
+    },
 }
 
 _SCALAR_CHECKS: dict[str, tuple[type | tuple[type, ...], Callable[[Any], bool], str]] = {

@@ -20,7 +20,7 @@ on the probe only, and the step is one backward of the weighted sum.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Literal, Sequence
+from typing import Callable, Iterable, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -157,7 +157,8 @@ class GradientEngine:
 
     ``params``: the balanced parameters (one device and dtype). ``memory``: ``"keep"`` or
     ``"lean"`` (see the module docstring). ``probe``: optional subset of ``params`` on which the
-    statistics are taken.
+    statistics are taken. ``reduce``: an in-place cross-process mean (distributed training); the
+    engine packs the loss values with the gradients so that a step needs one collective call.
     """
 
     def __init__(
@@ -166,6 +167,7 @@ class GradientEngine:
         *,
         memory: str = "keep",
         probe: Iterable[Tensor] | None = None,
+        reduce: Callable[[Tensor], None] | None = None,
     ):
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
@@ -188,10 +190,13 @@ class GradientEngine:
                 raise ValueError("probe must be a non-empty subset of the optimizer's parameters")
             self.probe = _Layout(probe)
         self.reuses = self.probe is None and memory == "keep"
+        self.reduce = reduce
+        self._extra = 0 if reduce is None else 1  # a column for the loss value, reduced with the gradients
         self._buffer: Tensor | None = None
-        self._combined = torch.empty(self.layout.total, dtype=self.layout.dtype, device=self.layout.device)
-        self._grad_views = list(self._combined.split(self.layout.sizes))
-        self._grad_views = [v.view_as(p) for v, p in zip(self._grad_views, self.params)]
+        self._combined = torch.empty(self.layout.total + self._extra, dtype=self.layout.dtype, device=self.layout.device)
+        self._grad_views = [
+            v.view_as(p) for v, p in zip(self._combined[: self.layout.total].split(self.layout.sizes), self.params)
+        ]
         self._reached: list[bool] = []
 
     @property
@@ -201,16 +206,26 @@ class GradientEngine:
     def _rows(self, k: int) -> Tensor:
         rows = k if self.reuses else 1
         if self._buffer is None or self._buffer.shape[0] != rows:
-            self._buffer = torch.empty(rows, self.stats_layout.total, dtype=self.layout.dtype, device=self.layout.device)
+            width = self.stats_layout.total + self._extra
+            self._buffer = torch.empty(rows, width, dtype=self.layout.dtype, device=self.layout.device)
         return self._buffer
+
+    def _reduce_with(self, flat: Tensor, values: Tensor) -> Tensor:
+        """Reduce ``flat`` in place, its last column holding ``values``; return the reduced values."""
+        assert self.reduce is not None
+        flat[..., -1] = values.to(flat.dtype)
+        self.reduce(flat)
+        return flat[..., -1].to(values.dtype)
 
     def term_gradients(
         self,
         names: Sequence[str],
         losses: Sequence[Tensor],
         scopes: Sequence[frozenset[int] | None],
-    ) -> GradStats:
-        """Differentiate each term w.r.t. its scope and return the statistics of the gradients.
+        values: Tensor,
+    ) -> tuple[GradStats, Tensor]:
+        """Differentiate each term w.r.t. its scope; return the gradients' statistics and the
+        loss ``values`` (averaged over processes when distributed).
 
         Raises ``ValueError`` naming a term that reaches none of the parameters it may train.
         In ``"keep"`` mode without probe the last call frees the graph; otherwise the graph is
@@ -218,11 +233,12 @@ class GradientEngine:
         """
         layout = self.stats_layout
         buffer = self._rows(len(losses))
-        tables = []
-        reached = [False] * len(self.layout.params)
+        grads_view = buffer[:, : layout.total]
+        tables, reduced = [], []
+        reached = [self.reduce is not None] * len(self.layout.params)
         for i, (name, loss, scope) in enumerate(zip(names, losses, scopes)):
             positions = layout.inputs(scope)
-            row = buffer[i] if self.reuses else buffer[0]
+            row = grads_view[i] if self.reuses else grads_view[0]
             parts = list(layout.zero_parts)
             if positions:
                 retain = not (self.reuses and i == len(losses) - 1)
@@ -247,19 +263,26 @@ class GradientEngine:
                     )
             torch.cat(parts, out=row)
             if not self.reuses:
-                tables.append(layout.table(buffer))
+                if self.reduce is not None:
+                    reduced.append(self._reduce_with(buffer, values[i : i + 1]))
+                tables.append(layout.table(grads_view))
         if self.reuses:
             self._reached = reached
-            sum_abs, max_abs, sum_sq = layout.table(buffer)
+            if self.reduce is not None:
+                values = self._reduce_with(buffer, values)
+            sum_abs, max_abs, sum_sq = layout.table(grads_view)
         else:
             sum_abs, max_abs, sum_sq = (torch.cat(t) for t in zip(*tables))
-        return GradStats(
+            if reduced:
+                values = torch.cat(reduced)
+        stats = GradStats(
             sum_abs, max_abs, sum_sq, layout.numel, layout.matrix, layout.masks(scopes),
-            buffer if self.reuses else None, self._gram(buffer) if self.reuses else None,
+            grads_view if self.reuses else None, self._gram(grads_view) if self.reuses else None,
         )
+        return stats, values
 
-    def _gram(self, buffer: Tensor) -> Tensor:
-        wide = buffer.to(self.layout.stat_dtype)
+    def _gram(self, grads: Tensor) -> Tensor:
+        wide = grads.to(self.layout.stat_dtype)
         return wide @ wide.T
 
     def write_combined(self, weights: Tensor, combined: Tensor | None = None) -> None:
@@ -268,10 +291,12 @@ class GradientEngine:
         Parameters that no term reached get ``.grad = None``.
         """
         assert self.reuses and self._buffer is not None
+        out = self._combined[: self.layout.total]
         if combined is None:
-            torch.mv(self._buffer.T, weights.to(self._buffer.dtype), out=self._combined)
+            grads = self._buffer[:, : self.layout.total]
+            torch.mv(grads.T, weights.to(grads.dtype), out=out)
         else:
-            self._combined.copy_(combined)
+            out.copy_(combined)
         for p, view, hit in zip(self.params, self._grad_views, self._reached):
             p.grad = view if hit else None
 
@@ -280,11 +305,14 @@ class GradientEngine:
         losses: Sequence[Tensor],
         weights: Tensor,
         scopes: Sequence[frozenset[int] | None],
-    ) -> None:
+        values: Tensor,
+    ) -> Tensor:
         """One backward of the weighted sum per distinct scope; ``.grad`` is overwritten.
 
         Terms sharing a scope are summed before differentiating, so the common case (no scopes)
-        is exactly one backward of ``sum_i w_i L_i``. Parameters no term reaches get ``None``.
+        is exactly one backward of ``sum_i w_i L_i``. Parameters no term reaches get ``None``
+        (when distributed: zeros, since another process may reach them). Returns ``values``,
+        averaged over processes when distributed (in the same collective as the gradients).
         """
         groups: dict[frozenset[int] | None, list[int]] = {}
         for i, scope in enumerate(scopes):
@@ -299,10 +327,17 @@ class GradientEngine:
                     retain_graph=n < len(groups) - 1, allow_unused=True,
                 )
             except RuntimeError as error:
-                names = "the weighted sum of the terms"
-                raise RuntimeError(f"while differentiating {names}: {error}") from error
+                raise RuntimeError(f"while differentiating the weighted sum of the terms: {error}") from error
             for j, g in zip(positions, grads):
                 if g is not None:
                     total[j] = g if total[j] is None else total[j] + g
-        for p, g in zip(self.params, total):
-            p.grad = g
+        if self.reduce is None:
+            for p, g in zip(self.params, total):
+                p.grad = g
+            return values
+        parts = [z if g is None else g.reshape(-1) for g, z in zip(total, self.layout.zero_parts)]
+        torch.cat(parts, out=self._combined[: self.layout.total])
+        values = self._reduce_with(self._combined, values)
+        for p, view in zip(self.params, self._grad_views):
+            p.grad = view
+        return values

@@ -93,6 +93,8 @@ SOURCES = {
     # jaxpi (Wang et al. 2023): grad norms, mean_grad_norm / (norm + 1e-5 * mean), momentum 0.9,
     # update_weight_every_steps = 1000.
     "jaxpi": ("gradnorm_ratio", 1000, dict(normalize="mean", alpha=0.1, eps=1e-5)),
+    # rbischof/relative_balancing src/train.py: --alpha .999, --T 1., --rho 1.; update_rules.py: 1e-12.
+    "bischof2021": ("relobralo", 1, dict(alpha=0.999, expected_rho=1.0, tau=1.0, eps=1e-12)),
 }
 
 

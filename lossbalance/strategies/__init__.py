@@ -1,11 +1,15 @@
 """Weighting strategies, one module each; ``base`` holds the protocol and the registry."""
 from .base import StepRecord, Strategy, available_strategies, make_strategy, register
+from .dwa import DWA
 from .gradnorm import GradNorm
 from .gradnorm_ratio import GradNormRatio
 from .lra import LRAnnealing
+from .relobralo import ReLoBRaLo
+from .softadapt import SoftAdapt
 from .static import Static
+from .uncertainty import UncertaintyWeighting
 
 __all__ = [
     "StepRecord", "Strategy", "available_strategies", "make_strategy", "register",
-    "GradNorm", "GradNormRatio", "LRAnnealing", "Static",
+    "DWA", "GradNorm", "GradNormRatio", "LRAnnealing", "ReLoBRaLo", "SoftAdapt", "Static", "UncertaintyWeighting",
 ]

@@ -1,0 +1,150 @@
+"""Relative loss balancing with random lookback (Bischof & Kraus 2021)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import StepRecord, Strategy, register
+
+__all__ = ["ReLoBRaLo"]
+
+
+def safe_softmax(logits: Tensor, scale: float) -> Tensor:
+    """``scale * softmax(logits)``, finite and strictly positive for any input.
+
+    Shared by the loss-value strategies (``relobralo``, ``softadapt``, ``dwa``). The logits are
+    made finite first (NaN -> 0, +-inf and anything beyond ``+-finfo.max / 4`` clamped to that
+    bound, so that differences of logits cannot overflow), the maximum is subtracted before
+    ``exp`` (the largest term is ``exp(0) = 1``, the sum lies in ``[1, K]``), and the shifted
+    logits are floored at ``log(finfo.tiny)``: a weight the exact formula would round to 0 comes
+    out as the smallest normal number of the dtype instead (and the result is floored there
+    too). For ordinary inputs none of these guards is active and the result is the plain
+    softmax.
+    """
+    info = torch.finfo(logits.dtype)
+    bound = info.max / 4
+    z = torch.nan_to_num(logits, nan=0.0, posinf=bound, neginf=-bound).clamp(-bound, bound)
+    z = (z - z.max()).clamp_min(math.log(info.tiny))
+    e = z.exp()
+    return (e * (scale / e.sum())).clamp_min(info.tiny)
+
+
+def safe_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """``numerator / denominator`` with ``0 / 0 = 1`` ("no change"); ``x / 0`` stays ``+-inf``
+    (:func:`safe_softmax` turns that into a finite logit)."""
+    return torch.nan_to_num(numerator / denominator, nan=1.0, posinf=math.inf, neginf=-math.inf)
+
+
+@register
+class ReLoBRaLo(Strategy):
+    r"""Relative loss balancing with random lookback (ReLoBRaLo).
+
+    Bischof & Kraus, "Multi-Objective Loss Balancing for Physics-Informed Deep Learning",
+    arXiv 2110.09813 (2021; extended journal version 2025, Elsevier, vol. 439, art. 117914).
+    With ``K`` terms and ``L_i(t)`` the loss of term ``i`` at update ``t``::
+
+        bal_i(t, t') = K * softmax_i( L_i(t) / (tau * L_i(t') + eps) )
+        lambda(t)    = alpha * [ rho * lambda(t-1) + (1 - rho) * bal(t, 0) ]
+                       + (1 - alpha) * bal(t, t-1),           rho ~ Bernoulli(expected_rho)
+
+    ``t - 1`` is the previous *update* (with ``LossBalancer(..., update_every=n)`` that is n steps
+    back), ``0`` the first update at which the term was present, and ``lambda(t-1)`` the weight
+    currently in use (``record.weights``: the initial weights given to the balancer, after its
+    ``min_weight``/``max_weight`` clamps). The weights computed from ``L(t)`` are applied to the
+    same step's gradient. At the first update there is no history: the weights stay as they
+    are (1 by default) and ``L(0)`` is stored.
+
+    Defaults, as NVIDIA PhysicsNeMo-Sym's ``Relobralo`` and neuraloperator's
+    ``neuralop.losses.meta_losses.Relobralo``: ``alpha = 0.95``, ``expected_rho = 0.99`` (their
+    ``beta``), ``tau = 1``, ``eps = 1e-8`` (inside the ratio). Both also return weights 1 at their
+    first call and store ``L(0)``; they draw ``rho`` from torch's *global* generator, so their
+    runs are not reproducible from a seed of their own.
+
+    The authors' code (github.com/rbischof/relative_balancing, ``src/train.py`` and
+    ``src/update_rules.py``, checked) defaults to ``alpha = 0.999``, ``T = tau = 1.0``,
+    ``rho = 1.0`` (no lookback unless ``--rho`` is given), ``eps = 1e-12``; it forces
+    ``alpha = 1`` at the first step and ``alpha = 0`` at the second, and takes ``L(0)`` from the
+    second step. The values the paper itself reports for its experiments could not be checked
+    against the paper's text when this was written; third-party ports quote ``alpha = 0.999``,
+    ``tau = 0.1`` with ``expected_rho`` of 0.99 or 0.999 -- pass them explicitly if you want
+    them: ``ReLoBRaLo(alpha=0.999, tau=0.1, expected_rho=0.999)``.
+
+    Randomness: exactly one number is drawn per ``update()`` call, the first update and
+    updates without history included, and whatever ``expected_rho`` is:
+    ``u = torch.rand((), generator=record.generator, device=record.generator.device,
+    dtype=torch.float64)``; ``rho = 1`` if ``u < expected_rho`` else ``0``. The generator is
+    the balancer's (``LossBalancer(..., seed=)``, saved in its ``state_dict``), so runs and
+    resumed runs are reproducible.
+
+    Terms that come and go: state is kept per term name. A term seen for the first time keeps
+    its current weight on that update (and stores its ``L(0)``); the other terms are balanced
+    among themselves (``K`` is then the number of terms with history).
+
+    Numerics: the ratios are computed as plain divisions (``0 / 0`` counts as 1, ``x / 0`` as
+    ``+inf``) and the softmax is :func:`safe_softmax`: logits clamped to ``+-finfo.max / 4``, max
+    subtracted, exponent floored at ``log(finfo.tiny)``, so weights are finite and positive for
+    loss scales from 1e-30 to 1e30 in float32 and float64. The ratios are invariant to a fixed
+    rescaling of any term as long as ``tau * L`` is large against ``eps``; for losses near or
+    below ``eps`` (1e-8) the ratios shrink towards 0 and the weights towards uniform -- set
+    ``eps=0`` to remove that floor.
+    """
+
+    name = "relobralo"
+    needs_gradients = False
+
+    def __init__(self, *, alpha: float = 0.95, expected_rho: float = 0.99, tau: float = 1.0, eps: float = 1e-8):
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if not 0.0 <= expected_rho <= 1.0:
+            raise ValueError(
+                f"expected_rho (the probability of keeping lambda(t-1)) must be in [0, 1], got {expected_rho}"
+            )
+        if not (tau > 0 and math.isfinite(tau)):
+            raise ValueError(f"tau (the softmax temperature) must be finite and > 0, got {tau}")
+        if not (eps >= 0 and math.isfinite(eps)):
+            raise ValueError(f"eps must be finite and >= 0, got {eps}")
+        self.alpha = float(alpha)
+        self.expected_rho = float(expected_rho)
+        self.tau = float(tau)
+        self.eps = float(eps)
+        self._initial: dict[str, Tensor] = {}   # L_i(0): first update at which the term was present
+        self._previous: dict[str, Tensor] = {}  # L_i(t-1): last update at which the term was present
+
+    def options(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "expected_rho": self.expected_rho, "tau": self.tau, "eps": self.eps}
+
+    def _balance(self, losses: Tensor, reference: Tensor, k: int) -> Tensor:
+        return safe_softmax(safe_ratio(losses, self.tau * reference + self.eps), k)
+
+    def update(self, record: StepRecord) -> Tensor:
+        generator = record.generator
+        u = torch.rand((), generator=generator, device=generator.device, dtype=torch.float64)
+        rho = (u < self.expected_rho).to(record.losses.dtype)  # 0-dim: broadcasts as a scalar
+        names, losses = record.names, record.losses.detach().clone()
+        weights = record.weights.clone()
+        old = [i for i, n in enumerate(names) if n in self._previous]
+        if old:
+            select = slice(None) if len(old) == len(names) else torch.tensor(old, device=losses.device)
+            current = losses[select]
+            initial = torch.stack([self._initial[names[i]] for i in old])
+            previous = torch.stack([self._previous[names[i]] for i in old])
+            k = len(old)
+            lookback = rho * weights[select] + (1 - rho) * self._balance(current, initial, k)
+            weights[select] = self.alpha * lookback + (1 - self.alpha) * self._balance(current, previous, k)
+        for i, n in enumerate(names):
+            self._initial.setdefault(n, losses[i])
+            self._previous[n] = losses[i]
+        return weights
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "initial": {n: t.clone() for n, t in self._initial.items()},
+            "previous": {n: t.clone() for n, t in self._previous.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._initial = {n: t.clone() for n, t in state["initial"].items()}
+        self._previous = {n: t.clone() for n, t in state["previous"].items()}

@@ -1,0 +1,359 @@
+"""Tests for lossbalance.strategies.relobralo (ReLoBRaLo, Bischof & Kraus 2021)."""
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lossbalance import LossBalancer
+from lossbalance.strategies.base import StepRecord, available_strategies, make_strategy
+from lossbalance.strategies.relobralo import ReLoBRaLo, safe_softmax
+
+F64 = torch.float64
+
+
+# ----------------------------------------------------------------------------- helpers
+def tiny_pinn(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """u'' = -pi^2 sin(pi x) on [0, 1], u(0) = u(1) = 0; MLP 1-16-16-1 tanh, 32 points."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
+    ).to(dtype)
+    x = torch.linspace(0, 1, 32, dtype=dtype).reshape(-1, 1)
+    zero, one = torch.zeros(1, 1, dtype=dtype), torch.ones(1, 1, dtype=dtype)
+
+    def losses() -> dict[str, torch.Tensor]:
+        xi = x.clone().requires_grad_(True)
+        u = model(xi)
+        du = torch.autograd.grad(u.sum(), xi, create_graph=True)[0]
+        d2u = torch.autograd.grad(du.sum(), xi, create_graph=True)[0]
+        return {
+            "pde": (d2u + math.pi**2 * torch.sin(math.pi * xi)).pow(2).mean(),
+            "left": model(zero).pow(2).sum(),
+            "right": model(one).pow(2).sum(),
+        }
+
+    return model, losses
+
+
+def record(names, losses, weights, update, generator, dtype=F64) -> StepRecord:
+    return StepRecord(
+        tuple(names), torch.tensor(losses, dtype=dtype), torch.tensor(weights, dtype=dtype), update, update, None,
+        generator,
+    )
+
+
+def drive(strategy, names, sequence, seed=0, dtype=F64):
+    """Direct ``update()`` calls, feeding the weights back as the balancer does."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = [1.0] * len(names)
+    out = []
+    for t, losses in enumerate(sequence):
+        new = strategy.update(record(names, losses, weights, t, generator, dtype))
+        weights = new.tolist()
+        out.append(new)
+    return out
+
+
+def naive_relobralo(sequence, alpha, expected_rho, tau, eps, seed, initial=None):
+    """Deliberately naive reference (plain floats). Mirrors the documented draws: exactly one
+    ``torch.rand((), dtype=float64)`` from the balancer's generator per update, the first included."""
+    generator = torch.Generator().manual_seed(seed)
+    k = len(sequence[0])
+    lam = list(initial or [1.0] * k)
+    first = previous = None
+    out, rhos = [], []
+    for losses in sequence:
+        u = torch.rand((), generator=generator, dtype=torch.float64).item()
+        if first is None:
+            first, previous = list(losses), list(losses)
+            out.append(list(lam))
+            continue
+        rho = 1.0 if u < expected_rho else 0.0
+        rhos.append(rho)
+
+        def bal(reference):
+            ratios = [losses[i] / (tau * reference[i] + eps) for i in range(k)]
+            top = max(ratios)
+            e = [math.exp(r - top) for r in ratios]
+            return [k * v / sum(e) for v in e]
+
+        b0, bp = bal(first), bal(previous)
+        lam = [alpha * (rho * lam[i] + (1 - rho) * b0[i]) + (1 - alpha) * bp[i] for i in range(k)]
+        previous = list(losses)
+        out.append(list(lam))
+    return out, rhos
+
+
+# ----------------------------------------------------------------------------- API
+def test_registry_options_and_repr() -> None:
+    assert "relobralo" in available_strategies()
+    assert ReLoBRaLo.name == "relobralo" and ReLoBRaLo.needs_gradients is False
+    s = make_strategy("relobralo", alpha=0.9)
+    assert isinstance(s, ReLoBRaLo) and s.alpha == 0.9
+    default = ReLoBRaLo()
+    assert default.options() == {"alpha": 0.95, "expected_rho": 0.99, "tau": 1.0, "eps": 1e-8}
+    assert ReLoBRaLo(**default.options()).options() == default.options()
+    assert repr(default) == "ReLoBRaLo(alpha=0.95, expected_rho=0.99, tau=1.0, eps=1e-08)"
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"alpha": 1.5}, {"alpha": -0.1}, {"expected_rho": 1.01}, {"tau": 0.0}, {"tau": math.inf}, {"eps": -1e-8}]
+)
+def test_invalid_options(kwargs) -> None:
+    with pytest.raises(ValueError):
+        ReLoBRaLo(**kwargs)
+
+
+# ----------------------------------------------------------------------------- hand-computed numbers
+def test_hand_computed_two_terms() -> None:
+    # alpha = 0.5, tau = 1, eps = 0, rho always 1 (expected_rho = 1).
+    # update 0: L = [1, 1] -> weights stay [1, 1], L(0) = L(prev) = [1, 1]
+    # update 1: L = [2, 1]: ratios to L(0) and to L(prev) are both [2, 1];
+    #   bal = 2 softmax([2, 1]) = [2e/(e+1), 2/(e+1)] = [1.462117157, 0.537882843]
+    #   lambda = 0.5 [1, 1] + 0.5 bal = [1.231058579, 0.768941421]
+    # update 2: L = [2, 4]: ratios to L(0) = [2, 4], to L(prev) = [1, 4]
+    #   bal(2,1) = 2 softmax([1, 4]) = [2/(1+e^3), 2e^3/(1+e^3)] = [0.094851746, 1.905148254]
+    #   lambda = 0.5 lambda(1) + 0.5 bal(2,1) = [0.662955162, 1.337044838]
+    s = ReLoBRaLo(alpha=0.5, expected_rho=1.0, eps=0.0)
+    out = drive(s, ["a", "b"], [[1.0, 1.0], [2.0, 1.0], [2.0, 4.0]])
+    assert out[0].tolist() == [1.0, 1.0]
+    torch.testing.assert_close(out[1], torch.tensor([1.231058579, 0.768941421], dtype=F64), rtol=0, atol=1e-9)
+    torch.testing.assert_close(out[2], torch.tensor([0.662955162, 1.337044838], dtype=F64), rtol=0, atol=1e-9)
+    # rho always 0 (expected_rho = 0): update 2 looks back to L(0) = [1, 1] instead of lambda(1)
+    #   bal(2,0) = 2 softmax([2, 4]) = [2/(1+e^2), 2e^2/(1+e^2)] = [0.238405844, 1.761594156]
+    #   lambda(1) = 0.5 bal(1,0) + 0.5 bal(1,0) = [1.462117157, 0.537882843]
+    #   lambda(2) = 0.5 bal(2,0) + 0.5 bal(2,1) = [0.166628795, 1.833371205]
+    s = ReLoBRaLo(alpha=0.5, expected_rho=0.0, eps=0.0)
+    out = drive(s, ["a", "b"], [[1.0, 1.0], [2.0, 1.0], [2.0, 4.0]])
+    torch.testing.assert_close(out[1], torch.tensor([1.462117157, 0.537882843], dtype=F64), rtol=0, atol=1e-9)
+    torch.testing.assert_close(out[2], torch.tensor([0.166628795, 1.833371205], dtype=F64), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("update_every", [1, 3])
+def test_balancer_matches_naive_reference(update_every: int) -> None:
+    """Through LossBalancer on the tiny PINN (float64): every step's weights against the reference,
+    with E[rho] = 0.5 so that both lookback branches occur; t-1 is the previous *update*."""
+    model, losses = tiny_pinn(1, F64)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    strategy = ReLoBRaLo(alpha=0.8, expected_rho=0.5, tau=0.5, eps=1e-8)
+    balancer = LossBalancer(opt, strategy, update_every=update_every, seed=123, history=100)
+    for _ in range(36):
+        balancer.step(losses())
+    hist = balancer.history
+    names = ["pde", "left", "right"]
+    updates = [h for h in hist if h["step"] % update_every == 0]
+    sequence = [[h["losses"][n] for n in names] for h in updates]
+    expected, rhos = naive_relobralo(sequence, 0.8, 0.5, 0.5, 1e-8, seed=123)
+    assert 0.0 in rhos and 1.0 in rhos  # both branches exercised
+    for h in hist:
+        want = expected[h["step"] // update_every]
+        got = [h["weights"][n] for n in names]
+        assert got == pytest.approx(want, rel=1e-12, abs=0)
+    # at least one weight moved far from 1: the test is not vacuous
+    assert max(abs(w - 1) for w in expected[-1]) > 0.05
+
+
+def test_first_update_keeps_the_balancers_initial_weights() -> None:
+    model, losses = tiny_pinn(2)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    balancer = LossBalancer(opt, ReLoBRaLo(), weights={"pde": 0.1, "left": 10.0, "right": 2.0})
+    balancer.step(losses())
+    assert balancer.weights == pytest.approx({"pde": 0.1, "left": 10.0, "right": 2.0})
+    balancer.step(losses())
+    # lambda(t-1) is the weight in use: with rho = 1 the EMA starts from the initial weights
+    w = balancer.weights
+    assert w["left"] > 5.0 and w["pde"] < 0.5
+
+
+def test_lambda_prev_is_the_clamped_weight_in_use() -> None:
+    seq = [[1.0, 1.0], [1.0, 1e6], [1.0, 1e6]]
+    names = ["a", "b"]
+    s = ReLoBRaLo(alpha=0.9, expected_rho=1.0, eps=0.0)
+    generator = torch.Generator().manual_seed(0)
+    s.update(record(names, seq[0], [1.0, 1.0], 0, generator))
+    w1 = s.update(record(names, seq[1], [1.0, 1.0], 1, generator))
+    # the balancer clamps b to 1.5; that clamped value is lambda(t-1) of the next update
+    w2 = s.update(record(names, seq[2], [w1[0].item(), 1.5], 2, generator))
+    bal_prev = [1.0, 1.0]  # ratios [1, 1] to the previous losses
+    assert w2[1].item() == pytest.approx(0.9 * 1.5 + 0.1 * bal_prev[1], rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- randomness
+def test_random_lookback_reproducible_from_the_balancer_seed() -> None:
+    def run(seed: int) -> list[dict[str, float]]:
+        model, losses = tiny_pinn(3)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        balancer = LossBalancer(opt, ReLoBRaLo(alpha=0.5, expected_rho=0.5), seed=seed, history=50)
+        for _ in range(20):
+            balancer.step(losses())
+        return [h["weights"] for h in balancer.history]
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_exactly_one_draw_per_update() -> None:
+    model, losses = tiny_pinn(4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    balancer = LossBalancer(opt, ReLoBRaLo(), update_every=2, seed=5)
+    for _ in range(9):  # updates at steps 0, 2, 4, 6, 8
+        balancer.step(losses())
+    mirror = torch.Generator().manual_seed(5)
+    for _ in range(5):
+        torch.rand((), generator=mirror, dtype=torch.float64)
+    assert torch.equal(balancer.generator.get_state(), mirror.get_state())
+    # the global generator is untouched by the strategy
+    torch.manual_seed(11)
+    before = torch.random.get_rng_state()
+    drive(ReLoBRaLo(), ["a", "b"], [[1.0, 2.0], [2.0, 1.0], [3.0, 1.0]])
+    assert torch.equal(before, torch.random.get_rng_state())
+
+
+# ----------------------------------------------------------------------------- terms that come and go
+def test_new_term_keeps_its_weight_and_others_balance_among_themselves() -> None:
+    s = ReLoBRaLo(alpha=0.0, eps=0.0)  # alpha = 0: lambda = bal(t, t-1)
+    generator = torch.Generator().manual_seed(0)
+    s.update(record(["a", "b"], [1.0, 1.0], [1.0, 1.0], 0, generator))
+    w = s.update(record(["a", "b", "c"], [2.0, 1.0, 5.0], [1.0, 1.0, 3.0], 1, generator))
+    e = math.e
+    assert w.tolist() == pytest.approx([2 * e / (e + 1), 2 / (e + 1), 3.0], rel=1e-12)
+    w = s.update(record(["a", "c"], [2.0, 10.0], [1.0, 3.0], 2, generator))  # "b" absent
+    assert w.tolist() == pytest.approx([2 / (1 + e), 2 * e / (1 + e)], rel=1e-12)  # ratios [1, 2]
+    w = s.update(record(["a", "b", "c"], [2.0, 3.0, 10.0], [1.0, 1.0, 1.0], 3, generator))
+    # "b" compares with its last appearance (update 1, L = 1): ratios [1, 3, 1]
+    z = 2 * math.exp(0) + math.exp(2)
+    assert w.tolist() == pytest.approx([3 / z, 3 * math.exp(2) / z, 3 / z], rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- numerics (hypothesis)
+scales = st.integers(-30, 30)
+mantissa = st.floats(0.1, 10.0)
+loss_value = st.one_of(st.just(0.0), st.builds(lambda m, e: m * 10.0**e, mantissa, scales))
+
+
+@st.composite
+def sequences(draw, min_terms=1):
+    k = draw(st.integers(min_terms, 5))
+    n = draw(st.integers(2, 5))
+    return [draw(st.lists(loss_value, min_size=k, max_size=k)) for _ in range(n)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(seq=sequences(), dtype=st.sampled_from([torch.float32, F64]), expected_rho=st.sampled_from([0.0, 0.5, 1.0]),
+       eps=st.sampled_from([0.0, 1e-8]))
+def test_weights_finite_and_positive_for_extreme_scales(seq, dtype, expected_rho, eps) -> None:
+    names = [f"t{i}" for i in range(len(seq[0]))]
+    out = drive(ReLoBRaLo(expected_rho=expected_rho, eps=eps), names, seq, dtype=dtype)
+    for w in out:
+        assert w.dtype == dtype
+        assert torch.isfinite(w).all() and (w > 0).all(), (seq, w)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seq=sequences(min_terms=2), data=st.data(), dtype=st.sampled_from([torch.float32, F64]))
+def test_permutation_invariance(seq, data, dtype) -> None:
+    k = len(seq[0])
+    perm = data.draw(st.permutations(range(k)))
+    names = [f"t{i}" for i in range(k)]
+    a = drive(ReLoBRaLo(expected_rho=0.5), names, seq, seed=3, dtype=dtype)
+    permuted = [[L[p] for p in perm] for L in seq]
+    b = drive(ReLoBRaLo(expected_rho=0.5), [names[p] for p in perm], permuted, seed=3, dtype=dtype)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    for wa, wb in zip(a, b):
+        torch.testing.assert_close(wa[list(perm)], wb, rtol=rtol, atol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seq=st.lists(st.lists(st.floats(0.01, 100.0), min_size=3, max_size=3), min_size=2, max_size=6),
+       powers=st.lists(st.integers(-60, 60), min_size=3, max_size=3))
+def test_invariant_to_rescaling_each_term(seq, powers) -> None:
+    """With eps = 0 the ratios are unchanged by a fixed rescaling of any term (powers of 2: exact)."""
+    names = ["a", "b", "c"]
+    scaled = [[L[i] * 2.0 ** powers[i] for i in range(3)] for L in seq]
+    a = drive(ReLoBRaLo(expected_rho=0.5, eps=0.0), names, seq, seed=9)
+    b = drive(ReLoBRaLo(expected_rho=0.5, eps=0.0), names, scaled, seed=9)
+    for wa, wb in zip(a, b):
+        torch.testing.assert_close(wa, wb, rtol=1e-13, atol=0)
+
+
+def test_safe_softmax_guards() -> None:
+    for dtype in (torch.float32, F64):
+        info = torch.finfo(dtype)
+        z = torch.tensor([math.inf, -math.inf, math.nan, 0.0, info.max, -info.max], dtype=dtype)
+        w = safe_softmax(z, 6)
+        assert torch.isfinite(w).all() and (w > 0).all()
+        torch.testing.assert_close(safe_softmax(torch.tensor([1.0, 2.0], dtype=dtype), 2),
+                                   2 * torch.softmax(torch.tensor([1.0, 2.0], dtype=dtype), 0))
+
+
+def test_runs_on_the_meta_device() -> None:
+    """No data-dependent host reads (.item(), float(), bool() of a tensor) on the update path:
+    meta tensors hold no data, so any such read would raise."""
+    generator = torch.Generator().manual_seed(0)
+    for strategy in [ReLoBRaLo(), ReLoBRaLo(expected_rho=0.0)]:
+        for t, names in enumerate([("a", "b"), ("a", "b"), ("a", "b", "c"), ("b", "c"), ("a", "b", "c")]):
+            k = len(names)
+            rec = StepRecord(names, torch.ones(k, device="meta"), torch.ones(k, device="meta"), t, t, None, generator)
+            w = strategy.update(rec)
+            assert w.device.type == "meta" and w.shape == (k,)
+
+
+# ----------------------------------------------------------------------------- state
+def test_state_dict_round_trip_bit_identical() -> None:
+    def fresh():
+        model, losses = tiny_pinn(5)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        return model, losses, LossBalancer(opt, ReLoBRaLo(alpha=0.7, expected_rho=0.5), update_every=2, seed=17)
+
+    n = 11
+    model_a, losses_a, bal_a = fresh()
+    for _ in range(2 * n):
+        bal_a.step(losses_a())
+
+    model_b, losses_b, bal_b = fresh()
+    for _ in range(n):
+        bal_b.step(losses_b())
+    buffer = io.BytesIO()
+    torch.save({"model": model_b.state_dict(), "balancer": bal_b.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    model_c, losses_c, bal_c = fresh()
+    model_c.load_state_dict(saved["model"])
+    bal_c.load_state_dict(saved["balancer"])
+    for _ in range(n):
+        bal_c.step(losses_c())
+
+    assert bal_a.weights == bal_c.weights
+    for pa, pc in zip(model_a.parameters(), model_c.parameters()):
+        assert torch.equal(pa, pc)
+    assert torch.equal(bal_a.generator.get_state(), bal_c.generator.get_state())
+
+
+# ----------------------------------------------------------------------------- training
+def unweighted(losses) -> float:
+    return sum(v.item() for v in losses().values())
+
+
+def test_trains_tiny_pinn_with_adam() -> None:
+    model, losses = tiny_pinn(6)
+    balancer = LossBalancer(torch.optim.Adam(model.parameters(), lr=1e-2), ReLoBRaLo())
+    start = unweighted(losses)
+    for _ in range(150):
+        balancer.step(losses())
+    assert unweighted(losses) < 0.1 * start
+
+
+def test_trains_tiny_pinn_with_lbfgs() -> None:
+    model, losses = tiny_pinn(7)
+    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=20, line_search_fn="strong_wolfe")
+    balancer = LossBalancer(opt, ReLoBRaLo())
+    start = unweighted(losses)
+    for _ in range(10):
+        total = balancer.step(closure=losses)
+        assert torch.isfinite(total)
+    assert unweighted(losses) < 0.1 * start

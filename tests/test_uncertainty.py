@@ -1,0 +1,312 @@
+"""Tests for lossbalance.strategies.uncertainty (Kendall, Gal & Cipolla 2018)."""
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lossbalance import LossBalancer
+from lossbalance.strategies.base import StepRecord, available_strategies, make_strategy
+from lossbalance.strategies.uncertainty import UncertaintyWeighting
+
+F64 = torch.float64
+
+
+# ----------------------------------------------------------------------------- helpers
+def tiny_pinn(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """u'' = -pi^2 sin(pi x) on [0, 1], u(0) = u(1) = 0; MLP 1-16-16-1 tanh, 32 points."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
+    ).to(dtype)
+    x = torch.linspace(0, 1, 32, dtype=dtype).reshape(-1, 1)
+    zero, one = torch.zeros(1, 1, dtype=dtype), torch.ones(1, 1, dtype=dtype)
+
+    def losses() -> dict[str, torch.Tensor]:
+        xi = x.clone().requires_grad_(True)
+        u = model(xi)
+        du = torch.autograd.grad(u.sum(), xi, create_graph=True)[0]
+        d2u = torch.autograd.grad(du.sum(), xi, create_graph=True)[0]
+        return {
+            "pde": (d2u + math.pi**2 * torch.sin(math.pi * xi)).pow(2).mean(),
+            "left": model(zero).pow(2).sum(),
+            "right": model(one).pow(2).sum(),
+        }
+
+    return model, losses
+
+
+def record(names, losses, update, dtype=F64) -> StepRecord:
+    return StepRecord(
+        tuple(names), torch.tensor(losses, dtype=dtype), torch.ones(len(names), dtype=dtype), update, update, None,
+        torch.Generator().manual_seed(0),
+    )
+
+
+def drive(strategy, names, sequence, dtype=F64):
+    return [strategy.update(record(names, losses, t, dtype)) for t, losses in enumerate(sequence)]
+
+
+class NaiveAdam:
+    """Adam on one scalar in plain floats (torch defaults: betas 0.9/0.999, eps 1e-8)."""
+
+    def __init__(self, value: float, lr: float):
+        self.value, self.lr, self.m, self.v, self.t = value, lr, 0.0, 0.0, 0
+
+    def step(self, g: float) -> None:
+        self.t += 1
+        self.m = 0.9 * self.m + 0.1 * g
+        self.v = 0.999 * self.v + 0.001 * g * g
+        m_hat = self.m / (1 - 0.9**self.t)
+        v_hat = self.v / (1 - 0.999**self.t)
+        self.value -= self.lr * m_hat / (math.sqrt(v_hat) + 1e-8)
+
+
+def naive_uncertainty(sequence, lr, init=0.0):
+    """Weights 0.5 exp(-s) before the step, then one Adam step on dJ/ds = 0.5 - 0.5 exp(-s) L."""
+    k = len(sequence[0])
+    s = [NaiveAdam(init, lr) for _ in range(k)]
+    out = []
+    for losses in sequence:
+        out.append([0.5 * math.exp(-a.value) for a in s])
+        for a, L in zip(s, losses):
+            a.step(0.5 - 0.5 * math.exp(-a.value) * L)
+    return out, [a.value for a in s]
+
+
+# ----------------------------------------------------------------------------- API
+def test_registry_options_and_repr() -> None:
+    assert "uncertainty" in available_strategies()
+    assert UncertaintyWeighting.name == "uncertainty" and UncertaintyWeighting.needs_gradients is False
+    assert isinstance(make_strategy("uncertainty", lr=0.1), UncertaintyWeighting)
+    default = UncertaintyWeighting()
+    assert default.options() == {"init_log_var": 0.0, "lr": 1e-3, "optimizer": "Adam", "optimizer_kwargs": {}}
+    assert UncertaintyWeighting(**default.options()).options() == default.options()
+    assert repr(default) == "UncertaintyWeighting(init_log_var=0.0, lr=0.001, optimizer='Adam', optimizer_kwargs={})"
+    assert default.optimizer is None and default.regularizer() is None
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"lr": 0.0}, {"lr": -1.0}, {"lr": math.nan}, {"init_log_var": math.inf}, {"init_log_var": {"a": math.nan}},
+        {"optimizer": "NoSuchOptimizer"}, {"optimizer": int}, {"optimizer": "LBFGS"},
+        {"optimizer_kwargs": {"lr": 0.1}},
+    ],
+)
+def test_invalid_options(kwargs) -> None:
+    with pytest.raises(ValueError):
+        UncertaintyWeighting(**kwargs)
+
+
+def test_optimizer_class_and_kwargs() -> None:
+    s = UncertaintyWeighting(lr=0.5, optimizer=torch.optim.SGD, optimizer_kwargs={"momentum": 0.9})
+    drive(s, ["a", "b"], [[1.0, 2.0]])
+    assert isinstance(s.optimizer, torch.optim.SGD)
+    assert [g["lr"] for g in s.optimizer.param_groups] == [0.5, 0.5]
+    assert all(g["momentum"] == 0.9 for g in s.optimizer.param_groups)
+
+
+# ----------------------------------------------------------------------------- hand-computed numbers
+def test_hand_computed_sgd() -> None:
+    # SGD, lr = 0.1, s(0) = 0, constant L = [1, 4]:
+    # update 0: weights 0.5 exp(0) = [0.5, 0.5]; dJ/ds = 0.5 - 0.5 L = [0, -1.5]; s(1) = [0, 0.15]
+    # update 1: weights [0.5, 0.5 e^-0.15 = 0.43035398821]; dJ/ds = [0, 0.5 - 2 e^-0.15 = -1.22141595285]
+    #   s(2) = [0, 0.27214159529]
+    # update 2: weights [0.5, 0.5 e^-0.27214159529 = 0.38087319688]
+    s = UncertaintyWeighting(lr=0.1, optimizer="SGD")
+    out = drive(s, ["a", "b"], [[1.0, 4.0]] * 3)
+    torch.testing.assert_close(out[0], torch.tensor([0.5, 0.5], dtype=F64), rtol=0, atol=1e-15)
+    torch.testing.assert_close(out[1], torch.tensor([0.5, 0.4303539882125289], dtype=F64), rtol=1e-14, atol=0)
+    torch.testing.assert_close(out[2], torch.tensor([0.5, 0.3808731968777672], dtype=F64), rtol=1e-14, atol=0)
+    assert s.log_vars["b"] == pytest.approx(0.15 + 0.12214159528501156 + 0.10234927875110689, rel=1e-13)
+    assert s.regularizer().item() == pytest.approx(0.5 * s.log_vars["b"], rel=1e-13)
+
+
+def test_initial_log_var() -> None:
+    w = drive(UncertaintyWeighting(-0.5), ["a", "b"], [[1.0, 2.0]])[0]  # LibMTL's start
+    assert w.tolist() == pytest.approx([0.8243606353500641] * 2, rel=1e-15)
+    w = drive(UncertaintyWeighting({"b": math.log(0.5)}), ["a", "b"], [[1.0, 2.0]])[0]
+    assert w.tolist() == pytest.approx([0.5, 1.0], rel=1e-15)
+
+
+@pytest.mark.parametrize("update_every", [1, 2])
+def test_balancer_matches_naive_adam_reference(update_every: int) -> None:
+    model, losses = tiny_pinn(1, F64)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    balancer = LossBalancer(opt, UncertaintyWeighting(lr=0.05), update_every=update_every, history=100)
+    for _ in range(24):
+        balancer.step(losses())
+    names = ["pde", "left", "right"]
+    hist = balancer.history
+    sequence = [[h["losses"][n] for n in names] for h in hist if h["step"] % update_every == 0]
+    expected, final = naive_uncertainty(sequence, 0.05)
+    for h in hist:
+        assert [h["weights"][n] for n in names] == pytest.approx(expected[h["step"] // update_every], rel=1e-10)
+    log_vars = balancer.strategy.log_vars
+    assert [log_vars[n] for n in names] == pytest.approx(final, rel=1e-10, abs=1e-12)
+    assert max(abs(w - 0.5) for w in expected[-1]) > 0.05
+
+
+def test_total_is_the_weighted_sum_without_the_regulariser() -> None:
+    model, losses = tiny_pinn(2)
+    strategy = UncertaintyWeighting(lr=0.1)
+    balancer = LossBalancer(torch.optim.SGD(model.parameters(), lr=1e-4), strategy)
+    terms = losses()
+    total = balancer.step(terms)
+    assert total.item() == pytest.approx(0.5 * sum(v.item() for v in terms.values()), rel=1e-6)
+    reg = strategy.regularizer().item()  # 0.5 sum s(1): s moved after the first update
+    assert reg != 0.0
+    s1 = strategy.log_vars
+    terms = losses()
+    total = balancer.step(terms)
+    w = balancer.weights  # the weights applied at this step: 0.5 exp(-s(1))
+    assert w == pytest.approx({n: 0.5 * math.exp(-v) for n, v in s1.items()}, rel=1e-6)
+    assert total.item() == pytest.approx(sum(w[n] * v.item() for n, v in terms.items()), rel=1e-6)
+    assert total.item() != pytest.approx(sum(w[n] * v.item() for n, v in terms.items()) + reg, rel=1e-6)
+
+
+@pytest.mark.parametrize("optimizer,lr", [("Adam", 0.05), ("SGD", 1.0)])
+def test_log_vars_converge_to_log_of_constant_losses(optimizer: str, lr: float) -> None:
+    losses = [0.1, 4.0, 25.0]
+    s = UncertaintyWeighting(lr=lr, optimizer=optimizer)
+    drive(s, ["a", "b", "c"], [losses] * 1500)
+    assert list(s.log_vars.values()) == pytest.approx([math.log(v) for v in losses], abs=1e-3)
+    w = s.update(record(["a", "b", "c"], losses, 1500))
+    assert w.tolist() == pytest.approx([0.5 / v for v in losses], rel=2e-3)
+
+
+def test_terms_that_come_and_go() -> None:
+    s = UncertaintyWeighting(lr=0.1, optimizer="SGD")
+    drive(s, ["a", "b"], [[4.0, 4.0]])
+    w = s.update(record(["b", "c"], [4.0, 1.0], 1))  # "a" absent: its s stays put
+    assert s.log_vars["a"] == pytest.approx(0.15) and s.log_vars["b"] != pytest.approx(0.15)
+    assert w.tolist() == pytest.approx([0.5 * math.exp(-0.15), 0.5])  # "c" starts at s = 0
+    assert len(s.optimizer.param_groups) == 3
+
+
+# ----------------------------------------------------------------------------- numerics (hypothesis)
+loss_value = st.one_of(
+    st.just(0.0), st.builds(lambda m, e: m * 10.0**e, st.floats(0.1, 10.0), st.integers(-30, 30))
+)
+
+
+@st.composite
+def sequences(draw, min_terms=1):
+    k = draw(st.integers(min_terms, 5))
+    n = draw(st.integers(1, 6))
+    return [draw(st.lists(loss_value, min_size=k, max_size=k)) for _ in range(n)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(seq=sequences(), dtype=st.sampled_from([torch.float32, F64]), optimizer=st.sampled_from(["Adam", "SGD"]),
+       lr=st.sampled_from([1e-3, 1.0, 100.0]))
+def test_weights_finite_and_positive_for_extreme_scales(seq, dtype, optimizer, lr) -> None:
+    names = [f"t{i}" for i in range(len(seq[0]))]
+    s = UncertaintyWeighting(lr=lr, optimizer=optimizer)
+    for w in drive(s, names, seq, dtype=dtype):
+        assert w.dtype == dtype
+        assert torch.isfinite(w).all() and (w > 0).all(), (seq, w)
+    assert all(math.isfinite(v) for v in s.log_vars.values())
+    w = s.update(record(names, seq[-1], len(seq), dtype))
+    assert torch.isfinite(w).all() and (w > 0).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(seq=sequences(min_terms=2), data=st.data(), dtype=st.sampled_from([torch.float32, F64]))
+def test_permutation_invariance(seq, data, dtype) -> None:
+    k = len(seq[0])
+    perm = data.draw(st.permutations(range(k)))
+    names = [f"t{i}" for i in range(k)]
+    a = drive(UncertaintyWeighting(lr=0.1), names, seq, dtype=dtype)
+    b = drive(UncertaintyWeighting(lr=0.1), [names[p] for p in perm], [[L[p] for p in perm] for L in seq], dtype=dtype)
+    for wa, wb in zip(a, b):
+        assert torch.equal(wa[list(perm)], wb)  # the terms are independent: bit for bit
+
+
+def test_runs_on_the_meta_device() -> None:
+    """No data-dependent host reads (.item(), float(), bool() of a tensor) on the update path:
+    meta tensors hold no data, so any such read would raise."""
+    generator = torch.Generator().manual_seed(0)
+    for strategy in [UncertaintyWeighting(), UncertaintyWeighting(optimizer="SGD")]:
+        for t, names in enumerate([("a", "b"), ("a", "b"), ("a", "b", "c"), ("b", "c"), ("a", "b", "c")]):
+            k = len(names)
+            rec = StepRecord(names, torch.ones(k, device="meta"), torch.ones(k, device="meta"), t, t, None, generator)
+            w = strategy.update(rec)
+            assert w.device.type == "meta" and w.shape == (k,)
+
+
+# ----------------------------------------------------------------------------- state
+def test_state_dict_round_trip_bit_identical() -> None:
+    def fresh():
+        model, losses = tiny_pinn(5)
+        strategy = UncertaintyWeighting(lr=0.05)
+        return model, losses, LossBalancer(torch.optim.Adam(model.parameters(), lr=1e-2), strategy)
+
+    n = 10
+    model_a, losses_a, bal_a = fresh()
+    for _ in range(2 * n):
+        bal_a.step(losses_a())
+    model_b, losses_b, bal_b = fresh()
+    for _ in range(n):
+        bal_b.step(losses_b())
+    buffer = io.BytesIO()
+    torch.save({"model": model_b.state_dict(), "balancer": bal_b.state_dict()}, buffer)
+    for _ in range(3):  # the saved state must not alias live tensors
+        bal_b.step(losses_b())
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    model_c, losses_c, bal_c = fresh()
+    model_c.load_state_dict(saved["model"])
+    bal_c.load_state_dict(saved["balancer"])
+    for _ in range(n):
+        bal_c.step(losses_c())
+    assert bal_a.weights == bal_c.weights
+    for pa, pc in zip(model_a.parameters(), model_c.parameters()):
+        assert torch.equal(pa, pc)
+    sa, sc = bal_a.strategy.state_dict(), bal_c.strategy.state_dict()
+    assert sa["names"] == sc["names"]
+    for n_ in sa["names"]:
+        assert torch.equal(sa["log_vars"][n_], sc["log_vars"][n_])
+    for key, state in sa["optimizer"]["state"].items():
+        for field in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(state[field], sc["optimizer"]["state"][key][field])
+
+
+def test_state_dict_is_a_copy() -> None:
+    s = UncertaintyWeighting(lr=0.1)
+    drive(s, ["a"], [[2.0]])
+    state = s.state_dict()
+    before = state["log_vars"]["a"].clone()
+    drive(s, ["a"], [[2.0]] * 3)
+    assert torch.equal(state["log_vars"]["a"], before)
+    assert state["optimizer"]["state"][0]["step"].item() == 1.0
+
+
+# ----------------------------------------------------------------------------- training
+def unweighted(losses) -> float:
+    return sum(v.item() for v in losses().values())
+
+
+def test_trains_tiny_pinn_with_adam() -> None:
+    model, losses = tiny_pinn(6)
+    balancer = LossBalancer(torch.optim.Adam(model.parameters(), lr=1e-2), UncertaintyWeighting())
+    start = unweighted(losses)
+    for _ in range(150):
+        balancer.step(losses())
+    assert unweighted(losses) < 0.1 * start
+
+
+def test_trains_tiny_pinn_with_lbfgs() -> None:
+    model, losses = tiny_pinn(7)
+    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=20, line_search_fn="strong_wolfe")
+    balancer = LossBalancer(opt, UncertaintyWeighting(lr=0.05))
+    start = unweighted(losses)
+    for _ in range(10):
+        assert torch.isfinite(balancer.step(closure=losses))
+    assert unweighted(losses) < 0.1 * start
+    assert balancer.strategy.log_vars["pde"] != 0.0  # the s moved although the model used L-BFGS
