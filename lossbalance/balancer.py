@@ -1,7 +1,7 @@
 """``LossBalancer``: replaces ``optimizer.step()`` for models trained on several named loss terms."""
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable, Literal, Mapping
 
 import torch
@@ -9,6 +9,8 @@ from torch import Tensor
 
 from .combine import Combiner, WeightedSum, make_combiner
 from .config import export_config, parse_config
+from torch.utils.hooks import RemovableHandle
+
 from .gradients import GradientEngine, GradStats
 from .strategies.base import StepRecord, Strategy, make_strategy
 from .validation import check_finite, check_key_set, check_losses, reaches
@@ -48,6 +50,9 @@ class LossBalancer:
             on steps that compute them anyway). Costs the per-term gradients on those steps.
         memory: ``"keep"`` (reuse the per-term gradients for the step) or ``"lean"``.
         nonfinite: ``"raise"`` on NaN/Inf losses (or gradient statistics), or ``"skip"`` the step.
+        scaler: a ``torch.amp.GradScaler`` for float16 mixed precision: the terms are scaled for the
+            backward passes, the statistics are unscaled before the strategy sees them, and a step
+            whose gradients overflow keeps the weights and is skipped by the scaler.
         distributed: average gradients and loss values over the processes of ``process_group``
             (one collective call per step). Default: on when ``torch.distributed`` is initialised
             with more than one process.
@@ -76,6 +81,7 @@ class LossBalancer:
         nonfinite: Literal["raise", "skip"] = "raise",
         history: int = 0,
         seed: int = 0,
+        scaler: torch.amp.GradScaler | None = None,
         distributed: bool | None = None,
         process_group: Any = None,
     ):
@@ -105,6 +111,8 @@ class LossBalancer:
         self._memory = memory
         self._probe = None if probe is None else list(probe)
         self._reduce = _mean_over_processes(distributed, process_group)
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        self._hooks: dict[int, Callable[["LossBalancer"], None]] = OrderedDict()
         self._engine = self._make_engine()
         self.combiner = make_combiner(combine)
         self._combines = not isinstance(self.combiner, WeightedSum)
@@ -271,11 +279,17 @@ class LossBalancer:
         update = may_update and self._due()
         diagnose = may_update and self.diagnose_every > 0 and self._step % self.diagnose_every == 0
         stats = None
+        if self.scaler is not None:
+            scale = self.scaler.scale(values.new_ones(()))
+            terms = [scale * t for t in terms]
         if (update and self.strategy.needs_gradients) or self._combines or diagnose:
             stats, values = self._engine.term_gradients(names, terms, scopes, values)
             if distributed and not self._finite(names, values, "loss value (averaged over processes)"):
                 return None
-            if not self._finite(names, stats.max_abs.amax(1), "gradient entry (max |g|)"):
+            if self.scaler is not None:
+                stats = stats.unscaled(scale)
+                update = update and bool(torch.isfinite(stats.max_abs).all())  # overflow: the scaler skips
+            elif not self._finite(names, stats.max_abs.amax(1), "gradient entry (max |g|)"):
                 return None
         elif update and distributed:  # a loss-value strategy needs the averaged values first
             self._reduce(values)
@@ -330,7 +344,10 @@ class LossBalancer:
         Use it to clip or inspect gradients before calling ``optimizer.step()`` yourself.
         """
         total = self._backward(losses, True)
-        return total if total is not None else self._nan()
+        if total is None:
+            return self._nan()
+        self._run_hooks()
+        return total
 
     def step(self, losses: Losses | None = None, *, closure: Callable[[], Losses] | None = None) -> Tensor:
         """Balance, write ``.grad`` and step the optimizer; returns the weighted total (detached).
@@ -345,8 +362,15 @@ class LossBalancer:
             total = self._backward(losses, True)
             if total is None:
                 return self._nan()
-            self.optimizer.step()
+            if self.scaler is None:
+                self.optimizer.step()
+            else:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            self._run_hooks()
             return total
+        if self.scaler is not None:
+            raise TypeError("a GradScaler cannot be used with a closure (torch.amp does not support it)")
         with torch.enable_grad():
             first = self._backward(self._call(closure), True)
         if first is None:
@@ -361,7 +385,21 @@ class LossBalancer:
             return total if total is not None else self._nan()
 
         self.optimizer.step(evaluate)
+        self._run_hooks()
         return first
+
+    def register_step_hook(self, hook: Callable[["LossBalancer"], None]) -> RemovableHandle:
+        """Call ``hook(balancer)`` after every step (e.g. a :class:`~lossbalance.tensorboard.TensorBoardLogger`).
+
+        Returns a handle whose ``remove()`` unregisters it.
+        """
+        handle = RemovableHandle(self._hooks)
+        self._hooks[handle.id] = hook
+        return handle
+
+    def _run_hooks(self) -> None:
+        for hook in list(self._hooks.values()):
+            hook(self)
 
     @staticmethod
     def _call(closure: Callable[[], Losses]) -> Losses:
@@ -488,6 +526,7 @@ class LossBalancer:
             "skipped": self._skipped,
             "strategy": self.strategy.state_dict(),
             "generator": self.generator.get_state(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -507,6 +546,8 @@ class LossBalancer:
         self._skipped = int(state.get("skipped", 0))
         self.strategy.load_state_dict(state["strategy"])
         self.generator.set_state(state["generator"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self._active = None
         self._checked = set()
 

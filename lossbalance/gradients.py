@@ -19,7 +19,7 @@ on the probe only, and the step is one backward of the weighted sum.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Literal, Sequence
 
 import torch
@@ -132,6 +132,15 @@ class GradStats:
         mask = self.selection(tensors, over)
         return torch.where(mask, self.sum_sq, self.sum_sq.new_zeros(())).sum(1).sqrt()
 
+    def unscaled(self, scale: Tensor) -> "GradStats":
+        """The statistics of gradients that were computed from losses multiplied by ``scale``
+        (``GradScaler``); ``gradients`` stays scaled (combiners are scale-equivariant)."""
+        square = scale.to(self.sum_sq.dtype).square()
+        return replace(
+            self, sum_abs=self.sum_abs / scale, max_abs=self.max_abs / scale, sum_sq=self.sum_sq / square,
+            gram=None if self.gram is None else self.gram / square,
+        )
+
     def cosine(self) -> Tensor:
         """(K, K) cosine similarity of the per-term gradients (needs the kept gradients).
 
@@ -193,10 +202,8 @@ class GradientEngine:
         self.reduce = reduce
         self._extra = 0 if reduce is None else 1  # a column for the loss value, reduced with the gradients
         self._buffer: Tensor | None = None
-        self._combined = torch.empty(self.layout.total + self._extra, dtype=self.layout.dtype, device=self.layout.device)
-        self._grad_views = [
-            v.view_as(p) for v, p in zip(self._combined[: self.layout.total].split(self.layout.sizes), self.params)
-        ]
+        self._combined = torch.empty(self.layout.total, dtype=self.layout.dtype, device=self.layout.device)
+        self._grad_views = [v.view_as(p) for v, p in zip(self._combined.split(self.layout.sizes), self.params)]
         self._reached: list[bool] = []
 
     @property
@@ -210,12 +217,12 @@ class GradientEngine:
             self._buffer = torch.empty(rows, width, dtype=self.layout.dtype, device=self.layout.device)
         return self._buffer
 
-    def _reduce_with(self, flat: Tensor, values: Tensor) -> Tensor:
-        """Reduce ``flat`` in place, its last column holding ``values``; return the reduced values."""
+    def _reduce_rows(self, rows: Tensor, values: Tensor) -> Tensor:
+        """Reduce ``rows`` (R, P + 1) in place, their last column holding ``values`` (R,)."""
         assert self.reduce is not None
-        flat[..., -1] = values.to(flat.dtype)
-        self.reduce(flat)
-        return flat[..., -1].to(values.dtype)
+        rows[:, -1] = values.to(rows.dtype)
+        self.reduce(rows)
+        return rows[:, -1].to(values.dtype)
 
     def term_gradients(
         self,
@@ -264,12 +271,12 @@ class GradientEngine:
             torch.cat(parts, out=row)
             if not self.reuses:
                 if self.reduce is not None:
-                    reduced.append(self._reduce_with(buffer, values[i : i + 1]))
+                    reduced.append(self._reduce_rows(buffer, values[i : i + 1]))
                 tables.append(layout.table(grads_view))
         if self.reuses:
             self._reached = reached
             if self.reduce is not None:
-                values = self._reduce_with(buffer, values)
+                values = self._reduce_rows(buffer, values)
             sum_abs, max_abs, sum_sq = layout.table(grads_view)
         else:
             sum_abs, max_abs, sum_sq = (torch.cat(t) for t in zip(*tables))
@@ -291,12 +298,11 @@ class GradientEngine:
         Parameters that no term reached get ``.grad = None``.
         """
         assert self.reuses and self._buffer is not None
-        out = self._combined[: self.layout.total]
         if combined is None:
             grads = self._buffer[:, : self.layout.total]
-            torch.mv(grads.T, weights.to(grads.dtype), out=out)
+            torch.mv(grads.T, weights.to(grads.dtype), out=self._combined)
         else:
-            out.copy_(combined)
+            self._combined.copy_(combined)
         for p, view, hit in zip(self.params, self._grad_views, self._reached):
             p.grad = view if hit else None
 
@@ -336,8 +342,8 @@ class GradientEngine:
                 p.grad = g
             return values
         parts = [z if g is None else g.reshape(-1) for g, z in zip(total, self.layout.zero_parts)]
-        torch.cat(parts, out=self._combined[: self.layout.total])
-        values = self._reduce_with(self._combined, values)
-        for p, view in zip(self.params, self._grad_views):
-            p.grad = view
-        return values
+        flat = torch.cat([*parts, values.to(self.layout.dtype)])  # one collective for both
+        self.reduce(flat)
+        for p, view in zip(self.params, flat[: self.layout.total].split(self.layout.sizes)):
+            p.grad = view.view_as(p)
+        return flat[self.layout.total :].to(values.dtype)
