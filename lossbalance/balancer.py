@@ -49,6 +49,8 @@ class LossBalancer:
             of conflicting pairs) every n-th step, for strategies that need no gradients (0: only
             on steps that compute them anyway). Costs the per-term gradients on those steps.
         memory: ``"keep"`` (reuse the per-term gradients for the step) or ``"lean"``.
+        grad_mode: ``"loop"`` (one ``autograd.grad`` per term, default) or ``"batched"``
+            (``torch.vmap``; see :class:`~lossbalance.gradients.GradientEngine`).
         nonfinite: ``"raise"`` on NaN/Inf losses (or gradient statistics), or ``"skip"`` the step.
         scaler: a ``torch.amp.GradScaler`` for float16 mixed precision: the terms are scaled for the
             backward passes, the statistics are unscaled before the strategy sees them, and a step
@@ -78,6 +80,7 @@ class LossBalancer:
         combine: str | Combiner | Callable[[Tensor], Tensor] = "sum",
         diagnose_every: int = 0,
         memory: Literal["keep", "lean"] = "keep",
+        grad_mode: Literal["loop", "batched"] = "loop",
         nonfinite: Literal["raise", "skip"] = "raise",
         history: int = 0,
         seed: int = 0,
@@ -109,6 +112,7 @@ class LossBalancer:
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self._memory = memory
+        self._grad_mode = grad_mode
         self._probe = None if probe is None else list(probe)
         self._reduce = _mean_over_processes(distributed, process_group)
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
@@ -152,7 +156,9 @@ class LossBalancer:
     def _make_engine(self) -> GradientEngine:
         params = self._balanced_params()
         self._param_ids = tuple(map(id, params))
-        return GradientEngine(params, memory=self._memory, probe=self._probe, reduce=self._reduce)
+        return GradientEngine(
+            params, memory=self._memory, probe=self._probe, reduce=self._reduce, grad_mode=self._grad_mode
+        )
 
     def _weight_dtype(self) -> torch.dtype:
         return torch.promote_types(self._engine.layout.dtype, torch.float32)
@@ -496,7 +502,7 @@ class LossBalancer:
         settings: dict[str, Any] = {
             "strategy": self.strategy.name, "strategy_options": self.strategy.options(),
             "update_every": self.update_every, "warmup": self.warmup, "frozen": self.frozen,
-            "memory": self._memory, "nonfinite": self.nonfinite, "history": self._history.maxlen,
+            "memory": self._memory, "grad_mode": self._grad_mode, "nonfinite": self.nonfinite, "history": self._history.maxlen,
             "diagnose_every": self.diagnose_every, "seed": self.seed,
             "combine": self.combiner.name, "combine_options": self.combiner.options(),
         }

@@ -19,6 +19,7 @@ on the probe only, and the step is one backward of the weighted sum.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Literal, Sequence
 
@@ -177,9 +178,13 @@ class GradientEngine:
         memory: str = "keep",
         probe: Iterable[Tensor] | None = None,
         reduce: Callable[[Tensor], None] | None = None,
+        grad_mode: Literal["loop", "batched"] = "loop",
     ):
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+        if grad_mode not in ("loop", "batched"):
+            raise ValueError(f"grad_mode must be 'loop' or 'batched', got {grad_mode!r}")
+        self.grad_mode = grad_mode
         kinds = {(p.device, p.dtype) for p in params}
         if len(kinds) > 1:
             found = ", ".join(sorted(f"{d}/{t}" for d, t in kinds))
@@ -243,6 +248,10 @@ class GradientEngine:
         grads_view = buffer[:, : layout.total]
         tables, reduced = [], []
         reached = [self.reduce is not None] * len(self.layout.params)
+        batched = self.grad_mode == "batched" and self.reuses and all(s is None for s in scopes)
+        if batched and self._batched(losses, grads_view):
+            reached = [True] * len(self.layout.params)
+            losses = []  # done: skip the loop below
         for i, (name, loss, scope) in enumerate(zip(names, losses, scopes)):
             positions = layout.inputs(scope)
             row = grads_view[i] if self.reuses else grads_view[0]
@@ -287,6 +296,25 @@ class GradientEngine:
             grads_view if self.reuses else None, self._gram(grads_view) if self.reuses else None,
         )
         return stats, values
+
+    def _batched(self, losses: Sequence[Tensor], out: Tensor) -> bool:
+        """All K gradients in one ``torch.vmap`` over ``autograd.grad`` (False: vmap failed)."""
+        stacked = torch.stack([loss.reshape(()) for loss in losses])
+        basis = torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device)
+
+        def vjp(direction: Tensor) -> tuple[Tensor, ...]:
+            return torch.autograd.grad(
+                stacked, self.params, grad_outputs=direction, retain_graph=True, materialize_grads=True
+            )
+
+        try:
+            grads = torch.vmap(vjp)(basis)
+        except RuntimeError as error:
+            warnings.warn(f"grad_mode='batched' fell back to the loop: torch.vmap failed ({error})", stacklevel=4)
+            self.grad_mode = "loop"
+            return False
+        torch.cat([g.reshape(len(losses), -1) for g in grads], dim=1, out=out)
+        return True
 
     def _gram(self, grads: Tensor) -> Tensor:
         wide = grads.to(self.layout.stat_dtype)
