@@ -143,7 +143,7 @@ class LossBalancer:
         self._checked: set[str] = set()
         self._active: tuple[tuple[str, ...], tuple[str, ...], Tensor] | None = None  # keys, names, index
         self._last: tuple[tuple[str, ...], Tensor, Tensor, GradStats | None] | None = None
-        self._diagnostics: tuple[int, tuple[str, ...], tuple[Tensor, Tensor, Tensor]] | None = None
+        self._diagnostics: tuple[int, tuple[str, ...], GradStats] | None = None
         self._history: deque = deque(maxlen=history)
 
     # ------------------------------------------------------------------ set-up helpers
@@ -277,30 +277,36 @@ class LossBalancer:
         terms = [losses[n] for n in names]
         values = torch.stack([t.detach().reshape(()) for t in terms]).to(self._weights.dtype)
         distributed = self._reduce is not None
-        if not distributed and not self._finite(names, values, "loss value"):
-            return None
-        index = self._index(losses, names)
-        scopes = [self._scopes.get(n) for n in names]
-        weights = self._weights[index]
+        averaged = "loss value (averaged over processes)" if distributed else "loss value"
         update = may_update and self._due()
         diagnose = may_update and self.diagnose_every > 0 and self._step % self.diagnose_every == 0
+        needs_grads = (update and self.strategy.needs_gradients) or self._combines or diagnose
+        if not distributed and not needs_grads and not self._finite(names, values, "loss value"):
+            return None
+        scopes = [self._scopes.get(n) for n in names]
         stats = None
         if self.scaler is not None:
             scale = self.scaler.scale(values.new_ones(()))
             terms = [scale * t for t in terms]
-        if (update and self.strategy.needs_gradients) or self._combines or diagnose:
+        if needs_grads:
+            self._diagnostics = None  # its gradients live in the buffer this call overwrites
             stats, values = self._engine.term_gradients(names, terms, scopes, values)
-            if distributed and not self._finite(names, values, "loss value (averaged over processes)"):
-                return None
             if self.scaler is not None:
                 stats = stats.unscaled(scale)
-                update = update and bool(torch.isfinite(stats.max_abs).all())  # overflow: the scaler skips
-            elif not self._finite(names, stats.max_abs.amax(1), "gradient entry (max |g|)"):
+            values_ok, grads_ok = torch.stack([torch.isfinite(values).all(), torch.isfinite(stats.max_abs).all()]).tolist()
+            if not values_ok and not self._finite(names, values, averaged):
                 return None
+            if not grads_ok:
+                if self.scaler is not None:
+                    update = False  # overflow: keep the weights; the scaler skips the step
+                elif not self._finite(names, stats.max_abs.amax(1), "gradient entry (max |g|)"):
+                    return None
         elif update and distributed:  # a loss-value strategy needs the averaged values first
             self._reduce(values)
-            if not self._finite(names, values, "loss value (averaged over processes)"):
+            if not self._finite(names, values, averaged):
                 return None
+        index = self._index(losses, names)
+        weights = self._weights[index]
         if update:
             record = StepRecord(names, values, weights, self._step, self._updates, stats, self.generator)
             weights = self._sanitize(self.strategy.update(record), weights, index)
@@ -315,15 +321,15 @@ class LossBalancer:
             self._engine.write_combined(weights, direction)
         else:
             values = self._engine.backward(terms, weights, scopes, values)
-            if distributed and not update and not self._finite(names, values, "loss value (averaged over processes)"):
+            if distributed and not update and not self._finite(names, values, averaged):
                 return None
         if may_update:
             self._last = (names, values, weights, stats)
-            figures = None
-            if stats is not None and stats.gram is not None:
-                figures = (stats.norm(), stats.cosine(), stats.conflict_fraction())
-                self._diagnostics = (self._step, names, figures)
+            kept = stats is not None and stats.gradients is not None
+            if kept:
+                self._diagnostics = (self._step, names, stats)  # figures computed when read
             if self._history.maxlen:
+                figures = _figures(stats) if kept else None  # now: the buffer is reused next step
                 self._history.append((self._step, names, weights.clone(), values, figures))
             self._step += 1
         return torch.dot(weights, values)
@@ -459,8 +465,8 @@ class LossBalancer:
         """
         if self._diagnostics is None:
             return None
-        step, names, figures = self._diagnostics
-        return {"step": step, "names": list(names), **_diagnostic_figures(names, figures)}
+        step, names, stats = self._diagnostics
+        return {"step": step, "names": list(names), **_diagnostic_figures(names, _figures(stats))}
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -581,6 +587,10 @@ def _mean_over_processes(distributed: bool | None, group: Any) -> Callable[[Tens
         tensor.div_(size)
 
     return reduce
+
+
+def _figures(stats: GradStats) -> tuple[Tensor, Tensor, Tensor]:
+    return stats.norm(), stats.cosine(), stats.conflict_fraction()
 
 
 def _diagnostic_figures(names: tuple[str, ...], figures: tuple[Tensor, Tensor, Tensor]) -> dict[str, Any]:

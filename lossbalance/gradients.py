@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Callable, Iterable, Literal, Sequence
 
 import torch
@@ -91,8 +92,9 @@ class GradStats:
     ``sum_abs``, ``max_abs``, ``sum_sq`` are ``(K, T)`` tables of ``sum |g|``, ``max |g|`` and
     ``sum g^2`` over each parameter tensor (in float64 for float32 parameters); ``numel`` (T,) counts its entries; ``matrix`` (T,)
     marks the weight matrices (``ndim >= 2``); ``scope`` (K, T) marks what each term may train.
-    ``gradients`` is the ``(K, P)`` matrix of flat per-term gradients and ``gram`` its ``(K, K)``
-    Gram matrix ``g_i . g_j``, both in ``"keep"`` mode without a probe (``None`` otherwise). The reductions below take a term's statistics over its scope
+    ``gradients`` is the ``(K, P)`` matrix of flat per-term gradients in ``"keep"`` mode without a
+    probe (``None`` otherwise; it lives in the engine's buffer, valid until the next gradient
+    step), in units of ``scale`` (a ``GradScaler``'s factor, 1 otherwise). The reductions below take a term's statistics over its scope
     (``over="scope"``, default) or over the tensors every term may train (``over="shared"``).
     """
 
@@ -103,7 +105,7 @@ class GradStats:
     matrix: Tensor
     scope: Tensor
     gradients: Tensor | None = None
-    gram: Tensor | None = None
+    scale: Tensor | float = 1.0
 
     def selection(self, tensors: Selection = "all", over: Over = "scope") -> Tensor:
         """(K, T) bool mask of the tensors each term's statistics run over."""
@@ -138,25 +140,28 @@ class GradStats:
         (``GradScaler``); ``gradients`` stays scaled (combiners are scale-equivariant)."""
         square = scale.to(self.sum_sq.dtype).square()
         return replace(
-            self, sum_abs=self.sum_abs / scale, max_abs=self.max_abs / scale, sum_sq=self.sum_sq / square,
-            gram=None if self.gram is None else self.gram / square,
+            self, sum_abs=self.sum_abs / scale, max_abs=self.max_abs / scale, sum_sq=self.sum_sq / square, scale=scale
         )
+
+    @cached_property
+    def gram(self) -> Tensor:
+        """(K, K) Gram matrix ``g_i . g_j`` of the kept gradients, computed on first use (float64)."""
+        if self.gradients is None:
+            raise RuntimeError("cosine similarities and conflicts need memory='keep' and no probe")
+        wide = self.gradients.to(self.sum_sq.dtype)
+        return (wide @ wide.T) / torch.as_tensor(self.scale, dtype=wide.dtype, device=wide.device).square()
 
     def cosine(self) -> Tensor:
         """(K, K) cosine similarity of the per-term gradients (needs the kept gradients).
 
         A zero gradient has cosine 0 with every other term (and 1 with itself).
         """
-        if self.gram is None:
-            raise RuntimeError("cosine similarities need memory='keep' and no probe")
         norms = self.gram.diagonal().sqrt()
         cosine = self.gram / (norms[:, None] * norms[None, :]).clamp_min(torch.finfo(self.gram.dtype).tiny)
         return cosine.fill_diagonal_(1.0)
 
     def conflict_fraction(self) -> Tensor:
         """Fraction of the K(K-1)/2 term pairs whose gradients conflict (``g_i . g_j < 0``)."""
-        if self.gram is None:
-            raise RuntimeError("conflict diagnostics need memory='keep' and no probe")
         k = self.gram.shape[0]
         upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=self.gram.device), 1)
         return (self.gram[upper] < 0).sum() / max(k * (k - 1) // 2, 1)
@@ -293,7 +298,7 @@ class GradientEngine:
                 values = torch.cat(reduced)
         stats = GradStats(
             sum_abs, max_abs, sum_sq, layout.numel, layout.matrix, layout.masks(scopes),
-            grads_view if self.reuses else None, self._gram(grads_view) if self.reuses else None,
+            grads_view if self.reuses else None,
         )
         return stats, values
 
@@ -315,10 +320,6 @@ class GradientEngine:
             return False
         torch.cat([g.reshape(len(losses), -1) for g in grads], dim=1, out=out)
         return True
-
-    def _gram(self, grads: Tensor) -> Tensor:
-        wide = grads.to(self.layout.stat_dtype)
-        return wide @ wide.T
 
     def write_combined(self, weights: Tensor, combined: Tensor | None = None) -> None:
         """``.grad = sum_i w_i g_i`` from the kept gradients (or ``.grad = combined`` when given).

@@ -1,0 +1,83 @@
+"""Every script in examples/ runs end to end with a tiny budget (imported by path, ``main(argv)``)."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from lossbalance.strategies import available_strategies
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+QUIET = ["--workers", "1", "--progress", "none", "--eval-n", "12"]
+
+#: a tiny budget for each example; a new example must add its entry here
+ARGS = {
+    "helmholtz_wang2021": ["--steps", "12", "--seeds", "0", "--no-plots", *QUIET],
+    "burgers": ["--steps", "12", "--no-plots", *QUIET],
+    "adam_then_lbfgs": ["--steps", "12", "--lbfgs-steps", "2", "--max-iter", "4", "--lbfgs-points", "32",
+                        "--eval-n", "12"],
+}
+
+
+def load(name: str):
+    path = EXAMPLES / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"lossbalance_example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(spec.name, None)
+    return module
+
+
+def test_every_example_has_a_tiny_budget():
+    assert sorted(p.stem for p in EXAMPLES.glob("*.py")) == sorted(ARGS)
+
+
+@pytest.mark.parametrize("name", sorted(ARGS))
+def test_example_runs(name, capsys):
+    module = load(name)
+    assert module.__doc__ and callable(module.main)
+    result = module.main(ARGS[name])
+    out = capsys.readouterr().out
+    if name == "adam_then_lbfgs":
+        assert math.isfinite(result["adam_error"]) and math.isfinite(result["lbfgs_error"])
+        # frozen L-BFGS phase: the new balancer starts from, and keeps, the Adam phase's weights
+        assert result["weights"] == pytest.approx(result["adam"].weights)
+        assert "Adam (12 steps, lra)" in out and "L-BFGS (2 x 4 iterations, frozen weights)" in out
+        return
+    header = next(line for line in out.splitlines() if line.startswith("strategy"))
+    assert [c.strip() for c in header.split("|")] == ["strategy", "rel. L2 error", "final weights", "wall time"]
+    labels = [r.label for r in result]
+    if name == "helmholtz_wang2021":
+        assert labels == ["static", "lra"]
+        assert "0.175" in out and "0.026" in out
+    else:
+        expected = "relobralo" if "relobralo" in available_strategies() else "lra"
+        assert labels == ["static", expected]
+        assert f"balancing with {expected!r}" in out
+    assert all(math.isfinite(r.error) for r in result)
+
+
+def test_helmholtz_seeds_and_burgers_choice(capsys):
+    results = load("helmholtz_wang2021").main(["--steps", "4", "--seeds", "0,1", "--no-plots", *QUIET])
+    assert [r.label for r in results] == ["static seed 0", "lra seed 0", "static seed 1", "lra seed 1"]
+    assert "mean rel. L2" in capsys.readouterr().out
+    burgers = load("burgers")
+    (only,) = burgers.main(["--steps", "4", "--strategy", "static", "--no-plots", *QUIET])
+    assert only.label == "static" and "chosen with --strategy" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        burgers.main(["--strategy", "nope", *QUIET])
+
+
+def test_lbfgs_phase_can_keep_adapting(capsys):
+    result = load("adam_then_lbfgs").main(
+        ["--problem", "poisson", "--steps", "10", "--lbfgs-steps", "2", "--max-iter", "3", "--lbfgs-points", "16",
+         "--lbfgs-update-every", "1", "--eval-n", "50"])
+    assert math.isfinite(result["lbfgs_error"])
+    assert result["weights"]["bc"] != pytest.approx(result["adam"].weights["bc"])
+    assert "lra every 1" in capsys.readouterr().out
