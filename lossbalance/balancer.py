@@ -1,6 +1,7 @@
 """``LossBalancer``: replaces ``optimizer.step()`` for models trained on several named loss terms."""
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable, Literal, Mapping
 
@@ -307,20 +308,32 @@ class LossBalancer:
                 return None
         index = self._index(losses, names)
         weights = self._weights[index]
+        plain = stats is None or not self._engine.reuses  # .grad comes from a weighted-sum backward
+        rollback = None
         if update:
+            if plain and self.scaler is None:  # its gradient is checked after the update: be able to undo it
+                rollback = (weights, copy.deepcopy(self.strategy.state_dict()), self.generator.get_state())
             record = StepRecord(names, values, weights, self._step, self._updates, stats, self.generator)
             weights = self._sanitize(self.strategy.update(record), weights, index)
             self._weights[index] = weights
             self._updates += 1
-        if stats is not None and self._engine.reuses:
+        if not plain:
             direction = None
             if self._combines:
-                assert stats.gradients is not None
+                assert stats is not None and stats.gradients is not None
                 weighted = weights.to(stats.gradients.dtype)[:, None] * stats.gradients
                 direction = self.combiner(weighted, generator=self.generator)
             self._engine.write_combined(weights, direction)
         else:
-            values = self._engine.backward(terms, weights, scopes, values)
+            values, finite = self._engine.backward(terms, weights, scopes, values, check_finite=self.scaler is None)
+            if not finite:
+                if rollback is not None:
+                    self._weights[index], state, generator = rollback
+                    self.strategy.load_state_dict(state)
+                    self.generator.set_state(generator)
+                    self._updates -= 1
+                self._nonfinite(f"gradient of the weighted sum of the terms {list(names)}")
+                return None
             if distributed and not update and not self._finite(names, values, averaged):
                 return None
         if may_update:
@@ -342,6 +355,7 @@ class LossBalancer:
         return torch.minimum(torch.maximum(new, self._lower[index]), self._upper[index])
 
     def _finite(self, names: tuple[str, ...], values: Tensor, what: str) -> bool:
+        """Whether ``values`` are finite; if not: raise (naming the terms) or count a skipped step."""
         if self.nonfinite == "raise":
             check_finite(names, values, what)
             return True
@@ -349,6 +363,12 @@ class LossBalancer:
             return True
         self._skipped += 1
         return False
+
+    def _nonfinite(self, what: str) -> None:
+        """A non-finite value that no single term explains: raise, or count a skipped step."""
+        if self.nonfinite == "raise":
+            raise ValueError(f"non-finite {what}; nothing was changed")
+        self._skipped += 1
 
     def backward(self, losses: Losses) -> Tensor:
         """Everything :meth:`step` does except ``optimizer.step()``; returns the weighted total.
@@ -383,22 +403,47 @@ class LossBalancer:
             return total
         if self.scaler is not None:
             raise TypeError("a GradScaler cannot be used with a closure (torch.amp does not support it)")
+        snapshot = self._snapshot()  # the optimizer moves the parameters before the closure's last word
         with torch.enable_grad():
             first = self._backward(self._call(closure), True)
         if first is None:
             return self._nan()
-        pending = [first]
+        pending, failed = [first], []
 
         def evaluate() -> Tensor:
             if pending:
                 return pending.pop()
             with torch.enable_grad():
                 total = self._backward(self._call(closure), False)
-            return total if total is not None else self._nan()
+            if total is None:
+                failed.append(True)
+                return self._nan()
+            return total
 
-        self.optimizer.step(evaluate)
+        try:
+            self.optimizer.step(evaluate)
+        except BaseException:
+            self._restore(snapshot)
+            raise
+        if failed:  # a re-evaluation was non-finite under nonfinite="skip": undo the whole step
+            self._restore(snapshot)
+            self._skipped += 1
+            return self._nan()
         self._run_hooks()
         return first
+
+    def _snapshot(self) -> tuple[dict[str, Any], list[Tensor], list[Tensor | None]]:
+        params = self._engine.params
+        grads = [None if p.grad is None else p.grad.clone() for p in params]
+        return copy.deepcopy(self.state_dict()), [p.detach().clone() for p in params], grads
+
+    def _restore(self, snapshot: tuple[dict[str, Any], list[Tensor], list[Tensor | None]]) -> None:
+        state, values, grads = snapshot
+        self.load_state_dict(state)
+        with torch.no_grad():
+            for p, value, grad in zip(self._engine.params, values, grads):
+                p.copy_(value)
+                p.grad = grad
 
     def register_step_hook(self, hook: Callable[["LossBalancer"], None]) -> RemovableHandle:
         """Call ``hook(balancer)`` after every step (e.g. a :class:`~lossbalance.tensorboard.TensorBoardLogger`).
@@ -536,18 +581,35 @@ class LossBalancer:
             "step": self._step,
             "updates": self._updates,
             "skipped": self._skipped,
+            "strategy_name": self.strategy.name,
             "strategy": self.strategy.state_dict(),
             "generator": self.generator.get_state(),
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; checked first, so a mismatch changes nothing."""
         missing = {"optimizer", "names", "weights", "step", "updates", "strategy", "generator"} - set(state)
         if missing:
             raise KeyError(f"not a LossBalancer state_dict: missing {sorted(missing)}")
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved = state.get("strategy_name", self.strategy.name)
+        if saved != self.strategy.name:
+            raise ValueError(
+                f"this state was saved by a balancer running strategy {saved!r}; this one runs "
+                f"{self.strategy.name!r}: build the balancer with the same strategy before loading"
+            )
+        names = list(state["names"])
+        if len(names) != state["weights"].numel():
+            raise ValueError(f"corrupt state: {len(names)} term names but {state['weights'].numel()} weights")
+        strategy_state = copy.deepcopy(self.strategy.state_dict())
+        self.strategy.load_state_dict(state["strategy"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except BaseException:
+            self.strategy.load_state_dict(strategy_state)
+            raise
         device, dtype = self._weights.device, self._weights.dtype
-        self._names = list(state["names"])
+        self._names = names
         self._optional = set(state.get("optional", ()))
         self._weights = state["weights"].to(device=device, dtype=dtype).clone()
         n = len(self._names)
@@ -556,7 +618,6 @@ class LossBalancer:
         self._step = int(state["step"])
         self._updates = int(state["updates"])
         self._skipped = int(state.get("skipped", 0))
-        self.strategy.load_state_dict(state["strategy"])
         self.generator.set_state(state["generator"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])

@@ -4,14 +4,12 @@ A *combiner* takes the ``(K, P)`` matrix whose rows are the **weighted** per-ter
 ``lambda_i g_i`` (flattened over the balanced parameters) and returns one ``(P,)`` direction,
 which the balancer writes into ``.grad``:
 
-=================  ===========  ===================================================================
-class              short name   direction
-=================  ===========  ===================================================================
-:class:`WeightedSum`  ``"sum"``     ``sum_i lambda_i g_i`` (the default; what a plain backward gives)
-:class:`PCGrad`    ``"pcgrad"``  projecting conflicting gradients (Yu et al. 2020), summed
-:class:`ConFIG`    ``"config"``  conflict-free inverse gradients (Liu, Chu & Thuerey 2025)
-:class:`TorchJD`   ``"torchjd"`` any ``torchjd.aggregation`` aggregator (optional dependency)
-=================  ===========  ===================================================================
+- :class:`WeightedSum` (``"sum"``, the default): ``sum_i lambda_i g_i``, what one backward of
+  the weighted total gives;
+- :class:`PCGrad` (``"pcgrad"``): projecting conflicting gradients (Yu et al. 2020), summed;
+- :class:`ConFIG` (``"config"``): conflict-free inverse gradients (Liu, Chu & Thuerey 2025);
+- :class:`TorchJD` (``"torchjd:<Aggregator>"``): any ``torchjd.aggregation`` aggregator
+  (optional dependency).
 
 :func:`make_combiner` turns a short name, a combiner object or a plain callable
 ``f(grads) -> direction`` into a :class:`Combiner`.
@@ -22,9 +20,9 @@ Conventions shared by every combiner here:
   ``torch.no_grad()``); the output has the input's dtype and device.
 - PCGrad and ConFIG compute in float64 by default (``double=True``; float32 on devices without
   float64 such as MPS) and cast the result back, so gradients from ``1e-30`` to ``1e30`` in
-  float32 neither underflow nor overflow in the inner products. Unit vectors are formed after
-  dividing each row by its largest entry, which keeps even float64 rows near the ends of the
-  exponent range finite.
+  float32 neither underflow nor overflow in the inner products. Float64 input (and float32 with
+  ``double=False``) is divided row by row by its largest entry before the unit vectors are
+  formed, which keeps even rows near the ends of the float64 exponent range finite.
 - A zero gradient (a term that does not reach the parameters, or a zero loss) never produces
   NaN: PCGrad does not project onto it, ConFIG ignores it.
 - Non-finite input gives non-finite output (as the plain sum would); nothing raises.
@@ -100,20 +98,36 @@ def _compute_dtype(grads: Tensor, double: bool) -> torch.dtype:
     return torch.promote_types(grads.dtype, torch.float32)
 
 
-def _unit_rows(work: Tensor) -> tuple[Tensor, Tensor]:
-    """Unit rows ``g_i / ||g_i||`` (zero rows stay zero) and the norms ``||g_i||``.
+def _squares_fit(source: torch.dtype, target: torch.dtype) -> bool:
+    """Whether squares (and sums of up to 2**31 squares) of any finite ``source`` number are
+    finite and non-zero in ``target``: e.g. float32 in float64, not float64 in float64."""
+    s, t = torch.finfo(source), torch.finfo(target)
+    return 2.0 * math.log2(s.max) + 31.0 < math.log2(t.max) and 2.0 * math.log2(s.smallest_normal * s.eps) > math.log2(t.smallest_normal)
 
-    Each row is divided by its largest absolute entry first, so squaring cannot underflow or
-    overflow whatever the scale of the row.
+
+def _unit_rows(grads: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Unit rows ``g_i / ||g_i||`` in ``dtype`` (zero rows stay zero), the norms, finite flags.
+
+    Where squares of the input dtype can underflow or overflow in ``dtype`` (float64 input, or
+    float32 computed in float32), each row is divided by its largest absolute entry first.
+    Rows with a non-finite entry get a non-finite norm and unit row, and ``ok = False``.
     """
-    if work.shape[1] == 0:
-        return work.clone(), work.new_zeros(work.shape[0])
-    peak = work.abs().amax(dim=1, keepdim=True)
-    nonzero = peak > 0
-    scaled = work / torch.where(nonzero, peak, torch.ones_like(peak))
-    norm = torch.linalg.vector_norm(scaled, dim=1, keepdim=True)
-    units = torch.where(nonzero, scaled / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(scaled))
-    return units, (peak * norm).squeeze(1)
+    k, p = grads.shape
+    if p == 0:
+        return grads.new_zeros((k, 0), dtype=dtype), grads.new_zeros(k, dtype=dtype), grads.new_ones(k, dtype=torch.bool)
+    if _squares_fit(grads.dtype, dtype):
+        units = grads.to(dtype, copy=True)
+        norms = torch.linalg.vector_norm(units, dim=1)
+        units.div_(torch.where(norms > 0, norms, torch.ones_like(norms))[:, None])
+        return units, norms, torch.isfinite(norms)
+    peak = grads.abs().amax(dim=1).to(dtype)
+    ok = torch.isfinite(peak)
+    one = torch.ones_like(peak)
+    units = grads.to(dtype, copy=True)
+    units.div_(torch.where(ok & (peak > 0), peak, one)[:, None])
+    scaled_norm = torch.linalg.vector_norm(units, dim=1)
+    units.div_(torch.where(scaled_norm > 0, scaled_norm, one)[:, None])
+    return units, peak * scaled_norm, ok
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +169,10 @@ class PCGrad(Combiner):
     depends on the order. Without any conflict PCGrad is the plain sum. The projection is
     computed as ``g_i^PC - min(g_i^PC . u_j, 0) u_j`` with ``u_j = g_j / ||g_j||`` (the same
     number), so a zero ``g_j`` is skipped instead of producing ``0 / 0``, and tiny or huge
-    gradients do not underflow or overflow ``||g_j||^2``.
+    gradients do not underflow or overflow ``||g_j||^2``. The algorithm runs in coefficient
+    space (``g_i^PC = sum_k C[i, k] u_k``, inner products from the K x K cosine matrix
+    ``U U^T``, as torchjd does): two passes over the ``(K, P)`` gradients instead of ``K^2``,
+    and one host transfer of the K x K matrix per call.
 
     Options:
 
@@ -217,32 +234,36 @@ class PCGrad(Combiner):
             orders.append([j for j in perm if j != i])
         return orders
 
-    def _project(self, grads: Tensor, generator: torch.Generator | None) -> Tensor:
+    def _coefficients(self, grads: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """``(C, U)`` with ``g_i^PC = sum_k C[i, k] u_k``: the algorithm in coefficient space."""
         k = grads.shape[0]
         orders = self._orders(k, generator)
-        work = grads.detach().to(_compute_dtype(grads, self.double))
-        units, _ = _unit_rows(work)
-        rows = []
+        units, norms, _ = _unit_rows(grads, _compute_dtype(grads, self.double))
+        # one host transfer of the K x K cosines and the norms; the loop runs on Python floats
+        table = torch.cat([units @ units.mT, norms[:, None]], dim=1).tolist()
+        coefficients = []
         for i in range(k):
-            row = work[i]
+            row = [0.0] * k
+            row[i] = table[i][k]  # g_i = ||g_i|| u_i
             for j in orders[i]:
-                dot = torch.dot(row, units[j])
-                row = row - torch.clamp(dot, max=0.0) * units[j]
-            rows.append(row)
-        if not rows:
-            return work
-        return torch.stack(rows)
+                dot = sum(row[m] * table[m][j] for m in range(k) if row[m] != 0.0)  # g_i^PC . u_j
+                if dot < 0.0:
+                    row[j] -= dot  # g_i^PC - (g_i^PC . u_j) u_j
+            coefficients.append(row)
+        return torch.tensor(coefficients, dtype=units.dtype).reshape(k, k).to(units.device), units
 
     def project(self, grads: Tensor, /, *, generator: torch.Generator | None = None) -> Tensor:
         """The projected gradients ``g_i^PC`` as a ``(K, P)`` matrix (input dtype)."""
         _check(grads)
         with torch.no_grad():
-            return self._project(grads, generator).to(grads.dtype)
+            coefficients, units = self._coefficients(grads, generator)
+            return (coefficients @ units).to(grads.dtype)
 
     def __call__(self, grads: Tensor, /, *, generator: torch.Generator | None = None) -> Tensor:
         _check(grads)
         with torch.no_grad():
-            return self._project(grads, generator).sum(0).to(grads.dtype)
+            coefficients, units = self._coefficients(grads, generator)
+            return (coefficients.sum(0) @ units).to(grads.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,15 +389,16 @@ class ConFIG(Combiner):
         return torch.where(usable, x / torch.where(x_norm > 0, x_norm, torch.ones_like(x_norm)), torch.zeros_like(x))
 
     def _combine(self, grads: Tensor) -> tuple[Tensor, Tensor]:
-        work = grads.detach().to(_compute_dtype(grads, self.double))
-        k, p = work.shape
+        dtype = _compute_dtype(grads, self.double)
+        k, p = grads.shape
         if k == 0 or p == 0:
-            zero = work.new_zeros(p)
+            zero = grads.new_zeros(p, dtype=dtype)
             return zero, zero
-        rtol = self._rtol(work.dtype)
-        finite = torch.isfinite(work).all()
-        units, norms = _unit_rows(torch.nan_to_num(work, nan=0.0, posinf=0.0, neginf=0.0))
-        present = (norms > 0).to(work.dtype)
+        rtol = self._rtol(dtype)
+        units, norms, ok = _unit_rows(grads, dtype)
+        units.masked_fill_(~ok[:, None], 0.0)  # keep QR/SVD finite; the result becomes NaN below
+        norms = torch.where(ok, norms, torch.zeros_like(norms))
+        present = (norms > 0).to(dtype)
         direction = self._direction(units, present, rtol)
         # length = sum_i g_i . g_u = sum_i ||g_i|| cos_i. Where a solution exists every cos_i is
         # 1/||x|| >= rtol / sqrt(K); cosines below rtol / (2 sqrt(K)) are rounding residue of a
@@ -385,6 +407,7 @@ class ConFIG(Combiner):
         cosines = units @ direction
         cosines = torch.where(cosines.abs() > rtol / (2.0 * math.sqrt(k)), cosines, torch.zeros_like(cosines))
         update = (norms * cosines).sum() * direction
+        finite = ok.all()
         nan = torch.full_like(update, float("nan"))
         return torch.where(finite, update, nan), torch.where(finite, direction, nan)
 

@@ -203,12 +203,16 @@ def parse_config(config: Mapping[str, Any], *, model: nn.Module | None = None) -
             kwargs["strategy"] = _build("strategy", _REGISTRY[name], options, problems)
 
     if "combine" in merged or "combine_options" in merged:
-        combine = merged.get("combine", "sum")
-        options = merged.get("combine_options", {})
-        if not isinstance(combine, str) or combine not in available_combiners():
-            problems.append(f"unknown combiner {combine!r}{_suggest(str(combine), available_combiners())}; known: {available_combiners()}")
-        elif _check_options("combine", make_combiner(combine).__class__, options, problems):
-            kwargs["combine"] = _build("combine", lambda **o: make_combiner(combine, **o), options, problems)
+        combine, options = merged.get("combine", "sum"), merged.get("combine_options", {})
+        if not isinstance(combine, str):
+            problems.append(f"combine must be a combiner name, got {combine!r}; known: {available_combiners()}")
+        elif not isinstance(options, Mapping):
+            problems.append(f"combine_options must be a table/dict, got {type(options).__name__}")
+        else:
+            try:
+                kwargs["combine"] = make_combiner(combine, **options)
+            except (TypeError, ValueError) as error:
+                problems.append(f"combine: {error}")
 
     for key in ("scope", "probe"):
         if key not in merged:

@@ -19,6 +19,7 @@ on the probe only, and the step is one backward of the weighted sum.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -341,13 +342,17 @@ class GradientEngine:
         weights: Tensor,
         scopes: Sequence[frozenset[int] | None],
         values: Tensor,
-    ) -> Tensor:
+        *,
+        check_finite: bool = False,
+    ) -> tuple[Tensor, bool]:
         """One backward of the weighted sum per distinct scope; ``.grad`` is overwritten.
 
         Terms sharing a scope are summed before differentiating, so the common case (no scopes)
         is exactly one backward of ``sum_i w_i L_i``. Parameters no term reaches get ``None``
         (when distributed: zeros, since another process may reach them). Returns ``values``,
-        averaged over processes when distributed (in the same collective as the gradients).
+        averaged over processes when distributed (in the same collective as the gradients), and
+        whether the gradients are finite: with ``check_finite`` (one host sync), non-finite
+        gradients are not written and ``False`` comes back.
         """
         groups: dict[frozenset[int] | None, list[int]] = {}
         for i, scope in enumerate(scopes):
@@ -367,12 +372,17 @@ class GradientEngine:
                 if g is not None:
                     total[j] = g if total[j] is None else total[j] + g
         if self.reduce is None:
-            for p, g in zip(self.params, total):
-                p.grad = g
-            return values
-        parts = [z if g is None else g.reshape(-1) for g, z in zip(total, self.layout.zero_parts)]
-        flat = torch.cat([*parts, values.to(self.layout.dtype)])  # one collective for both
-        self.reduce(flat)
-        for p, view in zip(self.params, flat[: self.layout.total].split(self.layout.sizes)):
-            p.grad = view.view_as(p)
-        return flat[self.layout.total :].to(values.dtype)
+            grads = total
+        else:
+            parts = [z if g is None else g.reshape(-1) for g, z in zip(total, self.layout.zero_parts)]
+            flat = torch.cat([*parts, values.to(self.layout.dtype)])  # one collective for both
+            self.reduce(flat)
+            values = flat[self.layout.total :].to(values.dtype)
+            grads = [v.view_as(p) for p, v in zip(self.params, flat[: self.layout.total].split(self.layout.sizes))]
+        if check_finite:
+            present = [g for g in grads if g is not None]
+            if present and not bool(torch.isfinite(torch.stack(torch._foreach_norm(present, math.inf))).all()):
+                return values, False
+        for p, g in zip(self.params, grads):
+            p.grad = g
+        return values, True

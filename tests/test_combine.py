@@ -156,9 +156,10 @@ def naive_pcgrad(g, generator, order="random"):
 
 
 @SETTINGS
-@given(plain_matrices(k_min=2), st.integers(0, 2**31 - 1), st.sampled_from(["random", "shared", "fixed"]))
+@given(st.one_of(plain_matrices(k_min=2), grad_matrices()), st.integers(0, 2**31 - 1),
+       st.sampled_from(["random", "shared", "fixed"]))
 def test_pcgrad_matches_naive_reference(g, seed, order):
-    # plain_matrices spans 10^-30..10^30: the naive squares stay inside the float64 range
+    # scales 10^-30..10^30: the naive squares stay inside the float64 range
     out = PCGrad(order=order)(g, generator=torch.Generator().manual_seed(seed))
     _, ref = naive_pcgrad(g, torch.Generator().manual_seed(seed), order)
     scale = total_norm(g)
@@ -262,7 +263,16 @@ def test_pcgrad_zero_and_opposite_rows():
     tiny = torch.tensor([[1.0, 0.0], [-1.0, 1.0]]) * torch.tensor([[1e-30], [1e30]])
     out = PCGrad()(tiny, generator=torch.Generator())
     # g1^PC = g1 - (g1.g2)/|g2|^2 g2 = 1e-30 * (0.5, 0.5); g2^PC = g2 + 1e30 (1, 0) = 1e30 (0, 1)
-    torch.testing.assert_close(out, torch.tensor([0.5e-30, 1e30 + 0.5e-30]), rtol=1e-6, atol=0)
+    pc = PCGrad().project(tiny, generator=torch.Generator())
+    torch.testing.assert_close(pc[0], torch.tensor([0.5e-30, 0.5e-30]), rtol=1e-6, atol=0)
+    # (the sum is accurate norm-wise, ~1e-16 * 1e30 per entry: 0.5e-30 next to 1e30 is below that)
+    torch.testing.assert_close(pc[1], torch.tensor([0.0, 1e30]), rtol=1e-6, atol=1e24)
+    torch.testing.assert_close(out, pc.sum(0), rtol=1e-6, atol=1e24)
+    # float64 rows at 1e-200 and 1e200 (squares under/overflow even in float64)
+    ext = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=F64) * torch.tensor([[1e-200], [1e200]], dtype=F64)
+    pc = PCGrad().project(ext, generator=torch.Generator())
+    torch.testing.assert_close(pc[0], torch.tensor([0.5e-200, 0.5e-200], dtype=F64), rtol=1e-12, atol=0)
+    torch.testing.assert_close(pc[1], torch.tensor([0.0, 1e200], dtype=F64), rtol=1e-12, atol=1e186)
     assert PCGrad()(torch.zeros(2, 3), generator=torch.Generator()).eq(0).all()
 
 
@@ -408,6 +418,11 @@ def test_config_edge_cases():
     out = ConFIG()(torch.stack([a, -2.0 * a, b]))
     assert abs(float(out @ a)) <= 1e-12 * float(out.norm() * a.norm())
     assert float(out @ b) > 0
+    # float64 rows at 1e-200 and 1e200 (squares under/overflow in float64): units unchanged,
+    # g = (|g1| + |g2|)/2 (u1 + u2) = (1e-200 + 5e200)/2 (0.4, 0.8) = 1e200 (1, 2) to 1e-400
+    ext = torch.tensor([[1.0, 0.0], [-3.0, 4.0]], dtype=F64) * torch.tensor([[1e-200], [1e200]], dtype=F64)
+    for cf in (True, False):
+        torch.testing.assert_close(ConFIG(closed_form=cf)(ext), torch.tensor([1e200, 2e200], dtype=F64), rtol=1e-12, atol=0)
     # one term: the gradient itself; no terms: zeros
     torch.testing.assert_close(ConFIG()(a[None]), a)
     assert torch.equal(ConFIG()(torch.zeros(0, 3, dtype=F64)), z)

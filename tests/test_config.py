@@ -63,7 +63,7 @@ def test_one_error_lists_every_problem():
         "weights['pde'] must be a number",
         "memory must be 'keep' or 'lean'",
         "unknown strategy option 'alpah' (did you mean 'alpha'?)",
-        "unknown combiner 'pcgard' (did you mean 'pcgrad'?)",
+        "unknown combiner 'pcgard'. Did you mean 'pcgrad'?",
         "['decoder'] match no parameter",
         "frozen must be true or false",
     ]
