@@ -282,7 +282,7 @@ class LossBalancer:
         update = may_update and self._due()
         diagnose = may_update and self.diagnose_every > 0 and self._step % self.diagnose_every == 0
         needs_grads = (update and self.strategy.needs_gradients) or self._combines or diagnose
-        if not distributed and not needs_grads and not self._finite(names, values, "loss value"):
+        if not distributed and not self._finite(names, values, "loss value"):  # before the graph is used
             return None
         scopes = [self._scopes.get(n) for n in names]
         stats = None
@@ -294,10 +294,9 @@ class LossBalancer:
             stats, values = self._engine.term_gradients(names, terms, scopes, values)
             if self.scaler is not None:
                 stats = stats.unscaled(scale)
-            values_ok, grads_ok = torch.stack([torch.isfinite(values).all(), torch.isfinite(stats.max_abs).all()]).tolist()
-            if not values_ok and not self._finite(names, values, averaged):
+            if distributed and not self._finite(names, values, averaged):
                 return None
-            if not grads_ok:
+            if not bool(torch.isfinite(stats.max_abs).all()):
                 if self.scaler is not None:
                     update = False  # overflow: keep the weights; the scaler skips the step
                 elif not self._finite(names, stats.max_abs.amax(1), "gradient entry (max |g|)"):

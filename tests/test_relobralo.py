@@ -1,7 +1,6 @@
 """Tests for lossbalance.strategies.relobralo (ReLoBRaLo, Bischof & Kraus 2021)."""
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
@@ -9,56 +8,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _strategy_checks import (
+    F64, check_finite_and_positive, check_matches_reference, check_permutation_invariance,
+    check_rescaling_invariance, check_resume_bit_identical, check_runs_on_meta_device, check_trains_with_adam,
+    check_trains_with_lbfgs, drive, loss_sequences, make_record, positive_sequences, powers_of_two, tiny_pinn,
+)
 from lossbalance import LossBalancer
-from lossbalance.strategies.base import StepRecord, available_strategies, make_strategy
-from lossbalance.strategies.relobralo import ReLoBRaLo, safe_softmax
-
-F64 = torch.float64
-
-
-# ----------------------------------------------------------------------------- helpers
-def tiny_pinn(seed: int = 0, dtype: torch.dtype = torch.float32):
-    """u'' = -pi^2 sin(pi x) on [0, 1], u(0) = u(1) = 0; MLP 1-16-16-1 tanh, 32 points."""
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
-    ).to(dtype)
-    x = torch.linspace(0, 1, 32, dtype=dtype).reshape(-1, 1)
-    zero, one = torch.zeros(1, 1, dtype=dtype), torch.ones(1, 1, dtype=dtype)
-
-    def losses() -> dict[str, torch.Tensor]:
-        xi = x.clone().requires_grad_(True)
-        u = model(xi)
-        du = torch.autograd.grad(u.sum(), xi, create_graph=True)[0]
-        d2u = torch.autograd.grad(du.sum(), xi, create_graph=True)[0]
-        return {
-            "pde": (d2u + math.pi**2 * torch.sin(math.pi * xi)).pow(2).mean(),
-            "left": model(zero).pow(2).sum(),
-            "right": model(one).pow(2).sum(),
-        }
-
-    return model, losses
+from lossbalance.strategies.base import available_strategies, make_strategy
+from lossbalance.strategies.numerics import safe_softmax
+from lossbalance.strategies.relobralo import ReLoBRaLo
 
 
-def record(names, losses, weights, update, generator, dtype=F64) -> StepRecord:
-    return StepRecord(
-        tuple(names), torch.tensor(losses, dtype=dtype), torch.tensor(weights, dtype=dtype), update, update, None,
-        generator,
-    )
-
-
-def drive(strategy, names, sequence, seed=0, dtype=F64):
-    """Direct ``update()`` calls, feeding the weights back as the balancer does."""
-    generator = torch.Generator().manual_seed(seed)
-    weights = [1.0] * len(names)
-    out = []
-    for t, losses in enumerate(sequence):
-        new = strategy.update(record(names, losses, weights, t, generator, dtype))
-        weights = new.tolist()
-        out.append(new)
-    return out
-
-
+# ----------------------------------------------------------------------------- reference
 def naive_relobralo(sequence, alpha, expected_rho, tau, eps, seed, initial=None):
     """Deliberately naive reference (plain floats). Mirrors the documented draws: exactly one
     ``torch.rand((), dtype=float64)`` from the balancer's generator per update, the first included."""
@@ -138,22 +99,17 @@ def test_hand_computed_two_terms() -> None:
 def test_balancer_matches_naive_reference(update_every: int) -> None:
     """Through LossBalancer on the tiny PINN (float64): every step's weights against the reference,
     with E[rho] = 0.5 so that both lookback branches occur; t-1 is the previous *update*."""
-    model, losses = tiny_pinn(1, F64)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    rhos = []
+
+    def reference(sequence):
+        expected, drawn = naive_relobralo(sequence, 0.8, 0.5, 0.5, 1e-8, seed=123)
+        rhos.extend(drawn)
+        return expected
+
     strategy = ReLoBRaLo(alpha=0.8, expected_rho=0.5, tau=0.5, eps=1e-8)
-    balancer = LossBalancer(opt, strategy, update_every=update_every, seed=123, history=100)
-    for _ in range(36):
-        balancer.step(losses())
-    hist = balancer.history
-    names = ["pde", "left", "right"]
-    updates = [h for h in hist if h["step"] % update_every == 0]
-    sequence = [[h["losses"][n] for n in names] for h in updates]
-    expected, rhos = naive_relobralo(sequence, 0.8, 0.5, 0.5, 1e-8, seed=123)
+    _, expected = check_matches_reference(strategy, reference, steps=36, update_every=update_every, rel=1e-12,
+                                          abs=0, lr=1e-2, seed=123)
     assert 0.0 in rhos and 1.0 in rhos  # both branches exercised
-    for h in hist:
-        want = expected[h["step"] // update_every]
-        got = [h["weights"][n] for n in names]
-        assert got == pytest.approx(want, rel=1e-12, abs=0)
     # at least one weight moved far from 1: the test is not vacuous
     assert max(abs(w - 1) for w in expected[-1]) > 0.05
 
@@ -175,10 +131,10 @@ def test_lambda_prev_is_the_clamped_weight_in_use() -> None:
     names = ["a", "b"]
     s = ReLoBRaLo(alpha=0.9, expected_rho=1.0, eps=0.0)
     generator = torch.Generator().manual_seed(0)
-    s.update(record(names, seq[0], [1.0, 1.0], 0, generator))
-    w1 = s.update(record(names, seq[1], [1.0, 1.0], 1, generator))
+    s.update(make_record(names, seq[0], [1.0, 1.0], 0, generator=generator))
+    w1 = s.update(make_record(names, seq[1], [1.0, 1.0], 1, generator=generator))
     # the balancer clamps b to 1.5; that clamped value is lambda(t-1) of the next update
-    w2 = s.update(record(names, seq[2], [w1[0].item(), 1.5], 2, generator))
+    w2 = s.update(make_record(names, seq[2], [w1[0].item(), 1.5], 2, generator=generator))
     bal_prev = [1.0, 1.0]  # ratios [1, 1] to the previous losses
     assert w2[1].item() == pytest.approx(0.9 * 1.5 + 0.1 * bal_prev[1], rel=1e-12)
 
@@ -218,67 +174,38 @@ def test_exactly_one_draw_per_update() -> None:
 def test_new_term_keeps_its_weight_and_others_balance_among_themselves() -> None:
     s = ReLoBRaLo(alpha=0.0, eps=0.0)  # alpha = 0: lambda = bal(t, t-1)
     generator = torch.Generator().manual_seed(0)
-    s.update(record(["a", "b"], [1.0, 1.0], [1.0, 1.0], 0, generator))
-    w = s.update(record(["a", "b", "c"], [2.0, 1.0, 5.0], [1.0, 1.0, 3.0], 1, generator))
+    s.update(make_record(["a", "b"], [1.0, 1.0], [1.0, 1.0], 0, generator=generator))
+    w = s.update(make_record(["a", "b", "c"], [2.0, 1.0, 5.0], [1.0, 1.0, 3.0], 1, generator=generator))
     e = math.e
     assert w.tolist() == pytest.approx([2 * e / (e + 1), 2 / (e + 1), 3.0], rel=1e-12)
-    w = s.update(record(["a", "c"], [2.0, 10.0], [1.0, 3.0], 2, generator))  # "b" absent
+    w = s.update(make_record(["a", "c"], [2.0, 10.0], [1.0, 3.0], 2, generator=generator))  # "b" absent
     assert w.tolist() == pytest.approx([2 / (1 + e), 2 * e / (1 + e)], rel=1e-12)  # ratios [1, 2]
-    w = s.update(record(["a", "b", "c"], [2.0, 3.0, 10.0], [1.0, 1.0, 1.0], 3, generator))
+    w = s.update(make_record(["a", "b", "c"], [2.0, 3.0, 10.0], [1.0, 1.0, 1.0], 3, generator=generator))
     # "b" compares with its last appearance (update 1, L = 1): ratios [1, 3, 1]
     z = 2 * math.exp(0) + math.exp(2)
     assert w.tolist() == pytest.approx([3 / z, 3 * math.exp(2) / z, 3 / z], rel=1e-12)
 
 
 # ----------------------------------------------------------------------------- numerics (hypothesis)
-scales = st.integers(-30, 30)
-mantissa = st.floats(0.1, 10.0)
-loss_value = st.one_of(st.just(0.0), st.builds(lambda m, e: m * 10.0**e, mantissa, scales))
-
-
-@st.composite
-def sequences(draw, min_terms=1):
-    k = draw(st.integers(min_terms, 5))
-    n = draw(st.integers(2, 5))
-    return [draw(st.lists(loss_value, min_size=k, max_size=k)) for _ in range(n)]
-
-
 @settings(max_examples=60, deadline=None)
-@given(seq=sequences(), dtype=st.sampled_from([torch.float32, F64]), expected_rho=st.sampled_from([0.0, 0.5, 1.0]),
+@given(seq=loss_sequences(), dtype=st.sampled_from([torch.float32, F64]), expected_rho=st.sampled_from([0.0, 0.5, 1.0]),
        eps=st.sampled_from([0.0, 1e-8]))
 def test_weights_finite_and_positive_for_extreme_scales(seq, dtype, expected_rho, eps) -> None:
-    names = [f"t{i}" for i in range(len(seq[0]))]
-    out = drive(ReLoBRaLo(expected_rho=expected_rho, eps=eps), names, seq, dtype=dtype)
-    for w in out:
-        assert w.dtype == dtype
-        assert torch.isfinite(w).all() and (w > 0).all(), (seq, w)
+    check_finite_and_positive(ReLoBRaLo(expected_rho=expected_rho, eps=eps), seq, dtype)
 
 
 @settings(max_examples=40, deadline=None)
-@given(seq=sequences(min_terms=2), data=st.data(), dtype=st.sampled_from([torch.float32, F64]))
+@given(seq=loss_sequences(min_terms=2), data=st.data(), dtype=st.sampled_from([torch.float32, F64]))
 def test_permutation_invariance(seq, data, dtype) -> None:
-    k = len(seq[0])
-    perm = data.draw(st.permutations(range(k)))
-    names = [f"t{i}" for i in range(k)]
-    a = drive(ReLoBRaLo(expected_rho=0.5), names, seq, seed=3, dtype=dtype)
-    permuted = [[L[p] for p in perm] for L in seq]
-    b = drive(ReLoBRaLo(expected_rho=0.5), [names[p] for p in perm], permuted, seed=3, dtype=dtype)
-    rtol = 1e-5 if dtype == torch.float32 else 1e-12
-    for wa, wb in zip(a, b):
-        torch.testing.assert_close(wa[list(perm)], wb, rtol=rtol, atol=0)
+    perm = data.draw(st.permutations(range(len(seq[0]))))
+    check_permutation_invariance(lambda: ReLoBRaLo(expected_rho=0.5), seq, perm, dtype, seed=3)
 
 
 @settings(max_examples=40, deadline=None)
-@given(seq=st.lists(st.lists(st.floats(0.01, 100.0), min_size=3, max_size=3), min_size=2, max_size=6),
-       powers=st.lists(st.integers(-60, 60), min_size=3, max_size=3))
+@given(seq=positive_sequences(min_len=2), powers=powers_of_two)
 def test_invariant_to_rescaling_each_term(seq, powers) -> None:
     """With eps = 0 the ratios are unchanged by a fixed rescaling of any term (powers of 2: exact)."""
-    names = ["a", "b", "c"]
-    scaled = [[L[i] * 2.0 ** powers[i] for i in range(3)] for L in seq]
-    a = drive(ReLoBRaLo(expected_rho=0.5, eps=0.0), names, seq, seed=9)
-    b = drive(ReLoBRaLo(expected_rho=0.5, eps=0.0), names, scaled, seed=9)
-    for wa, wb in zip(a, b):
-        torch.testing.assert_close(wa, wb, rtol=1e-13, atol=0)
+    check_rescaling_invariance(lambda: ReLoBRaLo(expected_rho=0.5, eps=0.0), seq, [2.0**p for p in powers], seed=9)
 
 
 def test_safe_softmax_guards() -> None:
@@ -292,68 +219,20 @@ def test_safe_softmax_guards() -> None:
 
 
 def test_runs_on_the_meta_device() -> None:
-    """No data-dependent host reads (.item(), float(), bool() of a tensor) on the update path:
-    meta tensors hold no data, so any such read would raise."""
-    generator = torch.Generator().manual_seed(0)
-    for strategy in [ReLoBRaLo(), ReLoBRaLo(expected_rho=0.0)]:
-        for t, names in enumerate([("a", "b"), ("a", "b"), ("a", "b", "c"), ("b", "c"), ("a", "b", "c")]):
-            k = len(names)
-            rec = StepRecord(names, torch.ones(k, device="meta"), torch.ones(k, device="meta"), t, t, None, generator)
-            w = strategy.update(rec)
-            assert w.device.type == "meta" and w.shape == (k,)
+    check_runs_on_meta_device([ReLoBRaLo(), ReLoBRaLo(expected_rho=0.0)])
 
 
 # ----------------------------------------------------------------------------- state
 def test_state_dict_round_trip_bit_identical() -> None:
-    def fresh():
-        model, losses = tiny_pinn(5)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        return model, losses, LossBalancer(opt, ReLoBRaLo(alpha=0.7, expected_rho=0.5), update_every=2, seed=17)
-
-    n = 11
-    model_a, losses_a, bal_a = fresh()
-    for _ in range(2 * n):
-        bal_a.step(losses_a())
-
-    model_b, losses_b, bal_b = fresh()
-    for _ in range(n):
-        bal_b.step(losses_b())
-    buffer = io.BytesIO()
-    torch.save({"model": model_b.state_dict(), "balancer": bal_b.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=False)
-    model_c, losses_c, bal_c = fresh()
-    model_c.load_state_dict(saved["model"])
-    bal_c.load_state_dict(saved["balancer"])
-    for _ in range(n):
-        bal_c.step(losses_c())
-
-    assert bal_a.weights == bal_c.weights
-    for pa, pc in zip(model_a.parameters(), model_c.parameters()):
-        assert torch.equal(pa, pc)
-    assert torch.equal(bal_a.generator.get_state(), bal_c.generator.get_state())
+    full, resumed, _ = check_resume_bit_identical(lambda: ReLoBRaLo(alpha=0.7, expected_rho=0.5), n=11,
+                                                  update_every=2, seed=17)
+    assert torch.equal(full.generator.get_state(), resumed.generator.get_state())
 
 
 # ----------------------------------------------------------------------------- training
-def unweighted(losses) -> float:
-    return sum(v.item() for v in losses().values())
-
-
 def test_trains_tiny_pinn_with_adam() -> None:
-    model, losses = tiny_pinn(6)
-    balancer = LossBalancer(torch.optim.Adam(model.parameters(), lr=1e-2), ReLoBRaLo())
-    start = unweighted(losses)
-    for _ in range(150):
-        balancer.step(losses())
-    assert unweighted(losses) < 0.1 * start
+    check_trains_with_adam(ReLoBRaLo(), model_seed=6, below=0.1)
 
 
 def test_trains_tiny_pinn_with_lbfgs() -> None:
-    model, losses = tiny_pinn(7)
-    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=20, line_search_fn="strong_wolfe")
-    balancer = LossBalancer(opt, ReLoBRaLo())
-    start = unweighted(losses)
-    for _ in range(10):
-        total = balancer.step(closure=losses)
-        assert torch.isfinite(total)
-    assert unweighted(losses) < 0.1 * start
+    check_trains_with_lbfgs(ReLoBRaLo(), model_seed=7, below=0.1)

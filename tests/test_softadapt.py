@@ -1,7 +1,6 @@
 """Tests for lossbalance.strategies.softadapt (SoftAdapt, Heydari, Thompson & Mehmood 2019)."""
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
@@ -9,55 +8,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _strategy_checks import (
+    F64, check_finite_and_positive, check_matches_reference, check_permutation_invariance,
+    check_rescaling_invariance, check_resume_bit_identical, check_runs_on_meta_device, check_trains_with_adam,
+    check_trains_with_lbfgs, drive, loss_sequences, make_record, positive_sequences, powers_of_two, tiny_pinn,
+)
 from lossbalance import LossBalancer
-from lossbalance.strategies.base import StepRecord, available_strategies, make_strategy
+from lossbalance.strategies.base import available_strategies, make_strategy
 from lossbalance.strategies.softadapt import SoftAdapt
 
-F64 = torch.float64
 VARIANTS = ["difference", "normalized", "loss_weighted", "ratio"]
 
 
-# ----------------------------------------------------------------------------- helpers
-def tiny_pinn(seed: int = 0, dtype: torch.dtype = torch.float32):
-    """u'' = -pi^2 sin(pi x) on [0, 1], u(0) = u(1) = 0; MLP 1-16-16-1 tanh, 32 points."""
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
-    ).to(dtype)
-    x = torch.linspace(0, 1, 32, dtype=dtype).reshape(-1, 1)
-    zero, one = torch.zeros(1, 1, dtype=dtype), torch.ones(1, 1, dtype=dtype)
-
-    def losses() -> dict[str, torch.Tensor]:
-        xi = x.clone().requires_grad_(True)
-        u = model(xi)
-        du = torch.autograd.grad(u.sum(), xi, create_graph=True)[0]
-        d2u = torch.autograd.grad(du.sum(), xi, create_graph=True)[0]
-        return {
-            "pde": (d2u + math.pi**2 * torch.sin(math.pi * xi)).pow(2).mean(),
-            "left": model(zero).pow(2).sum(),
-            "right": model(one).pow(2).sum(),
-        }
-
-    return model, losses
-
-
-def record(names, losses, weights, update, dtype=F64) -> StepRecord:
-    return StepRecord(
-        tuple(names), torch.tensor(losses, dtype=dtype), torch.tensor(weights, dtype=dtype), update, update, None,
-        torch.Generator().manual_seed(0),
-    )
-
-
-def drive(strategy, names, sequence, dtype=F64):
-    weights = [1.0] * len(names)
-    out = []
-    for t, losses in enumerate(sequence):
-        new = strategy.update(record(names, losses, weights, t, dtype))
-        weights = new.tolist()
-        out.append(new)
-    return out
-
-
+# ----------------------------------------------------------------------------- reference
 def naive_softadapt(sequence, variant, beta, normalize_to_k=True, eps=1e-8):
     """Deliberately naive reference in plain floats."""
     k = len(sequence[0])
@@ -143,17 +106,9 @@ def test_ratio_variant_matches_physicsnemo_form() -> None:
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("update_every", [1, 2])
 def test_balancer_matches_naive_reference(variant: str, update_every: int) -> None:
-    model, losses = tiny_pinn(1, F64)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
-    balancer = LossBalancer(opt, SoftAdapt(2.0, variant=variant), update_every=update_every, history=100)
-    for _ in range(20):
-        balancer.step(losses())
-    names = ["pde", "left", "right"]
-    hist = balancer.history
-    sequence = [[h["losses"][n] for n in names] for h in hist if h["step"] % update_every == 0]
-    expected = naive_softadapt(sequence, variant, 2.0)
-    for h in hist:
-        assert [h["weights"][n] for n in names] == pytest.approx(expected[h["step"] // update_every], rel=1e-11)
+    _, expected = check_matches_reference(SoftAdapt(2.0, variant=variant),
+                                          lambda seq: naive_softadapt(seq, variant, 2.0),
+                                          steps=20, update_every=update_every, rel=1e-11)
     assert max(abs(w - 1) for w in expected[-1]) > 1e-3  # the weights did move
 
 
@@ -174,135 +129,57 @@ def test_normalized_constant_losses_give_equal_weights() -> None:
 
 def test_new_term_keeps_its_weight() -> None:
     s = SoftAdapt(1.0)
-    s.update(record(["a", "b"], [1.0, 1.0], [1.0, 1.0], 0))
-    w = s.update(record(["a", "b", "c"], [2.0, 1.0, 7.0], [1.0, 1.0, 4.0], 1))
+    s.update(make_record(["a", "b"], [1.0, 1.0], [1.0, 1.0], 0))
+    w = s.update(make_record(["a", "b", "c"], [2.0, 1.0, 7.0], [1.0, 1.0, 4.0], 1))
     e = math.e
     assert w.tolist() == pytest.approx([2 * e / (e + 1), 2 / (e + 1), 4.0], rel=1e-12)
-    w = s.update(record(["b", "c"], [1.0, 8.0], [1.0, 4.0], 2))  # "a" absent; "c": s = 1
+    w = s.update(make_record(["b", "c"], [1.0, 8.0], [1.0, 4.0], 2))  # "a" absent; "c": s = 1
     assert w.tolist() == pytest.approx([2 / (e + 1), 2 * e / (e + 1)], rel=1e-12)
 
 
 # ----------------------------------------------------------------------------- numerics (hypothesis)
-loss_value = st.one_of(
-    st.just(0.0), st.builds(lambda m, e: m * 10.0**e, st.floats(0.1, 10.0), st.integers(-30, 30))
-)
-
-
-@st.composite
-def sequences(draw, min_terms=1):
-    k = draw(st.integers(min_terms, 5))
-    n = draw(st.integers(2, 5))
-    return [draw(st.lists(loss_value, min_size=k, max_size=k)) for _ in range(n)]
-
-
 @settings(max_examples=80, deadline=None)
-@given(seq=sequences(), dtype=st.sampled_from([torch.float32, F64]), variant=st.sampled_from(VARIANTS),
+@given(seq=loss_sequences(), dtype=st.sampled_from([torch.float32, F64]), variant=st.sampled_from(VARIANTS),
        beta=st.sampled_from([0.1, 1.0, 100.0, -5.0]), normalize=st.booleans(), eps=st.sampled_from([0.0, 1e-8]))
 def test_weights_finite_and_positive_for_extreme_scales(seq, dtype, variant, beta, normalize, eps) -> None:
-    names = [f"t{i}" for i in range(len(seq[0]))]
-    for w in drive(SoftAdapt(beta, variant=variant, normalize_to_k=normalize, eps=eps), names, seq, dtype=dtype):
-        assert w.dtype == dtype
-        assert torch.isfinite(w).all() and (w > 0).all(), (seq, w)
+    check_finite_and_positive(SoftAdapt(beta, variant=variant, normalize_to_k=normalize, eps=eps), seq, dtype)
 
 
 @settings(max_examples=40, deadline=None)
-@given(seq=sequences(min_terms=2), data=st.data(), variant=st.sampled_from(VARIANTS),
+@given(seq=loss_sequences(min_terms=2), data=st.data(), variant=st.sampled_from(VARIANTS),
        dtype=st.sampled_from([torch.float32, F64]))
 def test_permutation_invariance(seq, data, variant, dtype) -> None:
-    k = len(seq[0])
-    perm = data.draw(st.permutations(range(k)))
-    names = [f"t{i}" for i in range(k)]
-    a = drive(SoftAdapt(variant=variant), names, seq, dtype=dtype)
-    b = drive(SoftAdapt(variant=variant), [names[p] for p in perm], [[L[p] for p in perm] for L in seq], dtype=dtype)
-    rtol = 1e-5 if dtype == torch.float32 else 1e-12
-    for wa, wb in zip(a, b):
-        torch.testing.assert_close(wa[list(perm)], wb, rtol=rtol, atol=0)
-
-
-positive = st.floats(0.01, 100.0)
+    perm = data.draw(st.permutations(range(len(seq[0]))))
+    check_permutation_invariance(lambda: SoftAdapt(variant=variant), seq, perm, dtype)
 
 
 @settings(max_examples=40, deadline=None)
-@given(seq=st.lists(st.lists(positive, min_size=3, max_size=3), min_size=2, max_size=6),
-       powers=st.lists(st.integers(-60, 60), min_size=3, max_size=3))
+@given(seq=positive_sequences(min_len=2), powers=powers_of_two)
 def test_ratio_invariant_to_rescaling_each_term(seq, powers) -> None:
-    scaled = [[L[i] * 2.0 ** powers[i] for i in range(3)] for L in seq]
-    a = drive(SoftAdapt(variant="ratio", eps=0.0), ["a", "b", "c"], seq)
-    b = drive(SoftAdapt(variant="ratio", eps=0.0), ["a", "b", "c"], scaled)
-    for wa, wb in zip(a, b):
-        torch.testing.assert_close(wa, wb, rtol=1e-13, atol=0)
+    check_rescaling_invariance(lambda: SoftAdapt(variant="ratio", eps=0.0), seq, [2.0**p for p in powers])
 
 
 @settings(max_examples=40, deadline=None)
-@given(seq=st.lists(st.lists(positive, min_size=3, max_size=3), min_size=2, max_size=6), power=st.integers(-60, 60))
+@given(seq=positive_sequences(min_len=2), power=st.integers(-60, 60))
 def test_normalized_invariant_to_a_common_rescaling(seq, power) -> None:
-    scaled = [[v * 2.0**power for v in L] for L in seq]
-    a = drive(SoftAdapt(variant="normalized"), ["a", "b", "c"], seq)
-    b = drive(SoftAdapt(variant="normalized"), ["a", "b", "c"], scaled)
-    for wa, wb in zip(a, b):
-        torch.testing.assert_close(wa, wb, rtol=1e-13, atol=0)
+    check_rescaling_invariance(lambda: SoftAdapt(variant="normalized"), seq, [2.0**power] * 3)
 
 
 def test_runs_on_the_meta_device() -> None:
-    """No data-dependent host reads (.item(), float(), bool() of a tensor) on the update path:
-    meta tensors hold no data, so any such read would raise."""
-    generator = torch.Generator().manual_seed(0)
-    for strategy in [SoftAdapt(variant=v) for v in VARIANTS]:
-        for t, names in enumerate([("a", "b"), ("a", "b"), ("a", "b", "c"), ("b", "c"), ("a", "b", "c")]):
-            k = len(names)
-            rec = StepRecord(names, torch.ones(k, device="meta"), torch.ones(k, device="meta"), t, t, None, generator)
-            w = strategy.update(rec)
-            assert w.device.type == "meta" and w.shape == (k,)
+    check_runs_on_meta_device([SoftAdapt(variant=v) for v in VARIANTS])
 
 
 # ----------------------------------------------------------------------------- state
 @pytest.mark.parametrize("variant", ["difference", "loss_weighted"])
 def test_state_dict_round_trip_bit_identical(variant: str) -> None:
-    def fresh():
-        model, losses = tiny_pinn(5)
-        return model, losses, LossBalancer(torch.optim.Adam(model.parameters(), lr=1e-2), SoftAdapt(variant=variant))
-
-    n = 10
-    model_a, losses_a, bal_a = fresh()
-    for _ in range(2 * n):
-        bal_a.step(losses_a())
-    model_b, losses_b, bal_b = fresh()
-    for _ in range(n):
-        bal_b.step(losses_b())
-    buffer = io.BytesIO()
-    torch.save({"model": model_b.state_dict(), "balancer": bal_b.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=False)
-    model_c, losses_c, bal_c = fresh()
-    model_c.load_state_dict(saved["model"])
-    bal_c.load_state_dict(saved["balancer"])
-    for _ in range(n):
-        bal_c.step(losses_c())
-    assert bal_a.weights == bal_c.weights
-    for pa, pc in zip(model_a.parameters(), model_c.parameters()):
-        assert torch.equal(pa, pc)
+    check_resume_bit_identical(lambda: SoftAdapt(variant=variant), n=10)
 
 
 # ----------------------------------------------------------------------------- training
-def unweighted(losses) -> float:
-    return sum(v.item() for v in losses().values())
-
-
 @pytest.mark.parametrize("variant", ["difference", "ratio"])
 def test_trains_tiny_pinn_with_adam(variant: str) -> None:
-    model, losses = tiny_pinn(6)
-    balancer = LossBalancer(torch.optim.Adam(model.parameters(), lr=1e-2), SoftAdapt(variant=variant))
-    start = unweighted(losses)
-    for _ in range(150):
-        balancer.step(losses())
-    assert unweighted(losses) < 0.1 * start
+    check_trains_with_adam(SoftAdapt(variant=variant), model_seed=6, below=0.1)
 
 
 def test_trains_tiny_pinn_with_lbfgs() -> None:
-    model, losses = tiny_pinn(7)
-    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=20, line_search_fn="strong_wolfe")
-    balancer = LossBalancer(opt, SoftAdapt())
-    start = unweighted(losses)
-    for _ in range(10):
-        assert torch.isfinite(balancer.step(closure=losses))
-    assert unweighted(losses) < 0.1 * start
+    check_trains_with_lbfgs(SoftAdapt(), model_seed=7, below=0.1)

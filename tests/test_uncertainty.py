@@ -1,7 +1,6 @@
 """Tests for lossbalance.strategies.uncertainty (Kendall, Gal & Cipolla 2018)."""
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
@@ -9,48 +8,23 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _strategy_checks import (
+    F64, NAMES, check_finite_and_positive, check_matches_reference, check_permutation_invariance,
+    check_resume_bit_identical, check_runs_on_meta_device, check_trains_with_adam, check_trains_with_lbfgs,
+    loss_sequences, make_record, tiny_pinn,
+)
+from _strategy_checks import drive as _drive
 from lossbalance import LossBalancer
-from lossbalance.strategies.base import StepRecord, available_strategies, make_strategy
+from lossbalance.strategies.base import available_strategies, make_strategy
 from lossbalance.strategies.uncertainty import UncertaintyWeighting
-
-F64 = torch.float64
-
-
-# ----------------------------------------------------------------------------- helpers
-def tiny_pinn(seed: int = 0, dtype: torch.dtype = torch.float32):
-    """u'' = -pi^2 sin(pi x) on [0, 1], u(0) = u(1) = 0; MLP 1-16-16-1 tanh, 32 points."""
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
-    ).to(dtype)
-    x = torch.linspace(0, 1, 32, dtype=dtype).reshape(-1, 1)
-    zero, one = torch.zeros(1, 1, dtype=dtype), torch.ones(1, 1, dtype=dtype)
-
-    def losses() -> dict[str, torch.Tensor]:
-        xi = x.clone().requires_grad_(True)
-        u = model(xi)
-        du = torch.autograd.grad(u.sum(), xi, create_graph=True)[0]
-        d2u = torch.autograd.grad(du.sum(), xi, create_graph=True)[0]
-        return {
-            "pde": (d2u + math.pi**2 * torch.sin(math.pi * xi)).pow(2).mean(),
-            "left": model(zero).pow(2).sum(),
-            "right": model(one).pow(2).sum(),
-        }
-
-    return model, losses
-
-
-def record(names, losses, update, dtype=F64) -> StepRecord:
-    return StepRecord(
-        tuple(names), torch.tensor(losses, dtype=dtype), torch.ones(len(names), dtype=dtype), update, update, None,
-        torch.Generator().manual_seed(0),
-    )
 
 
 def drive(strategy, names, sequence, dtype=F64):
-    return [strategy.update(record(names, losses, t, dtype)) for t, losses in enumerate(sequence)]
+    """Direct ``update()`` calls; the weights passed in stay 1 (the strategy does not read them)."""
+    return _drive(strategy, names, sequence, dtype=dtype, feedback=False)
 
 
+# ----------------------------------------------------------------------------- reference
 class NaiveAdam:
     """Adam on one scalar in plain floats (torch defaults: betas 0.9/0.999, eps 1e-8)."""
 
@@ -136,19 +110,17 @@ def test_initial_log_var() -> None:
 
 @pytest.mark.parametrize("update_every", [1, 2])
 def test_balancer_matches_naive_adam_reference(update_every: int) -> None:
-    model, losses = tiny_pinn(1, F64)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    balancer = LossBalancer(opt, UncertaintyWeighting(lr=0.05), update_every=update_every, history=100)
-    for _ in range(24):
-        balancer.step(losses())
-    names = ["pde", "left", "right"]
-    hist = balancer.history
-    sequence = [[h["losses"][n] for n in names] for h in hist if h["step"] % update_every == 0]
-    expected, final = naive_uncertainty(sequence, 0.05)
-    for h in hist:
-        assert [h["weights"][n] for n in names] == pytest.approx(expected[h["step"] // update_every], rel=1e-10)
+    final = []
+
+    def reference(sequence):
+        expected, s = naive_uncertainty(sequence, 0.05)
+        final.extend(s)
+        return expected
+
+    balancer, expected = check_matches_reference(UncertaintyWeighting(lr=0.05), reference, steps=24,
+                                                 update_every=update_every, rel=1e-10, lr=1e-2)
     log_vars = balancer.strategy.log_vars
-    assert [log_vars[n] for n in names] == pytest.approx(final, rel=1e-10, abs=1e-12)
+    assert [log_vars[n] for n in NAMES] == pytest.approx(final, rel=1e-10, abs=1e-12)
     assert max(abs(w - 0.5) for w in expected[-1]) > 0.05
 
 
@@ -176,99 +148,49 @@ def test_log_vars_converge_to_log_of_constant_losses(optimizer: str, lr: float) 
     s = UncertaintyWeighting(lr=lr, optimizer=optimizer)
     drive(s, ["a", "b", "c"], [losses] * 1500)
     assert list(s.log_vars.values()) == pytest.approx([math.log(v) for v in losses], abs=1e-3)
-    w = s.update(record(["a", "b", "c"], losses, 1500))
+    w = s.update(make_record(["a", "b", "c"], losses, update=1500))
     assert w.tolist() == pytest.approx([0.5 / v for v in losses], rel=2e-3)
 
 
 def test_terms_that_come_and_go() -> None:
     s = UncertaintyWeighting(lr=0.1, optimizer="SGD")
     drive(s, ["a", "b"], [[4.0, 4.0]])
-    w = s.update(record(["b", "c"], [4.0, 1.0], 1))  # "a" absent: its s stays put
+    w = s.update(make_record(["b", "c"], [4.0, 1.0], update=1))  # "a" absent: its s stays put
     assert s.log_vars["a"] == pytest.approx(0.15) and s.log_vars["b"] != pytest.approx(0.15)
     assert w.tolist() == pytest.approx([0.5 * math.exp(-0.15), 0.5])  # "c" starts at s = 0
     assert len(s.optimizer.param_groups) == 3
 
 
 # ----------------------------------------------------------------------------- numerics (hypothesis)
-loss_value = st.one_of(
-    st.just(0.0), st.builds(lambda m, e: m * 10.0**e, st.floats(0.1, 10.0), st.integers(-30, 30))
-)
-
-
-@st.composite
-def sequences(draw, min_terms=1):
-    k = draw(st.integers(min_terms, 5))
-    n = draw(st.integers(1, 6))
-    return [draw(st.lists(loss_value, min_size=k, max_size=k)) for _ in range(n)]
-
-
 @settings(max_examples=60, deadline=None)
-@given(seq=sequences(), dtype=st.sampled_from([torch.float32, F64]), optimizer=st.sampled_from(["Adam", "SGD"]),
-       lr=st.sampled_from([1e-3, 1.0, 100.0]))
+@given(seq=loss_sequences(min_len=1, max_len=6), dtype=st.sampled_from([torch.float32, F64]),
+       optimizer=st.sampled_from(["Adam", "SGD"]), lr=st.sampled_from([1e-3, 1.0, 100.0]))
 def test_weights_finite_and_positive_for_extreme_scales(seq, dtype, optimizer, lr) -> None:
-    names = [f"t{i}" for i in range(len(seq[0]))]
     s = UncertaintyWeighting(lr=lr, optimizer=optimizer)
-    for w in drive(s, names, seq, dtype=dtype):
-        assert w.dtype == dtype
-        assert torch.isfinite(w).all() and (w > 0).all(), (seq, w)
+    check_finite_and_positive(s, seq, dtype, feedback=False)
     assert all(math.isfinite(v) for v in s.log_vars.values())
-    w = s.update(record(names, seq[-1], len(seq), dtype))
+    names = [f"t{i}" for i in range(len(seq[0]))]
+    w = s.update(make_record(names, seq[-1], update=len(seq), dtype=dtype))
     assert torch.isfinite(w).all() and (w > 0).all()
 
 
 @settings(max_examples=30, deadline=None)
-@given(seq=sequences(min_terms=2), data=st.data(), dtype=st.sampled_from([torch.float32, F64]))
+@given(seq=loss_sequences(min_terms=2, min_len=1, max_len=6), data=st.data(),
+       dtype=st.sampled_from([torch.float32, F64]))
 def test_permutation_invariance(seq, data, dtype) -> None:
-    k = len(seq[0])
-    perm = data.draw(st.permutations(range(k)))
-    names = [f"t{i}" for i in range(k)]
-    a = drive(UncertaintyWeighting(lr=0.1), names, seq, dtype=dtype)
-    b = drive(UncertaintyWeighting(lr=0.1), [names[p] for p in perm], [[L[p] for p in perm] for L in seq], dtype=dtype)
-    for wa, wb in zip(a, b):
-        assert torch.equal(wa[list(perm)], wb)  # the terms are independent: bit for bit
+    perm = data.draw(st.permutations(range(len(seq[0]))))
+    # the terms are independent: bit for bit
+    check_permutation_invariance(lambda: UncertaintyWeighting(lr=0.1), seq, perm, dtype, exact=True, feedback=False)
 
 
 def test_runs_on_the_meta_device() -> None:
-    """No data-dependent host reads (.item(), float(), bool() of a tensor) on the update path:
-    meta tensors hold no data, so any such read would raise."""
-    generator = torch.Generator().manual_seed(0)
-    for strategy in [UncertaintyWeighting(), UncertaintyWeighting(optimizer="SGD")]:
-        for t, names in enumerate([("a", "b"), ("a", "b"), ("a", "b", "c"), ("b", "c"), ("a", "b", "c")]):
-            k = len(names)
-            rec = StepRecord(names, torch.ones(k, device="meta"), torch.ones(k, device="meta"), t, t, None, generator)
-            w = strategy.update(rec)
-            assert w.device.type == "meta" and w.shape == (k,)
+    check_runs_on_meta_device([UncertaintyWeighting(), UncertaintyWeighting(optimizer="SGD")])
 
 
 # ----------------------------------------------------------------------------- state
 def test_state_dict_round_trip_bit_identical() -> None:
-    def fresh():
-        model, losses = tiny_pinn(5)
-        strategy = UncertaintyWeighting(lr=0.05)
-        return model, losses, LossBalancer(torch.optim.Adam(model.parameters(), lr=1e-2), strategy)
-
-    n = 10
-    model_a, losses_a, bal_a = fresh()
-    for _ in range(2 * n):
-        bal_a.step(losses_a())
-    model_b, losses_b, bal_b = fresh()
-    for _ in range(n):
-        bal_b.step(losses_b())
-    buffer = io.BytesIO()
-    torch.save({"model": model_b.state_dict(), "balancer": bal_b.state_dict()}, buffer)
-    for _ in range(3):  # the saved state must not alias live tensors
-        bal_b.step(losses_b())
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=False)
-    model_c, losses_c, bal_c = fresh()
-    model_c.load_state_dict(saved["model"])
-    bal_c.load_state_dict(saved["balancer"])
-    for _ in range(n):
-        bal_c.step(losses_c())
-    assert bal_a.weights == bal_c.weights
-    for pa, pc in zip(model_a.parameters(), model_c.parameters()):
-        assert torch.equal(pa, pc)
-    sa, sc = bal_a.strategy.state_dict(), bal_c.strategy.state_dict()
+    full, resumed, _ = check_resume_bit_identical(lambda: UncertaintyWeighting(lr=0.05), n=10, steps_after_save=3)
+    sa, sc = full.strategy.state_dict(), resumed.strategy.state_dict()
     assert sa["names"] == sc["names"]
     for n_ in sa["names"]:
         assert torch.equal(sa["log_vars"][n_], sc["log_vars"][n_])
@@ -288,25 +210,10 @@ def test_state_dict_is_a_copy() -> None:
 
 
 # ----------------------------------------------------------------------------- training
-def unweighted(losses) -> float:
-    return sum(v.item() for v in losses().values())
-
-
 def test_trains_tiny_pinn_with_adam() -> None:
-    model, losses = tiny_pinn(6)
-    balancer = LossBalancer(torch.optim.Adam(model.parameters(), lr=1e-2), UncertaintyWeighting())
-    start = unweighted(losses)
-    for _ in range(150):
-        balancer.step(losses())
-    assert unweighted(losses) < 0.1 * start
+    check_trains_with_adam(UncertaintyWeighting(), model_seed=6, below=0.1)
 
 
 def test_trains_tiny_pinn_with_lbfgs() -> None:
-    model, losses = tiny_pinn(7)
-    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=20, line_search_fn="strong_wolfe")
-    balancer = LossBalancer(opt, UncertaintyWeighting(lr=0.05))
-    start = unweighted(losses)
-    for _ in range(10):
-        assert torch.isfinite(balancer.step(closure=losses))
-    assert unweighted(losses) < 0.1 * start
+    balancer, _ = check_trains_with_lbfgs(UncertaintyWeighting(lr=0.05), model_seed=7, below=0.1)
     assert balancer.strategy.log_vars["pde"] != 0.0  # the s moved although the model used L-BFGS

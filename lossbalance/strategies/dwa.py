@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .base import StepRecord, Strategy, register
-from .relobralo import safe_ratio, safe_softmax
+from .numerics import safe_ratio, safe_softmax
 
 __all__ = ["DWA"]
 
@@ -40,7 +40,7 @@ class DWA(Strategy):
     number of terms in the softmax.
 
     Numerics: ``0 / 0`` counts as a ratio of 1 and ``x / 0`` as ``+inf``; the softmax is
-    :func:`~lossbalance.strategies.relobralo.safe_softmax` (logits clamped to ``+-finfo.max / 4``,
+    :func:`~lossbalance.strategies.numerics.safe_softmax` (logits clamped to ``+-finfo.max / 4``,
     max subtracted, exponent floored at ``log(finfo.tiny)``), so the weights are finite and
     positive for loss scales 1e-30 .. 1e30 in float32 and float64. The ratios make the weights
     invariant to a fixed rescaling of any term.

@@ -8,19 +8,9 @@ import torch
 from torch import Tensor
 
 from .base import StepRecord, Strategy, register
+from .learned import LearnedScalars, optimizer_class
 
 __all__ = ["GradNorm"]
-
-
-def _clone(obj: Any) -> Any:
-    """A deep copy of nested dicts/lists of tensors (an optimizer's state_dict)."""
-    if isinstance(obj, Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _clone(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_clone(v) for v in obj)
-    return obj
 
 
 @register
@@ -107,14 +97,7 @@ class GradNorm(Strategy):
         options = dict(optimizer_options or {})
         if "lr" in options:
             raise ValueError("give the learning rate as lr=, not in optimizer_options")
-        cls = getattr(torch.optim, optimizer, None) if isinstance(optimizer, str) else optimizer
-        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer class or the name of one (e.g. 'Adam', 'SGD'), "
-                f"got {optimizer!r}"
-            )
-        if issubclass(cls, torch.optim.LBFGS):
-            raise ValueError("the weights' optimizer cannot be L-BFGS (it needs a closure); use e.g. Adam or SGD")
+        cls = optimizer_class(optimizer, what="the weights", error=TypeError)
         try:  # fail now, not on the first update, on options the optimizer does not take
             cls([torch.zeros((), requires_grad=True)], lr=lr, **options)
         except (TypeError, ValueError) as error:
@@ -125,12 +108,8 @@ class GradNorm(Strategy):
         self.optimizer_options = options
         self.over = over
         self.floor = float(floor)
-        self._cls = cls
-        self._params: dict[str, Tensor] = {}      # term -> 0-dim leaf tensor trained by the optimizer
-        self._order: list[str] = []               # the terms in the optimizer's param-group order
-        self._inner: torch.optim.Optimizer | None = None
+        self._weights = LearnedScalars(cls, self.lr, options)  # term -> w_i, trained by its own optimizer
         self._initial: dict[str, Tensor] = {}     # term -> L_i(0)
-        self._pending: dict[str, Any] | None = None  # loaded optimizer state, applied on the next update
 
     def options(self) -> dict[str, Any]:
         # A torch.optim class is named by its name, so that exported configs stay plain data.
@@ -142,28 +121,13 @@ class GradNorm(Strategy):
             "optimizer_options": dict(self.optimizer_options), "over": self.over, "floor": self.floor,
         }
 
-    # ------------------------------------------------------------------ the weights' parameters
-    def _add(self, name: str, like: Tensor) -> None:
-        param = torch.zeros((), dtype=like.dtype, device=like.device, requires_grad=True)
-        self._params[name] = param
-        self._order.append(name)
-        if self._inner is None:
-            self._inner = self._cls([param], lr=self.lr, **self.optimizer_options)
-        else:
-            self._inner.add_param_group({"params": [param]})
-
+    # ------------------------------------------------------------------ per-term state
     def _prepare(self, names: tuple[str, ...], weights: Tensor, losses: Tensor) -> Tensor:
         """Create what new terms need; return the (K,) initial losses L_i(0)."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            for name in pending["order"]:
-                self._add(name, weights)
-            if self._inner is not None:
-                self._inner.load_state_dict(pending["optimizer"])
+        # The weights' values are overwritten from ``weights`` before every step: they start at 0.
+        self._weights.ensure(names, lambda _: weights.new_zeros(()))
         initial = []
         for i, name in enumerate(names):
-            if name not in self._params:
-                self._add(name, weights)
             current = losses[i]
             first = self._initial.get(name)
             if first is None:
@@ -204,41 +168,30 @@ class GradNorm(Strategy):
         step = torch.sign(gnorm - target) * norms         # d L_grad / d w_i
         step = torch.where(torch.isfinite(step), step, torch.zeros_like(step))
 
-        assert self._inner is not None
-        with torch.no_grad():
-            for param in self._params.values():
-                param.grad = None
-            for i, name in enumerate(names):
-                param = self._params[name]
-                param.copy_(weights[i])
-                param.grad = step[i].clone()
-        self._inner.step()
-        with torch.no_grad():
-            moved = torch.stack([self._params[name].detach() for name in names])
-            moved = torch.where(torch.isfinite(moved), moved, weights)
-            big = torch.finfo(moved.dtype).max / (2 * k)
-            moved = moved.clamp(self.floor, big)
-            new = (k * moved / moved.sum()).clamp_min(torch.finfo(moved.dtype).tiny)
-            for i, name in enumerate(names):
-                self._params[name].copy_(new[i])
-                self._params[name].grad = None
+        self._weights.assign(names, weights)
+        self._weights.step(names, lambda _: (None, step))
+        moved = self._weights.values(names)
+        moved = torch.where(torch.isfinite(moved), moved, weights)
+        big = torch.finfo(moved.dtype).max / (2 * k)
+        moved = moved.clamp(self.floor, big)
+        new = (k * moved / moved.sum()).clamp_min(torch.finfo(moved.dtype).tiny)
+        self._weights.assign(names, new)
         return new
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        if self._pending is not None:
-            return _clone({"initial": self._initial, **self._pending})
+        # The weights' values are not saved: every update starts from the balancer's weights.
+        weights = self._weights.state_dict()
         return {
             "initial": {name: value.detach().clone() for name, value in self._initial.items()},
-            "order": list(self._order),
-            "optimizer": None if self._inner is None else _clone(self._inner.state_dict()),
+            "order": weights["order"],
+            "optimizer": weights["optimizer"],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = {"initial", "order", "optimizer"} - set(state)
         if missing:
             raise KeyError(f"not a GradNorm state_dict: missing {sorted(missing)}")
-        self._params, self._order, self._inner = {}, [], None
         self._initial = {name: value.detach().clone() for name, value in state["initial"].items()}
-        order = list(state["order"])
-        self._pending = {"order": order, "optimizer": _clone(state["optimizer"])} if order else None
+        # No values: the weights are re-created (dtype and device of the weights) at the next update.
+        self._weights.load_state_dict({"order": state["order"], "optimizer": state["optimizer"]})

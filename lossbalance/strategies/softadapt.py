@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .base import StepRecord, Strategy, register
-from .relobralo import safe_ratio, safe_softmax
+from .numerics import safe_ratio, safe_softmax
 
 __all__ = ["SoftAdapt"]
 
@@ -63,7 +63,7 @@ class SoftAdapt(Strategy):
     seen for the first time keeps its current weight on that update; the others are balanced
     among themselves (``K`` = the number of terms with history).
 
-    Numerics: :func:`~lossbalance.strategies.relobralo.safe_softmax` (logits clamped to
+    Numerics: :func:`~lossbalance.strategies.numerics.safe_softmax` (logits clamped to
     ``+-finfo.max / 4``, max subtracted, exponent floored at ``log(finfo.tiny)``): weights are
     finite and positive for loss scales 1e-30 .. 1e30 in float32 and float64; ``0 / 0`` in the
     ratio counts as 1. Note that ``"difference"`` and ``"loss_weighted"`` are not scale-free

@@ -1,7 +1,6 @@
 """Uncertainty weighting (Kendall, Gal & Cipolla 2018)."""
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any, Mapping
 
@@ -9,23 +8,9 @@ import torch
 from torch import Tensor
 
 from .base import StepRecord, Strategy, register
+from .learned import LearnedScalars, optimizer_class
 
 __all__ = ["UncertaintyWeighting"]
-
-
-def _optimizer_class(optimizer: str | type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
-    cls = getattr(torch.optim, optimizer, None) if isinstance(optimizer, str) else optimizer
-    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-        raise ValueError(
-            "optimizer must be a torch.optim.Optimizer subclass or the name of one (e.g. 'Adam', 'SGD'), "
-            f"got {optimizer!r}"
-        )
-    if issubclass(cls, torch.optim.LBFGS):
-        raise ValueError(
-            "the log-variances cannot be trained with LBFGS (it takes a single parameter group and the terms "
-            "may come and go); use 'Adam' or 'SGD' for them -- the model itself may still use LBFGS"
-        )
-    return cls
 
 
 @register
@@ -100,13 +85,12 @@ class UncertaintyWeighting(Strategy):
         kwargs = dict(optimizer_kwargs or {})
         if "lr" in kwargs:
             raise ValueError("pass the learning rate of the log-variances as lr=, not in optimizer_kwargs")
-        self._optimizer_cls = _optimizer_class(optimizer)
+        cls = optimizer_class(optimizer, what="the log-variances", error=ValueError)
         self.init_log_var = dict(init_log_var) if isinstance(init_log_var, Mapping) else float(init_log_var)
         self.lr = float(lr)
         self.optimizer_name = optimizer
         self.optimizer_kwargs = kwargs
-        self._log_vars: dict[str, Tensor] = {}  # in order of first appearance = the optimizer's groups
-        self._optimizer: torch.optim.Optimizer | None = None
+        self._log_vars = LearnedScalars(cls, self.lr, kwargs)  # term -> s_i, trained by its own optimizer
 
     def options(self) -> dict[str, Any]:
         return {
@@ -118,74 +102,48 @@ class UncertaintyWeighting(Strategy):
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
         """The optimizer of the log-variances (``None`` before the first update); e.g. for a scheduler."""
-        return self._optimizer
+        return self._log_vars.optimizer
 
     @property
     def log_vars(self) -> dict[str, float]:
         """The current ``s_i = log sigma_i^2`` per term (for reporting; syncs with the device)."""
-        return {n: float(s.detach()) for n, s in self._log_vars.items()}
+        return {n: float(s.detach()) for n, s in self._log_vars.params.items()}
 
     def regularizer(self) -> Tensor | None:
         """``0.5 * sum_i s_i`` over the known terms: add it to the balancer's total to log ``J``."""
-        if not self._log_vars:
+        if not self._log_vars.params:
             return None
-        return 0.5 * torch.stack([s.detach() for s in self._log_vars.values()]).sum()
+        return 0.5 * self._log_vars.values(self._log_vars.params).sum()
 
     def _initial(self, name: str) -> float:
         if isinstance(self.init_log_var, dict):
             return float(self.init_log_var.get(name, 0.0))
         return self.init_log_var
 
-    def _add(self, name: str, value: Tensor) -> None:
-        s = value.detach().clone().requires_grad_(True)
-        self._log_vars[name] = s
-        if self._optimizer is None:
-            self._optimizer = self._optimizer_cls([{"params": [s]}], lr=self.lr, **self.optimizer_kwargs)
-        else:
-            self._optimizer.add_param_group({"params": [s]})
-
     def update(self, record: StepRecord) -> Tensor:
         names, losses = record.names, record.losses.detach()
-        for n in names:
-            if n not in self._log_vars:
-                self._add(n, losses.new_full((), self._initial(n)))
-        s = torch.stack([self._log_vars[n].detach() for n in names])
+        self._log_vars.ensure(names, lambda n: losses.new_full((), self._initial(n)))
+        s = self._log_vars.values(names)
         out = torch.finfo(losses.dtype)
         weights = (0.5 * torch.exp(-s)).to(losses.dtype).clamp(out.tiny, out.max)
         info = torch.finfo(s.dtype)
-        present = {n: i for i, n in enumerate(names)}
         limit = math.sqrt(info.max) / 16
 
-        def closure() -> Tensor:
-            current = torch.stack([self._log_vars[n].detach() for n in names])
+        def gradient(current: Tensor) -> tuple[Tensor, Tensor]:
             scaled = torch.exp(-current) * losses.to(current.dtype)
-            grads = (0.5 - 0.5 * scaled).clamp(-limit, limit)
-            for n, p in self._log_vars.items():
-                p.grad = grads[present[n]] if n in present else None
-            return (0.5 * scaled + 0.5 * current).sum()
+            return (0.5 * scaled + 0.5 * current).sum(), (0.5 - 0.5 * scaled).clamp(-limit, limit)
 
-        assert self._optimizer is not None
-        self._optimizer.step(closure)
+        self._log_vars.step(names, gradient)
         bound = math.log(info.max) - 2
-        with torch.no_grad():
-            for n in names:
-                p = self._log_vars[n]
-                p.clamp_(-bound, bound)
-                p.grad = None
+        self._log_vars.assign(names, self._log_vars.values(names).clamp(-bound, bound))
         return weights
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "names": list(self._log_vars),
-            "log_vars": {n: s.detach().clone() for n, s in self._log_vars.items()},
-            "optimizer": None if self._optimizer is None else copy.deepcopy(self._optimizer.state_dict()),
-        }
+        state = self._log_vars.state_dict()
+        return {"names": state["order"], "log_vars": state["values"], "optimizer": state["optimizer"]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._log_vars = {}
-        self._optimizer = None
-        for n in state["names"]:
-            self._add(n, state["log_vars"][n])
-        if self._optimizer is not None and state.get("optimizer") is not None:
-            self._optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        self._log_vars.load_state_dict(
+            {"order": state["names"], "values": state["log_vars"], "optimizer": state.get("optimizer")}
+        )

@@ -1,0 +1,147 @@
+"""Per-term learned scalars with an optimizer of their own (shared by ``gradnorm`` and ``uncertainty``)."""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+__all__ = ["LearnedScalars", "optimizer_class"]
+
+
+def optimizer_class(
+    optimizer: str | type[torch.optim.Optimizer], *, what: str, error: type[Exception] = ValueError
+) -> type[torch.optim.Optimizer]:
+    """The ``torch.optim.Optimizer`` subclass ``optimizer`` names (a class, or the name of one in
+    ``torch.optim``). Anything else raises ``error``; L-BFGS raises ``ValueError`` (it needs a
+    closure and takes a single parameter group, while the terms, one parameter group each, may
+    come and go). ``what`` names the trained quantities in that message."""
+    cls = getattr(torch.optim, optimizer, None) if isinstance(optimizer, str) else optimizer
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise error(
+            "optimizer must be a torch.optim.Optimizer subclass or the name of one (e.g. 'Adam', 'SGD'), "
+            f"got {optimizer!r}"
+        )
+    if issubclass(cls, torch.optim.LBFGS):
+        raise ValueError(
+            f"{what} cannot be trained with L-BFGS (it needs a closure and takes a single parameter group, "
+            "and the terms may come and go); use e.g. 'Adam' or 'SGD' for them -- the model itself may still "
+            "use L-BFGS"
+        )
+    return cls
+
+
+def _copy(obj: Any) -> Any:
+    """A deep copy of nested dicts/lists/tuples of tensors (an optimizer's state_dict)."""
+    if isinstance(obj, Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_copy(v) for v in obj)
+    return obj
+
+
+class LearnedScalars:
+    """Learnable 0-dim tensors, one per term name, trained by an optimizer of their own.
+
+    A term's scalar is created when the term is first seen (:meth:`ensure`), as a parameter group
+    of its own; the optimizer (``optimizer_cls(..., lr=lr, **options)``) is built with the first
+    one. The insertion order of :attr:`params` is the optimizer's param-group order, and is saved
+    with the optimizer's state. :meth:`state_dict` and :meth:`load_state_dict` copy deeply: a
+    saved state never aliases live tensors, and a resumed run continues bit for bit.
+
+    A state loaded without ``"values"`` is kept pending: the scalars (and the optimizer state) are
+    re-created at the next :meth:`ensure`, which gives them their dtype and device.
+    """
+
+    def __init__(self, optimizer_cls: type[torch.optim.Optimizer], lr: float, options: Mapping[str, Any]):
+        self.optimizer_cls = optimizer_cls
+        self.lr = lr
+        self.options = dict(options)
+        self.params: dict[str, Tensor] = {}   # term -> 0-dim leaf tensor, in the optimizer's group order
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._pending: tuple[list[str], Any] | None = None  # loaded (order, optimizer state), no values
+
+    @property
+    def names(self) -> list[str]:
+        """The known terms, in the optimizer's param-group order (those of a pending state included)."""
+        return list(self._pending[0]) if self._pending is not None else list(self.params)
+
+    def _add(self, name: str, value: Tensor) -> None:
+        param = value.detach().clone().requires_grad_(True)
+        self.params[name] = param
+        if self.optimizer is None:
+            self.optimizer = self.optimizer_cls([param], lr=self.lr, **self.options)
+        else:
+            self.optimizer.add_param_group({"params": [param]})
+
+    def ensure(self, names: Iterable[str], initial: Callable[[str], Tensor]) -> None:
+        """Create the scalars of a pending state, then those of ``names`` not known yet, with the
+        value ``initial(name)`` (a 0-dim tensor: it sets the scalar's dtype and device)."""
+        if self._pending is not None:
+            (order, optimizer), self._pending = self._pending, None
+            for name in order:
+                self._add(name, initial(name))
+            if self.optimizer is not None and optimizer is not None:
+                self.optimizer.load_state_dict(optimizer)
+        for name in names:
+            if name not in self.params:
+                self._add(name, initial(name))
+
+    def values(self, names: Iterable[str]) -> Tensor:
+        """The current values of ``names``, stacked and detached."""
+        return torch.stack([self.params[name].detach() for name in names])
+
+    def assign(self, names: Iterable[str], values: Tensor) -> None:
+        """Overwrite the scalars of ``names`` with ``values`` (in place: the optimizer keeps them)."""
+        with torch.no_grad():
+            for i, name in enumerate(names):
+                self.params[name].copy_(values[i])
+
+    def step(
+        self, names: tuple[str, ...] | list[str], gradient: Callable[[Tensor], tuple[Tensor | None, Tensor]]
+    ) -> None:
+        """One step of the optimizer. ``gradient(values)`` maps the current values of ``names`` to
+        ``(objective or None, its gradient)``; the scalars of the terms not in ``names`` get no
+        gradient (the optimizer skips them). The gradients are cleared afterwards."""
+        assert self.optimizer is not None, "ensure() the terms before stepping"
+        position = {name: i for i, name in enumerate(names)}
+
+        def closure() -> Tensor | None:
+            objective, grads = gradient(self.values(names))
+            with torch.no_grad():
+                for name, param in self.params.items():
+                    param.grad = grads[position[name]].clone() if name in position else None
+            return objective
+
+        self.optimizer.step(closure)
+        for param in self.params.values():
+            param.grad = None
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """``{"order": [names], "values": {name: value}, "optimizer": state or None}``, copied."""
+        if self._pending is not None:
+            order, optimizer = self._pending
+            return {"order": list(order), "values": {}, "optimizer": _copy(optimizer)}
+        return {
+            "order": list(self.params),
+            "values": {name: param.detach().clone() for name, param in self.params.items()},
+            "optimizer": None if self.optimizer is None else _copy(self.optimizer.state_dict()),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace everything by ``state`` (``"order"``, ``"optimizer"`` and, optionally,
+        ``"values"``: without them the state is applied at the next :meth:`ensure`)."""
+        self.params, self.optimizer, self._pending = {}, None, None
+        order = list(state["order"])
+        optimizer = state.get("optimizer")
+        values = state.get("values")
+        if values is None:
+            self._pending = (order, _copy(optimizer)) if order else None
+            return
+        for name in order:
+            self._add(name, values[name])
+        if self.optimizer is not None and optimizer is not None:
+            self.optimizer.load_state_dict(_copy(optimizer))
