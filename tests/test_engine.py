@@ -47,7 +47,7 @@ def assert_same(got, want, rtol=1e-5):
     steps=st.integers(1, 4),
 )
 def test_grad_equals_weighted_backward(seed, scales, mode, strategy, steps):
-    problem = PINN1D(seed=seed % 7)
+    problem = PINN1D(seed=seed % 7, dtype=torch.float64)  # float32 summation order alone exceeds rtol 1e-5
     params = list(problem.model.parameters())
     balancer = build(problem, mode, strategy)
 
