@@ -133,6 +133,8 @@ class LossBalancer:
         self._weights = self._engine.layout.numel.new_zeros(0, dtype=self._weight_dtype())
         self._lower = self._weights.clone()
         self._upper = self._weights.clone()
+        if isinstance(terms, str):
+            raise TypeError(f"terms must be a list of term names, got the string {terms!r}; write terms=[{terms!r}]")
         for name in terms or ():
             self.add_term(name)
         stray = [n for n in self._scopes if self._names and n not in self._names and n not in self._optional]
@@ -310,7 +312,7 @@ class LossBalancer:
         plain = stats is None or not self._engine.reuses  # .grad comes from a weighted-sum backward
         rollback = None
         if update:
-            if plain and self.scaler is None:  # its gradient is checked after the update: be able to undo it
+            if plain:  # the backward that follows the update may fail: be able to undo it
                 rollback = (weights, copy.deepcopy(self.strategy.state_dict()), self.generator.get_state())
             record = StepRecord(names, values, weights, self._step, self._updates, stats, self.generator)
             weights = self._sanitize(self.strategy.update(record), weights, index)
@@ -324,13 +326,22 @@ class LossBalancer:
                 direction = self.combiner(weighted, generator=self.generator)
             self._engine.write_combined(weights, direction)
         else:
-            values, finite = self._engine.backward(terms, weights, scopes, values, check_finite=self.scaler is None)
-            if not finite:
+            def undo_update() -> None:
                 if rollback is not None:
                     self._weights[index], state, generator = rollback
                     self.strategy.load_state_dict(state)
                     self.generator.set_state(generator)
                     self._updates -= 1
+
+            try:
+                values, finite = self._engine.backward(
+                    names, terms, weights, scopes, values, check_finite=self.scaler is None
+                )
+            except BaseException:
+                undo_update()
+                raise
+            if not finite:
+                undo_update()
                 self._nonfinite(f"gradient of the weighted sum of the terms {list(names)}")
                 return None
             if distributed and not update and not self._finite(names, values, averaged):
@@ -366,7 +377,7 @@ class LossBalancer:
     def _nonfinite(self, what: str) -> None:
         """A non-finite value that no single term explains: raise, or count a skipped step."""
         if self.nonfinite == "raise":
-            raise ValueError(f"non-finite {what}; nothing was changed")
+            raise ValueError(f"non-finite {what}; nothing was changed. Pass nonfinite='skip' to skip such steps")
         self._skipped += 1
 
     def backward(self, losses: Losses) -> Tensor:

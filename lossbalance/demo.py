@@ -8,6 +8,13 @@ learning-rate annealing (and any other registered strategy), a table of the rela
 errors, and figures when matplotlib is installed. The examples in ``examples/`` reuse these
 functions.
 
+Every run records conflict diagnostics (``LossBalancer(diagnose_every=...)``, every strategy,
+fixed weights included): on each step that the history keeps, the per-term gradient norms, their
+pairwise cosine similarities and the fraction of conflicting pairs enter ``RunResult.history``
+(keys ``"grad_norm"``, ``"cosine"``, ``"conflict_fraction"``) and the ``conflicts.png`` figure.
+The cost is the per-term gradients on those steps (one ``autograd.grad`` per term instead of one
+backward of the weighted sum; every 15th step at the default budget, a few per cent of the run).
+
 Setup (Wang, Teng & Perdikaris 2021, the authors' ``Helmholtz2D_model_tf.py``): MLP
 ``[2, 50, 50, 50, 1]``, tanh, Xavier-normal; Adam, learning rate
 ``1e-3 * 0.9 ** (step / decay_every)`` (TensorFlow's ``exponential_decay(1e-3, step, 1000, 0.9)``,
@@ -76,7 +83,8 @@ class RunResult:
 
     ``error``: relative L2 error on the problem's evaluation grid; ``weights`` and ``losses``:
     the final weight and (unweighted) value of every term; ``wall_time``: seconds spent in the
-    training loop; ``history``: ``{"step", "weights", "losses", "lr"}`` every few steps;
+    training loop; ``history``: ``{"step", "weights", "losses", "lr"}`` every few steps, plus
+    ``"grad_norm"``, ``"cosine"`` and ``"conflict_fraction"`` on diagnosed steps;
     ``points`` / ``abs_error``: the evaluation grid and ``|u - u*|`` on it (plain lists, for the
     error plots). ``model`` and ``balancer`` are set only for runs made in this process.
     """
@@ -122,6 +130,7 @@ class RunSpec:
     seed: int = 0
     device: str = "cpu"
     history_every: int | None = None
+    diagnose_every: int | None = None
     eval_n: int | None = None
     label: str | None = None
 
@@ -156,6 +165,7 @@ def train(
     seed: int = 0,
     device: str | torch.device | None = None,
     history_every: int | None = None,
+    diagnose_every: int | None = None,
     eval_n: int | None = None,
     label: str | None = None,
     progress: ProgressFn | None = None,
@@ -174,6 +184,12 @@ def train(
             same seed start from the same network and see the same points) and the balancer.
         device: where to train (a problem given by name is built there; default: the problem's).
         history_every: record ``balancer.history`` every n steps (default: about 400 records).
+        diagnose_every: compute the conflict diagnostics (per-term gradient norms, cosine
+            similarities, conflicting fraction) every n steps, whatever the strategy (the
+            balancer's ``diagnose_every``); default ``history_every``, so that every recorded
+            step carries them; 0: only on steps whose strategy computes per-term gradients anyway.
+            Costs the per-term gradients on those steps. Off by default with ``memory="lean"``
+            or a ``probe`` in ``balancer_options`` (the diagnostics need the kept gradients).
         eval_n: resolution of the evaluation grid (default: the problem's).
         progress: ``progress(step, steps, total_loss)``, called about 100 times.
         balancer_options: more keyword arguments for :class:`LossBalancer` (e.g. ``min_weight``,
@@ -201,7 +217,13 @@ def train(
     generator = torch.Generator().manual_seed(seed)
     model = problem.make_model(tuple(hidden), generator=generator)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    options = {"update_every": every, "seed": seed, **dict(balancer_options or {})}
+    extra = dict(balancer_options or {})
+    if diagnose_every is None:
+        keeps = extra.get("memory", "keep") == "keep" and extra.get("probe") is None
+        diagnose_every = history_every if keeps else 0
+    elif diagnose_every < 0:
+        raise ValueError(f"diagnose_every must be >= 0, got {diagnose_every}")
+    options = {"update_every": every, "seed": seed, "diagnose_every": int(diagnose_every), **extra}
     options["history"] = max(1, int(options.get("history", 1)))  # the runner reads the last step's record
     balancer = LossBalancer(optimizer, strategy_obj, **options)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -256,7 +278,8 @@ def run_spec(spec: RunSpec, progress: ProgressFn | None = None) -> RunResult:
         problem, spec.strategy, steps=spec.steps, lr=spec.lr, lr_decay=spec.lr_decay,
         lr_decay_every=spec.lr_decay_every, batch_size=spec.batch_size, update_every=spec.update_every,
         strategy_options=spec.strategy_options, hidden=spec.hidden, seed=spec.seed,
-        history_every=spec.history_every, eval_n=spec.eval_n, label=spec.name, progress=progress,
+        history_every=spec.history_every, diagnose_every=spec.diagnose_every, eval_n=spec.eval_n,
+        label=spec.name, progress=progress,
     )
 
 
@@ -479,7 +502,8 @@ def run_demo(
 
 def write_figures(results: Sequence[RunResult], out: str | os.PathLike, *,
                   axis_labels: tuple[str, str] = ("x", "y"), stdout: TextIO | None = None) -> list[Path]:
-    """The weights, losses and error-field PNGs in ``out``; nothing (with a note) without matplotlib."""
+    """The weights, losses, error-field and (with diagnostics) conflicts PNGs in ``out``; nothing (with a
+    note) without matplotlib."""
     if importlib.util.find_spec("matplotlib") is None:
         print("no figures: matplotlib is not installed (pip install 'lossbalance[plots]')",
               file=sys.stdout if stdout is None else stdout)

@@ -28,6 +28,8 @@ from typing import Callable, Iterable, Literal, Sequence
 import torch
 from torch import Tensor
 
+from .validation import FREED_GRAPH_HINT
+
 __all__ = ["GradStats", "GradientEngine", "MEMORY_MODES"]
 
 MEMORY_MODES = ("keep", "lean")
@@ -269,7 +271,7 @@ class GradientEngine:
                         loss, [layout.params[j] for j in positions], retain_graph=retain, allow_unused=True
                     )
                 except RuntimeError as error:
-                    raise RuntimeError(f"while differentiating term {name!r}: {error}") from error
+                    raise RuntimeError(f"while differentiating term {name!r}: {FREED_GRAPH_HINT}. {error}") from error
                 hit = False
                 for j, g in zip(positions, grads):
                     if g is not None:
@@ -338,6 +340,7 @@ class GradientEngine:
 
     def backward(
         self,
+        names: Sequence[str],
         losses: Sequence[Tensor],
         weights: Tensor,
         scopes: Sequence[frozenset[int] | None],
@@ -360,14 +363,16 @@ class GradientEngine:
         total: list[Tensor | None] = [None] * len(self.params)
         for n, (scope, members) in enumerate(groups.items()):
             positions = self.layout.inputs(scope)
+            inputs = [self.params[j] for j in positions]
             objective = sum(weights[i] * losses[i] for i in members)
             try:
                 grads = torch.autograd.grad(
-                    objective, [self.params[j] for j in positions],
+                    objective, inputs,
                     retain_graph=n < len(groups) - 1, allow_unused=True,
                 )
             except RuntimeError as error:
-                raise RuntimeError(f"while differentiating the weighted sum of the terms: {error}") from error
+                culprit = _first_failing([names[i] for i in members], [losses[i] for i in members], inputs)
+                raise RuntimeError(f"while differentiating term {culprit!r}: {FREED_GRAPH_HINT}. {error}") from error
             for j, g in zip(positions, grads):
                 if g is not None:
                     total[j] = g if total[j] is None else total[j] + g
@@ -386,3 +391,13 @@ class GradientEngine:
         for p, g in zip(self.params, grads):
             p.grad = g
         return values, True
+
+
+def _first_failing(names: Sequence[str], losses: Sequence[Tensor], inputs: Sequence[Tensor]) -> str:
+    """The first term whose graph cannot be differentiated (to name it in an error message)."""
+    for name, loss in zip(names, losses):
+        try:
+            torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+        except RuntimeError:
+            return name
+    return "(unknown)"

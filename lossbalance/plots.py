@@ -1,8 +1,9 @@
 """Figures of training runs (needs matplotlib: ``pip install 'lossbalance[plots]'``).
 
 Every function takes :class:`~lossbalance.demo.RunResult` objects (anything with ``label``,
-``history``, ``error``, ``points``, ``abs_error``), returns a ``matplotlib.figure.Figure`` and,
-given a ``path``, saves it there. No pyplot state is touched and no backend is selected, so
+``history``, ``error``, ``points``, ``abs_error``) -- :func:`plot_conflicts` also takes one
+``balancer.history`` list -- returns a ``matplotlib.figure.Figure`` and, given a ``path``, saves
+it there. No pyplot state is touched and no backend is selected, so
 the functions are safe in scripts, servers and notebooks alike.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 try:
     import matplotlib  # noqa: F401
@@ -20,7 +21,7 @@ except ImportError:  # pragma: no cover - depends on the environment
         "lossbalance.plots needs matplotlib: pip install 'lossbalance[plots]'"
     ) from None
 
-__all__ = ["plot_weights", "plot_losses", "plot_error_fields", "save_figures"]
+__all__ = ["plot_weights", "plot_losses", "plot_error_fields", "plot_conflicts", "has_diagnostics", "save_figures"]
 
 PathLike = str | os.PathLike
 
@@ -137,16 +138,141 @@ def plot_error_fields(results: Sequence[Any], path: PathLike | None = None, *,
     return fig
 
 
+def has_diagnostics(history: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether some entry of ``history`` carries conflict diagnostics (``"cosine"``, ``"grad_norm"``)."""
+    return any("cosine" in entry and "grad_norm" in entry for entry in history)
+
+
+def _runs(history: Any, label: str | None) -> list[tuple[str, list[Mapping[str, Any]]]]:
+    """``[(label, history)]`` from one history (a list of dicts) or from runs with ``history``."""
+    items = list(history)
+    if items and all(hasattr(item, "history") for item in items):
+        return [(str(getattr(item, "label", f"run {i}")), list(item.history)) for i, item in enumerate(items)]
+    if any(not isinstance(item, Mapping) for item in items):
+        raise TypeError("plot_conflicts takes a history (a list of dicts, as balancer.history) or runs with .history")
+    return [(label or "", items)]
+
+
+def _edges(steps: list[float]) -> list[float]:
+    """Cell edges around the (sorted, possibly irregular) steps: midpoints, half a gap outside."""
+    if len(steps) == 1:
+        return [steps[0] - 0.5, steps[0] + 0.5]
+    mids = [(a + b) / 2 for a, b in zip(steps[:-1], steps[1:])]
+    return [steps[0] - (mids[0] - steps[0]), *mids, steps[-1] + (steps[-1] - mids[-1])]
+
+
+def plot_conflicts(history: Any, path: PathLike | None = None, *, title: str = "Gradient conflicts",
+                   label: str | None = None, weighted: bool = True, cmap: str = "RdBu") -> Figure:
+    """Conflict diagnostics over the steps: pairwise cosine similarities and gradient norms.
+
+    ``history``: one run's history (``balancer.history`` or ``RunResult.history``: dicts with
+    ``"step"`` and, on diagnosed steps, ``"grad_norm"`` ``{term: ||grad L_i||}`` and ``"cosine"``
+    (K x K, in the entry's term order)), or a sequence of runs (objects with ``label`` and
+    ``history``): one column each. Entries without diagnostics are left out.
+
+    Top panel: a heat map, one row per term pair, x = step, colour = ``cos(grad L_i, grad L_j)``
+    on ``[-1, 1]`` with a diverging colormap centred at 0 (``cmap``, default ``"RdBu"``: red =
+    the terms pull against each other, blue = they agree); the title gives the share of
+    diagnosed steps on which a pair conflicts (cosine < 0). Bottom panel: each term's gradient
+    norm (unweighted, solid) and, with ``weighted`` and weights in the entries, the weighted norm
+    ``lambda_i ||grad L_i||`` (dashed), on a log axis: norms orders of magnitude apart are the
+    imbalance that gradient-based weighting corrects.
+
+    Raises ``ValueError`` when no entry carries diagnostics.
+    """
+    runs = [(name, [e for e in entries if "cosine" in e and "grad_norm" in e]) for name, entries in _runs(history, label)]
+    runs = [(name, entries) for name, entries in runs if entries]
+    if not runs:
+        raise ValueError("no history entry carries diagnostics (grad_norm, cosine): record them with "
+                         "diagnose_every= or a strategy that computes per-term gradients, and history=")
+    pairs_of_run = []
+    for _, entries in runs:
+        names = _diag_terms(entries)
+        pairs_of_run.append([(a, b) for i, a in enumerate(names) for b in names[i + 1:]])
+    rows = max(1, max(len(p) for p in pairs_of_run))
+    fig = Figure(figsize=(max(6.0, 5.2 * len(runs)), 3.6 + 0.32 * rows), layout="constrained")
+    axes = fig.subplots(2, len(runs), squeeze=False, sharex="col",
+                        gridspec_kw={"height_ratios": [0.6 + 0.25 * rows, 2.0]})
+    image = None
+    for col, ((name, entries), pairs) in enumerate(zip(runs, pairs_of_run)):
+        top, bottom = axes[0, col], axes[1, col]
+        steps = sorted({float(e["step"]) for e in entries})
+        by_step = {float(e["step"]): e for e in entries}
+        if pairs:
+            grid = [[_cosine(by_step[s], a, b) for s in steps] for a, b in pairs]
+            image = top.pcolormesh(_edges(steps), list(range(len(pairs) + 1)), grid, cmap=cmap, vmin=-1.0, vmax=1.0,
+                                   shading="flat")
+            top.set_yticks([i + 0.5 for i in range(len(pairs))], [f"{a} / {b}" for a, b in pairs], fontsize="small")
+            top.set_ylim(len(pairs), 0)
+            known = [v for row in grid for v in row if not math.isnan(v)]
+            share = sum(v < 0 for v in known) / len(known) if known else math.nan
+            top.set_title(f"{name + ': ' if name else ''}cosine per pair (conflicting: {share:.0%} of pair-steps)",
+                          fontsize="medium")
+        else:
+            top.text(0.5, 0.5, "one term: no pairs", ha="center", va="center", transform=top.transAxes)
+            top.set_yticks([])
+            top.set_title(name, fontsize="medium")
+        for index, term in enumerate(_diag_terms(entries)):
+            color = f"C{index}"
+            points = [(float(e["step"]), e["grad_norm"][term]) for e in entries if term in e["grad_norm"]]
+            _log_line(bottom, points, color=color, label=f"||grad {term}||")
+            if weighted:
+                scaled = [(float(e["step"]), e["grad_norm"][term] * e["weights"][term]) for e in entries
+                          if term in e["grad_norm"] and term in e.get("weights", {})]
+                if any(e.get("weights", {}).get(term, 1.0) != 1.0 for e in entries):
+                    _log_line(bottom, scaled, color=color, linestyle="--", label=f"weight x ||grad {term}||")
+        bottom.set_yscale("log")
+        bottom.set_xlabel("step")
+        bottom.set_ylabel("gradient norm")
+        bottom.grid(True, which="major", alpha=0.3)
+        bottom.legend(fontsize="small")
+    if image is not None:
+        fig.colorbar(image, ax=axes[0, :].tolist(), label="cosine", ticks=[-1, -0.5, 0, 0.5, 1])
+    fig.suptitle(title)
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def _diag_terms(entries: Sequence[Mapping[str, Any]]) -> list[str]:
+    names: list[str] = []
+    for entry in entries:
+        for name in entry["grad_norm"]:
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def _cosine(entry: Mapping[str, Any], a: str, b: str) -> float:
+    """``cos(grad a, grad b)`` of one entry (its ``cosine`` is in its ``grad_norm`` order); NaN if absent."""
+    order = list(entry["grad_norm"])
+    if a not in order or b not in order:
+        return math.nan
+    value = float(entry["cosine"][order.index(a)][order.index(b)])
+    return value if math.isfinite(value) else math.nan
+
+
+def _log_line(ax: Any, points: list[tuple[float, float]], **style: Any) -> None:
+    points = [(s, v) for s, v in points if v > 0 and math.isfinite(v)]
+    if points:
+        steps, values = zip(*points)
+        ax.plot(steps, values, linewidth=1.1, **style)
+
+
 def save_figures(results: Sequence[Any], out: PathLike, *, prefix: str = "",
                  axis_labels: tuple[str, str] = ("x", "y")) -> list[Path]:
-    """``weights.png``, ``losses.png`` and ``error_fields.png`` in ``out`` (created); their paths."""
+    """``weights.png``, ``losses.png``, ``error_fields.png`` and, when a run's history carries
+    conflict diagnostics, ``conflicts.png`` (:func:`plot_conflicts`) in ``out`` (created); their paths."""
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"{prefix}{name}.png" for name in ("weights", "losses", "error_fields")]
+    paths = [folder / f"{prefix}{name}.png" for name in ("weights", "losses")]
     plot_weights(results, paths[0])
     plot_losses(results, paths[1])
     if any(r.points is not None for r in results):
-        plot_error_fields(results, paths[2], axis_labels=axis_labels)
-    else:
-        paths.pop()
+        paths.append(folder / f"{prefix}error_fields.png")
+        plot_error_fields(results, paths[-1], axis_labels=axis_labels)
+    diagnosed = [r for r in results if has_diagnostics(r.history)]
+    if diagnosed:
+        paths.append(folder / f"{prefix}conflicts.png")
+        plot_conflicts(diagnosed, paths[-1])
     return paths

@@ -10,7 +10,12 @@ from typing import Any, Collection, Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["check_losses", "check_finite", "reaches", "check_key_set"]
+__all__ = ["check_losses", "check_finite", "reaches", "check_key_set", "FREED_GRAPH_HINT"]
+
+FREED_GRAPH_HINT = (
+    "build the loss dict anew for every step (a backward pass frees its graph) and do not call "
+    "backward() on the terms yourself"
+)
 
 
 def check_losses(losses: Any, device: torch.device) -> None:
@@ -53,7 +58,10 @@ def check_finite(names: tuple[str, ...], values: Tensor, what: str = "loss value
     finite = torch.isfinite(values)
     if not bool(finite.all()):
         bad = [f"{n!r} = {v}" for n, v, ok in zip(names, values.tolist(), finite.tolist()) if not ok]
-        raise ValueError(f"non-finite {what} for term(s) {', '.join(bad)}; nothing was changed")
+        raise ValueError(
+            f"non-finite {what} for term(s) {', '.join(bad)}; nothing was changed. Pass "
+            "nonfinite='skip' to skip such steps, or look for a log/sqrt/division of zero in that term"
+        )
 
 
 def reaches(loss: Tensor, targets: Collection[int]) -> bool:

@@ -91,7 +91,7 @@ def make_strategy(strategy: str | Strategy, **options: Any) -> Strategy:
     if not isinstance(strategy, str):
         raise TypeError(f"strategy must be a short name or a Strategy object, got {type(strategy).__name__}")
     if strategy not in _REGISTRY:
-        close = difflib.get_close_matches(strategy, _REGISTRY, n=1)
+        close = difflib.get_close_matches(strategy.lower(), _REGISTRY, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown strategy {strategy!r}.{hint} Known: {', '.join(available_strategies())}")
     return _REGISTRY[strategy](**options)
