@@ -307,6 +307,7 @@ class LossBalancer:
             self._reduce(values)
             if not self._finite(names, values, averaged):
                 return None
+        new_terms = [n for n in names if n not in self._names]
         index = self._index(losses, names)
         weights = self._weights[index]
         plain = stats is None or not self._engine.reuses  # .grad comes from a weighted-sum backward
@@ -315,7 +316,13 @@ class LossBalancer:
             if plain:  # the backward that follows the update may fail: be able to undo it
                 rollback = (weights, copy.deepcopy(self.strategy.state_dict()), self.generator.get_state())
             record = StepRecord(names, values, weights, self._step, self._updates, stats, self.generator)
-            weights = self._sanitize(self.strategy.update(record), weights, index)
+            try:
+                proposed = self.strategy.update(record)
+            except BaseException:
+                for name in new_terms:  # the first step of these terms did not happen
+                    self.remove_term(name)
+                raise
+            weights = self._sanitize(proposed, weights, index)
             self._weights[index] = weights
             self._updates += 1
         if not plain:

@@ -13,7 +13,7 @@ fixed weights included): on each step that the history keeps, the per-term gradi
 pairwise cosine similarities and the fraction of conflicting pairs enter ``RunResult.history``
 (keys ``"grad_norm"``, ``"cosine"``, ``"conflict_fraction"``) and the ``conflicts.png`` figure.
 The cost is the per-term gradients on those steps (one ``autograd.grad`` per term instead of one
-backward of the weighted sum; every 15th step at the default budget, a few per cent of the run).
+backward of the weighted sum): every 15th step at the default budget, about 1 % of the run time.
 
 Setup (Wang, Teng & Perdikaris 2021, the authors' ``Helmholtz2D_model_tf.py``): MLP
 ``[2, 50, 50, 50, 1]``, tanh, Xavier-normal; Adam, learning rate

@@ -180,7 +180,8 @@ def plot_conflicts(history: Any, path: PathLike | None = None, *, title: str = "
 
     Raises ``ValueError`` when no entry carries diagnostics.
     """
-    runs = [(name, [e for e in entries if "cosine" in e and "grad_norm" in e]) for name, entries in _runs(history, label)]
+    runs = [(name, [e for e in entries if "cosine" in e and "grad_norm" in e])
+            for name, entries in _runs(history, label)]
     runs = [(name, entries) for name, entries in runs if entries]
     if not runs:
         raise ValueError("no history entry carries diagnostics (grad_norm, cosine): record them with "
@@ -225,7 +226,7 @@ def plot_conflicts(history: Any, path: PathLike | None = None, *, title: str = "
         bottom.set_xlabel("step")
         bottom.set_ylabel("gradient norm")
         bottom.grid(True, which="major", alpha=0.3)
-        bottom.legend(fontsize="small")
+        bottom.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
     if image is not None:
         fig.colorbar(image, ax=axes[0, :].tolist(), label="cosine", ticks=[-1, -0.5, 0, 0.5, 1])
     fig.suptitle(title)

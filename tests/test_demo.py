@@ -36,7 +36,7 @@ def test_cli_writes_the_figures(capsys, tmp_path):
     out = tmp_path / "figures"
     assert cli(["demo", *TINY, "--strategies", "lra,static", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    for name in ("weights.png", "losses.png", "error_fields.png"):
+    for name in ("weights.png", "losses.png", "error_fields.png", "conflicts.png"):
         path = out / name
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert str(path) in text
@@ -103,6 +103,11 @@ def test_processes_side_by_side_match_in_process_runs():
         assert p.error == pytest.approx(s.error, rel=1e-5)
         assert p.weights == pytest.approx(s.weights, rel=1e-5)
         assert [r["step"] for r in p.history] == [0, 2, 4, 5]
+        # the conflict diagnostics cross the process boundary with the history
+        assert [r["step"] for r in p.history if "cosine" in r and "grad_norm" in r] == [0, 2, 4]
+        for a, b in zip(p.history[:3], s.history[:3]):
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+            assert a["cosine"][0][1] == pytest.approx(b["cosine"][0][1], rel=1e-4, abs=1e-6)
     table = format_table(parallel)
     assert table.splitlines()[2].startswith("static") and table.splitlines()[3].startswith("lra")
 
@@ -139,3 +144,87 @@ def test_train_takes_objects_and_balancer_options():
     assert result.balancer.update_every == 1
     with pytest.raises(ValueError, match="lives on cpu"):
         train(Poisson1D(), "static", steps=1, device="meta")
+
+
+def test_the_demo_records_conflict_diagnostics_for_every_strategy():
+    results = run_many([RunSpec(name, steps=31, eval_n=8, history_every=5) for name in ("static", "lra")],
+                       workers=1, progress="none")
+    for result in results:
+        steps = [r["step"] for r in result.history]
+        assert steps == [0, 5, 10, 15, 20, 25, 30]
+        for record in result.history:  # diagnose_every defaults to history_every: every record has them
+            assert set(record["grad_norm"]) == {"pde", "bc"}
+            assert all(v > 0 and math.isfinite(v) for v in record["grad_norm"].values())
+            cosine = record["cosine"]
+            assert len(cosine) == 2 and cosine[0][0] == cosine[1][1] == 1.0
+            assert cosine[0][1] == pytest.approx(cosine[1][0]) and -1.0 <= cosine[0][1] <= 1.0
+            assert record["conflict_fraction"] == float(cosine[0][1] < 0)
+    # the same network and points on step 0: the same diagnostics whatever the weights
+    assert results[0].history[0]["cosine"][0][1] == pytest.approx(results[1].history[0]["cosine"][0][1])
+    assert results[0].history[0]["grad_norm"] == pytest.approx(results[1].history[0]["grad_norm"])
+
+
+def test_diagnostics_can_be_switched_off_and_follow_the_balancer_options():
+    off = train("helmholtz", "static", steps=6, history_every=2, diagnose_every=0, eval_n=8)
+    assert off.balancer.diagnose_every == 0 and not any("cosine" in r for r in off.history)
+    lra = train("helmholtz", "lra", steps=6, history_every=2, diagnose_every=0, eval_n=8)
+    assert [r["step"] for r in lra.history if "cosine" in r] == [0]  # LRA's own update steps (every 10)
+    lean = train("helmholtz", "static", steps=4, history_every=2, eval_n=8, balancer_options={"memory": "lean"})
+    assert lean.balancer.diagnose_every == 0  # the diagnostics need the kept gradients: off, no error
+    assert train("helmholtz", "static", steps=3, eval_n=8).balancer.diagnose_every == 1
+    with pytest.raises(ValueError, match="diagnose_every"):
+        train("helmholtz", "static", steps=3, diagnose_every=-1)
+
+
+def _history(names, cosines, steps):
+    """A synthetic balancer-style history: cosines[i] is the (K x K) matrix of step steps[i]."""
+    return [{"step": s, "weights": {n: 1.0 + i for i, n in enumerate(names)},
+             "losses": {n: 1.0 for n in names}, "grad_norm": {n: 10.0 ** i for i, n in enumerate(names)},
+             "cosine": c, "conflict_fraction": 0.0} for s, c in zip(steps, cosines)]
+
+
+def test_plot_conflicts_draws_every_pair_on_a_centred_scale(tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.collections import QuadMesh
+
+    from lossbalance.plots import plot_conflicts
+
+    def matrix(a, b, c):  # pairs (x, y) = a, (x, z) = b, (y, z) = c
+        return [[1.0, a, b], [a, 1.0, c], [b, c, 1.0]]
+
+    history = _history(["x", "y", "z"], [matrix(-0.9, 0.2, 0.5), matrix(-0.5, 0.1, -0.3)], [0, 10])
+    history.insert(1, {"step": 5, "weights": {"x": 1.0}, "losses": {"x": 1.0}})  # no diagnostics: skipped
+    path = tmp_path / "c.png"
+    fig = plot_conflicts(history, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    heat, norms = fig.axes[0], fig.axes[1]
+    (mesh,) = [c for c in heat.collections if isinstance(c, QuadMesh)]
+    assert mesh.get_clim() == (-1.0, 1.0)  # diverging scale centred at 0
+    assert mesh.get_array().reshape(3, 2).tolist() == [[-0.9, -0.5], [0.2, 0.1], [0.5, -0.3]]
+    assert [t.get_text() for t in heat.get_yticklabels()] == ["x / y", "x / z", "y / z"]
+    assert "conflicting: 50%" in heat.get_title()
+    assert norms.get_yscale() == "log"
+    solid = {line.get_label(): line.get_ydata().tolist() for line in norms.get_lines()}
+    assert solid["||grad x||"] == [1.0, 1.0] and solid["||grad z||"] == [100.0, 100.0]
+    assert solid["weight x ||grad y||"] == [20.0, 20.0]  # weight 2 x norm 10
+    # runs (objects with label and history): one column each; a run without diagnostics is left out
+    class Run:
+        def __init__(self, label, history):
+            self.label, self.history = label, history
+    fig = plot_conflicts([Run("a", history), Run("b", history), Run("none", history[1:2])])
+    assert len([ax for ax in fig.axes if ax.get_label() != "<colorbar>"]) == 4
+    with pytest.raises(ValueError, match="diagnose_every"):
+        plot_conflicts(history[1:2])
+
+
+def test_save_figures_writes_conflicts_only_with_diagnostics(tmp_path):
+    pytest.importorskip("matplotlib")
+    from lossbalance.plots import save_figures
+
+    with_diag = train("helmholtz", "static", steps=4, history_every=1, eval_n=8)
+    without = train("helmholtz", "static", steps=4, history_every=1, diagnose_every=0, eval_n=8)
+    names = lambda paths: [p.name for p in paths]  # noqa: E731
+    assert names(save_figures([without], tmp_path / "a")) == ["weights.png", "losses.png", "error_fields.png"]
+    paths = save_figures([without, with_diag], tmp_path / "b")
+    assert names(paths) == ["weights.png", "losses.png", "error_fields.png", "conflicts.png"]
+    assert all(p.stat().st_size > 0 for p in paths) and not (tmp_path / "a" / "conflicts.png").exists()

@@ -19,6 +19,7 @@ ARGS = {
     "burgers": ["--steps", "12", "--no-plots", *QUIET],
     "adam_then_lbfgs": ["--steps", "12", "--lbfgs-steps", "2", "--max-iter", "4", "--lbfgs-points", "32",
                         "--eval-n", "12"],
+    "inverse_problem": ["--steps", "600"],
 }
 
 
@@ -44,6 +45,15 @@ def test_example_runs(name, capsys):
     assert module.__doc__ and callable(module.main)
     result = module.main(ARGS[name])
     out = capsys.readouterr().out
+    if name == "inverse_problem":
+        # 600 of the 3000 default steps: k is on its way (about 12 % off, from 60 % at k_init = 1)
+        assert result["k_true"] == 2.5 and result["rel_error"] < 0.25
+        assert "true k      2.5" in out and f"recovered k {result['k']:.6g}" in out and "relative error" in out
+        # the scope came from the TOML by parameter-name prefix and survives the export
+        net = [n for n, _ in result["model"].named_parameters() if n.startswith("net.")]
+        assert result["config"]["scope"] == {"pde": ["coef"], "data": net}
+        assert result["config"]["strategy"] == "relobralo"
+        return
     if name == "adam_then_lbfgs":
         assert math.isfinite(result["adam_error"]) and math.isfinite(result["lbfgs_error"])
         # frozen L-BFGS phase: the new balancer starts from, and keeps, the Adam phase's weights
@@ -81,3 +91,44 @@ def test_lbfgs_phase_can_keep_adapting(capsys):
     assert math.isfinite(result["lbfgs_error"])
     assert result["weights"]["bc"] != pytest.approx(result["adam"].weights["bc"])
     assert "lra every 1" in capsys.readouterr().out
+
+
+def test_inverse_problem_recovers_the_coefficient_within_one_percent(capsys):
+    """The default budget of inverse_problem.toml (3000 Adam steps, ~7 s on one thread)."""
+    result = load("inverse_problem").main([])
+    out = capsys.readouterr().out
+    assert result["steps"] == 3000
+    assert result["rel_error"] < 0.01, out
+    assert abs(result["k"] - 2.5) / 2.5 == pytest.approx(result["rel_error"])
+    assert f"relative error {100 * result['rel_error']:.3f} %" in out
+
+
+def test_inverse_problem_scope_and_config_errors(tmp_path):
+    import torch
+
+    from lossbalance import LossBalancer
+    from lossbalance.config import ConfigError
+
+    module = load("inverse_problem")
+    config = module.load_config(module.DEFAULT_CONFIG)
+    model = module.InverseModel(config["training"]["hidden"], 1.0, torch.Generator().manual_seed(0))
+    balancer = LossBalancer.from_config(torch.optim.Adam(model.parameters()), config["balancer"], model=model)
+    data = module.make_data(config["problem"])
+    balancer.backward(module.losses(model, *data))  # the first step: both weights are 1
+    # the residual trains only the coefficient, the observations only the network
+    reference = module.losses(model, *data)
+    net = list(model.net.parameters())
+    (want_coef,) = torch.autograd.grad(reference["pde"], [model.coef], retain_graph=True)
+    want_net = torch.autograd.grad(reference["data"], net)
+    assert balancer.weights == {"pde": 1.0, "data": 1.0}
+    torch.testing.assert_close(model.coef.grad, want_coef)
+    for param, want in zip(net, want_net):
+        torch.testing.assert_close(param.grad, want)
+    net_names = [n for n, _ in model.net.named_parameters(prefix="net")]
+    assert balancer.config(model)["scope"] == {"pde": ["coef"], "data": net_names}
+    # a misspelt prefix in the TOML is reported by from_config, naming the parameters
+    text = module.DEFAULT_CONFIG.read_text().replace('pde = ["coef"]', 'pde = ["coeff"]')
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=r"coeff.*match no parameter"):
+        module.main(["--config", str(bad), "--steps", "1"])

@@ -183,3 +183,21 @@ def test_reference_missing_from_the_terms():
     with pytest.raises(KeyError, match="'residual'"):
         balancer.step(problem.losses())
     assert balancer.weights == {}
+
+
+def test_a_scope_without_weight_matrices_is_refused():
+    model = mlp((1, 8, 1))
+    coef = torch.nn.Parameter(torch.tensor(1.0))
+    x = torch.rand(16, 1)
+    balancer = LossBalancer(
+        torch.optim.SGD([*model.parameters(), coef], lr=0.1), LRAnnealing("data"), scope={"pde": [coef]}
+    )
+    losses = {"data": (model(x) - 1).pow(2).mean(), "pde": (coef * model(x)).pow(2).mean()}
+    with pytest.raises(ValueError, match=r"term\(s\) \['pde'\].*include_bias=True"):
+        balancer.step(losses)
+    assert balancer.weights == {}
+    balancer = LossBalancer(
+        torch.optim.SGD([*model.parameters(), coef], lr=0.1), LRAnnealing("data", include_bias=True),
+        scope={"pde": [coef]},
+    )
+    balancer.step({"data": (model(x) - 1).pow(2).mean(), "pde": (coef * model(x)).pow(2).mean()})

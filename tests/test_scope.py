@@ -60,7 +60,7 @@ def masked_reference_step(model, optimizer, weights):
 )
 def test_scoped_balancer_equals_masked_reference(mode):
     mode = dict(mode)
-    strategy = mode.pop("strategy", LRAnnealing("data", stat="mean"))
+    strategy = mode.pop("strategy", LRAnnealing("data", stat="mean", include_bias=True))
     model, ref = Inverse(), Inverse()
     balancer = LossBalancer(torch.optim.Adam(model.parameters(), lr=1e-2), strategy, scope=scopes_of(model), **mode)
     ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
@@ -75,7 +75,7 @@ def test_scoped_balancer_equals_masked_reference(mode):
 def test_no_term_reaches_outside_its_scope(update_every):
     model = Inverse()
     balancer = LossBalancer(
-        torch.optim.SGD(model.parameters(), lr=0.0), LRAnnealing("data"), scope=scopes_of(model),
+        torch.optim.SGD(model.parameters(), lr=0.0), LRAnnealing("data", include_bias=True), scope=scopes_of(model),
         update_every=update_every,
     )
     for _ in range(3):
@@ -128,7 +128,7 @@ def test_lbfgs_every_closure_evaluation_respects_the_scopes():
             return super().step(wrapped)
 
     balancer = LossBalancer(
-        Checked(model.parameters(), max_iter=5, line_search_fn="strong_wolfe"), LRAnnealing("data"),
+        Checked(model.parameters(), max_iter=5, line_search_fn="strong_wolfe"), LRAnnealing("data", include_bias=True),
         scope=scopes_of(model),
     )
     for _ in range(3):

@@ -39,7 +39,8 @@ class LRAnnealing(Strategy):
     to the denominator). The authors update every 10 steps: ``LossBalancer(..., update_every=10)``.
 
     A term whose gradient is zero (or whose ratio is not finite), or a zero reference gradient,
-    leaves that term's weight unchanged on that update.
+    leaves that term's weight unchanged on that update. A term whose statistics would run over no
+    tensor (e.g. a scope holding only a scalar coefficient with ``include_bias=False``) raises.
 
     ``LRAnnealing.physicsnemo()`` is NVIDIA PhysicsNeMo-Sym's variant: mean/mean over all
     parameters, unweighted denominator, ``alpha = 0.01``, ``eps = 1e-8``, update every step.
@@ -76,6 +77,7 @@ class LRAnnealing(Strategy):
         self.include_bias = include_bias
         self.over = over
         self.eps = eps
+        self._checked_scope: Tensor | None = None
 
     @classmethod
     def physicsnemo(cls, reference: str | None = None) -> "LRAnnealing":
@@ -107,6 +109,16 @@ class LRAnnealing(Strategy):
         grads = record.grads
         assert grads is not None
         tensors = "all" if self.include_bias else "matrices"
+        if grads.scope is not self._checked_scope:  # the engine reuses one mask per set of scopes
+            empty = ~grads.selection(tensors, self.over).any(1)
+            if bool(empty.any()):
+                bare = [n for n, e in zip(record.names, empty.tolist()) if e]
+                raise ValueError(
+                    f"LRAnnealing: the statistics of term(s) {bare} run over no parameter tensor "
+                    f"(tensors={tensors!r}, over={self.over!r}): their scope holds no weight matrix; "
+                    "pass include_bias=True, or over='scope' with a scope that includes one"
+                )
+            self._checked_scope = grads.scope
         ref = record.names.index(self.reference)
         mean = grads.mean_abs(tensors, layerwise=self.layerwise_mean, over=self.over)
         if self.stat == "max":
