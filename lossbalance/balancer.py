@@ -60,6 +60,9 @@ class LossBalancer:
             (one collective call per step). Default: on when ``torch.distributed`` is initialised
             with more than one process.
         history: keep the last n steps' weights and losses (0: none).
+        check_paths: when to check that each term's graph reaches the parameters it may train:
+            ``"first"`` (its first appearance; gradient steps check every time anyway, for free)
+            or ``"always"`` (a walk of the autograd graph per term and step, also on plain steps).
         seed: seed of the balancer's own random generator (saved in ``state_dict``).
     """
 
@@ -84,6 +87,7 @@ class LossBalancer:
         grad_mode: Literal["loop", "batched"] = "loop",
         nonfinite: Literal["raise", "skip"] = "raise",
         history: int = 0,
+        check_paths: Literal["first", "always"] = "first",
         seed: int = 0,
         scaler: torch.amp.GradScaler | None = None,
         distributed: bool | None = None,
@@ -100,6 +104,8 @@ class LossBalancer:
             raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        if check_paths not in ("first", "always"):
+            raise ValueError(f"check_paths must be 'first' or 'always', got {check_paths!r}")
         if not isinstance(history, int) or history < 0:
             raise ValueError(f"history must be a non-negative integer, got {history!r}")
         if not isinstance(diagnose_every, int) or diagnose_every < 0:
@@ -110,6 +116,7 @@ class LossBalancer:
         self.warmup = warmup
         self.frozen = frozen
         self.nonfinite = nonfinite
+        self.check_paths = check_paths
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self._memory = memory
@@ -250,9 +257,9 @@ class LossBalancer:
         return index
 
     def _check_reach(self, names: tuple[str, ...], losses: Losses) -> None:
-        """On a term's first appearance: does its graph reach the parameters it may train?"""
+        """Does each term's graph reach the parameters it may train? (``check_paths``)"""
         for name in names:
-            if name in self._checked:
+            if name in self._checked and self.check_paths == "first":
                 continue
             scope = self._scopes.get(name)
             if not reaches(losses[name], scope if scope is not None else self._param_ids):
@@ -570,7 +577,8 @@ class LossBalancer:
         settings: dict[str, Any] = {
             "strategy": self.strategy.name, "strategy_options": self.strategy.options(),
             "update_every": self.update_every, "warmup": self.warmup, "frozen": self.frozen,
-            "memory": self._memory, "grad_mode": self._grad_mode, "nonfinite": self.nonfinite, "history": self._history.maxlen,
+            "memory": self._memory, "grad_mode": self._grad_mode, "nonfinite": self.nonfinite,
+            "check_paths": self.check_paths, "history": self._history.maxlen,
             "diagnose_every": self.diagnose_every, "seed": self.seed,
             "combine": self.combiner.name, "combine_options": self.combiner.options(),
         }

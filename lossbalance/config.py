@@ -7,7 +7,7 @@
 Keys: ``preset``, ``strategy``, ``strategy_options``, ``update_every``, ``weights``,
 ``min_weight``, ``max_weight``, ``warmup``, ``frozen``, ``terms``, ``optional``, ``scope``
 (``{term: [parameter-name prefixes]}``, resolved against ``model.named_parameters()``),
-``probe`` (prefixes), ``combine``, ``combine_options``, ``memory``, ``grad_mode``, ``nonfinite``, ``history``,
+``probe`` (prefixes), ``combine``, ``combine_options``, ``memory``, ``grad_mode``, ``nonfinite``, ``check_paths``, ``history``,
 ``diagnose_every``, ``seed``. A ``preset`` fills in the strategy, its options and the schedule;
 the other keys override it.
 """
@@ -84,6 +84,7 @@ _SCALAR_CHECKS: dict[str, tuple[type | tuple[type, ...], Callable[[Any], bool], 
     "memory": (str, lambda v: v in ("keep", "lean"), "'keep' or 'lean'"),
     "grad_mode": (str, lambda v: v in ("loop", "batched"), "'loop' or 'batched'"),
     "nonfinite": (str, lambda v: v in ("raise", "skip"), "'raise' or 'skip'"),
+    "check_paths": (str, lambda v: v in ("first", "always"), "'first' or 'always'"),
 }
 _KEYS = sorted(
     {"preset", "strategy", "strategy_options", "weights", "min_weight", "max_weight", "terms", "optional",

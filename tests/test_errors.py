@@ -21,10 +21,10 @@ from lossbalance import LossBalancer, LRAnnealing
 from _models import PINN1D, mlp
 
 
-def fresh(strategy="lra"):
+def fresh(strategy="lra", **options):
     problem = PINN1D(seed=1)
     chosen = LRAnnealing("pde") if strategy == "lra" else strategy
-    balancer = LossBalancer(torch.optim.Adam(problem.model.parameters(), lr=1e-2), chosen)
+    balancer = LossBalancer(torch.optim.Adam(problem.model.parameters(), lr=1e-2), chosen, **options)
     balancer.step(problem.losses())  # optimizer state, weights and .grad all exist now
     return problem, balancer
 
@@ -214,8 +214,8 @@ PATH_CHECKED_ONCE = {
     "no path to the parameters", "depends only on collocation points", "depends on parameters the optimizer does not hold",
 }
 PATH_CHECKED_ONCE_REASON = (
-    "library gap (documented): on plain-backward steps a term is checked for a path to the parameters "
-    "only on its first appearance; later it is silently left out of the step"
+    "documented default (check_paths='first'): on plain-backward steps a term is checked for a path to "
+    "the parameters only on its first appearance; check_paths='always' closes this (tested below)"
 )
 
 
@@ -254,6 +254,17 @@ def test_bad_losses_on_a_plain_backward_step(case, request):
         request.applymarker(pytest.mark.xfail(strict=True, reason=PATH_CHECKED_ONCE_REASON))
     make, error, message = CASES[case]
     problem, balancer = fresh("static")
+    losses = make(problem)
+    before = snapshot(problem, balancer)
+    with pytest.raises(error, match=message):
+        balancer.step(losses)
+    assert_unchanged(before, snapshot(problem, balancer))
+
+
+@pytest.mark.parametrize("case", sorted(PATH_CHECKED_ONCE))
+def test_check_paths_always_closes_the_gap_on_plain_steps(case):
+    make, error, message = CASES[case]
+    problem, balancer = fresh("static", check_paths="always")
     losses = make(problem)
     before = snapshot(problem, balancer)
     with pytest.raises(error, match=message):
