@@ -14,7 +14,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .gradients import GradientEngine, GradStats
 from .strategies.base import StepRecord, Strategy, make_strategy
-from .validation import check_finite, check_key_set, check_losses, reaches
+from .validation import check_finite, check_key_set, check_losses, graph_size, reaches
 
 __all__ = ["LossBalancer"]
 
@@ -151,6 +151,7 @@ class LossBalancer:
         self._updates = 0
         self._skipped = 0
         self._checked: set[str] = set()
+        self._graph_sizes: dict[str, int] = {}  # the largest graph is differentiated last: it is not retained
         self._active: tuple[tuple[str, ...], tuple[str, ...], Tensor] | None = None  # keys, names, index
         self._last: tuple[tuple[str, ...], Tensor, Tensor, GradStats | None] | None = None
         self._diagnostics: tuple[int, tuple[str, ...], GradStats] | None = None
@@ -268,11 +269,13 @@ class LossBalancer:
                     f"loss term {name!r} has no path to {where}: it was built from tensors that "
                     "do not depend on them (detached, or only on inputs)"
                 )
+            if name not in self._graph_sizes:
+                self._graph_sizes[name] = graph_size(losses[name])
         self._checked.update(names)
 
     # ------------------------------------------------------------------ the step
     def _due(self) -> bool:
-        if self.frozen or self._step < self.warmup:
+        if self.frozen or self.strategy.fixed or self._step < self.warmup:
             return False
         return (self._step - self.warmup) % self.update_every == 0
 
@@ -300,7 +303,8 @@ class LossBalancer:
             terms = [scale * t for t in terms]
         if needs_grads:
             self._diagnostics = None  # its gradients live in the buffer this call overwrites
-            stats, values = self._engine.term_gradients(names, terms, scopes, values)
+            order = sorted(range(len(names)), key=lambda i: self._graph_sizes[names[i]])
+            stats, values = self._engine.term_gradients(names, terms, scopes, values, order)
             if self.scaler is not None:
                 stats = stats.unscaled(scale)
             if distributed and not self._finite(names, values, averaged):

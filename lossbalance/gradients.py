@@ -76,15 +76,14 @@ class _Layout:
     def table(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per-tensor sum |g|, max |g| and sum g^2 of the rows of ``flat`` (R, P) -> 3 x (R, T).
 
-        Computed in float64, so squares and sums of float32 gradients cannot overflow.
+        Sums and norms accumulate in float64, so squares and sums of float32 gradients cannot
+        overflow; no float64 copy of the gradients is made.
         """
-        flat = flat.to(self.stat_dtype)
-        magnitude = flat.abs()
-        parts = magnitude.split(self.sizes, dim=1)
-        raw = flat.split(self.sizes, dim=1)
-        sum_abs = torch.stack([part.sum(1) for part in parts], 1)
-        max_abs = torch.stack([part.amax(1) for part in parts], 1)
-        sum_sq = torch.stack([torch.linalg.vector_norm(part, dim=1) for part in raw], 1).square()
+        wide = self.stat_dtype
+        parts = flat.abs().split(self.sizes, dim=1)
+        sum_abs = torch.stack([part.sum(1, dtype=wide) for part in parts], 1)
+        max_abs = torch.stack([part.amax(1) for part in parts], 1).to(wide)
+        sum_sq = torch.stack([torch.linalg.vector_norm(part, dim=1, dtype=wide) for part in parts], 1).square()
         return sum_abs, max_abs, sum_sq
 
 
@@ -243,9 +242,14 @@ class GradientEngine:
         losses: Sequence[Tensor],
         scopes: Sequence[frozenset[int] | None],
         values: Tensor,
+        order: Sequence[int] | None = None,
     ) -> tuple[GradStats, Tensor]:
         """Differentiate each term w.r.t. its scope; return the gradients' statistics and the
         loss ``values`` (averaged over processes when distributed).
+
+        ``order``: the order in which the terms are differentiated (default: as given); the
+        last one frees the graph in ``"keep"`` mode, so the term with the largest graph should
+        come last. The statistics' rows stay in the given order of the terms.
 
         Raises ``ValueError`` naming a term that reaches none of the parameters it may train.
         In ``"keep"`` mode without probe the last call frees the graph; otherwise the graph is
@@ -254,18 +258,21 @@ class GradientEngine:
         layout = self.stats_layout
         buffer = self._rows(len(losses))
         grads_view = buffer[:, : layout.total]
-        tables, reduced = [], []
+        tables: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        reduced: dict[int, Tensor] = {}
         reached = [self.reduce is not None] * len(self.layout.params)
         batched = self.grad_mode == "batched" and self.reuses and all(s is None for s in scopes)
+        order = list(range(len(losses))) if order is None else list(order)
         if batched and self._batched(losses, grads_view):
             reached = [True] * len(self.layout.params)
-            losses = []  # done: skip the loop below
-        for i, (name, loss, scope) in enumerate(zip(names, losses, scopes)):
+            order = []  # done: skip the loop below
+        for i in order:
+            name, loss, scope = names[i], losses[i], scopes[i]
             positions = layout.inputs(scope)
             row = grads_view[i] if self.reuses else grads_view[0]
             parts = list(layout.zero_parts)
             if positions:
-                retain = not (self.reuses and i == len(losses) - 1)
+                retain = not (self.reuses and i == order[-1])
                 try:
                     grads = torch.autograd.grad(
                         loss, [layout.params[j] for j in positions], retain_graph=retain, allow_unused=True
@@ -288,17 +295,17 @@ class GradientEngine:
             torch.cat(parts, out=row)
             if not self.reuses:
                 if self.reduce is not None:
-                    reduced.append(self._reduce_rows(buffer, values[i : i + 1]))
-                tables.append(layout.table(grads_view))
+                    reduced[i] = self._reduce_rows(buffer, values[i : i + 1])
+                tables[i] = layout.table(grads_view)
         if self.reuses:
             self._reached = reached
             if self.reduce is not None:
                 values = self._reduce_rows(buffer, values)
             sum_abs, max_abs, sum_sq = layout.table(grads_view)
         else:
-            sum_abs, max_abs, sum_sq = (torch.cat(t) for t in zip(*tables))
+            sum_abs, max_abs, sum_sq = (torch.cat(t) for t in zip(*(tables[i] for i in sorted(tables))))
             if reduced:
-                values = torch.cat(reduced)
+                values = torch.cat([reduced[i] for i in sorted(reduced)])
         stats = GradStats(
             sum_abs, max_abs, sum_sq, layout.numel, layout.matrix, layout.masks(scopes),
             grads_view if self.reuses else None,

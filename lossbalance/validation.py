@@ -10,7 +10,7 @@ from typing import Any, Collection, Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["check_losses", "check_finite", "reaches", "check_key_set", "FREED_GRAPH_HINT"]
+__all__ = ["check_losses", "check_finite", "reaches", "graph_size", "check_key_set", "FREED_GRAPH_HINT"]
 
 FREED_GRAPH_HINT = (
     "build the loss dict anew for every step (a backward pass frees its graph) and do not call "
@@ -80,6 +80,18 @@ def reaches(loss: Tensor, targets: Collection[int]) -> bool:
             return True
         stack.extend(child for child, _ in node.next_functions)
     return False
+
+
+def graph_size(loss: Tensor) -> int:
+    """The number of autograd nodes behind ``loss`` (a proxy for the cost of its backward)."""
+    stack, seen = [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(child for child, _ in node.next_functions)
+    return len(seen)
 
 
 def check_key_set(present: Collection[str], known: Collection[str], optional: Collection[str]) -> None:

@@ -278,7 +278,7 @@ def test_zero_gradient_terms_never_give_nan_or_inf_weights(name, mode, combine):
         assert_positive_finite(list(balancer.weights.values()), "balancer weights")
         assert all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in problem.model.parameters())
         assert all(bool(torch.isfinite(p).all()) for p in problem.model.parameters())
-    assert len(seen) == 6 and balancer.skipped == 0
+    assert len(seen) == (0 if balancer.strategy.fixed else 6) and balancer.skipped == 0  # static: never called
     for raw in seen:  # the strategy itself, before the balancer's guard (non-finite -> old weight)
         assert_positive_finite(raw, f"{name} update()")
     zero_stats = balancer.stats["bc"]

@@ -38,11 +38,13 @@ class Strategy(ABC):
     """A weighting strategy: turns a :class:`StepRecord` into new weights.
 
     A strategy owns its state and serialises it; it never touches ``.grad`` or the optimizer.
-    Subclasses set ``name`` (the registry's short name) and ``needs_gradients``.
+    Subclasses set ``name`` (the registry's short name), ``needs_gradients``, and ``fixed`` when
+    ``update`` would always return the current weights (the balancer then never calls it).
     """
 
     name: ClassVar[str] = ""
     needs_gradients: ClassVar[bool] = False
+    fixed: ClassVar[bool] = False
 
     def validate_terms(self, names: Sequence[str]) -> None:
         """Raise ``KeyError`` naming what is wrong if the strategy cannot work on these terms."""

@@ -16,6 +16,7 @@ class Static(Strategy):
     """
 
     name = "static"
+    fixed = True
 
     def update(self, record: StepRecord) -> Tensor:
         return record.weights
