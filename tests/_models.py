@@ -58,5 +58,17 @@ class TwoHeads(nn.Module):
         return {"a": (self.a(h) - self.ya).pow(2).mean(), "b": (self.b(h) - self.yb).pow(2).mean()}
 
 
+class InfiniteGradient(torch.autograd.Function):
+    """Identity forward, Inf backward: a finite loss whose gradient is not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, math.inf)
+
+
 def grads_of(params):
     return [None if p.grad is None else p.grad.detach().clone() for p in params]

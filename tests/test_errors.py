@@ -11,14 +11,13 @@ Cases that the library does not meet yet are marked ``xfail(strict=True)`` with 
 turn into failures (XPASS) once the library is fixed, so the marker is removed then.
 """
 import copy
-import math
 
 import pytest
 import torch
 
 from lossbalance import LossBalancer, LRAnnealing
 
-from _models import PINN1D, mlp
+from _models import InfiniteGradient, PINN1D, mlp
 
 
 def fresh(strategy="lra", **options):
@@ -99,18 +98,6 @@ def rename(old, new):
         losses[new] = losses.pop(old)
         return losses
     return make
-
-
-class InfiniteGradient(torch.autograd.Function):
-    """Identity forward, Inf backward: a finite loss whose gradient is not."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.full_like(grad, math.inf)
 
 
 def no_grad_term(problem):

@@ -20,7 +20,18 @@ ARGS = {
     "adam_then_lbfgs": ["--steps", "12", "--lbfgs-steps", "2", "--max-iter", "4", "--lbfgs-points", "32",
                         "--eval-n", "12"],
     "inverse_problem": ["--steps", "600"],
+    "multitask_pcgrad": ["--steps", "40"],
+    "gradient_penalty": ["--steps", "30", "--eval-n", "500"],
+    "lightning_module": ["--steps", "30"],
 }
+
+
+def require_lightning():
+    """``lightning.pytorch`` or ``pytorch_lightning`` (optional dependencies), else skip."""
+    for name in ("lightning.pytorch", "pytorch_lightning"):
+        if importlib.util.find_spec(name.partition(".")[0]) is not None:
+            return pytest.importorskip(name)
+    pytest.skip("needs PyTorch Lightning (optional): pip install lightning")
 
 
 def load(name: str):
@@ -41,10 +52,49 @@ def test_every_example_has_a_tiny_budget():
 
 @pytest.mark.parametrize("name", sorted(ARGS))
 def test_example_runs(name, capsys):
+    if name == "lightning_module":
+        require_lightning()  # the run without Lightning: test_lightning_module_without_lightning
     module = load(name)
     assert module.__doc__ and callable(module.main)
     result = module.main(ARGS[name])
     out = capsys.readouterr().out
+    if name == "multitask_pcgrad":
+        assert list(result) == ["sum", "pcgrad", "config"]
+        for combine, run in result.items():
+            for task in ("a", "b"):  # both tasks' losses go down with every combination
+                assert run["final"][task] < run["initial"][task], (combine, task, run["initial"], run["final"])
+            diagnostics = run["diagnostics"]
+            assert diagnostics["names"] == ["a", "b"] and diagnostics["step"] == 39
+            assert run["conflict_fraction"] == diagnostics["conflict_fraction"] in (0.0, 1.0)
+            assert 0.0 <= run["conflicting_steps"] <= 1.0 and len(run["balancer"].history) == 40
+            assert run["weights"] == {"a": 1.0, "b": 1.0}
+            assert run["balancer"].combiner.name == combine
+        header = next(line for line in out.splitlines() if line.startswith("combine"))
+        assert [c.strip() for c in header.split("|")] == [
+            "combine", "loss a", "loss b", "conflict (last)", "conflicting steps", "wall time"]
+        return
+    if name == "gradient_penalty":
+        assert list(result) == [
+            "static, lambda = 1", "static, lambda = 10", "lra (authors' code)", "lra (paper formula)"]
+        for label, run in result.items():
+            assert all(math.isfinite(w) and w > 0 for w in run["weights"].values()), (label, run["weights"])
+            assert all(math.isfinite(v) for v in run["terms"].values()) and math.isfinite(run["estimate"])
+            assert run["weights"]["critic"] == 1.0  # the reference keeps its weight
+        assert result["static, lambda = 1"]["weights"]["penalty"] == 1.0
+        assert result["static, lambda = 10"]["weights"]["penalty"] == 10.0
+        for label in ("lra (authors' code)", "lra (paper formula)"):  # three updates (steps 0, 10, 20)
+            assert result[label]["weights"]["penalty"] != pytest.approx(1.0, rel=1e-3), result[label]["weights"]
+        assert "true W1 = 2" in out
+        return
+    if name == "lightning_module":
+        assert result["skipped"] is False and result["global_step"] == 30 and result["balancer_steps"] == 30
+        weights = result["weights"]
+        assert weights["pde"] == 1.0 and math.isfinite(weights["bc"]) and weights["bc"] > 0 and weights["bc"] != 1.0
+        assert result["logged"]["weight/bc"] == pytest.approx(weights["bc"])  # self.log of the last step
+        assert result["logged"]["weight/pde"] == 1.0 and math.isfinite(result["logged"]["loss/pde"])
+        assert result["after"]["pde"] < result["before"]["pde"]
+        assert "30 steps (manual optimisation)" in out
+        return
     if name == "inverse_problem":
         # 600 of the 3000 default steps: k is on its way (about 12 % off, from 60 % at k_init = 1)
         assert result["k_true"] == 2.5 and result["rel_error"] < 0.25
@@ -132,3 +182,26 @@ def test_inverse_problem_scope_and_config_errors(tmp_path):
     bad.write_text(text)
     with pytest.raises(ConfigError, match=r"coeff.*match no parameter"):
         module.main(["--config", str(bad), "--steps", "1"])
+
+
+def test_lightning_module_without_lightning(monkeypatch, capsys):
+    """Lightning is optional: without it the example says how to install it and returns."""
+    for name in ("lightning", "lightning.pytorch", "pytorch_lightning"):
+        monkeypatch.setitem(sys.modules, name, None)  # "import name" now raises ImportError
+    module = load("lightning_module")
+    assert module.import_lightning() is None
+    result = module.main(["--steps", "1"])
+    assert result["skipped"] is True
+    assert "pip install lightning" in capsys.readouterr().out
+
+
+def test_lightning_module_resumes_with_the_balancer_state(tmp_path, capsys):
+    """``on_save_checkpoint`` stores the balancer's state; a resumed fit starts from its weights."""
+    require_lightning()
+    module = load("lightning_module")
+    path = str(tmp_path / "run.ckpt")
+    first = module.main(["--steps", "16", "--save", path])  # one epoch: 1024 points / 64
+    resumed = module.main(["--steps", "32", "--ckpt-path", path])
+    assert resumed["start_weights"] == first["weights"] != {"pde": 1.0, "bc": 1.0}
+    assert resumed["global_step"] == 32 and resumed["balancer_steps"] == 32
+    assert resumed["before"] == first["after"]  # the "start" row is the checkpoint's network

@@ -40,7 +40,7 @@ from lossbalance.strategies.base import StepRecord, make_strategy
 from lossbalance.strategies.lra import LRAnnealing
 from lossbalance.strategies.relobralo import ReLoBRaLo
 
-from _models import PINN1D, mlp
+from _models import InfiniteGradient, PINN1D, mlp
 
 STRATEGIES = available_strategies()
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -107,18 +107,6 @@ def assert_positive_finite(weights, what="weights"):
 
 # =================================================================================================
 # Non-finite policy
-
-
-class InfiniteGradient(torch.autograd.Function):
-    """Identity forward, Inf backward: the loss value is finite, its gradient is not."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.full_like(grad, math.inf)
 
 
 def nan_loss(losses):

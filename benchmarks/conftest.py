@@ -1,0 +1,115 @@
+"""Shared set-up of the benchmark suite: 2 threads, import paths, and the ``measure`` helper.
+
+Run it with ``pytest benchmarks/ --benchmark-only --benchmark-json=FILE`` (or
+``python benchmarks/table.py --run``). The root ``setup.cfg`` limits plain ``pytest`` to
+``tests/``, so the benchmarks only run when asked for.
+
+How long each benchmark runs follows pytest-benchmark's own options: a benchmark runs
+``max(--benchmark-min-rounds, ceil(--benchmark-max-time / time of one round))`` rounds after one
+calibration round and one warm-up round. Where the command line does not set them, this suite
+uses 2 s and 7 rounds (pytest-benchmark's defaults are 1 s and 5): about 4 minutes for the whole
+suite on a quiet 2-core machine. A quick check of the whole suite:
+``--benchmark-max-time=0.05 --benchmark-min-rounds=2``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+for path in (str(ROOT), str(HERE)):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# 2 threads, as in the README table; LOSSBALANCE_BENCH_THREADS=1 is steadier on a busy machine
+# (a descheduled OpenMP thread stalls the other one). The count is recorded with every figure.
+THREADS = int(os.environ.get("LOSSBALANCE_BENCH_THREADS", "2"))
+torch.set_num_threads(THREADS)
+
+
+def pytest_configure(config):
+    torch.set_num_threads(THREADS)
+
+
+MAX_TIME = 2.0  # seconds per benchmark, unless --benchmark-max-time is given
+MIN_ROUNDS = 7  # unless --benchmark-min-rounds is given
+
+
+def _given(config, flag: str) -> bool:
+    args = list(config.invocation_params.args) + os.environ.get("PYTEST_ADDOPTS", "").split()
+    return any(str(a) == flag or str(a).startswith(flag + "=") for a in args)
+
+
+def _option(config, name: str, default):
+    """pytest-benchmark's option ``--name`` where given on the command line, else ``default``."""
+    if not _given(config, "--" + name.replace("_", "-")):
+        return default
+    try:
+        value = config.getoption(name)
+    except ValueError:
+        return default
+    return default if value is None else value
+
+
+class Measure:
+    """``measure(step, iterations=..., **info)``: time ``step`` with ``benchmark.pedantic``.
+
+    Each round runs ``iterations`` consecutive steps (the recorded figure is the time per step),
+    so with ``iterations`` a multiple of ``update_every`` every round holds the same number of
+    weight updates. ``iterations=None`` picks 1..10 steps to make a round last about 0.1 s.
+    ``info`` goes to the JSON's ``extra_info`` (with the thread count and the load average).
+    """
+
+    def __init__(self, benchmark, config):
+        self.benchmark = benchmark
+        self.max_time = float(_option(config, "benchmark_max_time", MAX_TIME))
+        self.min_rounds = int(_option(config, "benchmark_min_rounds", MIN_ROUNDS))
+
+    def __call__(self, step, *, iterations: int | None = None, **info):
+        benchmark = self.benchmark
+        torch.set_num_threads(THREADS)
+        info.update(threads=torch.get_num_threads(), load_before=os.getloadavg()[0])
+        if getattr(benchmark, "disabled", False):
+            step()
+            benchmark.extra_info.update(info)
+            return benchmark(step)
+        start = time.perf_counter()
+        step()  # first call: lazy buffers, registry look-ups, first-term checks
+        first = time.perf_counter() - start
+        if iterations is None:
+            iterations = max(1, min(10, round(0.1 / max(first, 1e-6))))
+        start = time.perf_counter()
+        for _ in range(iterations):  # calibration round (also a warm-up)
+            step()
+        per_round = time.perf_counter() - start
+        rounds = max(self.min_rounds, math.ceil(self.max_time / max(per_round, 1e-9)))
+        rounds = min(rounds, 1000)
+        result = benchmark.pedantic(step, rounds=rounds, iterations=iterations, warmup_rounds=1)
+        info.update(load_after=os.getloadavg()[0], iterations=iterations)
+        benchmark.extra_info.update(info)
+        return result
+
+
+@pytest.fixture
+def measure(benchmark, request, _warm_process):
+    return Measure(benchmark, request.config)
+
+
+@pytest.fixture(scope="session")
+def _warm_process():
+    """Run each workload's plain step for a moment before the first timing (thread pools, allocator)."""
+    import workloads as W
+
+    torch.set_num_threads(THREADS)
+    for name in W.WORKLOADS:
+        step = W.plain(W.make(name))
+        end = time.perf_counter() + 0.3
+        while time.perf_counter() < end:
+            step()

@@ -1,0 +1,236 @@
+"""Turn the benchmark JSON into the README tables (RST): every figure a ratio to the plain step.
+
+    python benchmarks/table.py --run                 # run the suite (about 8 min), then print
+    python benchmarks/table.py FILE.json             # print from an earlier run:
+        # pytest benchmarks/ --benchmark-only --benchmark-json=FILE.json
+    python benchmarks/table.py --run --json out.json -- --benchmark-max-time=0.05   # quick check
+
+Ratios are medians of the variant's step time over the median of the plain step of the same
+workload in the same run (the scale tables: of the same K / parameter count). The memory table
+comes from the same run (``test_memory``), or is measured now with ``--memory``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+WORKLOAD_LABELS = {"disjoint": "disjoint (PINN)", "heads": "shared heads", "residual": "shared residual"}
+# variant -> (column head, legend)
+COLUMNS = {
+    "lra_every1": ("LRA/1", "LossBalancer + LRAnnealing(reference=...), update_every=1"),
+    "lra_every10": ("LRA/10", "the same, update_every=10"),
+    "static": ("static", 'loss-value strategy: "static" (no per-term gradients)'),
+    "relobralo": ("ReLoBRaLo", 'loss-value strategy: "relobralo"'),
+    "probe_every1": ("probe/1", "LRA/1 with probe= the last layer's parameters"),
+    "lean_every1": ("lean/1", 'LRA/1 with memory="lean"'),
+    "scope_every1": ("scope/1", "LRA/1 with scope=: every term but the reference trains all but the first layer"),
+    "naive": ("naive", "K autograd.grad(retain_graph=True) then a full backward (PhysicsNeMo's LRA loop)"),
+    "torchjd_mean": ("torchjd", "torchjd (Jacobian descent) with the Mean aggregator"),
+    "plain_again": ("drift", "the plain step timed again at the end of the block (far from 1.00: busy machine)"),
+}
+TARGETS = {"disjoint": (1.10, 1.03), "heads": (1.25, 1.05), "residual": (2.3, 1.15)}
+PROBE_TARGETS = {"residual": 1.2}
+
+
+def rst_table(head, rows) -> str:
+    """An RST simple table (first column left-aligned, the others too; cells are strings)."""
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    rule = "  ".join("=" * w for w in widths)
+
+    def line(cells):
+        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    return "\n".join([rule, line(head), rule, *map(line, rows), rule])
+
+
+def load(path: str | Path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _records(data: dict) -> list[dict]:
+    out = []
+    for bench in data.get("benchmarks", []):
+        info = bench.get("extra_info") or {}
+        if "suite" not in info:
+            continue
+        out.append({**info, "median": bench["stats"]["median"], "iqr": bench["stats"].get("iqr"),
+                    "rounds": bench["stats"].get("rounds"), "name": bench.get("name")})
+    return out
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def overhead_table(records: list[dict]) -> tuple[str, dict]:
+    rows_by_workload: dict[str, dict[str, float]] = {}
+    for r in records:
+        if r["suite"] == "overhead":
+            rows_by_workload.setdefault(r["workload"], {})[r["variant"]] = r["median"]
+    present = [v for v in COLUMNS if any(v in row for row in rows_by_workload.values())]
+    head = ["workload", "plain ms"] + [COLUMNS[v][0] for v in present]
+    rows, ratios = [], {}
+    for workload in [w for w in WORKLOAD_LABELS if w in rows_by_workload]:
+        row = rows_by_workload[workload]
+        base = row.get("plain")
+        ratio = {v: (row[v] / base if base and v in row else None) for v in present}
+        ratios[workload] = ratio
+        rows.append([WORKLOAD_LABELS[workload], _fmt(base * 1e3 if base else None, 1)]
+                    + [_fmt(ratio[v]) for v in present])
+    if not rows:
+        return "", ratios
+    legend = "\n".join(f"- {COLUMNS[v][0]}: {COLUMNS[v][1]}" for v in present)
+    text = ("Time per training step (forward pass included) as a ratio to the plain step "
+            "(``zero_grad(); sum(w_i L_i).backward(); step()``) of the same run; medians. K = 4, "
+            "MLP 2-50-50-50-1 tanh, SGD.\n\n" + rst_table(head, rows) + "\n\n" + legend)
+    return text, ratios
+
+
+def targets_table(ratios: dict) -> str:
+    head = ["workload", "LRA/1", "target", "LRA/10", "target", "probe/1", "target"]
+    rows = []
+    for workload, (t1, t10) in TARGETS.items():
+        if workload not in ratios:
+            continue
+        r = ratios[workload]
+
+        def cell(value, target):
+            if value is None or target is None:
+                return _fmt(value), "" if target is None else f"<= {target:g}"
+            return _fmt(value), f"<= {target:g} {'ok' if value <= target else 'MISSED'}"
+
+        a = cell(r.get("lra_every1"), t1)
+        b = cell(r.get("lra_every10"), t10)
+        c = cell(r.get("probe_every1"), PROBE_TARGETS.get(workload))
+        rows.append([WORKLOAD_LABELS[workload], *a, *b, *c])
+    return "Targets (ratios to the plain step)\n\n" + rst_table(head, rows) if rows else ""
+
+
+def _scale_rows(records, suite, key):
+    by_key: dict[int, dict[str, dict]] = {}
+    for r in records:
+        if r["suite"] == suite:
+            by_key.setdefault(r[key], {})[r["variant"]] = r
+    return dict(sorted(by_key.items()))
+
+
+def scale_tables(records: list[dict]) -> str:
+    parts = []
+    terms = _scale_rows(records, "scale_terms", "K")
+    if terms:
+        rows = []
+        for k, row in terms.items():
+            plain, lra = row.get("plain"), row.get("lra_every1")
+            ratio = lra["median"] / plain["median"] if plain and lra else None
+            any_row = plain or lra
+            rows.append([str(k), f"{any_row['params']:,}", _fmt(plain["median"] * 1e3 if plain else None, 1),
+                         _fmt(ratio)])
+        parts.append("Scale in the number of terms: disjoint workload (one residual term on 1024 points, K - 1 "
+                     "boundary terms on 128 points each), MLP 2-50-50-50-1; LRA/1 as a ratio to the plain step.\n\n"
+                     + rst_table(["K", "parameters", "plain ms", "LRA/1"], rows))
+    params = _scale_rows(records, "scale_params", "params")
+    if params:
+        rows = []
+        for p, row in params.items():
+            plain, lra = row.get("plain"), row.get("lra_every1")
+            ratio = lra["median"] / plain["median"] if plain and lra else None
+            any_row = plain or lra
+            rows.append([f"{p:,}", str(any_row.get("width", "")), _fmt(plain["median"] * 1e3 if plain else None, 1),
+                         _fmt(ratio)])
+        parts.append("Scale in the parameter count: disjoint workload, K = 4, MLP 2-w-w-w-1 widened; "
+                     "LRA/1 as a ratio to the plain step.\n\n"
+                     + rst_table(["parameters", "width", "plain ms", "LRA/1"], rows))
+    return "\n\n".join(parts)
+
+
+def memory_section(records: list[dict], measure_now: bool) -> str:
+    import memory
+
+    results = next((r["memory"] for r in records if r["suite"] == "memory" and r.get("memory")), None)
+    if results is None and measure_now:
+        results = memory.measure()
+    if results is None:
+        return "(no memory figures in this run: run test_memory.py, or pass --memory to measure them now)"
+    return memory.rst(results)
+
+
+def header(data: dict, records: list[dict]) -> str:
+    machine = data.get("machine_info", {})
+    cpu = (machine.get("cpu") or {}).get("brand_raw", machine.get("processor", "?"))
+    threads = sorted({r.get("threads") for r in records if r.get("threads") is not None})
+    loads = [r.get(k) for r in records for k in ("load_before", "load_after") if r.get(k) is not None]
+    versions = {}
+    try:
+        import torch
+
+        versions["torch"] = torch.__version__
+    except ImportError:
+        pass
+    lines = [f".. {data.get('datetime', '?')}; {cpu}; {os.cpu_count()} CPUs here; torch threads "
+             f"{', '.join(map(str, threads)) or '?'}; torch {versions.get('torch', '?')}; "
+             f"python {machine.get('python_version', '?')}"]
+    warnings = []
+    # the benchmark itself keeps about `threads` cores busy; more than the machine has: others ran too
+    if loads and max(loads) > (os.cpu_count() or 1) + 0.5:
+        warnings.append(f"load average up to {max(loads):.1f}")
+    plain = {r["workload"]: r["median"] for r in records if r["suite"] == "overhead" and r["variant"] == "plain"}
+    for r in records:
+        if r["suite"] == "overhead" and r["variant"] == "plain_again" and r["workload"] in plain:
+            d = r["median"] / plain[r["workload"]]
+            if abs(d - 1) > 0.05:
+                warnings.append(f"plain step drifted {d:.2f}x on {r['workload']}")
+    if warnings:
+        lines.append(".. NOISY RUN: " + "; ".join(warnings) + ": rerun on a quiet machine before publishing")
+    return "\n".join(lines)
+
+
+def render(data: dict, *, measure_memory: bool = False) -> str:
+    records = _records(data)
+    overhead, ratios = overhead_table(records)
+    sections = [header(data, records), overhead, targets_table(ratios), scale_tables(records),
+                memory_section(records, measure_memory)]
+    return "\n\n".join(s for s in sections if s) + "\n"
+
+
+def run_suite(json_path: str, extra: list[str]) -> int:
+    command = [sys.executable, "-m", "pytest", str(HERE), "--benchmark-only", f"--benchmark-json={json_path}",
+               "-q", "-p", "no:cacheprovider", *extra]
+    print("+ " + " ".join(command), file=sys.stderr, flush=True)
+    return subprocess.call(command, cwd=ROOT, stdout=sys.stderr)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("file", nargs="?", help="pytest-benchmark JSON (--benchmark-json=FILE)")
+    parser.add_argument("--run", action="store_true", help="run `pytest benchmarks/ --benchmark-only` first")
+    parser.add_argument("--json", help="with --run: where to keep the JSON (default: a temporary file)")
+    parser.add_argument("--memory", action="store_true", help="measure the memory table now if the JSON lacks it")
+    parser.add_argument("pytest_args", nargs="*", help="with --run: extra pytest arguments, after --")
+    args = parser.parse_args(argv)
+    code = 0
+    if args.run:
+        path = args.json or os.path.join(tempfile.mkdtemp(prefix="lossbalance-bench-"), "benchmarks.json")
+        code = run_suite(path, args.pytest_args)
+        print(f"benchmark JSON: {path}", file=sys.stderr)
+        if not os.path.exists(path):
+            return code or 1
+    elif args.file:
+        path = args.file
+    else:
+        parser.error("give a JSON file, or --run")
+    print(render(load(path), measure_memory=args.memory), end="")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
