@@ -325,7 +325,7 @@ class LossBalancer:
         rollback = None
         if update:
             if plain:  # the backward that follows the update may fail: be able to undo it
-                rollback = (weights, copy.deepcopy(self.strategy.state_dict()), self.generator.get_state())
+                rollback = (weights, self.strategy.state_dict(), self.generator.get_state())
             record = StepRecord(names, values, weights, self._step, self._updates, stats, self.generator)
             try:
                 proposed = self.strategy.update(record)
@@ -630,7 +630,7 @@ class LossBalancer:
         names = list(state["names"])
         if len(names) != state["weights"].numel():
             raise ValueError(f"corrupt state: {len(names)} term names but {state['weights'].numel()} weights")
-        strategy_state = copy.deepcopy(self.strategy.state_dict())
+        strategy_state = self.strategy.state_dict()  # a snapshot (protocol)
         self.strategy.load_state_dict(state["strategy"])
         try:
             self.optimizer.load_state_dict(state["optimizer"])

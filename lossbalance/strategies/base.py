@@ -54,6 +54,7 @@ class Strategy(ABC):
         """Return the new (K,) weights for ``record.names``."""
 
     def state_dict(self) -> dict[str, Any]:
+        """A snapshot of the state: later updates must not change it (copy tensors and dicts)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
