@@ -60,21 +60,9 @@ import torch
 from torch import Tensor, nn
 
 from lossbalance import LossBalancer, LRAnnealing
+from lossbalance.problems import MLP
 
 STD = 0.5
-
-
-def critic(sizes: Sequence[int], generator: torch.Generator) -> nn.Sequential:
-    """MLP ``sizes`` with tanh (smooth, so the penalty's double backward is informative)."""
-    layers: list[nn.Module] = []
-    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        linear = nn.Linear(fan_in, fan_out)
-        nn.init.xavier_normal_(linear.weight, generator=generator)
-        nn.init.zeros_(linear.bias)
-        layers.append(linear)
-        if i < len(sizes) - 2:
-            layers.append(nn.Tanh())
-    return nn.Sequential(*layers)
 
 
 def sample(n: int, mean: Tensor, generator: torch.Generator) -> Tensor:
@@ -93,7 +81,7 @@ def losses(model: nn.Module, real: Tensor, fake: Tensor, generator: torch.Genera
 
 
 def run(label: str, strategy: Any, penalty_weight: float, args: argparse.Namespace) -> dict[str, Any]:
-    model = critic([2, *args.hidden, 1], torch.Generator().manual_seed(args.seed))
+    model = MLP([2, *args.hidden, 1], generator=torch.Generator().manual_seed(args.seed))  # tanh: smooth, so the penalty's double backward is informative
     generator = torch.Generator().manual_seed(args.seed + 1)
     shift = torch.full((2,), args.shift / math.sqrt(2.0))
     zero = torch.zeros(2)

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from lossbalance import LossBalancer
+from lossbalance.problems import MLP
 
 DEFAULT_CONFIG = Path(__file__).with_suffix(".toml")
 
@@ -51,16 +52,7 @@ class InverseModel(nn.Module):
 
     def __init__(self, hidden: Sequence[int], k_init: float, generator: torch.Generator):
         super().__init__()
-        sizes = [1, *hidden, 1]
-        layers: list[nn.Module] = []
-        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-            linear = nn.Linear(fan_in, fan_out)
-            nn.init.xavier_normal_(linear.weight, generator=generator)
-            nn.init.zeros_(linear.bias)
-            layers.append(linear)
-            if i < len(sizes) - 2:
-                layers.append(nn.Tanh())
-        self.net = nn.Sequential(*layers)
+        self.net = MLP([1, *hidden, 1], generator=generator)
         self.coef = nn.Parameter(torch.tensor(float(k_init)))
 
     def forward(self, x: Tensor) -> Tensor:

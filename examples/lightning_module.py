@@ -55,6 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from lossbalance import LossBalancer, LRAnnealing
+from lossbalance.problems import MLP
 
 INSTALL_HINT = "pip install lightning"
 
@@ -69,18 +70,6 @@ def import_lightning() -> ModuleType | None:
         except ImportError:
             return None
     return pl
-
-
-def mlp(sizes: Sequence[int], generator: torch.Generator) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        linear = nn.Linear(fan_in, fan_out)
-        nn.init.xavier_normal_(linear.weight, generator=generator)
-        nn.init.zeros_(linear.bias)
-        layers.append(linear)
-        if i < len(sizes) - 2:
-            layers.append(nn.Tanh())
-    return nn.Sequential(*layers)
 
 
 def poisson_losses(net: nn.Module, x: Tensor) -> dict[str, Tensor]:
@@ -103,7 +92,7 @@ def make_module_class(pl: ModuleType) -> type:
         def __init__(self, hidden: Sequence[int] = (32, 32), lr: float = 1e-3, update_every: int = 10, seed: int = 0):
             super().__init__()
             self.automatic_optimization = False  # the balancer does the backward passes
-            self.net = mlp([1, *hidden, 1], torch.Generator().manual_seed(seed))
+            self.net = MLP([1, *hidden, 1], generator=torch.Generator().manual_seed(seed))
             self.lr = lr
             self.update_every = update_every
             self.balancer: LossBalancer | None = None

@@ -344,22 +344,15 @@ class LossBalancer:
                 direction = self.combiner(weighted, generator=self.generator)
             self._engine.write_combined(weights, direction)
         else:
-            def undo_update() -> None:
-                if rollback is not None:
-                    self._weights[index], state, generator = rollback
-                    self.strategy.load_state_dict(state)
-                    self.generator.set_state(generator)
-                    self._updates -= 1
-
             try:
                 values, finite = self._engine.backward(
                     names, terms, weights, scopes, values, check_finite=self.scaler is None
                 )
             except BaseException:
-                undo_update()
+                self._undo_update(rollback, index)
                 raise
             if not finite:
-                undo_update()
+                self._undo_update(rollback, index)
                 self._nonfinite(f"gradient of the weighted sum of the terms {list(names)}")
                 return None
             if distributed and not update and not self._finite(names, values, averaged):
@@ -371,9 +364,17 @@ class LossBalancer:
                 self._diagnostics = (self._step, names, stats)  # figures computed when read
             if self._history.maxlen:
                 figures = _figures(stats) if kept else None  # now: the buffer is reused next step
-                self._history.append((self._step, names, weights.clone(), values, figures))
+                self._history.append((self._step, names, weights, values, figures))  # fresh tensors
             self._step += 1
         return torch.dot(weights, values)
+
+    def _undo_update(self, rollback: tuple[Tensor, dict[str, Any], Tensor] | None, index: Tensor) -> None:
+        """Take back this step's weight update (its backward failed)."""
+        if rollback is not None:
+            self._weights[index], state, generator = rollback
+            self.strategy.load_state_dict(state)
+            self.generator.set_state(generator)
+            self._updates -= 1
 
     def _sanitize(self, new: Tensor, old: Tensor, index: Tensor) -> Tensor:
         """Bound the strategy's weights; a non-finite or non-positive weight keeps its old value."""

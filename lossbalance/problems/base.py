@@ -253,5 +253,18 @@ class Problem(ABC):
         """Model values at ``x`` as a 1-D tensor of length ``N``."""
         return model(x).reshape(x.shape[0])
 
+    def residual(self, model: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        """The PDE residual at the points ``x``, shape ``(N,)``; differentiable w.r.t. the model
+        when grad mode is on (derivatives w.r.t. ``x`` are taken in any case)."""
+        keep_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            r = self._residual(self._outputs(model, x), x)
+        return r if keep_graph else r.detach()
+
+    def _residual(self, u: Tensor, x: Tensor) -> Tensor:
+        """The residual from the model values ``u`` (N,) at the points ``x`` (which require grad)."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(terms={self.term_names}, device={self.device}, dtype={self.dtype})"

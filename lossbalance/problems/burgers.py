@@ -130,17 +130,12 @@ class Burgers1D(Problem):
         return self._reference[n]
 
     # ------------------------------------------------------------------ PINN terms
-    def residual(self, model: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-        """``u_t + u u_x - nu u_xx`` at ``(t, x)`` points, shape ``(N,)``."""
-        keep_graph = torch.is_grad_enabled()
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            u = self._outputs(model, x)
-            du = gradient(u, x)
-            u_t, u_x = du[:, 0], du[:, 1]
-            u_xx = gradient(u_x, x)[:, 1]
-            r = u_t + u * u_x - self.nu * u_xx
-        return r if keep_graph else r.detach()
+    def _residual(self, u: Tensor, x: Tensor) -> Tensor:
+        """``u_t + u u_x - nu u_xx`` at ``(t, x)`` points."""
+        du = gradient(u, x)
+        u_t, u_x = du[:, 0], du[:, 1]
+        u_xx = gradient(u_x, x)[:, 1]
+        return u_t + u * u_x - self.nu * u_xx
 
     def sample(
         self, batch_size: int = 128, generator: torch.Generator | None = None

@@ -70,16 +70,11 @@ class Poisson1D(Problem):
         w, w_hi = self.freq * math.pi, self.freq_hi * math.pi
         return self.kappa * (w**2 * torch.sin(w * x) + self.amp_hi * w_hi**2 * torch.sin(w_hi * x))
 
-    def residual(self, model: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-        """``-kappa u'' - f`` at ``x``, shape ``(N,)``."""
-        keep_graph = torch.is_grad_enabled()
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            u = self._outputs(model, x)
-            u_x = gradient(u, x)[:, 0]
-            u_xx = gradient(u_x, x)[:, 0]
-            r = -self.kappa * u_xx - self.source(x.detach())
-        return r if keep_graph else r.detach()
+    def _residual(self, u: Tensor, x: Tensor) -> Tensor:
+        """``-kappa u'' - f``."""
+        u_x = gradient(u, x)[:, 0]
+        u_xx = gradient(u_x, x)[:, 0]
+        return -self.kappa * u_xx - self.source(x.detach())
 
     def sample(
         self, batch_size: int = 128, generator: torch.Generator | None = None
