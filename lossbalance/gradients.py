@@ -218,6 +218,13 @@ class GradientEngine:
         self._grad_views = [v.view_as(p) for v, p in zip(self._combined.split(self.layout.sizes), self.params)]
         self._reached: list[bool] = []
 
+    def __repr__(self) -> str:
+        probe = "" if self.probe is None else f", probe={len(self.probe.params)} tensors"
+        return (
+            f"GradientEngine({len(self.params)} tensors, {self.layout.total} parameters, "
+            f"{self.layout.dtype}, {self.layout.device}, memory={self.memory!r}, grad_mode={self.grad_mode!r}{probe})"
+        )
+
     @property
     def stats_layout(self) -> _Layout:
         return self.layout if self.probe is None else self.probe
