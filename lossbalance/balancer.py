@@ -402,10 +402,15 @@ class LossBalancer:
     def backward(self, losses: Losses) -> Tensor:
         """Everything :meth:`step` does except ``optimizer.step()``; returns the weighted total.
 
-        Use it to clip or inspect gradients before calling ``optimizer.step()`` yourself.
+        Use it to clip or inspect gradients before calling ``optimizer.step()`` yourself. A step
+        skipped for non-finite values (``nonfinite="skip"``) returns NaN and sets the balanced
+        parameters' ``.grad`` to ``None``, so that your ``optimizer.step()`` leaves them alone
+        instead of applying the previous step's gradient again.
         """
         total = self._backward(losses, True)
         if total is None:
+            for p in self._engine.params:
+                p.grad = None
             return self._nan()
         self._run_hooks()
         return total

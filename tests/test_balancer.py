@@ -237,3 +237,18 @@ def test_history_stats_and_pass_through():
     balancer.zero_grad()
     assert all(p.grad is None for p in problem.model.parameters())
     assert "LRAnnealing" in repr(balancer) and "update_every=1" in repr(balancer)
+
+
+def test_a_skipped_backward_leaves_nothing_for_a_manual_optimizer_step():
+    problem = PINN1D()
+    balancer = LossBalancer(torch.optim.Adam(problem.model.parameters(), lr=1e-2), LRAnnealing("pde"), nonfinite="skip")
+    balancer.backward(problem.losses())
+    balancer.optimizer.step()
+    params = [p.detach().clone() for p in problem.model.parameters()]
+    losses = problem.losses()
+    losses["pde"] = losses["pde"] * float("nan")
+    assert torch.isnan(balancer.backward(losses)) and balancer.skipped == 1
+    assert all(p.grad is None for p in problem.model.parameters())
+    balancer.optimizer.step()  # the usual manual step: must not re-apply the previous gradient
+    for a, b in zip(params, problem.model.parameters()):
+        assert torch.equal(a, b)
