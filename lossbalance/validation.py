@@ -5,7 +5,7 @@ the optimizer or ``.grad``.
 """
 from __future__ import annotations
 
-from typing import Any, Collection, Mapping
+from typing import Any, Collection, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -64,34 +64,28 @@ def check_finite(names: tuple[str, ...], values: Tensor, what: str = "loss value
         )
 
 
-def reaches(loss: Tensor, targets: Collection[int]) -> bool:
-    """Whether the autograd graph of ``loss`` reaches a tensor whose ``id`` is in ``targets``."""
-    if id(loss) in targets:
-        return True
-    stack = [loss.grad_fn]
-    seen = set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None and id(variable) in targets:
-            return True
-        stack.extend(child for child, _ in node.next_functions)
-    return False
-
-
-def graph_size(loss: Tensor) -> int:
-    """The number of autograd nodes behind ``loss`` (a proxy for the cost of its backward)."""
+def _nodes(loss: Tensor) -> Iterator[Any]:
+    """The autograd nodes behind ``loss``, each once (depth first)."""
     stack, seen = [loss.grad_fn], set()
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
+        yield node
         stack.extend(child for child, _ in node.next_functions)
-    return len(seen)
+
+
+def reaches(loss: Tensor, targets: Collection[int]) -> bool:
+    """Whether the autograd graph of ``loss`` reaches a tensor whose ``id`` is in ``targets``."""
+    if id(loss) in targets:
+        return True
+    return any(id(getattr(node, "variable", None)) in targets for node in _nodes(loss))
+
+
+def graph_size(loss: Tensor) -> int:
+    """The number of autograd nodes behind ``loss`` (a proxy for the cost of its backward)."""
+    return sum(1 for _ in _nodes(loss))
 
 
 def check_key_set(present: Collection[str], known: Collection[str], optional: Collection[str]) -> None:
