@@ -130,32 +130,30 @@ def _scale_rows(records, suite, key):
     return dict(sorted(by_key.items()))
 
 
+def _scale_table(rows_by_key: dict, label, first: str, second: str, describe) -> str:
+    """One scale table: a row per key with ``label(key)``, ``describe(row)``, the plain step and LRA/1."""
+    rows = []
+    for key, row in rows_by_key.items():
+        plain, lra = row.get("plain"), row.get("lra_every1")
+        ratio = lra["median"] / plain["median"] if plain and lra else None
+        rows.append([label(key), describe(plain or lra), _fmt(plain["median"] * 1e3 if plain else None, 1),
+                     _fmt(ratio)])
+    return rst_table([first, second, "plain ms", "LRA/1"], rows)
+
+
 def scale_tables(records: list[dict]) -> str:
     parts = []
     terms = _scale_rows(records, "scale_terms", "K")
     if terms:
-        rows = []
-        for k, row in terms.items():
-            plain, lra = row.get("plain"), row.get("lra_every1")
-            ratio = lra["median"] / plain["median"] if plain and lra else None
-            any_row = plain or lra
-            rows.append([str(k), f"{any_row['params']:,}", _fmt(plain["median"] * 1e3 if plain else None, 1),
-                         _fmt(ratio)])
         parts.append("Scale in the number of terms: disjoint workload (one residual term on 1024 points, K - 1 "
                      "boundary terms on 128 points each), MLP 2-50-50-50-1; LRA/1 as a ratio to the plain step.\n\n"
-                     + rst_table(["K", "parameters", "plain ms", "LRA/1"], rows))
+                     + _scale_table(terms, str, "K", "parameters", lambda r: f"{r['params']:,}"))
     params = _scale_rows(records, "scale_params", "params")
     if params:
-        rows = []
-        for p, row in params.items():
-            plain, lra = row.get("plain"), row.get("lra_every1")
-            ratio = lra["median"] / plain["median"] if plain and lra else None
-            any_row = plain or lra
-            rows.append([f"{p:,}", str(any_row.get("width", "")), _fmt(plain["median"] * 1e3 if plain else None, 1),
-                         _fmt(ratio)])
         parts.append("Scale in the parameter count: disjoint workload, K = 4, MLP 2-w-w-w-1 widened; "
                      "LRA/1 as a ratio to the plain step.\n\n"
-                     + rst_table(["parameters", "width", "plain ms", "LRA/1"], rows))
+                     + _scale_table(params, lambda p: f"{p:,}", "parameters", "width",
+                                    lambda r: str(r.get("width", ""))))
     return "\n\n".join(parts)
 
 
