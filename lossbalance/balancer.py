@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .combine import Combiner, WeightedSum, make_combiner
-from .config import export_config, parse_config
+from .config import export_config, option_problems, parse_config
 from torch.utils.hooks import RemovableHandle
 
 from .gradients import GradientEngine, GradStats
@@ -98,18 +98,13 @@ class LossBalancer:
                 f"LossBalancer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}; "
                 "create the optimizer first, e.g. torch.optim.Adam(model.parameters())"
             )
-        if not isinstance(update_every, int) or update_every < 1:
-            raise ValueError(f"update_every must be a positive integer, got {update_every!r}")
-        if not isinstance(warmup, int) or warmup < 0:
-            raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
-        if nonfinite not in ("raise", "skip"):
-            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
-        if check_paths not in ("first", "always"):
-            raise ValueError(f"check_paths must be 'first' or 'always', got {check_paths!r}")
-        if not isinstance(history, int) or history < 0:
-            raise ValueError(f"history must be a non-negative integer, got {history!r}")
-        if not isinstance(diagnose_every, int) or diagnose_every < 0:
-            raise ValueError(f"diagnose_every must be a non-negative integer, got {diagnose_every!r}")
+        problems = option_problems({
+            "update_every": update_every, "warmup": warmup, "frozen": frozen, "memory": memory,
+            "grad_mode": grad_mode, "nonfinite": nonfinite, "history": history, "check_paths": check_paths,
+            "diagnose_every": diagnose_every, "seed": seed,
+        })
+        if problems:
+            raise ValueError("; ".join(problems))
         self.optimizer = optimizer
         self.strategy = make_strategy(strategy)
         self.update_every = update_every

@@ -24,7 +24,7 @@ from .combine import available_combiners, make_combiner
 from .scope import parameters_by_prefix
 from .strategies.base import _REGISTRY, available_strategies
 
-__all__ = ["ConfigError", "PRESETS", "available_presets", "parse_config", "export_config"]
+__all__ = ["ConfigError", "PRESETS", "available_presets", "option_problems", "parse_config", "export_config"]
 
 
 class ConfigError(ValueError):
@@ -90,6 +90,17 @@ _KEYS = sorted(
     {"preset", "strategy", "strategy_options", "weights", "min_weight", "max_weight", "terms", "optional",
      "scope", "probe", "combine", "combine_options"} | set(_SCALAR_CHECKS)
 )
+
+
+def option_problems(options: Mapping[str, Any]) -> list[str]:
+    """What is wrong with the plain options (``update_every``, ``memory``, ...) among ``options``;
+    the one rule book for ``LossBalancer`` and :func:`parse_config`."""
+    problems = []
+    for key, value in options.items():
+        kind, valid, expected = _SCALAR_CHECKS[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)) or not valid(value):
+            problems.append(f"{key} must be {expected}, got {value!r}")
+    return problems
 
 
 def available_presets() -> list[str]:
@@ -177,13 +188,9 @@ def parse_config(config: Mapping[str, Any], *, model: nn.Module | None = None) -
             merged[key] = value
 
     kwargs: dict[str, Any] = {}
-    for key, (kind, valid, expected) in _SCALAR_CHECKS.items():
-        if key in merged:
-            value = merged[key]
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)) or not valid(value):
-                problems.append(f"{key} must be {expected}, got {value!r}")
-            else:
-                kwargs[key] = value
+    scalars = {key: merged[key] for key in _SCALAR_CHECKS if key in merged}
+    problems += option_problems(scalars)
+    kwargs.update(scalars)  # used only when there is no problem at all
     if "weights" in merged:
         _weights_table("weights", merged["weights"], problems, allow_scalar=False)
         kwargs["weights"] = merged["weights"]
