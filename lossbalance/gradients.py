@@ -254,13 +254,12 @@ class GradientEngine:
         """Differentiate each term w.r.t. its scope; return the gradients' statistics and the
         loss ``values`` (averaged over processes when distributed).
 
-        ``order``: the order in which the terms are differentiated (default: as given); the
-        last one frees the graph in ``"keep"`` mode, so the term with the largest graph should
-        come last. The statistics' rows stay in the given order of the terms.
+        ``order``: the order in which the terms are differentiated (default: as given). In
+        ``"keep"`` mode without probe the last one frees the graph, so the term with the largest
+        graph should come last; otherwise the graph is retained for the weighted-sum backward of
+        :meth:`backward`. The statistics' rows stay in the given order of the terms.
 
         Raises ``ValueError`` naming a term that reaches none of the parameters it may train.
-        In ``"keep"`` mode without probe the last call frees the graph; otherwise the graph is
-        retained for the weighted-sum backward of :meth:`backward`.
         """
         layout = self.stats_layout
         buffer = self._rows(len(losses))
