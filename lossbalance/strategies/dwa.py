@@ -4,10 +4,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from .base import StepRecord, Strategy, register
+from .history import LossTables
 from .numerics import safe_ratio, safe_softmax
 
 __all__ = ["DWA"]
@@ -53,8 +53,7 @@ class DWA(Strategy):
         if not (temperature > 0 and math.isfinite(temperature)):
             raise ValueError(f"temperature must be finite and > 0, got {temperature}")
         self.temperature = float(temperature)
-        self._older: dict[str, Tensor] = {}   # L_i(t-2)
-        self._newer: dict[str, Tensor] = {}   # L_i(t-1)
+        self._history = LossTables("older", "newer")  # L_i(t-2), L_i(t-1)
 
     def options(self) -> dict[str, Any]:
         return {"temperature": self.temperature}
@@ -62,24 +61,19 @@ class DWA(Strategy):
     def update(self, record: StepRecord) -> Tensor:
         names, losses = record.names, record.losses.detach().clone()
         weights = record.weights.clone()
-        ready = [i for i, n in enumerate(names) if n in self._older]
+        older, newer = self._history["older"], self._history["newer"]
+        ready, select = self._history.known("older", names, losses.device)
         if ready:
-            select = slice(None) if len(ready) == len(names) else torch.tensor(ready, device=losses.device)
-            newer = torch.stack([self._newer[names[i]] for i in ready])
-            older = torch.stack([self._older[names[i]] for i in ready])
-            weights[select] = safe_softmax(safe_ratio(newer, older) / self.temperature, len(ready))
+            ratio = safe_ratio(self._history.stack("newer", names, ready), self._history.stack("older", names, ready))
+            weights[select] = safe_softmax(ratio / self.temperature, len(ready))
         for i, n in enumerate(names):
-            if n in self._newer:
-                self._older[n] = self._newer[n]
-            self._newer[n] = losses[i]
+            if n in newer:
+                older[n] = newer[n]
+            newer[n] = losses[i]
         return weights
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "older": {n: t.clone() for n, t in self._older.items()},
-            "newer": {n: t.clone() for n, t in self._newer.items()},
-        }
+        return self._history.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._older = {n: t.clone() for n, t in state["older"].items()}
-        self._newer = {n: t.clone() for n, t in state["newer"].items()}
+        self._history.load_state_dict(state)

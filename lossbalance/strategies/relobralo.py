@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .base import StepRecord, Strategy, register
+from .history import LossTables
 from .numerics import safe_ratio, safe_softmax
 
 __all__ = ["ReLoBRaLo"]
@@ -85,8 +86,8 @@ class ReLoBRaLo(Strategy):
         self.expected_rho = float(expected_rho)
         self.tau = float(tau)
         self.eps = float(eps)
-        self._initial: dict[str, Tensor] = {}   # L_i(0): first update at which the term was present
-        self._previous: dict[str, Tensor] = {}  # L_i(t-1): last update at which the term was present
+        # L_i(0) and L_i(t-1): the first and the last update at which the term was present
+        self._history = LossTables("initial", "previous")
 
     def options(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "expected_rho": self.expected_rho, "tau": self.tau, "eps": self.eps}
@@ -100,26 +101,21 @@ class ReLoBRaLo(Strategy):
         rho = (u < self.expected_rho).to(record.losses.dtype)  # 0-dim: broadcasts as a scalar
         names, losses = record.names, record.losses.detach().clone()
         weights = record.weights.clone()
-        old = [i for i, n in enumerate(names) if n in self._previous]
+        old, select = self._history.known("previous", names, losses.device)
         if old:
-            select = slice(None) if len(old) == len(names) else torch.tensor(old, device=losses.device)
             current = losses[select]
-            initial = torch.stack([self._initial[names[i]] for i in old])
-            previous = torch.stack([self._previous[names[i]] for i in old])
+            initial = self._history.stack("initial", names, old)
+            previous = self._history.stack("previous", names, old)
             k = len(old)
             lookback = rho * weights[select] + (1 - rho) * self._balance(current, initial, k)
             weights[select] = self.alpha * lookback + (1 - self.alpha) * self._balance(current, previous, k)
         for i, n in enumerate(names):
-            self._initial.setdefault(n, losses[i])
-            self._previous[n] = losses[i]
+            self._history["initial"].setdefault(n, losses[i])
+            self._history["previous"][n] = losses[i]
         return weights
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "initial": {n: t.clone() for n, t in self._initial.items()},
-            "previous": {n: t.clone() for n, t in self._previous.items()},
-        }
+        return self._history.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._initial = {n: t.clone() for n, t in state["initial"].items()}
-        self._previous = {n: t.clone() for n, t in state["previous"].items()}
+        self._history.load_state_dict(state)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .base import StepRecord, Strategy, register
+from .history import LossTables
 from .numerics import safe_ratio, safe_softmax
 
 __all__ = ["SoftAdapt"]
@@ -95,7 +96,7 @@ class SoftAdapt(Strategy):
         self.variant = variant
         self.normalize_to_k = bool(normalize_to_k)
         self.eps = float(eps)
-        self._previous: dict[str, Tensor] = {}  # L_i(t-1): last update at which the term was present
+        self._history = LossTables("previous")  # L_i(t-1)
 
     @classmethod
     def physicsnemo(cls) -> "SoftAdapt":
@@ -120,18 +121,17 @@ class SoftAdapt(Strategy):
     def update(self, record: StepRecord) -> Tensor:
         names, losses = record.names, record.losses.detach().clone()
         weights = record.weights.clone()
-        old = [i for i, n in enumerate(names) if n in self._previous]
+        old, select = self._history.known("previous", names, losses.device)
         if old:
-            select = slice(None) if len(old) == len(names) else torch.tensor(old, device=losses.device)
-            previous = torch.stack([self._previous[names[i]] for i in old])
+            previous = self._history.stack("previous", names, old)
             scale = len(old) if self.normalize_to_k else 1
             weights[select] = safe_softmax(self._logits(losses[select], previous), scale)
         for i, n in enumerate(names):
-            self._previous[n] = losses[i]
+            self._history["previous"][n] = losses[i]
         return weights
 
     def state_dict(self) -> dict[str, Any]:
-        return {"previous": {n: t.clone() for n, t in self._previous.items()}}
+        return self._history.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._previous = {n: t.clone() for n, t in state["previous"].items()}
+        self._history.load_state_dict(state)
