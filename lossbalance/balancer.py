@@ -282,14 +282,18 @@ class LossBalancer:
         check_losses(losses, self._engine.layout.device)
         names = self._resolve_terms(losses)
         self._check_reach(names, losses)
-        terms = [losses[n] for n in names]
-        values = torch.stack([t.detach().reshape(()) for t in terms]).to(self._weights.dtype)
+        terms = [t if t.dim() == 0 else t.reshape(()) for t in (losses[n] for n in names)]
+        values = torch.stack(terms).detach().to(self._weights.dtype)
         distributed = self._reduce is not None
         averaged = "loss value (averaged over processes)" if distributed else "loss value"
         update = may_update and self._due()
         diagnose = may_update and self.diagnose_every > 0 and self._step % self.diagnose_every == 0
         needs_grads = (update and self.strategy.needs_gradients) or self._combines or diagnose
-        if not distributed and not self._finite(names, values, "loss value"):  # before the graph is used
+        # The values are checked before the graph is used when a strategy, the per-term gradients or
+        # the scaler depend on them, after averaging when distributed; on a plain step they are
+        # checked with the gradients of its one backward (one host sync per step).
+        checked = needs_grads or update or (self.scaler is not None and not distributed)
+        if checked and not distributed and not self._finite(names, values, "loss value"):
             return None
         scopes = [self._scopes.get(n) for n in names]
         stats = None
@@ -341,16 +345,15 @@ class LossBalancer:
         else:
             try:
                 values, finite = self._engine.backward(
-                    names, terms, weights, scopes, values, check_finite=self.scaler is None
+                    names, terms, weights, scopes, values, check_grads=self.scaler is None, check_values=not checked
                 )
             except BaseException:
                 self._undo_update(rollback, index)
                 raise
             if not finite:
                 self._undo_update(rollback, index)
-                self._nonfinite(f"gradient of the weighted sum of the terms {list(names)}")
-                return None
-            if distributed and not update and not self._finite(names, values, averaged):
+                if self._finite(names, values, averaged):  # then it is the gradient
+                    self._nonfinite(f"gradient of the weighted sum of the terms {list(names)}")
                 return None
         if may_update:
             self._last = (names, values, weights, stats)

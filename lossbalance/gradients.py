@@ -19,7 +19,6 @@ on the probe only, and the step is one backward of the weighted sum.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -30,7 +29,7 @@ from torch import Tensor
 
 from .validation import FREED_GRAPH_HINT
 
-__all__ = ["GradStats", "GradientEngine", "MEMORY_MODES"]
+__all__ = ["GradStats", "GradientEngine", "MEMORY_MODES", "all_finite"]
 
 MEMORY_MODES = ("keep", "lean")
 Selection = Literal["all", "matrices"]
@@ -359,28 +358,30 @@ class GradientEngine:
         scopes: Sequence[frozenset[int] | None],
         values: Tensor,
         *,
-        check_finite: bool = False,
+        check_grads: bool = False,
+        check_values: bool = False,
     ) -> tuple[Tensor, bool]:
-        """One backward of the weighted sum per distinct scope; ``.grad`` is overwritten.
+        """One backward per distinct scope of ``sum_i w_i L_i``; ``.grad`` is overwritten.
 
-        Terms sharing a scope are summed before differentiating, so the common case (no scopes)
-        is exactly one backward of ``sum_i w_i L_i``. Parameters no term reaches get ``None``
-        (when distributed: zeros, since another process may reach them). Returns ``values``,
-        averaged over processes when distributed (in the same collective as the gradients), and
-        whether the gradients are finite: with ``check_finite`` (one host sync), non-finite
-        gradients are not written and ``False`` comes back.
+        The backward is seeded with the weights (``grad_outputs``), so no weighted-sum node enters
+        the graph; terms sharing a scope share one backward, so the common case (no scopes) is
+        exactly one. ``losses`` are 0-dim. Parameters no term reaches get ``None`` (when
+        distributed: zeros, since another process may reach them). Returns ``values``, averaged
+        over processes when distributed (in the same collective as the gradients), and whether
+        what was checked is finite (``check_grads``: the gradients, ``check_values``: the values;
+        one host sync for both). When it is not, ``.grad`` is left as it was.
         """
         groups: dict[frozenset[int] | None, list[int]] = {}
         for i, scope in enumerate(scopes):
             groups.setdefault(scope, []).append(i)
+        seeds = weights.unbind()
         total: list[Tensor | None] = [None] * len(self.params)
         for n, (scope, members) in enumerate(groups.items()):
             positions = self.layout.inputs(scope)
             inputs = [self.params[j] for j in positions]
-            objective = sum(weights[i] * losses[i] for i in members)
             try:
                 grads = torch.autograd.grad(
-                    objective, inputs,
+                    [losses[i] for i in members], inputs, grad_outputs=[seeds[i] for i in members],
                     retain_graph=n < len(groups) - 1, allow_unused=True,
                 )
             except RuntimeError as error:
@@ -397,13 +398,25 @@ class GradientEngine:
             self.reduce(flat)
             values = flat[self.layout.total :].to(values.dtype)
             grads = [v.view_as(p) for p, v in zip(self.params, flat[: self.layout.total].split(self.layout.sizes))]
-        if check_finite:
-            present = [g for g in grads if g is not None]
-            if present and not bool(torch.isfinite(torch.stack(torch._foreach_norm(present, math.inf))).all()):
-                return values, False
+        checked = [g for g in grads if g is not None] if check_grads else []
+        if check_values:
+            checked.append(values)
+        if checked and not all_finite(checked):
+            return values, False
         for p, g in zip(self.params, grads):
             p.grad = g
         return values, True
+
+
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every entry of ``tensors`` is finite, with one host sync.
+
+    NaN and Inf survive a sum, so the sum of the per-tensor sums is checked first; only when it
+    is not finite (which finite entries can also cause, by overflow) are the entries checked.
+    """
+    if bool(torch.stack([t.sum() for t in tensors]).sum().isfinite()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _first_failing(names: Sequence[str], losses: Sequence[Tensor], inputs: Sequence[Tensor]) -> str:
