@@ -191,6 +191,34 @@ def plain(w: Workload) -> Callable[[], object]:
     return step
 
 
+def floor(w: Workload) -> Callable[[], object]:
+    """The floor of exact per-term gradients: K ``autograd.grad`` calls, their sum into ``.grad``.
+
+    No statistics, no weights, no checks: one backward per term (the term with the largest graph
+    last, so that its graph is not retained), which is what any method that needs each term's
+    full gradient pays. On shared graphs it is about K backward passes of the shared part.
+    """
+    from lossbalance.validation import graph_size
+
+    opt, params = w.optimizer, w.params
+    order: list[str] = []
+
+    def step():
+        opt.zero_grad()
+        losses = w.losses()
+        if not order:
+            order.extend(sorted(losses, key=lambda n: graph_size(losses[n])))
+        total: list = [None] * len(params)
+        for n in order:
+            grads = torch.autograd.grad(losses[n], params, retain_graph=n != order[-1], allow_unused=True)
+            total = [g if t is None else (t if g is None else t + g) for t, g in zip(total, grads)]
+        for p, g in zip(params, total):
+            p.grad = g
+        opt.step()
+
+    return step
+
+
 def naive(w: Workload) -> Callable[[], object]:
     """PhysicsNeMo-style LRA loop: K ``autograd.grad`` calls (retain_graph), then a full backward.
 
@@ -309,6 +337,7 @@ VARIANTS: dict[str, tuple[Callable[..., Callable[[], object]], dict]] = {
     "probe_every1": (balancer, dict(update_every=1, probe=True)),
     "lean_every1": (balancer, dict(update_every=1, memory="lean")),
     "scope_every1": (balancer, dict(update_every=1, scope=True)),
+    "floor": (floor, {}),
     "naive": (naive, {}),
     "torchjd_mean": (torchjd_mean, {}),
 }

@@ -53,10 +53,13 @@ class _Layout:
         self.numel = torch.tensor(self.sizes, dtype=self.stat_dtype, device=self.device)
         self.matrix = torch.tensor([p.dim() >= 2 for p in self.params], device=self.device)
         self.position = {id(p): j for j, p in enumerate(self.params)}
-        self._zeros = torch.zeros(self.total, dtype=self.dtype, device=self.device)
-        self.zero_parts = list(self._zeros.split(self.sizes))
+        self.zeros = self.views(torch.zeros(self.total, dtype=self.dtype, device=self.device))
         self._masks: dict[tuple[frozenset[int] | None, ...], Tensor] = {}
         self._inputs: dict[frozenset[int] | None, list[int]] = {}
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        """Views of a flat vector of this layout, shaped like the parameters."""
+        return [v.view_as(p) for v, p in zip(flat.split(self.sizes), self.params)]
 
     def masks(self, scopes: Sequence[frozenset[int] | None]) -> Tensor:
         """(K, T) bool: which tensors of this layout each scope (set of ``id(param)``) covers."""
@@ -213,8 +216,9 @@ class GradientEngine:
         self.reduce = reduce
         self._extra = 0 if reduce is None else 1  # a column for the loss value, reduced with the gradients
         self._buffer: Tensor | None = None
+        self._row_views: list[list[Tensor]] = []
         self._combined = torch.empty(self.layout.total, dtype=self.layout.dtype, device=self.layout.device)
-        self._grad_views = [v.view_as(p) for v, p in zip(self._combined.split(self.layout.sizes), self.params)]
+        self._grad_views = self.layout.views(self._combined)
         self._reached: list[bool] = []
 
     def __repr__(self) -> str:
@@ -233,6 +237,7 @@ class GradientEngine:
         if self._buffer is None or self._buffer.shape[0] != rows:
             width = self.stats_layout.total + self._extra
             self._buffer = torch.empty(rows, width, dtype=self.layout.dtype, device=self.layout.device)
+            self._row_views = [self.stats_layout.views(row[: self.stats_layout.total]) for row in self._buffer]
         return self._buffer
 
     def _reduce_rows(self, rows: Tensor, values: Tensor) -> Tensor:
@@ -274,8 +279,7 @@ class GradientEngine:
         for i in order:
             name, loss, scope = names[i], losses[i], scopes[i]
             positions = layout.inputs(scope)
-            row = grads_view[i] if self.reuses else grads_view[0]
-            parts = list(layout.zero_parts)
+            parts = list(layout.zeros)
             if positions:
                 retain = not (self.reuses and i == order[-1])
                 try:
@@ -287,7 +291,7 @@ class GradientEngine:
                 hit = False
                 for j, g in zip(positions, grads):
                     if g is not None:
-                        parts[j] = g.reshape(-1)
+                        parts[j] = g
                         hit = True
                         if self.reuses:
                             reached[j] = True
@@ -297,7 +301,7 @@ class GradientEngine:
                         f"loss term {name!r} has no path to {where}: it was built from tensors that do "
                         "not depend on them (detached, or only on inputs)"
                     )
-            torch.cat(parts, out=row)
+            torch._foreach_copy_(self._row_views[i if self.reuses else 0], parts)  # torch >= 2.1
             if not self.reuses:
                 if self.reduce is not None:
                     reduced[i] = self._reduce_rows(buffer, values[i : i + 1])
@@ -393,7 +397,7 @@ class GradientEngine:
         if self.reduce is None:
             grads = total
         else:
-            parts = [z if g is None else g.reshape(-1) for g, z in zip(total, self.layout.zero_parts)]
+            parts = [(z if g is None else g).reshape(-1) for g, z in zip(total, self.layout.zeros)]
             flat = torch.cat([*parts, values.to(self.layout.dtype)])  # one collective for both
             self.reduce(flat)
             values = flat[self.layout.total :].to(values.dtype)
