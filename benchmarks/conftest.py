@@ -7,7 +7,7 @@ Run it with ``pytest benchmarks/ --benchmark-only --benchmark-json=FILE`` (or
 How long each benchmark runs follows pytest-benchmark's own options: a benchmark runs
 ``max(--benchmark-min-rounds, ceil(--benchmark-max-time / time of one round))`` rounds after one
 calibration round and one warm-up round. Where the command line does not set them, this suite
-uses 2 s and 7 rounds (pytest-benchmark's defaults are 1 s and 5): about 4 minutes for the whole
+uses 2 s and 7 rounds (pytest-benchmark's defaults are 1 s and 5): about 6 minutes for the whole
 suite on a quiet 2-core machine. A quick check of the whole suite:
 ``--benchmark-max-time=0.05 --benchmark-min-rounds=2``.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -59,12 +60,17 @@ def _option(config, name: str, default):
 
 
 class Measure:
-    """``measure(step, iterations=..., **info)``: time ``step`` with ``benchmark.pedantic``.
+    """``measure(step, baseline=plain_step, iterations=..., **info)``: time ``step`` with
+    ``benchmark.pedantic``, each round paired with a block of ``baseline`` steps.
 
-    Each round runs ``iterations`` consecutive steps (the recorded figure is the time per step),
-    so with ``iterations`` a multiple of ``update_every`` every round holds the same number of
-    weight updates. ``iterations=None`` picks 1..10 steps to make a round last about 0.1 s.
-    ``info`` goes to the JSON's ``extra_info`` (with the thread count and the load average).
+    Each round runs ``iterations`` consecutive steps, so with ``iterations`` a multiple of
+    ``update_every`` every round holds the same number of weight updates; ``iterations=None``
+    picks 1..10 steps to make a round last about 0.1 s. Before each round (in pedantic's untimed
+    ``setup``) the same number of ``baseline`` steps is timed, and the JSON's ``extra_info`` gets
+    the median over the rounds of ``round / baseline block`` (``paired_ratio``, with its
+    quartiles) and the baseline's median time per step: a machine that speeds up or slows down
+    during the run moves both halves of a pair alike, so the ratio survives it. ``info`` also goes
+    to ``extra_info`` (with the thread count and the load average).
     """
 
     def __init__(self, benchmark, config):
@@ -72,7 +78,7 @@ class Measure:
         self.max_time = float(_option(config, "benchmark_max_time", MAX_TIME))
         self.min_rounds = int(_option(config, "benchmark_min_rounds", MIN_ROUNDS))
 
-    def __call__(self, step, *, iterations: int | None = None, **info):
+    def __call__(self, step, *, baseline, iterations: int | None = None, **info):
         benchmark = self.benchmark
         torch.set_num_threads(THREADS)
         info.update(threads=torch.get_num_threads(), load_before=os.getloadavg()[0])
@@ -82,17 +88,31 @@ class Measure:
             return benchmark(step)
         start = time.perf_counter()
         step()  # first call: lazy buffers, registry look-ups, first-term checks
+        baseline()
         first = time.perf_counter() - start
         if iterations is None:
             iterations = max(1, min(10, round(0.1 / max(first, 1e-6))))
-        start = time.perf_counter()
-        for _ in range(iterations):  # calibration round (also a warm-up)
-            step()
-        per_round = time.perf_counter() - start
-        rounds = max(self.min_rounds, math.ceil(self.max_time / max(per_round, 1e-9)))
+        times: dict[str, list[float]] = {"step": [], "baseline": []}
+
+        def block(which: str, fn) -> None:
+            start = time.perf_counter()
+            for _ in range(iterations):
+                fn()
+            times[which].append(time.perf_counter() - start)
+
+        block("baseline", baseline)  # calibration (also a warm-up)
+        block("step", step)
+        rounds = max(self.min_rounds, math.ceil(self.max_time / max(times["step"][-1], 1e-9)))
         rounds = min(rounds, 1000)
-        result = benchmark.pedantic(step, rounds=rounds, iterations=iterations, warmup_rounds=1)
-        info.update(load_after=os.getloadavg()[0], iterations=iterations)
+        result = benchmark.pedantic(
+            block, args=("step", step), setup=lambda: block("baseline", baseline), rounds=rounds, warmup_rounds=1
+        )
+        ratios = [s / b for s, b in zip(times["step"][-rounds:], times["baseline"][-rounds:])]
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        info.update(
+            load_after=os.getloadavg()[0], iterations=iterations, paired_ratio=statistics.median(ratios),
+            paired_q1=q1, paired_q3=q3, baseline_step=statistics.median(times["baseline"][-rounds:]) / iterations,
+        )
         benchmark.extra_info.update(info)
         return result
 

@@ -1,20 +1,22 @@
 """Turn the benchmark JSON into the README tables (RST): every figure a ratio to the plain step.
 
-    python benchmarks/table.py --run                 # run the suite (about 8 min), then print
+    python benchmarks/table.py --run                 # run the suite (about 6 min), then print
     python benchmarks/table.py FILE.json             # print from an earlier run:
         # pytest benchmarks/ --benchmark-only --benchmark-json=FILE.json
     python benchmarks/table.py --run --json out.json -- --benchmark-max-time=0.05   # quick check
 
-Ratios are medians of the variant's step time over the median of the plain step of the same
-workload in the same run (the scale tables: of the same K / parameter count). The memory table
-comes from the same run (``test_memory``), or is measured now with ``--memory``.
+Every round of a variant is paired with a block of as many plain steps (``conftest.Measure``);
+a ratio is the median over the rounds of round time / plain block time, so a machine whose
+speed drifts during the run moves both halves of each pair alike. The plain step paired with
+itself (``noise`` column) shows what is left of the noise. The memory table comes from the same
+run (``test_memory``), or is measured now with ``--memory``.
 """
 from __future__ import annotations
 
 import argparse
-import math
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,7 +39,7 @@ COLUMNS = {
     "floor": ("floor", "K autograd.grad calls summed into .grad, nothing else: the least an exact per-term method pays"),
     "naive": ("naive", "K autograd.grad(retain_graph=True) then a full backward (PhysicsNeMo's LRA loop)"),
     "torchjd_mean": ("torchjd", "torchjd (Jacobian descent) with the Mean aggregator"),
-    "plain_again": ("drift", "the plain step timed again at the end of the block (far from 1.00: busy machine)"),
+    "plain": ("noise", "the plain step paired with itself (far from 1.00: a noisy run)"),
 }
 TARGETS = {"disjoint": (1.10, 1.03), "heads": (1.25, 1.05), "residual": (2.3, 1.15)}
 PROBE_TARGETS = {"residual": 1.2}
@@ -65,8 +67,7 @@ def _records(data: dict) -> list[dict]:
         info = bench.get("extra_info") or {}
         if "suite" not in info:
             continue
-        out.append({**info, "median": bench["stats"]["median"], "iqr": bench["stats"].get("iqr"),
-                    "rounds": bench["stats"].get("rounds"), "name": bench.get("name")})
+        out.append({**info, "rounds": bench["stats"].get("rounds"), "name": bench.get("name")})
     return out
 
 
@@ -75,31 +76,26 @@ def _fmt(x: float | None, digits: int = 2) -> str:
 
 
 def overhead_table(records: list[dict]) -> tuple[str, dict]:
-    rows_by_workload: dict[str, dict[str, float]] = {}
+    by_workload: dict[str, dict[str, dict]] = {}
     for r in records:
         if r["suite"] == "overhead":
-            rows_by_workload.setdefault(r["workload"], {})[r["variant"]] = r["median"]
-    present = [v for v in COLUMNS if any(v in row for row in rows_by_workload.values())]
+            by_workload.setdefault(r["workload"], {})[r["variant"]] = r
+    present = [v for v in COLUMNS if any(v in row for row in by_workload.values())]
     head = ["workload", "plain ms"] + [COLUMNS[v][0] for v in present]
     rows, ratios = [], {}
-    for workload in [w for w in WORKLOAD_LABELS if w in rows_by_workload]:
-        row = rows_by_workload[workload]
-        base = row.get("plain")
-        if base and row.get("plain_again"):  # the two plain blocks bracket the variants: their geometric mean
-            base = math.sqrt(base * row["plain_again"])
-        ratio = {v: (row[v] / base if base and v in row else None) for v in present}
-        if "plain_again" in present and row.get("plain_again") and row.get("plain"):
-            ratio["plain_again"] = row["plain_again"] / row["plain"]  # drift: the second block over the first
+    for workload in [w for w in WORKLOAD_LABELS if w in by_workload]:
+        row = by_workload[workload]
+        plain_ms = statistics.median(r["baseline_step"] for r in row.values()) * 1e3
+        ratio = {v: row[v]["paired_ratio"] if v in row else None for v in present}
         ratios[workload] = ratio
-        rows.append([WORKLOAD_LABELS[workload], _fmt(base * 1e3 if base else None, 1)]
-                    + [_fmt(ratio[v]) for v in present])
+        rows.append([WORKLOAD_LABELS[workload], _fmt(plain_ms, 1)] + [_fmt(ratio[v]) for v in present])
     if not rows:
         return "", ratios
     legend = "\n".join(f"- {COLUMNS[v][0]}: {COLUMNS[v][1]}" for v in present)
     text = ("Time per training step (forward pass included) as a ratio to the plain step "
-            "(``zero_grad(); sum(w_i L_i).backward(); step()``) of the same run; medians. The plain step "
-            "is timed before and after each workload's variants; the baseline is the geometric mean of "
-            "the two. K = 4, MLP 2-50-50-50-1 tanh, SGD.\n\n" + rst_table(head, rows) + "\n\n" + legend)
+            "(``zero_grad(); sum(w_i L_i).backward(); step()``): the median over rounds of 10 steps, each "
+            "paired with 10 plain steps timed just before it. K = 4, MLP 2-50-50-50-1 tanh, SGD.\n\n"
+            + rst_table(head, rows) + "\n\n" + legend)
     return text, ratios
 
 
@@ -124,21 +120,13 @@ def targets_table(ratios: dict) -> str:
 
 
 def _scale_rows(records, suite, key):
-    by_key: dict[int, dict[str, dict]] = {}
-    for r in records:
-        if r["suite"] == suite:
-            by_key.setdefault(r[key], {})[r["variant"]] = r
-    return dict(sorted(by_key.items()))
+    return dict(sorted((r[key], r) for r in records if r["suite"] == suite))
 
 
 def _scale_table(rows_by_key: dict, label, first: str, second: str, describe) -> str:
     """One scale table: a row per key with ``label(key)``, ``describe(row)``, the plain step and LRA/1."""
-    rows = []
-    for key, row in rows_by_key.items():
-        plain, lra = row.get("plain"), row.get("lra_every1")
-        ratio = lra["median"] / plain["median"] if plain and lra else None
-        rows.append([label(key), describe(plain or lra), _fmt(plain["median"] * 1e3 if plain else None, 1),
-                     _fmt(ratio)])
+    rows = [[label(key), describe(r), _fmt(r["baseline_step"] * 1e3, 1), _fmt(r["paired_ratio"])]
+            for key, r in rows_by_key.items()]
     return rst_table([first, second, "plain ms", "LRA/1"], rows)
 
 
@@ -188,12 +176,9 @@ def header(data: dict, records: list[dict]) -> str:
     # the benchmark itself keeps about `threads` cores busy; more than the machine has: others ran too
     if loads and max(loads) > (os.cpu_count() or 1) + 0.5:
         warnings.append(f"load average up to {max(loads):.1f}")
-    plain = {r["workload"]: r["median"] for r in records if r["suite"] == "overhead" and r["variant"] == "plain"}
     for r in records:
-        if r["suite"] == "overhead" and r["variant"] == "plain_again" and r["workload"] in plain:
-            d = r["median"] / plain[r["workload"]]
-            if abs(d - 1) > 0.05:
-                warnings.append(f"plain step drifted {d:.2f}x on {r['workload']}")
+        if r["suite"] == "overhead" and r["variant"] == "plain" and abs(r["paired_ratio"] - 1) > 0.05:
+            warnings.append(f"the plain step paired with itself gave {r['paired_ratio']:.2f} on {r['workload']}")
     if warnings:
         lines.append(".. NOISY RUN: " + "; ".join(warnings) + ": rerun on a quiet machine before publishing")
     return "\n".join(lines)
