@@ -415,9 +415,17 @@ class GradientEngine:
 def all_finite(tensors: Sequence[Tensor]) -> bool:
     """Whether every entry of ``tensors`` is finite, with one host sync.
 
-    NaN and Inf survive a sum, so the sum of the per-tensor sums is checked first; only when it
-    is not finite (which finite entries can also cause, by overflow) are the entries checked.
+    One fused call: the kernel ``GradScaler`` uses (multiplying by 1 in place, which leaves the
+    values as they are). Where it cannot run (memory overlap, e.g. an expanded gradient, or no
+    kernel for the device) the per-tensor sums are checked instead: NaN and Inf survive a sum;
+    a sum that overflows on finite entries is re-checked entry by entry.
     """
+    found = torch.zeros(1, device=tensors[0].device)
+    try:
+        torch._amp_foreach_non_finite_check_and_unscale_(list(tensors), found, torch.ones_like(found))
+        return not bool(found)
+    except (RuntimeError, NotImplementedError):
+        pass
     if bool(torch.stack([t.sum() for t in tensors]).sum().isfinite()):
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)

@@ -161,3 +161,51 @@ def test_mixed_dtypes_are_refused_with_a_clear_message():
     b = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
     with pytest.raises(ValueError, match="one device and dtype"):
         GradientEngine([a, b])
+
+
+_SPECIALS = st.sampled_from([0.0, -0.0, 1.0, float("nan"), float("inf"), float("-inf"), 3e38, -3e38, 1e-45])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([(3,), (2, 4), (1,), (5, 1)]),
+            st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+            st.lists(st.tuples(st.integers(0, 19), _SPECIALS), max_size=3),
+            st.booleans(),
+        ),
+        min_size=1, max_size=5,
+    )
+)
+def test_all_finite_agrees_with_isfinite_and_leaves_the_values(specs):
+    """The fused check (and its fallback for expanded, overlapping tensors) says exactly whether
+    every entry is finite, overflowing sums of finite entries included, and changes no value."""
+    from lossbalance.gradients import all_finite
+
+    tensors = []
+    for shape, dtype, edits, expanded in specs:
+        t = torch.linspace(-2, 2, int(torch.Size(shape).numel())).reshape(shape).to(dtype)
+        for position, value in edits:
+            t.view(-1)[position % t.numel()] = value
+        tensors.append(t[..., :1].expand(*shape[:-1], 3) if expanded else t)
+    before = [t.clone() for t in tensors]
+    expected = all(bool(torch.isfinite(t).all()) for t in tensors)
+    assert all_finite(tensors) == expected
+    for t, b in zip(tensors, before):
+        assert torch.equal(t.isnan(), b.isnan()) and torch.equal(t.nan_to_num(), b.nan_to_num())
+        assert torch.equal(t.signbit(), b.signbit())
+
+
+def test_an_expanded_gradient_is_checked_too():
+    """``loss = w.sum()`` gives an expanded gradient, on which the fused check cannot run in
+    place: the step still goes through, and a non-finite gradient elsewhere is still caught."""
+    w, v = torch.nn.Parameter(torch.ones(3, 2)), torch.nn.Parameter(torch.zeros(2))
+    assert torch.autograd.grad(w.sum(), w)[0].stride() == (0, 0)  # what the engine gets for w
+    balancer = LossBalancer(torch.optim.SGD([w, v], lr=0.1), "static")
+    balancer.step({"a": w.sum(), "b": v.pow(2).sum()})
+    assert torch.equal(w.detach(), torch.full((3, 2), 0.9))
+    before = (w.detach().clone(), v.detach().clone())
+    with pytest.raises(ValueError, match="gradient"):
+        balancer.step({"a": w.sum(), "b": v.abs().sqrt().sum()})  # value 0, gradient NaN at 0
+    assert torch.equal(w.detach(), before[0]) and torch.equal(v.detach(), before[1])
