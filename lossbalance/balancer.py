@@ -135,6 +135,7 @@ class LossBalancer:
         self._weights = self._engine.layout.numel.new_zeros(0, dtype=self._weight_dtype())
         self._lower = self._weights.clone()
         self._upper = self._weights.clone()
+        self._bounded = False  # whether any term has a min_weight > 0 or a finite max_weight
         if isinstance(terms, str):
             raise TypeError(f"terms must be a list of term names, got the string {terms!r}; write terms=[{terms!r}]")
         for name in terms or ():
@@ -209,6 +210,7 @@ class LossBalancer:
         self._weights = extend(self._weights, value)
         self._lower = extend(self._lower, lower)
         self._upper = extend(self._upper, upper)
+        self._bounded = self._bounded or lower > 0 or upper < float("inf")
         if optional:
             self._optional.add(name)
         self._active = None
@@ -379,6 +381,8 @@ class LossBalancer:
         limits = torch.finfo(old.dtype)
         new = new.to(torch.float64)
         new = torch.where(torch.isfinite(new) & (new > 0), new, old).clamp(limits.tiny, limits.max).to(old.dtype)
+        if not self._bounded:
+            return new
         return torch.minimum(torch.maximum(new, self._lower[index]), self._upper[index])
 
     def _finite(self, names: tuple[str, ...], values: Tensor, what: str) -> bool:
@@ -648,6 +652,7 @@ class LossBalancer:
         n = len(self._names)
         self._lower = state.get("lower", torch.zeros(n)).to(device=device, dtype=dtype).clone()
         self._upper = state.get("upper", torch.full((n,), float("inf"))).to(device=device, dtype=dtype).clone()
+        self._bounded = bool((self._lower > 0).any() | torch.isfinite(self._upper).any())
         self._step = int(state["step"])
         self._updates = int(state["updates"])
         self._skipped = int(state.get("skipped", 0))

@@ -56,6 +56,16 @@ class _Layout:
         self.zeros = self.views(torch.zeros(self.total, dtype=self.dtype, device=self.device))
         self._masks: dict[tuple[frozenset[int] | None, ...], Tensor] = {}
         self._inputs: dict[frozenset[int] | None, list[int]] = {}
+        # consecutive tensors of one size (the hidden layers of an MLP, their biases) are reduced
+        # together, as a (rows, count, size) block: a few reductions instead of one per tensor
+        runs: list[list[int]] = []
+        for size in self.sizes:
+            if runs and runs[-1][1] == size:
+                runs[-1][0] += 1
+            else:
+                runs.append([1, size])
+        self._runs = [(count, size) for count, size in runs]
+        self._run_lengths = [count * size for count, size in runs]
 
     def views(self, flat: Tensor) -> list[Tensor]:
         """Views of a flat vector of this layout, shaped like the parameters."""
@@ -81,11 +91,14 @@ class _Layout:
         Sums and norms accumulate in float64, so squares and sums of float32 gradients cannot
         overflow; no float64 copy of the gradients is made.
         """
-        wide = self.stat_dtype
-        parts = flat.abs().split(self.sizes, dim=1)
-        sum_abs = torch.stack([part.sum(1, dtype=wide) for part in parts], 1)
-        max_abs = torch.stack([part.amax(1) for part in parts], 1).to(wide)
-        sum_sq = torch.stack([torch.linalg.vector_norm(part, dim=1, dtype=wide) for part in parts], 1).square()
+        wide, rows = self.stat_dtype, flat.shape[0]
+        blocks = [
+            part.view(rows, count, size)
+            for part, (count, size) in zip(flat.abs().split(self._run_lengths, dim=1), self._runs)
+        ]
+        sum_abs = torch.cat([block.sum(2, dtype=wide) for block in blocks], 1)
+        max_abs = torch.cat([block.amax(2) for block in blocks], 1).to(wide)
+        sum_sq = torch.cat([torch.linalg.vector_norm(block, dim=2, dtype=wide) for block in blocks], 1).square()
         return sum_abs, max_abs, sum_sq
 
 

@@ -180,6 +180,21 @@ def test_bounds_clamp_updated_weights():
         LossBalancer(balancer.optimizer, "lra", min_weight=2.0, max_weight=1.0, terms=["pde"])
 
 
+def test_bounds_travel_with_the_state():
+    """A balancer built without bounds that loads a bounded state applies the loaded bounds."""
+    problem = PINN1D()
+    optimizer = torch.optim.SGD(problem.model.parameters(), lr=1e-3)
+    bounded = LossBalancer(optimizer, LRAnnealing("pde", alpha=1.0), max_weight={"dirichlet": 0.01})
+    bounded.step(problem.losses())
+    fresh = LossBalancer(optimizer, LRAnnealing("pde", alpha=1.0))
+    fresh.load_state_dict(bounded.state_dict())
+    fresh.step(problem.losses())
+    assert fresh.weights["dirichlet"] == pytest.approx(0.01)
+    unbounded = LossBalancer(optimizer, LRAnnealing("pde", alpha=1.0))
+    unbounded.step(problem.losses())
+    assert unbounded.weights["dirichlet"] > 0.1  # the bound above did bind
+
+
 def test_optional_term_and_phase_changes():
     problem = PINN1D()
     balancer = LossBalancer(

@@ -127,8 +127,7 @@ class LRAnnealing(Strategy):
             numerator = mean[ref]
         weights = record.weights
         denominator = mean * weights if self.weighted_denominator else mean
-        target = numerator / (denominator + self.eps)
+        target = numerator / (denominator + self.eps if self.eps else denominator)
         usable = torch.isfinite(target) & (denominator > 0) & (numerator > 0)
         usable[ref] = False
-        moved = (1 - self.alpha) * weights + self.alpha * target
-        return torch.where(usable, moved, weights)
+        return torch.where(usable, torch.lerp(weights.to(target.dtype), target, self.alpha), weights)
