@@ -1,13 +1,13 @@
 """Turn the benchmark JSON into the README tables (RST): every figure a ratio to the plain step.
 
-    python benchmarks/table.py --run                 # run the suite (about 6 min), then print
+    python benchmarks/table.py --run                 # run the suite (about 8 min), then print
     python benchmarks/table.py FILE.json             # print from an earlier run:
         # pytest benchmarks/ --benchmark-only --benchmark-json=FILE.json
     python benchmarks/table.py --run --json out.json -- --benchmark-max-time=0.05   # quick check
 
-Every round of a variant is paired with a block of as many plain steps (``conftest.Measure``);
-a ratio is the median over the rounds of round time / plain block time, so a machine whose
-speed drifts during the run moves both halves of each pair alike. The plain step paired with
+Every round of a variant sits between two blocks of as many plain steps (``conftest.Measure``);
+a ratio is the median over the rounds of round time / geometric mean of its two plain blocks,
+so a machine whose speed drifts during the run moves a round and its bracket alike. The plain step paired with
 itself (``noise`` column) shows what is left of the noise. The memory table comes from the same
 run (``test_memory``), or is measured now with ``--memory``.
 """
@@ -93,8 +93,9 @@ def overhead_table(records: list[dict]) -> tuple[str, dict]:
         return "", ratios
     legend = "\n".join(f"- {COLUMNS[v][0]}: {COLUMNS[v][1]}" for v in present)
     text = ("Time per training step (forward pass included) as a ratio to the plain step "
-            "(``zero_grad(); sum(w_i L_i).backward(); step()``): the median over rounds of 10 steps, each "
-            "paired with 10 plain steps timed just before it. K = 4, MLP 2-50-50-50-1 tanh, SGD.\n\n"
+            "(``zero_grad(); sum(w_i L_i).backward(); step()``): the median over rounds of 10 steps of the "
+            "round's time over the geometric mean of the blocks of 10 plain steps timed just before and "
+            "after it. K = 4, MLP 2-50-50-50-1 tanh, SGD.\n\n"
             + rst_table(head, rows) + "\n\n" + legend)
     return text, ratios
 
