@@ -15,7 +15,8 @@ Memory modes
         runs one backward of the weighted sum. Extra memory: about P, one more backward.
 
 With a ``probe`` (a subset of the parameters, e.g. the last layer), the statistics are taken
-on the probe only, and the step is one backward of the weighted sum.
+on the probe only (in ``"keep"`` mode from the K probe rows, reduced together), and the step is
+one backward of the weighted sum.
 """
 from __future__ import annotations
 
@@ -246,7 +247,7 @@ class GradientEngine:
         return self.layout if self.probe is None else self.probe
 
     def _rows(self, k: int) -> Tensor:
-        rows = k if self.reuses else 1
+        rows = k if self.memory == "keep" else 1
         if self._buffer is None or self._buffer.shape[0] != rows:
             width = self.stats_layout.total + self._extra
             self._buffer = torch.empty(rows, width, dtype=self.layout.dtype, device=self.layout.device)
@@ -279,6 +280,7 @@ class GradientEngine:
         Raises ``ValueError`` naming a term that reaches none of the parameters it may train.
         """
         layout = self.stats_layout
+        keep_rows = self.memory == "keep"  # K rows: the gradients, or their probe part
         buffer = self._rows(len(losses))
         grads_view = buffer[:, : layout.total]
         tables: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
@@ -314,13 +316,14 @@ class GradientEngine:
                         f"loss term {name!r} has no path to {where}: it was built from tensors that do "
                         "not depend on them (detached, or only on inputs)"
                     )
-            torch._foreach_copy_(self._row_views[i if self.reuses else 0], parts)  # torch >= 2.1
-            if not self.reuses:
+            torch._foreach_copy_(self._row_views[i if keep_rows else 0], parts)  # torch >= 2.1
+            if not keep_rows:
                 if self.reduce is not None:
                     reduced[i] = self._reduce_rows(buffer, values[i : i + 1])
                 tables[i] = layout.table(grads_view)
-        if self.reuses:
-            self._reached = reached
+        if keep_rows:
+            if self.reuses:
+                self._reached = reached
             if self.reduce is not None:
                 values = self._reduce_rows(buffer, values)
             sum_abs, max_abs, sum_sq = layout.table(grads_view)
