@@ -436,7 +436,7 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
     kernel for the device) the per-tensor sums are checked instead: NaN and Inf survive a sum;
     a sum that overflows on finite entries is re-checked entry by entry.
     """
-    found = torch.zeros(1, device=tensors[0].device)
+    found = torch.zeros(1, dtype=torch.float32, device=tensors[0].device)
     try:
         torch._amp_foreach_non_finite_check_and_unscale_(list(tensors), found, torch.ones_like(found))
         return not bool(found)
