@@ -61,7 +61,7 @@ def _option(config, name: str, default):
 
 class Measure:
     """``measure(step, baseline=plain_step, iterations=..., **info)``: time ``step`` with
-    ``benchmark.pedantic``, each round paired with a block of ``baseline`` steps.
+    ``benchmark.pedantic``, each round between two blocks of ``baseline`` steps.
 
     Each round runs ``iterations`` consecutive steps, so with ``iterations`` a multiple of
     ``update_every`` every round holds the same number of weight updates; ``iterations=None``
@@ -114,7 +114,7 @@ class Measure:
         q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
         info.update(
             load_after=os.getloadavg()[0], iterations=iterations, paired_ratio=statistics.median(ratios),
-            paired_q1=q1, paired_q3=q3, baseline_step=statistics.median(times["baseline"][-rounds:]) / iterations,
+            paired_q1=q1, paired_q3=q3, baseline_step=statistics.median(plain) / iterations,
         )
         benchmark.extra_info.update(info)
         return result
