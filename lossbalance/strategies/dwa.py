@@ -66,10 +66,8 @@ class DWA(Strategy):
         if ready:
             ratio = safe_ratio(self._history.stack("newer", names, ready), self._history.stack("older", names, ready))
             weights[select] = safe_softmax(ratio / self.temperature, len(ready))
-        for i, n in enumerate(names):
-            if n in newer:
-                older[n] = newer[n]
-            newer[n] = losses[i]
+        older.update((n, newer[n]) for n in names if n in newer)
+        self._history.put("newer", names, losses)
         return weights
 
     def state_dict(self) -> dict[str, Any]:

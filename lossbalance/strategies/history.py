@@ -29,6 +29,13 @@ class LossTables:
         """The remembered values of ``names[i]`` for ``i`` in ``rows``, as one tensor."""
         return torch.stack([self.tables[table][names[i]] for i in rows])
 
+    def put(self, table: str, names: Sequence[str], values: Tensor, *, first_only: bool = False) -> None:
+        """Remember ``values[i]`` as the value of ``names[i]`` (``first_only``: of names not held yet)."""
+        held = self.tables[table]
+        for name, value in zip(names, values.unbind()):
+            if not (first_only and name in held):
+                held[name] = value
+
     def state_dict(self) -> dict[str, Any]:
         return {table: {name: value.clone() for name, value in values.items()} for table, values in self.tables.items()}
 

@@ -109,9 +109,8 @@ class ReLoBRaLo(Strategy):
             k = len(old)
             lookback = rho * weights[select] + (1 - rho) * self._balance(current, initial, k)
             weights[select] = self.alpha * lookback + (1 - self.alpha) * self._balance(current, previous, k)
-        for i, n in enumerate(names):
-            self._history["initial"].setdefault(n, losses[i])
-            self._history["previous"][n] = losses[i]
+        self._history.put("initial", names, losses, first_only=True)
+        self._history.put("previous", names, losses)
         return weights
 
     def state_dict(self) -> dict[str, Any]:

@@ -126,8 +126,7 @@ class SoftAdapt(Strategy):
             previous = self._history.stack("previous", names, old)
             scale = len(old) if self.normalize_to_k else 1
             weights[select] = safe_softmax(self._logits(losses[select], previous), scale)
-        for i, n in enumerate(names):
-            self._history["previous"][n] = losses[i]
+        self._history.put("previous", names, losses)
         return weights
 
     def state_dict(self) -> dict[str, Any]:
