@@ -8,7 +8,7 @@ How long each benchmark runs follows pytest-benchmark's own options: a benchmark
 ``max(--benchmark-min-rounds, ceil(--benchmark-max-time / time of one round))`` rounds after one
 calibration round and one warm-up round. Where the command line does not set them, this suite
 uses 5 s and 7 rounds (pytest-benchmark's defaults are 1 s and 5; the plain blocks that bracket
-the rounds come on top): about 8 minutes for the whole suite. A quick check of the whole suite:
+the rounds come on top): about 7 minutes for the whole suite. A quick check of the whole suite:
 ``--benchmark-max-time=0.05 --benchmark-min-rounds=2``.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Turn the benchmark JSON into the README tables (RST): every figure a ratio to the plain step.
 
-    python benchmarks/table.py --run                 # run the suite (about 8 min), then print
+    python benchmarks/table.py --run                 # run the suite (about 7 min), then print
     python benchmarks/table.py FILE.json             # print from an earlier run:
         # pytest benchmarks/ --benchmark-only --benchmark-json=FILE.json
     python benchmarks/table.py --run --json out.json -- --benchmark-max-time=0.05   # quick check
