@@ -67,6 +67,9 @@ def _records(data: dict) -> list[dict]:
         info = bench.get("extra_info") or {}
         if "suite" not in info:
             continue
+        if info["suite"] != "memory" and "paired_ratio" not in info:
+            raise SystemExit(f"{bench.get('name')}: no paired_ratio in this JSON (written before the bracketed "
+                             "timing of benchmarks/conftest.py): run the suite again")
         out.append({**info, "rounds": bench["stats"].get("rounds"), "name": bench.get("name")})
     return out
 
