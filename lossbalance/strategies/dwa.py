@@ -6,15 +6,15 @@ from typing import Any
 
 from torch import Tensor
 
-from .base import StepRecord, Strategy, register
-from .history import LossTables
+from .base import StepRecord, register
+from .history import LossTables, RemembersLosses
 from .numerics import safe_ratio, safe_softmax
 
 __all__ = ["DWA"]
 
 
 @register
-class DWA(Strategy):
+class DWA(RemembersLosses):
     r"""Dynamic weight average: weight each term by how slowly its loss fell lately.
 
     Liu, Johns & Davison, "End-to-End Multi-Task Learning with Attention", CVPR 2019
@@ -69,9 +69,3 @@ class DWA(Strategy):
         older.update((n, newer[n]) for n in names if n in newer)
         self._history.put("newer", names, losses)
         return weights
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._history.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._history.load_state_dict(state)

@@ -6,7 +6,9 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["LossTables"]
+from .base import Strategy
+
+__all__ = ["LossTables", "RemembersLosses"]
 
 
 class LossTables:
@@ -41,3 +43,15 @@ class LossTables:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.tables = {table: {name: value.clone() for name, value in state[table].items()} for table in self.tables}
+
+
+class RemembersLosses(Strategy):
+    """A loss-value strategy whose whole state is the loss values it remembers in ``_history``."""
+
+    _history: LossTables
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._history.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._history.load_state_dict(state)

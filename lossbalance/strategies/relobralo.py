@@ -7,15 +7,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import StepRecord, Strategy, register
-from .history import LossTables
+from .base import StepRecord, register
+from .history import LossTables, RemembersLosses
 from .numerics import safe_ratio, safe_softmax
 
 __all__ = ["ReLoBRaLo"]
 
 
 @register
-class ReLoBRaLo(Strategy):
+class ReLoBRaLo(RemembersLosses):
     r"""Relative loss balancing with random lookback (ReLoBRaLo).
 
     Bischof & Kraus, "Multi-Objective Loss Balancing for Physics-Informed Deep Learning",
@@ -112,9 +112,3 @@ class ReLoBRaLo(Strategy):
         self._history.put("initial", names, losses, first_only=True)
         self._history.put("previous", names, losses)
         return weights
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._history.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._history.load_state_dict(state)

@@ -7,8 +7,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .base import StepRecord, Strategy, register
-from .history import LossTables
+from .base import StepRecord, register
+from .history import LossTables, RemembersLosses
 from .numerics import safe_ratio, safe_softmax
 
 __all__ = ["SoftAdapt"]
@@ -17,7 +17,7 @@ _VARIANTS = ("difference", "normalized", "loss_weighted", "ratio")
 
 
 @register
-class SoftAdapt(Strategy):
+class SoftAdapt(RemembersLosses):
     r"""SoftAdapt: weight each term by a softmax of how its loss changed since the last update.
 
     Heydari, Thompson & Mehmood, "SoftAdapt: Techniques for Adaptive Loss Weighting of Neural
@@ -128,9 +128,3 @@ class SoftAdapt(Strategy):
             weights[select] = safe_softmax(self._logits(losses[select], previous), scale)
         self._history.put("previous", names, losses)
         return weights
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._history.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._history.load_state_dict(state)
