@@ -1,25 +1,68 @@
 """``LossBalancer``: replaces ``optimizer.step()`` for models trained on several named loss terms."""
 from __future__ import annotations
 
-import copy
-from collections import OrderedDict, deque
-from typing import Any, Callable, Iterable, Literal, Mapping
+import inspect
+import weakref
+from collections import OrderedDict
+from typing import Any, Callable, Iterable, Literal, Mapping, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 from .combine import Combiner, WeightedSum, make_combiner
 from .config import export_config, option_problems, parse_config
-from torch.utils.hooks import RemovableHandle
-
-from .gradients import GradientEngine, GradStats
+from .distributed import make_reduction
+from .gradients import GradientEngine
+from .precision import make_precision
+from .reporting import LastStep, StepLog
+from .snapshot import restore_snapshot, take_snapshot
+from .stats import GradStats
 from .strategies.base import StepRecord, Strategy, make_strategy
-from .validation import check_finite, check_key_set, check_losses, graph_size, reaches
+from .terms import Bound, TermTable
+from .validation import check_finite, check_losses, no_path_error, reaches
 
 __all__ = ["LossBalancer"]
 
 Losses = Mapping[str, Tensor]
-Bound = float | Mapping[str, float] | None
+STATE_FORMAT = 2  # 1: lossbalance 0.1.0 (no "format" key)
+
+
+class _Batch(NamedTuple):
+    """One call's terms: present names in canonical order, 0-dim tensors, detached values, scopes."""
+
+    keys: tuple[str, ...]
+    names: tuple[str, ...]
+    terms: list[Tensor]
+    values: Tensor
+    scopes: list[frozenset[int] | None]
+    stale: frozenset[str]
+
+
+class _Plan(NamedTuple):
+    """What one call computes."""
+
+    update: bool  # update the weights
+    per_term: bool  # differentiate each term separately
+    early: bool  # the values are checked before the graph is used (else with the backward)
+
+
+class _Undo(NamedTuple):
+    """What a failed call puts back (the strategy's and the generator's state only on update steps)."""
+
+    step: int
+    updates: int
+    skipped: int
+    weights: Tensor
+    names: tuple[str, ...]
+    strategy: dict[str, Any] | None
+    generator: Tensor | None
+    last: LastStep | None
+    rows: int
+
+
+class _Skip(Exception):
+    """A non-finite value under ``nonfinite="skip"``: the call is undone and counted as skipped."""
 
 
 class LossBalancer:
@@ -105,6 +148,8 @@ class LossBalancer:
         })
         if problems:
             raise ValueError("; ".join(problems))
+        if isinstance(terms, str):
+            raise TypeError(f"terms must be a list of term names, got the string {terms!r}; write terms=[{terms!r}]")
         self.optimizer = optimizer
         self.strategy = make_strategy(strategy)
         self.update_every = update_every
@@ -114,302 +159,271 @@ class LossBalancer:
         self.check_paths = check_paths
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
+        self.diagnose_every = diagnose_every
         self._memory = memory
         self._grad_mode = grad_mode
         self._probe = None if probe is None else list(probe)
-        self._reduce = _mean_over_processes(distributed, process_group)
-        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        self._reduction = make_reduction(distributed, process_group)
+        self._precision = make_precision(scaler)
         self._hooks: dict[int, Callable[["LossBalancer"], None]] = OrderedDict()
-        self._engine = self._make_engine()
+        self._scope_params = {name: list(params) for name, params in (scope or {}).items()}
+        self._install_engine(self._balanced_params())
         self.combiner = make_combiner(combine)
         self._combines = not isinstance(self.combiner, WeightedSum)
-        self.diagnose_every = diagnose_every
-        if (self._combines or diagnose_every) and not self._engine.reuses:
+        if (self._combines or diagnose_every) and not self._engine.keeps_gradients:
             raise ValueError("combine= and diagnose_every= need the kept per-term gradients: memory='keep' and no probe")
-        self._initial = dict(weights or {})
-        self._bounds = (min_weight, max_weight)
-        self._scope_params = {name: list(params) for name, params in (scope or {}).items()}
-        self._scopes = self._resolve_scopes()
-        self._names: list[str] = []
-        self._optional = set(optional)
-        self._weights = self._engine.layout.numel.new_zeros(0, dtype=self._weight_dtype())
-        self._lower = self._weights.clone()
-        self._upper = self._weights.clone()
-        self._bounded = False  # whether any term has a min_weight > 0 or a finite max_weight
-        if isinstance(terms, str):
-            raise TypeError(f"terms must be a list of term names, got the string {terms!r}; write terms=[{terms!r}]")
+        self._terms = TermTable(
+            weights=weights, min_weight=min_weight, max_weight=max_weight, optional=optional,
+            dtype=torch.promote_types(self._engine.dtype, torch.float32), device=self._engine.device,
+        )
         for name in terms or ():
             self.add_term(name)
-        stray = [n for n in self._scopes if self._names and n not in self._names and n not in self._optional]
-        if stray:
-            raise KeyError(f"scope names term(s) {stray} that are neither in terms= nor in optional=")
+        if self._terms.names:
+            self._terms.check_option_names(self._terms.names, self._scopes, declared=True)
+        self._needs_closure = _needs_closure(optimizer)
         self._step = 0
         self._updates = 0
         self._skipped = 0
         self._checked: set[str] = set()
-        self._graph_sizes: dict[str, int] = {}  # the largest graph is differentiated last: it is not retained
-        self._active: tuple[tuple[str, ...], tuple[str, ...], Tensor] | None = None  # keys, names, index
-        self._last: tuple[tuple[str, ...], Tensor, Tensor, GradStats | None] | None = None
-        self._diagnostics: tuple[int, tuple[str, ...], GradStats] | None = None
-        self._history: deque = deque(maxlen=history)
+        self._previous: dict[str, weakref.ref] = {}  # last call's term tensors: to name a stale one
+        self._log = StepLog(history)
 
     # ------------------------------------------------------------------ set-up helpers
+    @property
+    def scaler(self) -> torch.amp.GradScaler | None:
+        """The ``GradScaler`` given as ``scaler=`` (``None`` when absent or disabled)."""
+        return self._precision.scaler
+
     def _balanced_params(self) -> list[Tensor]:
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
         if not params:
             raise ValueError("the optimizer holds no parameter that requires grad: nothing to balance")
         return params
 
-    def _make_engine(self) -> GradientEngine:
-        params = self._balanced_params()
-        self._param_ids = tuple(map(id, params))
-        return GradientEngine(
-            params, memory=self._memory, probe=self._probe, reduce=self._reduce, grad_mode=self._grad_mode
+    def _install_engine(self, params: list[Tensor]) -> None:
+        """Build the engine and the scopes for ``params``; nothing is replaced unless both succeed."""
+        engine = GradientEngine(
+            params, memory=self._memory, probe=self._probe, reduction=self._reduction, grad_mode=self._grad_mode
         )
+        scopes = _resolve_scopes(self._scope_params, frozenset(map(id, params)))
+        self._engine, self._scopes, self._param_ids = engine, scopes, frozenset(map(id, params))
+        self._unbalanced = [p for g in self.optimizer.param_groups for p in g["params"] if not p.requires_grad]
 
-    def _weight_dtype(self) -> torch.dtype:
-        return torch.promote_types(self._engine.layout.dtype, torch.float32)
-
-    def _resolve_scopes(self) -> dict[str, frozenset[int]]:
-        held = set(self._engine.layout.position)
-        scopes = {}
-        for name, params in self._scope_params.items():
-            if not params:
-                raise ValueError(f"the scope of term {name!r} is empty: name at least one parameter it may train")
-            ids = frozenset(map(id, params))
-            if not ids <= held:
-                raise ValueError(
-                    f"the scope of term {name!r} names a parameter the optimizer does not hold "
-                    "(or that does not require grad): scopes must be subsets of the optimizer's parameters"
-                )
-            scopes[name] = ids
-        return scopes
-
-    def _bound(self, which: int, name: str) -> float:
-        bound = self._bounds[which]
-        default = 0.0 if which == 0 else float("inf")
-        if isinstance(bound, Mapping):
-            return float(bound.get(name, default))
-        return default if bound is None else float(bound)
+    def _refresh_parameters(self) -> None:
+        """Follow ``requires_grad`` changes of the optimizer's parameters (freezing mid-run)."""
+        params = self._balanced_params()
+        if not self._engine.holds(params):
+            self._install_engine(params)
 
     # ------------------------------------------------------------------ terms
     def add_term(self, name: str, weight: float | None = None, *, optional: bool = False) -> None:
         """Declare a term (e.g. one that appears in a later phase) with its initial weight."""
-        if not isinstance(name, str):
-            raise TypeError(f"term names must be strings, got {name!r}")
-        if name in self._names:
-            raise ValueError(f"term {name!r} is already declared")
-        value = float(self._initial.get(name, 1.0) if weight is None else weight)
-        if not value > 0 or value == float("inf"):
-            raise ValueError(f"the initial weight of term {name!r} must be finite and positive, got {value}")
-        lower, upper = self._bound(0, name), self._bound(1, name)
-        if lower > upper:
-            raise ValueError(f"term {name!r}: min_weight {lower} > max_weight {upper}")
-        self._names.append(name)
-        extend = lambda t, v: torch.cat([t, t.new_full((1,), v)])  # noqa: E731
-        self._weights = extend(self._weights, value)
-        self._lower = extend(self._lower, lower)
-        self._upper = extend(self._upper, upper)
-        self._bounded = self._bounded or lower > 0 or upper < float("inf")
-        if optional:
-            self._optional.add(name)
-        self._active = None
+        self._terms.add(name, weight, optional=optional)
 
     def remove_term(self, name: str) -> None:
         """Forget a term and its weight (e.g. a phase that ended)."""
-        if name not in self._names:
-            raise KeyError(f"term {name!r} is not declared; declared: {self._names}")
-        keep = [i for i, n in enumerate(self._names) if n != name]
-        self._names.pop(self._names.index(name))
-        self._weights, self._lower, self._upper = (t[keep] for t in (self._weights, self._lower, self._upper))
-        self._optional.discard(name)
+        self._terms.remove(name)
         self._checked.discard(name)
-        self._active = None
 
-    def _resolve_terms(self, losses: Losses) -> tuple[str, ...]:
-        """The present terms in canonical order; validates the key set without changing it."""
-        keys = tuple(losses)
-        if self._active is not None and self._active[0] == keys:
-            return self._active[1]
-        if not self._names:
-            for name in self._scopes:
-                if name not in losses and name not in self._optional:
-                    raise KeyError(f"scope names the term {name!r}, which is not among the terms {list(keys)}")
-            names = keys
-        else:
-            check_key_set(keys, self._names, self._optional)
-            names = tuple(n for n in self._names if n in losses) + tuple(n for n in keys if n not in self._names)
-        self.strategy.validate_terms(names)
-        return names
-
-    def _index(self, losses: Losses, names: tuple[str, ...]) -> Tensor:
-        """Register the first step's terms and return the indices of ``names`` in the weights."""
-        keys = tuple(losses)
-        if self._active is not None and self._active[0] == keys:
-            return self._active[2]
-        for name in names:
-            if name not in self._names:
-                self.add_term(name)
-        index = torch.tensor([self._names.index(n) for n in names], device=self._weights.device)
-        self._active = (keys, names, index)
-        return index
-
-    def _check_reach(self, names: tuple[str, ...], losses: Losses) -> None:
+    def _check_reach(self, batch: _Batch) -> None:
         """Does each term's graph reach the parameters it may train? (``check_paths``)"""
-        for name in names:
-            if name in self._checked and self.check_paths == "first":
-                continue
-            scope = self._scopes.get(name)
-            if not reaches(losses[name], scope if scope is not None else self._param_ids):
-                where = "any balanced parameter" if scope is None else "any parameter of its scope"
-                raise ValueError(
-                    f"loss term {name!r} has no path to {where}: it was built from tensors that "
-                    "do not depend on them (detached, or only on inputs)"
-                )
-            if name not in self._graph_sizes:
-                self._graph_sizes[name] = graph_size(losses[name])
-        self._checked.update(names)
+        for name, term, scope in zip(batch.names, batch.terms, batch.scopes):
+            if (name in self._checked and self.check_paths == "first") or not term.requires_grad:
+                continue  # checked before, or held by another rank only (a zero here)
+            if not reaches(term, self._param_ids if scope is None else scope):
+                raise no_path_error(name, scoped=scope is not None)
+        self._checked.update(batch.names)
 
-    # ------------------------------------------------------------------ the step
+    # ------------------------------------------------------------------ the step, phase by phase
     def _due(self) -> bool:
         if self.frozen or self.strategy.fixed or self._step < self.warmup:
             return False
         return (self._step - self.warmup) % self.update_every == 0
 
-    def _backward(self, losses: Losses, may_update: bool) -> Tensor | None:
-        """Validate, update the weights when due, write ``.grad``. ``None``: step skipped."""
-        if tuple(map(id, self._balanced_params())) != self._param_ids:
-            self._engine = self._make_engine()
-            self._scopes = self._resolve_scopes()
-        check_losses(losses, self._engine.layout.device)
-        names = self._resolve_terms(losses)
-        self._check_reach(names, losses)
-        terms = [t if t.dim() == 0 else t.reshape(()) for t in (losses[n] for n in names)]
-        values = torch.stack(terms).detach().to(self._weights.dtype)
-        distributed = self._reduce is not None
-        averaged = "loss value (averaged over processes)" if distributed else "loss value"
+    def _balance(self, losses: Losses, may_update: bool) -> tuple[Tensor | None, _Undo]:
+        """Validate, update the weights when due, write ``.grad``. Returns the weighted total
+        (``None``: skipped for non-finite values) and what undoes the call."""
+        self._refresh_parameters()
+        batch = self._take(losses)
+        plan = self._plan(may_update)
+        undo = self._undo_point(plan)
+        try:
+            self._check_values(batch.names, batch.values, plan.early, "local")
+            scaled = self._precision.scale(batch.terms, batch.values)
+            stats, values, update = self._measure(batch, scaled, plan)
+            index = self._terms.index(batch.keys, batch.names)
+            weights = self._update_weights(batch, values, index, stats, update)
+            values = self._write_grad(batch, scaled, values, weights, stats, plan)
+        except _Skip:
+            self._undo(undo)
+            self._skipped += 1
+            return None, undo
+        except BaseException:
+            self._undo(undo)
+            raise
+        if may_update:
+            self._log.record(self._step, LastStep(batch.names, values, weights, stats))
+            self._step += 1
+        return torch.dot(weights, values), undo
+
+    def _take(self, losses: Losses) -> _Batch:
+        """Phase 1: the terms, validated, as plain 0-dim tensors in canonical order."""
+        losses = _plain_tensors(losses)
+        check_losses(losses, self._engine.device)
+        keys = tuple(losses)
+        names = self._terms.resolve(keys, self._scopes)
+        if not self._terms.names:
+            names = self._reduction.canonical(names)
+        terms = {n: losses[n] if losses[n].dim() == 0 else losses[n].reshape(()) for n in names}
+        stale = frozenset(n for n in names if (ref := self._previous.get(n)) is not None and ref() is losses[n])
+        self._previous = {n: weakref.ref(losses[n]) for n in names}
+        values = torch.stack(list(terms.values())).detach().to(self._terms.weights.dtype)
+        names, terms, values = self._agree(names, terms, values)
+        batch = _Batch(keys, names, list(terms.values()), values, [self._scopes.get(n) for n in names], stale)
+        self.strategy.validate_terms(names)
+        self._check_reach(batch)
+        return batch
+
+    def _agree(self, names: tuple[str, ...], terms: dict[str, Tensor], values: Tensor):
+        """Distributed: check the ranks agree on the terms; an optional term that another rank
+        holds enters as zero here, and the values are scaled so that averaging over all ranks
+        gives the mean over the ranks holding each term (:mod:`lossbalance.distributed`)."""
+        declared = list(self._terms.names) + self._terms.new_names(names)
+        counts = self._reduction.presence(declared, names, bool(self._terms.optional), self._engine.device)
+        if counts is None:
+            return names, terms, values
+        held = counts.tolist()
+        everywhere = tuple(n for n, c in zip(declared, held) if c > 0)
+        zero = values.new_zeros(())
+        full = {n: terms.get(n, zero) for n in everywhere}
+        local = dict(zip(names, values.unbind()))
+        scaled = torch.stack([local.get(n, zero) * (self._reduction.world / c) for n, c in zip(declared, held) if c > 0])
+        return everywhere, full, scaled
+
+    def _plan(self, may_update: bool) -> _Plan:
+        """Phase 2: update the weights? differentiate each term? check the values first?"""
         update = may_update and self._due()
         diagnose = may_update and self.diagnose_every > 0 and self._step % self.diagnose_every == 0
-        needs_grads = (update and self.strategy.needs_gradients) or self._combines or diagnose
-        # The values are checked before the graph is used when a strategy, the per-term gradients or
-        # the scaler depend on them, after averaging when distributed; on a plain step they are
-        # checked with the gradients of its one backward (one host sync per step).
-        checked = needs_grads or update or (self.scaler is not None and not distributed)
-        if checked and not distributed and not self._finite(names, values, "loss value"):
-            return None
-        scopes = [self._scopes.get(n) for n in names]
-        stats = None
-        if self.scaler is not None:
-            scale = self.scaler.scale(values.new_ones(()))
-            terms = [scale * t for t in terms]
-        if needs_grads:
-            self._diagnostics = None  # its gradients live in the buffer this call overwrites
-            order = sorted(range(len(names)), key=lambda i: self._graph_sizes[names[i]])
-            stats, values = self._engine.term_gradients(names, terms, scopes, values, order)
-            if self.scaler is not None:
-                stats = stats.unscaled(scale)
-            if distributed and not self._finite(names, values, averaged):
-                return None
-            if not bool(torch.isfinite(stats.max_abs).all()):
-                if self.scaler is not None:
-                    update = False  # overflow: keep the weights; the scaler skips the step
-                elif not self._finite(names, stats.max_abs.amax(1), "gradient entry (max |g|)"):
-                    return None
-        elif update and distributed:  # a loss-value strategy needs the averaged values first
-            self._reduce(values)
-            if not self._finite(names, values, averaged):
-                return None
-        new_terms = [n for n in names if n not in self._names]
-        index = self._index(losses, names)
-        weights = self._weights[index]
-        plain = stats is None or not self._engine.reuses  # .grad comes from a weighted-sum backward
-        rollback = None
-        if update:
-            if plain:  # the backward that follows the update may fail: be able to undo it
-                rollback = (weights, self.strategy.state_dict(), self.generator.get_state())
-            record = StepRecord(names, values, weights, self._step, self._updates, stats, self.generator)
-            try:
-                proposed = self.strategy.update(record)
-            except BaseException:
-                for name in new_terms:  # the first step of these terms did not happen
-                    self.remove_term(name)
-                raise
-            weights = self._sanitize(proposed, weights, index)
-            self._weights[index] = weights
-            self._updates += 1
-        if not plain:
-            direction = None
-            if self._combines:
-                assert stats is not None and stats.gradients is not None
-                weighted = weights.to(stats.gradients.dtype)[:, None] * stats.gradients
-                direction = self.combiner(weighted, generator=self.generator)
-            self._engine.write_combined(weights, direction)
+        per_term = (update and self.strategy.needs_gradients) or self._combines or diagnose
+        # the strategy, the per-term gradients and the scaler need finite values before they use the
+        # graph; a plain step checks them with the gradients of its one backward (one host sync)
+        early = per_term or update or (self._precision.scaled and not self._reduction.active)
+        return _Plan(update, per_term, early)
+
+    def _measure(self, batch: _Batch, scaled: list[Tensor], plan: _Plan) -> tuple[GradStats | None, Tensor, bool]:
+        """Phase 3: the per-term gradients' statistics when planned (values averaged when distributed).
+
+        Returns the statistics, the values and whether the update still goes ahead (an overflow
+        under a GradScaler keeps the weights)."""
+        if not plan.per_term:
+            if plan.update and self._reduction.active:  # a loss-value strategy needs the averaged values
+                self._reduction.mean_(batch.values)
+                self._check_values(batch.names, batch.values, True, "averaged")
+            return None, batch.values, plan.update
+        self._log.diagnosed = None  # its gradients live in the buffer this call overwrites
+        stats, values = self._engine.measure(batch.names, scaled, batch.scopes, batch.values, stale=batch.stale)
+        stats = self._precision.unscale(stats)
+        self._check_values(batch.names, values, True, "averaged")
+        if bool(torch.isfinite(stats.max_abs).all()):
+            return stats, values, plan.update
+        if self._precision.scaled:
+            return stats, values, False  # overflow: keep the weights; the scaler skips the step
+        self._require_finite(batch.names, stats.max_abs.amax(1), "gradient entry (max |g|)")
+        return stats, values, plan.update
+
+    def _update_weights(self, batch: _Batch, values: Tensor, index: Tensor, stats: GradStats | None, update: bool) -> Tensor:
+        """Phase 4: the strategy's new weights for the present terms (bounded), when due."""
+        weights = self._terms.weights[index]
+        if not update:
+            return weights
+        record = StepRecord(batch.names, values, weights, self._step, self._updates, stats, self.generator)
+        weights = self._terms.sanitize(self.strategy.update(record), weights, index)
+        self._terms.weights[index] = weights
+        self._updates += 1
+        return weights
+
+    def _write_grad(
+        self, batch: _Batch, scaled: list[Tensor], values: Tensor, weights: Tensor, stats: GradStats | None, plan: _Plan
+    ) -> Tensor:
+        """Phase 5: ``.grad`` from the kept gradients, or from one backward of the weighted sum."""
+        if stats is not None and self._engine.keeps_gradients:
+            self._engine.write_kept(weights, self._direction(weights, stats) if self._combines else None)
         else:
-            try:
-                values, finite = self._engine.backward(
-                    names, terms, weights, scopes, values, check_grads=self.scaler is None, check_values=not checked
-                )
-            except BaseException:
-                self._undo_update(rollback, index)
-                raise
-            if not finite:
-                self._undo_update(rollback, index)
-                if self._finite(names, values, averaged):  # then it is the gradient
-                    self._nonfinite(f"gradient of the weighted sum of the terms {list(names)}")
-                return None
-        if may_update:
-            self._last = (names, values, weights, stats)
-            kept = stats is not None and stats.gradients is not None
-            if kept:
-                self._diagnostics = (self._step, names, stats)  # figures computed when read
-            if self._history.maxlen:
-                figures = _figures(stats) if kept else None  # now: the buffer is reused next step
-                self._history.append((self._step, names, weights, values, figures))  # fresh tensors
-            self._step += 1
-        return torch.dot(weights, values)
+            values = self._weighted_backward(batch, scaled, values, weights, plan)
+        for p in self._unbalanced:  # what zero_grad() would leave on parameters nobody balances now
+            p.grad = None
+        return values
 
-    def _undo_update(self, rollback: tuple[Tensor, dict[str, Any], Tensor] | None, index: Tensor) -> None:
-        """Take back this step's weight update (its backward failed)."""
-        if rollback is not None:
-            self._weights[index], state, generator = rollback
-            self.strategy.load_state_dict(state)
-            self.generator.set_state(generator)
-            self._updates -= 1
+    def _direction(self, weights: Tensor, stats: GradStats) -> Tensor:
+        assert stats.gradients is not None
+        weighted = weights.to(stats.gradients.dtype)[:, None] * stats.gradients
+        return self.combiner(weighted, generator=self.generator)
 
-    def _sanitize(self, new: Tensor, old: Tensor, index: Tensor) -> Tensor:
-        """Bound the strategy's weights; a non-finite or non-positive weight keeps its old value."""
-        limits = torch.finfo(old.dtype)
-        new = new.to(torch.float64)
-        new = torch.where(torch.isfinite(new) & (new > 0), new, old).clamp(limits.tiny, limits.max).to(old.dtype)
-        if not self._bounded:
-            return new
-        return torch.minimum(torch.maximum(new, self._lower[index]), self._upper[index])
+    def _weighted_backward(self, batch: _Batch, scaled: list[Tensor], values: Tensor, weights: Tensor, plan: _Plan) -> Tensor:
+        result = self._engine.backward(
+            batch.names, scaled, weights, batch.scopes, values,
+            check_grads=not self._precision.scaled, check_values=not plan.early, stale=batch.stale,
+        )
+        if result.failed == "values":
+            self._require_finite(batch.names, result.values, self._reduction.value_label())
+        if result.failed == "gradients":
+            self._nonfinite(f"gradient of the weighted sum of the terms {list(batch.names)}")
+        return result.values
 
-    def _finite(self, names: tuple[str, ...], values: Tensor, what: str) -> bool:
-        """Whether ``values`` are finite; if not: raise (naming the terms) or count a skipped step."""
+    # ------------------------------------------------------------------ non-finite values and undoing
+    def _check_values(self, names: tuple[str, ...], values: Tensor, wanted: bool, stage: str) -> None:
+        """The loss values, checked at ``stage`` when ``wanted`` (the reduction says which stage)."""
+        if wanted and self._reduction.checks(stage):
+            self._require_finite(names, values, self._reduction.value_label())
+
+    def _require_finite(self, names: tuple[str, ...], values: Tensor, what: str) -> None:
+        """Raise naming the non-finite terms, or (``nonfinite="skip"``) skip the call."""
         if self.nonfinite == "raise":
             check_finite(names, values, what)
-            return True
-        if bool(torch.isfinite(values).all()):
-            return True
-        self._skipped += 1
-        return False
+        elif not bool(torch.isfinite(values).all()):
+            raise _Skip
 
     def _nonfinite(self, what: str) -> None:
-        """A non-finite value that no single term explains: raise, or count a skipped step."""
+        """A non-finite value that no single term explains: raise, or skip the call."""
         if self.nonfinite == "raise":
             raise ValueError(f"non-finite {what}; nothing was changed. Pass nonfinite='skip' to skip such steps")
-        self._skipped += 1
+        raise _Skip
 
+    def _undo_point(self, plan: _Plan | None) -> _Undo:
+        """What :meth:`_undo` needs (``plan=None``: everything, for a closure step)."""
+        full = plan is None or plan.update
+        return _Undo(
+            self._step, self._updates, self._skipped, self._terms.weights.clone(), tuple(self._terms.names),
+            self.strategy.state_dict() if full else None, self.generator.get_state() if full else None,
+            self._log.last, len(self._log.rows),
+        )
+
+    def _undo(self, undo: _Undo) -> None:
+        """Put the balancer back as it was at ``undo`` (terms first seen since then are forgotten)."""
+        for name in [n for n in self._terms.names if n not in undo.names]:
+            self.remove_term(name)
+        if undo.strategy is not None:
+            self.strategy.load_state_dict(undo.strategy)
+            self.generator.set_state(undo.generator)
+        self._terms.weights = undo.weights.clone()
+        self._step, self._updates, self._skipped = undo.step, undo.updates, undo.skipped
+        self._log.last = undo.last
+        while len(self._log.rows) > undo.rows:
+            self._log.forget_last_row()
+
+    # ------------------------------------------------------------------ the public step
     def backward(self, losses: Losses) -> Tensor:
         """Everything :meth:`step` does except ``optimizer.step()``; returns the weighted total.
 
         Use it to clip or inspect gradients before calling ``optimizer.step()`` yourself. A step
         skipped for non-finite values (``nonfinite="skip"``) returns NaN and sets the balanced
         parameters' ``.grad`` to ``None``, so that your ``optimizer.step()`` leaves them alone
-        instead of applying the previous step's gradient again.
+        instead of applying the previous step's gradient again. ``.grad`` is overwritten, not
+        accumulated: two calls leave the second call's gradient. On update steps with the kept
+        gradients, the ``.grad`` tensors are views into one buffer that the next such call
+        rewrites: clone a ``.grad`` you want to keep.
         """
-        total = self._backward(losses, True)
+        total, _ = self._balance(losses, True)
         if total is None:
             for p in self._engine.params:
                 p.grad = None
@@ -422,26 +436,42 @@ class LossBalancer:
 
         Pass either the dict of loss terms or a ``closure`` that recomputes and returns it (for
         ``torch.optim.LBFGS``). With a closure, the weights are updated at most once per call,
-        on its first evaluation, and held fixed while the optimizer re-evaluates it.
+        on its first evaluation, and held fixed while the optimizer re-evaluates it. If the
+        optimizer's step raises, the balancer's step is undone (weights, counters, strategy
+        state) and the error propagates.
         """
         if (losses is None) == (closure is None):
             raise TypeError("step() takes either the dict of loss terms or closure=, exactly one of them")
-        if losses is not None:
-            total = self._backward(losses, True)
-            if total is None:
-                return self._nan()
-            if self.scaler is None:
-                self.optimizer.step()
-            else:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            self._run_hooks()
-            return total
-        if self.scaler is not None:
+        if closure is not None:
+            return self._step_closure(closure)
+        return self._step_losses(losses)
+
+    def _step_losses(self, losses: Losses) -> Tensor:
+        if self._needs_closure:
+            raise TypeError(
+                f"{type(self.optimizer).__name__}.step needs a closure: call "
+                "balancer.step(closure=lambda: {'pde': ..., 'bc': ...}) with a function that rebuilds the loss dict"
+            )
+        total, undo = self._balance(losses, True)
+        if total is None:
+            return self._nan()
+        try:
+            self._precision.step(self.optimizer)
+        except BaseException:
+            self._undo(undo)
+            raise
+        self._run_hooks()
+        return total
+
+    def _step_closure(self, closure: Callable[[], Losses]) -> Tensor:
+        if self._precision.scaled:
             raise TypeError("a GradScaler cannot be used with a closure (torch.amp does not support it)")
-        snapshot = self._snapshot()  # the optimizer moves the parameters before the closure's last word
+        self._refresh_parameters()
+        params = self._engine.params
+        snapshot = take_snapshot(self.optimizer, params, self._engine.owns)  # the optimizer moves the parameters
+        undo = self._undo_point(None)
         with torch.enable_grad():
-            first = self._backward(self._call(closure), True)
+            first, _ = self._balance(self._call(closure), True)
         if first is None:
             return self._nan()
         pending, failed = [first], []
@@ -450,7 +480,7 @@ class LossBalancer:
             if pending:
                 return pending.pop()
             with torch.enable_grad():
-                total = self._backward(self._call(closure), False)
+                total, _ = self._balance(self._call(closure), False)
             if total is None:
                 failed.append(True)
                 return self._nan()
@@ -459,27 +489,16 @@ class LossBalancer:
         try:
             self.optimizer.step(evaluate)
         except BaseException:
-            self._restore(snapshot)
+            self._undo(undo)
+            restore_snapshot(snapshot, self.optimizer, params)
             raise
         if failed:  # a re-evaluation was non-finite under nonfinite="skip": undo the whole step
-            self._restore(snapshot)
+            self._undo(undo)
+            restore_snapshot(snapshot, self.optimizer, params)
             self._skipped += 1
             return self._nan()
         self._run_hooks()
         return first
-
-    def _snapshot(self) -> tuple[dict[str, Any], list[Tensor], list[Tensor | None]]:
-        params = self._engine.params
-        grads = [None if p.grad is None else p.grad.clone() for p in params]
-        return copy.deepcopy(self.state_dict()), [p.detach().clone() for p in params], grads
-
-    def _restore(self, snapshot: tuple[dict[str, Any], list[Tensor], list[Tensor | None]]) -> None:
-        state, values, grads = snapshot
-        self.load_state_dict(state)
-        with torch.no_grad():
-            for p, value, grad in zip(self._engine.params, values, grads):
-                p.copy_(value)
-                p.grad = grad
 
     def register_step_hook(self, hook: Callable[["LossBalancer"], None]) -> RemovableHandle:
         """Call ``hook(balancer)`` after every step (e.g. a :class:`~lossbalance.tensorboard.TensorBoardLogger`).
@@ -505,7 +524,7 @@ class LossBalancer:
         return terms
 
     def _nan(self) -> Tensor:
-        return self._weights.new_full((), float("nan"))
+        return self._terms.weights.new_full((), float("nan"))
 
     # ------------------------------------------------------------------ pass-through and reporting
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -518,7 +537,7 @@ class LossBalancer:
     @property
     def weights(self) -> dict[str, float]:
         """Current weight of every declared term."""
-        return dict(zip(self._names, self._weights.tolist()))
+        return self._terms.as_dict()
 
     @property
     def stats(self) -> dict[str, dict[str, float]]:
@@ -527,14 +546,7 @@ class LossBalancer:
         The gradient figures (``grad_mean``, ``grad_max``, ``grad_norm``, over each term's scope)
         are present when that step computed per-term gradients.
         """
-        if self._last is None:
-            return {}
-        names, values, weights, grads = self._last
-        columns = {"loss": values, "weight": weights}
-        if grads is not None:
-            columns.update(grad_mean=grads.mean_abs(), grad_max=grads.max_abs_over(), grad_norm=grads.norm())
-        table = {key: col.tolist() for key, col in columns.items()}
-        return {name: {key: table[key][i] for key in table} for i, name in enumerate(names)}
+        return self._log.stats()
 
     @property
     def diagnostics(self) -> dict[str, Any] | None:
@@ -544,22 +556,17 @@ class LossBalancer:
         ``cosine[i][j]`` is the cosine similarity of terms i and j, ``conflict_fraction`` the share
         of pairs with a negative one. ``None`` before any such step (see ``diagnose_every``).
         """
-        if self._diagnostics is None:
-            return None
-        step, names, stats = self._diagnostics
-        return {"step": step, "names": list(names), **_diagnostic_figures(names, _figures(stats))}
+        return self._log.diagnostics()
 
     @property
     def history(self) -> list[dict[str, Any]]:
         """The last ``history`` steps: ``{"step", "weights": {...}, "losses": {...}}``, plus
-        ``"grad_norm"``, ``"cosine"`` and ``"conflict_fraction"`` on steps with per-term gradients."""
-        out = []
-        for step, names, w, v, figures in self._history:
-            entry = {"step": step, "weights": dict(zip(names, w.tolist())), "losses": dict(zip(names, v.tolist()))}
-            if figures is not None:
-                entry.update(_diagnostic_figures(names, figures))
-            out.append(entry)
-        return out
+        ``"grad_norm"``, ``"cosine"`` and ``"conflict_fraction"`` on steps with per-term gradients.
+
+        Each entry is built once, when first read (a read costs the steps added since the last
+        one); the entries are shared between reads: treat them as read-only.
+        """
+        return self._log.history()
 
     @property
     def step_count(self) -> int:
@@ -590,108 +597,124 @@ class LossBalancer:
             "strategy": self.strategy.name, "strategy_options": self.strategy.options(),
             "update_every": self.update_every, "warmup": self.warmup, "frozen": self.frozen,
             "memory": self._memory, "grad_mode": self._grad_mode, "nonfinite": self.nonfinite,
-            "check_paths": self.check_paths, "history": self._history.maxlen,
+            "check_paths": self.check_paths, "history": self._log.keeps_history,
             "diagnose_every": self.diagnose_every, "seed": self.seed,
             "combine": self.combiner.name, "combine_options": self.combiner.options(),
         }
-        if self._initial:
-            settings["weights"] = dict(self._initial)
-        for key, bound in zip(("min_weight", "max_weight"), self._bounds):
+        if self._terms.initial:
+            settings["weights"] = dict(self._terms.initial)
+        for key, bound in zip(("min_weight", "max_weight"), self._terms.bounds):
             if bound is not None:
                 settings[key] = dict(bound) if isinstance(bound, Mapping) else bound
-        if self._names:
-            settings["terms"] = list(self._names)
-        if self._optional:
-            settings["optional"] = sorted(self._optional)
+        if self._terms.names:
+            settings["terms"] = list(self._terms.names)
+        if self._terms.optional:
+            settings["optional"] = sorted(self._terms.optional)
         return export_config(settings, self._scope_params, self._probe, model)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """The optimizer's and the balancer's state; loading it continues a run bit for bit."""
+        """The optimizer's and the balancer's state; loading it continues a run bit for bit.
+
+        Keys (format 2): ``format``; ``optimizer`` (the optimizer's ``state_dict``); ``names``,
+        ``optional``, ``weights``, ``lower``, ``upper`` (the terms, their weights and bounds);
+        ``step``, ``updates``, ``skipped`` (counters); ``strategy_name``, ``strategy`` (the
+        strategy's state); ``generator`` (the random generator's state); ``scaler`` (the
+        GradScaler's state or ``None``). States of lossbalance 0.1.0 (no ``format``) load too.
+        """
         return {
+            "format": STATE_FORMAT,
             "optimizer": self.optimizer.state_dict(),
-            "names": list(self._names),
-            "optional": sorted(self._optional),
-            "weights": self._weights.clone(),
-            "lower": self._lower.clone(),
-            "upper": self._upper.clone(),
+            **self._terms.state_dict(),
             "step": self._step,
             "updates": self._updates,
             "skipped": self._skipped,
             "strategy_name": self.strategy.name,
             "strategy": self.strategy.state_dict(),
             "generator": self.generator.get_state(),
-            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "scaler": self._precision.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; checked first, so a mismatch changes nothing."""
+        """Restore :meth:`state_dict`. Everything is checked first and committed at once: any
+        error (a wrong key set, strategy, term table, generator or optimizer state) leaves the
+        balancer, its strategy and the optimizer exactly as they were."""
+        checked = self._checked_state(state)
+        strategy_state, optimizer_state = self.strategy.state_dict(), self.optimizer.state_dict()
+        scaler_state = self._precision.state_dict()
+        try:
+            self.strategy.load_state_dict(state["strategy"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self._precision.load_state_dict(state.get("scaler"))
+        except BaseException:
+            self.strategy.load_state_dict(strategy_state)
+            self.optimizer.load_state_dict(optimizer_state)
+            self._precision.load_state_dict(scaler_state)
+            raise
+        self._terms.commit(checked["terms"])
+        self._step, self._updates, self._skipped = checked["counters"]
+        self.generator.set_state(checked["generator"])
+        self._checked = set()
+
+    def _checked_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """The parts of ``state`` that can be checked without touching anything."""
         missing = {"optimizer", "names", "weights", "step", "updates", "strategy", "generator"} - set(state)
         if missing:
             raise KeyError(f"not a LossBalancer state_dict: missing {sorted(missing)}")
+        version = state.get("format", 1)
+        if version not in (1, STATE_FORMAT):
+            raise ValueError(f"this state has format {version!r}; this lossbalance reads formats 1 and {STATE_FORMAT}")
         saved = state.get("strategy_name", self.strategy.name)
         if saved != self.strategy.name:
             raise ValueError(
                 f"this state was saved by a balancer running strategy {saved!r}; this one runs "
                 f"{self.strategy.name!r}: build the balancer with the same strategy before loading"
             )
-        names = list(state["names"])
-        if len(names) != state["weights"].numel():
-            raise ValueError(f"corrupt state: {len(names)} term names but {state['weights'].numel()} weights")
-        strategy_state = self.strategy.state_dict()  # a snapshot (protocol)
-        self.strategy.load_state_dict(state["strategy"])
+        generator = state["generator"]
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
-        except BaseException:
-            self.strategy.load_state_dict(strategy_state)
-            raise
-        device, dtype = self._weights.device, self._weights.dtype
-        self._names = names
-        self._optional = set(state.get("optional", ()))
-        self._weights = state["weights"].to(device=device, dtype=dtype).clone()
-        n = len(self._names)
-        self._lower = state.get("lower", torch.zeros(n)).to(device=device, dtype=dtype).clone()
-        self._upper = state.get("upper", torch.full((n,), float("inf"))).to(device=device, dtype=dtype).clone()
-        self._bounded = bool((self._lower > 0).any() | torch.isfinite(self._upper).any())
-        self._step = int(state["step"])
-        self._updates = int(state["updates"])
-        self._skipped = int(state.get("skipped", 0))
-        self.generator.set_state(state["generator"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self._active = None
-        self._checked = set()
+            torch.Generator().set_state(generator)  # a scratch generator: a corrupt state raises here
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"corrupt state: the random generator's state cannot be loaded ({error})") from error
+        try:
+            counters = (int(state["step"]), int(state["updates"]), int(state.get("skipped", 0)))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"corrupt state: the step counters are not integers ({error})") from error
+        return {"terms": self._terms.checked_state(state), "counters": counters, "generator": generator}
 
     def __repr__(self) -> str:
         return (
             f"LossBalancer({type(self.optimizer).__name__}, {self.strategy!r}, update_every={self.update_every}, "
-            f"combine={self.combiner!r}, memory={self._memory!r}, terms={self._names})"
+            f"combine={self.combiner!r}, memory={self._memory!r}, terms={self._terms.names})"
         )
 
 
-def _mean_over_processes(distributed: bool | None, group: Any) -> Callable[[Tensor], None] | None:
-    """An in-place mean over the processes of ``group``, or ``None`` when not distributed."""
-    dist = torch.distributed
-    active = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-    if distributed is None:
-        distributed = active
-    if not distributed:
-        return None
-    if not active:
-        raise ValueError("distributed=True needs an initialised torch.distributed process group")
-    size = dist.get_world_size(group)
-
-    def reduce(tensor: Tensor) -> None:
-        dist.all_reduce(tensor, group=group)
-        tensor.div_(size)
-
-    return reduce
+def _plain_tensors(losses: Losses) -> Losses:
+    """``losses`` with tensor subclasses (e.g. PINA's ``LabelTensor``) as plain tensor views."""
+    if not isinstance(losses, Mapping) or all(type(v) is Tensor for v in losses.values()):
+        return losses
+    return {k: v.as_subclass(Tensor) if isinstance(v, Tensor) else v for k, v in losses.items()}
 
 
-def _figures(stats: GradStats) -> tuple[Tensor, Tensor, Tensor]:
-    return stats.norm(), stats.cosine(), stats.conflict_fraction()
+def _resolve_scopes(scope_params: Mapping[str, list[Tensor]], held: frozenset[int]) -> dict[str, frozenset[int]]:
+    """``{term: ids of its parameters}``; raises unless each scope is a non-empty subset of ``held``."""
+    scopes = {}
+    for name, params in scope_params.items():
+        if not params:
+            raise ValueError(f"the scope of term {name!r} is empty: name at least one parameter it may train")
+        ids = frozenset(map(id, params))
+        if not ids <= held:
+            raise ValueError(
+                f"the scope of term {name!r} names a parameter the optimizer does not hold "
+                "(or that does not require grad): scopes must be subsets of the optimizer's parameters"
+            )
+        scopes[name] = ids
+    return scopes
 
 
-def _diagnostic_figures(names: tuple[str, ...], figures: tuple[Tensor, Tensor, Tensor]) -> dict[str, Any]:
-    norms, cosine, fraction = figures
-    return {"grad_norm": dict(zip(names, norms.tolist())), "cosine": cosine.tolist(), "conflict_fraction": fraction.item()}
+def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` requires a closure (``torch.optim.LBFGS`` does)."""
+    try:
+        parameter = inspect.signature(optimizer.step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return False
+    return parameter is not None and parameter.default is inspect.Parameter.empty

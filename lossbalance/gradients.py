@@ -20,21 +20,18 @@ one backward of the weighted sum.
 """
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass, replace
-from functools import cached_property
-from typing import Callable, Iterable, Literal, Sequence
+from typing import Collection, Iterable, Literal, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
-from .validation import FREED_GRAPH_HINT
+from .distributed import Reduction
+from .stats import GradStats
+from .validation import explain_autograd_error, graph_size, no_path_error, warn_user
 
-__all__ = ["GradStats", "GradientEngine", "MEMORY_MODES", "all_finite"]
+__all__ = ["GradStats", "GradientEngine", "Measured", "Backward", "MEMORY_MODES", "all_finite"]
 
 MEMORY_MODES = ("keep", "lean")
-Selection = Literal["all", "matrices"]
-Over = Literal["scope", "shared"]
 
 
 class _Layout:
@@ -103,86 +100,19 @@ class _Layout:
         return sum_abs, max_abs, sum_sq
 
 
-@dataclass(frozen=True)
-class GradStats:
-    """Per-term, per-tensor gradient statistics of one step (K terms, T parameter tensors).
+class Measured(NamedTuple):
+    """What :meth:`GradientEngine.measure` returns: the statistics and the (averaged) values."""
 
-    ``sum_abs``, ``max_abs``, ``sum_sq`` are ``(K, T)`` tables of ``sum |g|``, ``max |g|`` and
-    ``sum g^2`` over each parameter tensor (in float64 for float32 parameters); ``numel`` (T,) counts its entries; ``matrix`` (T,)
-    marks the weight matrices (``ndim >= 2``); ``scope`` (K, T) marks what each term may train.
-    ``gradients`` is the ``(K, P)`` matrix of flat per-term gradients in ``"keep"`` mode without a
-    probe (``None`` otherwise; it lives in the engine's buffer, valid until the next gradient
-    step), in units of ``scale`` (a ``GradScaler``'s factor, 1 otherwise). The reductions below take a term's statistics over its scope
-    (``over="scope"``, default) or over the tensors every term may train (``over="shared"``).
-    """
+    stats: GradStats
+    values: Tensor
 
-    sum_abs: Tensor
-    max_abs: Tensor
-    sum_sq: Tensor
-    numel: Tensor
-    matrix: Tensor
-    scope: Tensor
-    gradients: Tensor | None = None
-    scale: Tensor | float = 1.0
 
-    def selection(self, tensors: Selection = "all", over: Over = "scope") -> Tensor:
-        """(K, T) bool mask of the tensors each term's statistics run over."""
-        mask = self.scope if over == "scope" else self.scope.all(0, keepdim=True).expand_as(self.scope)
-        if tensors == "matrices":
-            mask = mask & self.matrix
-        elif tensors != "all":
-            raise ValueError(f"tensors must be 'all' or 'matrices', got {tensors!r}")
-        return mask
+class Backward(NamedTuple):
+    """What :meth:`GradientEngine.backward` returns: the (averaged) values, and what was found
+    non-finite (``None``: nothing, ``.grad`` is written; else ``"values"`` or ``"gradients"``)."""
 
-    def mean_abs(self, tensors: Selection = "all", *, layerwise: bool = False, over: Over = "scope") -> Tensor:
-        """(K,) mean |g|: over all selected entries, or (``layerwise``) the mean of per-tensor means."""
-        mask = self.selection(tensors, over)
-        zero = self.sum_abs.new_zeros(())
-        if layerwise:
-            per_tensor = torch.where(mask, self.sum_abs / self.numel, zero)
-            return per_tensor.sum(1) / mask.sum(1)
-        return torch.where(mask, self.sum_abs, zero).sum(1) / torch.where(mask, self.numel, zero).sum(1)
-
-    def max_abs_over(self, tensors: Selection = "all", *, over: Over = "scope") -> Tensor:
-        """(K,) max |g| over the selected tensors."""
-        mask = self.selection(tensors, over)
-        return torch.where(mask, self.max_abs, self.max_abs.new_zeros(())).amax(1)
-
-    def norm(self, tensors: Selection = "all", *, over: Over = "scope") -> Tensor:
-        """(K,) Euclidean norm ||g|| over the selected tensors."""
-        mask = self.selection(tensors, over)
-        return torch.where(mask, self.sum_sq, self.sum_sq.new_zeros(())).sum(1).sqrt()
-
-    def unscaled(self, scale: Tensor) -> "GradStats":
-        """The statistics of gradients that were computed from losses multiplied by ``scale``
-        (``GradScaler``); ``gradients`` stays scaled (combiners are scale-equivariant)."""
-        square = scale.to(self.sum_sq.dtype).square()
-        return replace(
-            self, sum_abs=self.sum_abs / scale, max_abs=self.max_abs / scale, sum_sq=self.sum_sq / square, scale=scale
-        )
-
-    @cached_property
-    def gram(self) -> Tensor:
-        """(K, K) Gram matrix ``g_i . g_j`` of the kept gradients, computed on first use (float64)."""
-        if self.gradients is None:
-            raise RuntimeError("cosine similarities and conflicts need memory='keep' and no probe")
-        wide = self.gradients.to(self.sum_sq.dtype)
-        return (wide @ wide.T) / torch.as_tensor(self.scale, dtype=wide.dtype, device=wide.device).square()
-
-    def cosine(self) -> Tensor:
-        """(K, K) cosine similarity of the per-term gradients (needs the kept gradients).
-
-        A zero gradient has cosine 0 with every other term (and 1 with itself).
-        """
-        norms = self.gram.diagonal().sqrt()
-        cosine = self.gram / (norms[:, None] * norms[None, :]).clamp_min(torch.finfo(self.gram.dtype).tiny)
-        return cosine.fill_diagonal_(1.0)
-
-    def conflict_fraction(self) -> Tensor:
-        """Fraction of the K(K-1)/2 term pairs whose gradients conflict (``g_i . g_j < 0``)."""
-        k = self.gram.shape[0]
-        upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=self.gram.device), 1)
-        return (self.gram[upper] < 0).sum() / max(k * (k - 1) // 2, 1)
+    values: Tensor
+    failed: Literal["values", "gradients"] | None
 
 
 class GradientEngine:
@@ -190,8 +120,10 @@ class GradientEngine:
 
     ``params``: the balanced parameters (one device and dtype). ``memory``: ``"keep"`` or
     ``"lean"`` (see the module docstring). ``probe``: optional subset of ``params`` on which the
-    statistics are taken. ``reduce``: an in-place cross-process mean (distributed training); the
-    engine packs the loss values with the gradients so that a step needs one collective call.
+    statistics are taken. ``reduction``: the mean over processes (:mod:`lossbalance.distributed`);
+    the engine packs the loss values with the gradients so that a step needs one collective call.
+    ``grad_mode``: ``"loop"`` or ``"batched"`` (``torch.vmap`` over ``autograd.grad``; when vmap
+    raises, this engine falls back to the loop for good, with a warning).
     """
 
     def __init__(
@@ -200,40 +132,29 @@ class GradientEngine:
         *,
         memory: str = "keep",
         probe: Iterable[Tensor] | None = None,
-        reduce: Callable[[Tensor], None] | None = None,
+        reduction: Reduction | None = None,
         grad_mode: Literal["loop", "batched"] = "loop",
     ):
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
         if grad_mode not in ("loop", "batched"):
             raise ValueError(f"grad_mode must be 'loop' or 'batched', got {grad_mode!r}")
+        _check_one_kind(params)
         self.grad_mode = grad_mode
-        kinds = {(p.device, p.dtype) for p in params}
-        if len(kinds) > 1:
-            found = ", ".join(sorted(f"{d}/{t}" for d, t in kinds))
-            raise ValueError(
-                f"the balanced parameters must share one device and dtype; found {found}. "
-                "Cast them (e.g. model.to(dtype)) or balance each group with its own LossBalancer."
-            )
         self.memory = memory
+        self._ids = tuple(map(id, params))
         self.layout = _Layout(params)
         self.params = self.layout.params
-        if probe is None:
-            self.probe = None
-        else:
-            probe = list(probe)
-            unknown = [p for p in probe if id(p) not in self.layout.position]
-            if unknown or not probe:
-                raise ValueError("probe must be a non-empty subset of the optimizer's parameters")
-            self.probe = _Layout(probe)
-        self.reuses = self.probe is None and memory == "keep"
-        self.reduce = reduce
-        self._extra = 0 if reduce is None else 1  # a column for the loss value, reduced with the gradients
+        self.probe = None if probe is None else _Layout(_probe_subset(probe, self.layout))
+        self.reduction = Reduction() if reduction is None else reduction
+        self._extra = int(self.reduction.active)  # a column for the loss value, reduced with the gradients
+        self._vmap_failed = False
         self._buffer: Tensor | None = None
         self._row_views: list[list[Tensor]] = []
         self._combined = torch.empty(self.layout.total, dtype=self.layout.dtype, device=self.layout.device)
         self._grad_views = self.layout.views(self._combined)
         self._reached: list[bool] = []
+        self._graph_sizes: dict[str, int] = {}
 
     def __repr__(self) -> str:
         probe = "" if self.probe is None else f", probe={len(self.probe.params)} tensors"
@@ -242,9 +163,126 @@ class GradientEngine:
             f"{self.layout.dtype}, {self.layout.device}, memory={self.memory!r}, grad_mode={self.grad_mode!r}{probe})"
         )
 
+    # ------------------------------------------------------------------ what it holds
+    def holds(self, params: Sequence[Tensor]) -> bool:
+        """Whether this engine was built for exactly ``params`` (same tensors, same order)."""
+        return tuple(map(id, params)) == self._ids
+
+    @property
+    def keeps_gradients(self) -> bool:
+        """Whether :meth:`measure` keeps the K full gradients (``"keep"``, no probe), so that
+        :meth:`write_kept` can write the step without another backward."""
+        return self.probe is None and self.memory == "keep"
+
+    @property
+    def device(self) -> torch.device:
+        return self.layout.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layout.dtype
+
+    def owns(self, grad: Tensor) -> bool:
+        """Whether ``grad`` is a view into this engine's reused gradient buffer."""
+        return grad._base is self._combined
+
     @property
     def stats_layout(self) -> _Layout:
         return self.layout if self.probe is None else self.probe
+
+    # ------------------------------------------------------------------ per-term gradients
+    def measure(
+        self,
+        names: Sequence[str],
+        losses: Sequence[Tensor],
+        scopes: Sequence[frozenset[int] | None],
+        values: Tensor,
+        *,
+        stale: Collection[str] = (),
+    ) -> Measured:
+        """Differentiate each term w.r.t. its scope; return the gradients' statistics and the
+        loss ``values`` (averaged over processes when distributed, in the gradients' collective).
+
+        The term with the largest graph is differentiated last, without ``retain_graph`` when
+        the kept gradients make the step (no weighted-sum backward follows). The statistics'
+        rows stay in the given order of the terms. Raises ``ValueError`` naming a term that
+        reaches none of the parameters it may train (``stale``: terms known to be built on an
+        earlier step, for the error message).
+        """
+        buffer = self._rows(len(losses))
+        if self._wants_vmap(scopes) and self._batched(losses, buffer[:, : self.stats_layout.total]):
+            return self._kept_statistics(scopes, values)
+        lean = self._loop(names, losses, scopes, values, stale)
+        return self._kept_statistics(scopes, values) if lean is None else self._lean_statistics(lean, scopes, values)
+
+    def _wants_vmap(self, scopes: Sequence[frozenset[int] | None]) -> bool:
+        return self.grad_mode == "batched" and not self._vmap_failed and self.keeps_gradients and all(
+            s is None for s in scopes
+        )
+
+    def _order(self, names: Sequence[str], losses: Sequence[Tensor]) -> list[int]:
+        """The terms from the smallest graph to the largest (the last one may free the graph)."""
+        for name, loss in zip(names, losses):
+            if name not in self._graph_sizes:
+                self._graph_sizes[name] = graph_size(loss)
+        return sorted(range(len(names)), key=lambda i: self._graph_sizes[names[i]])
+
+    def _loop(self, names: Sequence[str], losses: Sequence[Tensor], scopes, values: Tensor, stale) -> list | None:
+        """One ``autograd.grad`` per term into its row of the buffer; in ``"lean"`` mode into
+        row 0, reduced at once: then the per-term tables are returned (in the terms' order)."""
+        order = self._order(names, losses)
+        self._reached = [self.reduction.active] * len(self.params)
+        lean: dict[int, tuple[Tensor, ...]] = {}
+        for i in order:
+            retain = not (self.keeps_gradients and i == order[-1])
+            parts = self._term_gradient(names[i], losses[i], scopes[i], retain, names[i] in stale)
+            torch._foreach_copy_(self._row_views[i if self.memory == "keep" else 0], parts)  # torch >= 2.1
+            if self.memory == "lean":
+                lean[i] = self._lean_row(values[i : i + 1])
+        return [lean[i] for i in range(len(names))] if lean else None
+
+    def _term_gradient(self, name: str, loss: Tensor, scope: frozenset[int] | None, retain: bool, stale: bool) -> list[Tensor]:
+        """The gradient of one term over the statistics layout (zeros where it does not reach)."""
+        layout = self.stats_layout
+        positions = layout.inputs(scope)
+        parts = list(layout.zeros)
+        if not positions or not loss.requires_grad:  # (a term another process holds: zero here)
+            return parts
+        try:
+            grads = torch.autograd.grad(loss, [layout.params[j] for j in positions], retain_graph=retain, allow_unused=True)
+        except RuntimeError as error:
+            raise explain_autograd_error(name, error, stale=stale) from error
+        for j, g in zip(positions, grads):
+            if g is not None:
+                parts[j] = g
+                if self.keeps_gradients:
+                    self._reached[j] = True
+        if self.probe is None and all(g is None for g in grads):
+            raise no_path_error(name, scoped=scope is not None)
+        return parts
+
+    def _lean_row(self, value: Tensor) -> tuple[Tensor, ...]:
+        """Row 0 (one term's gradient) reduced to its statistics, after averaging when distributed."""
+        value = self._reduce_rows(self._buffer, value) if self.reduction.active else value
+        return (*self.stats_layout.table(self._buffer[:, : self.stats_layout.total]), value)
+
+    def _lean_statistics(self, rows, scopes, values: Tensor) -> Measured:
+        sum_abs, max_abs, sum_sq, averaged = (torch.cat(column) for column in zip(*rows))
+        layout = self.stats_layout
+        stats = GradStats(sum_abs, max_abs, sum_sq, layout.numel, layout.matrix, layout.masks(scopes), None)
+        return Measured(stats, averaged if self.reduction.active else values)
+
+    def _kept_statistics(self, scopes, values: Tensor) -> Measured:
+        """The statistics of the K kept rows (averaged first, with the values, when distributed)."""
+        layout = self.stats_layout
+        if self.reduction.active:
+            values = self._reduce_rows(self._buffer, values)
+        grads = self._buffer[:, : layout.total]
+        stats = GradStats(
+            *layout.table(grads), layout.numel, layout.matrix, layout.masks(scopes),
+            grads if self.keeps_gradients else None,
+        )
+        return Measured(stats, values)
 
     def _rows(self, k: int) -> Tensor:
         rows = k if self.memory == "keep" else 1
@@ -255,87 +293,10 @@ class GradientEngine:
         return self._buffer
 
     def _reduce_rows(self, rows: Tensor, values: Tensor) -> Tensor:
-        """Reduce ``rows`` (R, P + 1) in place, their last column holding ``values`` (R,)."""
-        assert self.reduce is not None
+        """Average ``rows`` (R, P + 1) in place, their last column holding ``values`` (R,)."""
         rows[:, -1] = values.to(rows.dtype)
-        self.reduce(rows)
+        self.reduction.mean_(rows)
         return rows[:, -1].to(values.dtype)
-
-    def term_gradients(
-        self,
-        names: Sequence[str],
-        losses: Sequence[Tensor],
-        scopes: Sequence[frozenset[int] | None],
-        values: Tensor,
-        order: Sequence[int] | None = None,
-    ) -> tuple[GradStats, Tensor]:
-        """Differentiate each term w.r.t. its scope; return the gradients' statistics and the
-        loss ``values`` (averaged over processes when distributed).
-
-        ``order``: the order in which the terms are differentiated (default: as given). In
-        ``"keep"`` mode without probe the last one frees the graph, so the term with the largest
-        graph should come last; otherwise the graph is retained for the weighted-sum backward of
-        :meth:`backward`. The statistics' rows stay in the given order of the terms.
-
-        Raises ``ValueError`` naming a term that reaches none of the parameters it may train.
-        """
-        layout = self.stats_layout
-        keep_rows = self.memory == "keep"  # K rows: the gradients, or their probe part
-        buffer = self._rows(len(losses))
-        grads_view = buffer[:, : layout.total]
-        tables: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
-        reduced: dict[int, Tensor] = {}
-        reached = [self.reduce is not None] * len(self.layout.params)
-        batched = self.grad_mode == "batched" and self.reuses and all(s is None for s in scopes)
-        order = list(range(len(losses))) if order is None else list(order)
-        if batched and self._batched(losses, grads_view):
-            reached = [True] * len(self.layout.params)
-            order = []  # done: skip the loop below
-        for i in order:
-            name, loss, scope = names[i], losses[i], scopes[i]
-            positions = layout.inputs(scope)
-            parts = list(layout.zeros)
-            if positions:
-                retain = not (self.reuses and i == order[-1])
-                try:
-                    grads = torch.autograd.grad(
-                        loss, [layout.params[j] for j in positions], retain_graph=retain, allow_unused=True
-                    )
-                except RuntimeError as error:
-                    raise RuntimeError(f"while differentiating term {name!r}: {FREED_GRAPH_HINT}. {error}") from error
-                hit = False
-                for j, g in zip(positions, grads):
-                    if g is not None:
-                        parts[j] = g
-                        hit = True
-                        if self.reuses:
-                            reached[j] = True
-                if not hit and self.probe is None:
-                    where = "any balanced parameter" if scope is None else "any parameter of its scope"
-                    raise ValueError(
-                        f"loss term {name!r} has no path to {where}: it was built from tensors that do "
-                        "not depend on them (detached, or only on inputs)"
-                    )
-            torch._foreach_copy_(self._row_views[i if keep_rows else 0], parts)  # torch >= 2.1
-            if not keep_rows:
-                if self.reduce is not None:
-                    reduced[i] = self._reduce_rows(buffer, values[i : i + 1])
-                tables[i] = layout.table(grads_view)
-        if keep_rows:
-            if self.reuses:
-                self._reached = reached
-            if self.reduce is not None:
-                values = self._reduce_rows(buffer, values)
-            sum_abs, max_abs, sum_sq = layout.table(grads_view)
-        else:
-            sum_abs, max_abs, sum_sq = (torch.cat(t) for t in zip(*(tables[i] for i in sorted(tables))))
-            if reduced:
-                values = torch.cat([reduced[i] for i in sorted(reduced)])
-        stats = GradStats(
-            sum_abs, max_abs, sum_sq, layout.numel, layout.matrix, layout.masks(scopes),
-            grads_view if self.reuses else None,
-        )
-        return stats, values
 
     def _batched(self, losses: Sequence[Tensor], out: Tensor) -> bool:
         """All K gradients in one ``torch.vmap`` over ``autograd.grad`` (False: vmap failed)."""
@@ -350,23 +311,26 @@ class GradientEngine:
         try:
             grads = torch.vmap(vjp)(basis)
         except RuntimeError as error:
-            warnings.warn(f"grad_mode='batched' fell back to the loop: torch.vmap failed ({error})", stacklevel=4)
-            self.grad_mode = "loop"
+            warn_user(f"grad_mode='batched' fell back to the loop: torch.vmap failed ({error})")
+            self._vmap_failed = True
             return False
         torch.cat([g.reshape(len(losses), -1) for g in grads], dim=1, out=out)
+        self._reached = [True] * len(self.params)
         return True
 
-    def write_combined(self, weights: Tensor, combined: Tensor | None = None) -> None:
-        """``.grad = sum_i w_i g_i`` from the kept gradients (or ``.grad = combined`` when given).
+    # ------------------------------------------------------------------ the step's gradient
+    def write_kept(self, weights: Tensor, direction: Tensor | None = None) -> None:
+        """``.grad = sum_i w_i g_i`` from the kept gradients (or ``.grad = direction`` when given).
 
+        ``.grad`` tensors are views into one buffer of this engine, rewritten by the next call.
         Parameters that no term reached get ``.grad = None``.
         """
-        assert self.reuses and self._buffer is not None
-        if combined is None:
+        assert self.keeps_gradients and self._buffer is not None
+        if direction is None:
             grads = self._buffer[:, : self.layout.total]
             torch.mv(grads.T, weights.to(grads.dtype), out=self._combined)
         else:
-            self._combined.copy_(combined)
+            self._combined.copy_(direction)
         for p, view, hit in zip(self.params, self._grad_views, self._reached):
             p.grad = view if hit else None
 
@@ -380,20 +344,34 @@ class GradientEngine:
         *,
         check_grads: bool = False,
         check_values: bool = False,
-    ) -> tuple[Tensor, bool]:
+        stale: Collection[str] = (),
+    ) -> Backward:
         """One backward per distinct scope of ``sum_i w_i L_i``; ``.grad`` is overwritten.
 
         The backward is seeded with the weights (``grad_outputs``), so no weighted-sum node enters
         the graph; terms sharing a scope share one backward, so the common case (no scopes) is
         exactly one. ``losses`` are 0-dim. Parameters no term reaches get ``None`` (when
-        distributed: zeros, since another process may reach them). Returns ``values``, averaged
-        over processes when distributed (in the same collective as the gradients), and whether
-        what was checked is finite (``check_grads``: the gradients, ``check_values``: the values;
-        one host sync for both). When it is not, ``.grad`` is left as it was.
+        distributed: zeros, since another process may reach them). The values are averaged over
+        processes when distributed (in the same collective as the gradients). What is checked
+        (``check_grads``: the gradients, ``check_values``: the values) is checked with one host
+        sync; when it is not finite, ``.grad`` is left as it was and ``failed`` says which.
+        ``stale``: terms known to be built on an earlier step, named first if the backward fails.
         """
+        grads = self._weighted_sum(names, losses, weights, scopes, stale)
+        if self.reduction.active:
+            grads, values = self._averaged(grads, values)
+        failed = _nonfinite_part(grads if check_grads else [], values if check_values else None)
+        if failed is None:
+            for p, g in zip(self.params, grads):
+                p.grad = g
+        return Backward(values, failed)
+
+    def _weighted_sum(self, names, losses, weights: Tensor, scopes, stale: Collection[str]) -> list[Tensor | None]:
+        """Per parameter, the gradient of ``sum_i w_i L_i`` (``None`` where no term reaches)."""
         groups: dict[frozenset[int] | None, list[int]] = {}
         for i, scope in enumerate(scopes):
-            groups.setdefault(scope, []).append(i)
+            if losses[i].requires_grad:  # (a term another process holds is a constant zero here)
+                groups.setdefault(scope, []).append(i)
         seeds = weights.unbind()
         total: list[Tensor | None] = [None] * len(self.params)
         for n, (scope, members) in enumerate(groups.items()):
@@ -401,31 +379,51 @@ class GradientEngine:
             inputs = [self.params[j] for j in positions]
             try:
                 grads = torch.autograd.grad(
-                    [losses[i] for i in members], inputs, grad_outputs=[seeds[i] for i in members],
-                    retain_graph=n < len(groups) - 1, allow_unused=True,
+                    [losses[i] for i in members], inputs,
+                    grad_outputs=[seeds[i] for i in members], retain_graph=n < len(groups) - 1, allow_unused=True,
                 )
             except RuntimeError as error:
-                culprit = _first_failing([names[i] for i in members], [losses[i] for i in members], inputs)
-                raise RuntimeError(f"while differentiating term {culprit!r}: {FREED_GRAPH_HINT}. {error}") from error
+                culprit = _culprit([names[i] for i in members], [losses[i] for i in members], inputs, stale)
+                raise explain_autograd_error(culprit, error, stale=culprit in stale) from error
             for j, g in zip(positions, grads):
                 if g is not None:
                     total[j] = g if total[j] is None else total[j] + g
-        if self.reduce is None:
-            grads = total
-        else:
-            parts = [(z if g is None else g).reshape(-1) for g, z in zip(total, self.layout.zeros)]
-            flat = torch.cat([*parts, values.to(self.layout.dtype)])  # one collective for both
-            self.reduce(flat)
-            values = flat[self.layout.total :].to(values.dtype)
-            grads = [v.view_as(p) for p, v in zip(self.params, flat[: self.layout.total].split(self.layout.sizes))]
-        checked = [g for g in grads if g is not None] if check_grads else []
-        if check_values:
-            checked.append(values)
-        if checked and not all_finite(checked):
-            return values, False
-        for p, g in zip(self.params, grads):
-            p.grad = g
-        return values, True
+        return total
+
+    def _averaged(self, grads: list[Tensor | None], values: Tensor) -> tuple[list[Tensor], Tensor]:
+        """The gradients (zeros where none) and the values, averaged in one collective."""
+        parts = [(z if g is None else g).reshape(-1) for g, z in zip(grads, self.layout.zeros)]
+        flat = torch.cat([*parts, values.to(self.layout.dtype)])
+        self.reduction.mean_(flat)
+        averaged = flat[self.layout.total :].to(values.dtype)
+        return self.layout.views(flat[: self.layout.total]), averaged
+
+
+def _check_one_kind(params: Sequence[Tensor]) -> None:
+    kinds = {(p.device, p.dtype) for p in params}
+    if len(kinds) > 1:
+        found = ", ".join(sorted(f"{d}/{t}" for d, t in kinds))
+        raise ValueError(
+            f"the balanced parameters must share one device and dtype; found {found}. "
+            "Cast them (e.g. model.to(dtype)) or balance each group with its own LossBalancer."
+        )
+
+
+def _probe_subset(probe: Iterable[Tensor], layout: _Layout) -> list[Tensor]:
+    probe = list(probe)
+    if not probe or any(id(p) not in layout.position for p in probe):
+        raise ValueError("probe must be a non-empty subset of the optimizer's parameters")
+    return probe
+
+
+def _nonfinite_part(grads: Sequence[Tensor | None], values: Tensor | None) -> Literal["values", "gradients"] | None:
+    """Which of the checked tensors holds a NaN/Inf (one host sync when all are finite)."""
+    checked = [g for g in grads if g is not None] + ([] if values is None else [values])
+    if not checked or all_finite(checked):
+        return None
+    if values is not None and not bool(torch.isfinite(values).all()):
+        return "values"
+    return "gradients"
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:
@@ -447,11 +445,15 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def _first_failing(names: Sequence[str], losses: Sequence[Tensor], inputs: Sequence[Tensor]) -> str:
-    """The first term whose graph cannot be differentiated (to name it in an error message)."""
+def _culprit(names: Sequence[str], losses: Sequence[Tensor], inputs: Sequence[Tensor], stale: Collection[str]) -> str:
+    """The term to name when a joint backward failed: one built on an earlier step if any, else
+    the first whose graph cannot be differentiated on its own."""
+    for name in names:
+        if name in stale:
+            return name
     for name, loss in zip(names, losses):
         try:
             torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
         except RuntimeError:
             return name
-    return "(unknown)"
+    return names[0]

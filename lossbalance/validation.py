@@ -5,17 +5,51 @@ the optimizer or ``.grad``.
 """
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from typing import Any, Collection, Iterator, Mapping
 
 import torch
 from torch import Tensor
 
-__all__ = ["check_losses", "check_finite", "reaches", "graph_size", "check_key_set", "FREED_GRAPH_HINT"]
+__all__ = [
+    "check_losses", "check_finite", "reaches", "graph_size", "check_key_set", "explain_autograd_error",
+    "no_path_error", "warn_user", "FREED_GRAPH_HINT",
+]
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first caller outside lossbalance (whatever the depth)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE + os.sep):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 FREED_GRAPH_HINT = (
     "build the loss dict anew for every step (a backward pass frees its graph) and do not call "
     "backward() on the terms yourself"
 )
+_FREED_GRAPH = "backward through the graph a second time"  # torch's message for a freed graph
+
+
+def explain_autograd_error(name: str, error: RuntimeError, *, stale: bool = False) -> RuntimeError:
+    """``error`` from differentiating term ``name``, with the term named; the freed-graph hint
+    only when the graph was freed or the term was built on an earlier step (``stale``: its
+    parameters have moved since); other autograd errors keep their own message."""
+    hint = f": {FREED_GRAPH_HINT}" if stale or _FREED_GRAPH in str(error) else ""
+    return RuntimeError(f"while differentiating term {name!r}{hint}. {error}")
+
+
+def no_path_error(name: str, *, scoped: bool) -> ValueError:
+    """The error for a term whose graph reaches none of the parameters it may train."""
+    where = "any parameter of its scope" if scoped else "any balanced parameter"
+    return ValueError(
+        f"loss term {name!r} has no path to {where}: it was built from tensors that do not depend "
+        "on them (detached, or only on inputs)"
+    )
 
 
 def check_losses(losses: Any, device: torch.device) -> None:

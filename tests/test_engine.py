@@ -129,7 +129,7 @@ def test_statistics_match_direct_autograd():
     params = list(problem.model.parameters())
     engine = GradientEngine(params)
     losses = problem.losses()
-    stats, _ = engine.term_gradients(list(losses), list(losses.values()), [None] * 3, torch.zeros(3))
+    stats, _ = engine.measure(list(losses), list(losses.values()), [None] * 3, torch.zeros(3))
     for i, loss in enumerate(problem.losses().values()):
         grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -147,7 +147,7 @@ def test_cosine_matrix():
     model = TwoHeads()
     engine = GradientEngine(list(model.parameters()))
     losses = model.losses()
-    stats, _ = engine.term_gradients(list(losses), list(losses.values()), [None, None], torch.zeros(2))
+    stats, _ = engine.measure(list(losses), list(losses.values()), [None, None], torch.zeros(2))
     ga = torch.cat([g.reshape(-1) for g in torch.autograd.grad(model.losses()["a"], list(model.parameters()), allow_unused=True, materialize_grads=True)])
     gb = torch.cat([g.reshape(-1) for g in torch.autograd.grad(model.losses()["b"], list(model.parameters()), allow_unused=True, materialize_grads=True)])
     want = torch.nn.functional.cosine_similarity(ga, gb, dim=0)

@@ -57,7 +57,7 @@ def test_bfloat16_autocast_on_cpu():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             losses = model.losses()
         balancer.step(losses)
-    assert balancer._weights.dtype == torch.float32
+    assert balancer._terms.weights.dtype == torch.float32
     assert all(p.grad.dtype == torch.float32 for p in model.parameters())
     end = {k: v.item() for k, v in model.losses().items()}
     assert end["b"] < start["b"]

@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import Tensor
 
-from ..gradients import GradStats
+from ..stats import GradStats
 
 __all__ = ["StepRecord", "Strategy", "register", "available_strategies", "make_strategy"]
 

@@ -1,12 +1,12 @@
 """Learning-rate annealing (Wang, Teng & Perdikaris 2021)."""
 from __future__ import annotations
 
-import warnings
 from typing import Any, Literal, Sequence
 
 import torch
 from torch import Tensor
 
+from ..validation import warn_user
 from .base import StepRecord, Strategy, register
 
 __all__ = ["LRAnnealing"]
@@ -97,10 +97,9 @@ class LRAnnealing(Strategy):
     def validate_terms(self, names: Sequence[str]) -> None:
         if self.reference is None:
             self.reference = names[0]
-            warnings.warn(
+            warn_user(
                 f"LRAnnealing: no reference term given, using the first term {names[0]!r}; "
-                f"pass reference={names[0]!r} to make it explicit",
-                stacklevel=4,
+                f"pass reference={names[0]!r} to make it explicit"
             )
         if self.reference not in names:
             raise KeyError(f"LRAnnealing reference term {self.reference!r} is not among the terms {list(names)}")

@@ -1,0 +1,125 @@
+"""Distribution: the mean over processes, and the agreement of the ranks on the terms.
+
+A balancer in a multi-process run (``torch.distributed``, e.g. DistributedDataParallel) averages
+the per-term gradients and the loss values over the processes, so that every process computes
+the same weights and takes the same step. Two rules live here and nowhere else:
+
+- **One collective per step** for the gradients and the loss values (packed into one flat
+  tensor), plus one small collective that checks the ranks agree on the terms (below).
+- **Check after averaging.** Non-finite values are looked for in the *averaged* tensors, so
+  that every process sees the same verdict and all of them raise, or all skip the step, together
+  (:meth:`Reduction.checks`).
+
+Agreement on the terms. Every step, each rank sends a 24-bit hash of its declared term names
+(in order) and which of them it holds this step; the sum over the ranks tells every rank, before
+any gradient is exchanged, whether they all declared the same terms in the same order (if not,
+every rank raises a ``RuntimeError`` naming its own terms: never a hang, never an abort) and how
+many ranks hold each term. An ``optional`` term that some ranks hold and others do not is
+*present* on every rank that step: a rank without it contributes a zero loss and a zero
+gradient; its loss value is averaged over the ranks that hold it (the count), its gradient, like
+every gradient, over all ranks (as DistributedDataParallel averages a loss that is zero on some
+ranks). The terms of the first step, when not declared, are registered in one order on all
+ranks, so that ranks whose
+first dicts list the same names in different orders still agree: they take rank 0's order.
+
+Uneven points per rank: the average is the mean of the per-rank means (as DDP's), not the mean
+over the union of the points.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["Reduction", "SingleProcess", "ProcessGroupMean", "make_reduction"]
+
+
+class Reduction:
+    """The no-op reduction of a single process; the base of :class:`ProcessGroupMean`."""
+
+    active = False
+    world = 1
+
+    def mean_(self, flat: Tensor) -> None:
+        """Average ``flat`` over the processes, in place (nothing to do in one process)."""
+
+    def checks(self, stage: str) -> bool:
+        """Whether values are checked for NaN/Inf at ``stage``: ``"local"`` (before any
+        averaging) in one process, ``"averaged"`` (after it) when distributed."""
+        return stage == ("averaged" if self.active else "local")
+
+    def presence(
+        self, declared: Sequence[str], present: Sequence[str], optional: bool, device: torch.device
+    ) -> Tensor | None:
+        """How many ranks hold each declared term this step (``None``: all of them hold all)."""
+        return None
+
+    def canonical(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """The order of a first step's undeclared terms (in one process: as given)."""
+        return names
+
+    def value_label(self) -> str:
+        return "loss value (averaged over processes)" if self.active else "loss value"
+
+
+SingleProcess = Reduction
+
+
+class ProcessGroupMean(Reduction):
+    """The mean over the processes of ``group`` (``None``: the default group)."""
+
+    active = True
+
+    def __init__(self, group: Any = None):
+        self.group = group
+        self.world = torch.distributed.get_world_size(group)
+
+    def mean_(self, flat: Tensor) -> None:
+        torch.distributed.all_reduce(flat, group=self.group)
+        flat.div_(self.world)
+
+    def canonical(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """Rank 0's order of the first step's terms (one broadcast, on the first step only); a
+        rank that holds other names keeps them, and :meth:`presence` then raises on every rank."""
+        first = [list(names)]
+        torch.distributed.broadcast_object_list(first, src=torch.distributed.get_global_rank(self.group, 0)
+                                                if self.group is not None else 0, group=self.group)
+        theirs = first[0]
+        return tuple(n for n in theirs if n in names) + tuple(n for n in names if n not in theirs)
+
+    def presence(
+        self, declared: Sequence[str], present: Sequence[str], optional: bool, device: torch.device
+    ) -> Tensor | None:
+        """Raise on every rank unless all declared the same terms (one small all-reduce of a
+        fixed size); with ``optional`` terms declared, a second one counts the ranks holding each."""
+        digest = int.from_bytes(hashlib.blake2b("\x1f".join(declared).encode(), digest_size=3).digest(), "big")
+        header = torch.tensor([1, digest, digest * digest], dtype=torch.int64, device=device)  # exact sums
+        torch.distributed.all_reduce(header, group=self.group)
+        world, total, squares = header.tolist()
+        if world * squares != total * total:  # the hashes differ (equality case of Cauchy-Schwarz)
+            raise RuntimeError(
+                f"the processes disagree on the loss terms: this rank declared {list(declared)}. Every rank "
+                "must build the same term names (declare them with LossBalancer(..., terms=[...]), and "
+                "the ones that some ranks lack on some steps with optional=[...])"
+            )
+        if not optional:
+            return None
+        held = set(present)
+        counts = torch.tensor([float(name in held) for name in declared], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(counts, group=self.group)
+        return counts
+
+
+def make_reduction(distributed: bool | None, group: Any) -> Reduction:
+    """The reduction for ``distributed=`` (``None``: on when more than one process runs)."""
+    dist = torch.distributed
+    active = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+    if distributed is None:
+        distributed = active
+    if not distributed:
+        return SingleProcess()
+    if not active:
+        raise ValueError("distributed=True needs an initialised torch.distributed process group")
+    return ProcessGroupMean(group)

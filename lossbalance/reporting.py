@@ -1,0 +1,123 @@
+"""What the balancer reports about its steps: ``stats``, ``diagnostics`` and ``history``.
+
+``StepLog`` keeps small frozen records of the last step, of the last step with per-term
+gradients, and of the last ``history`` steps; the figures are turned into Python numbers only
+when read, and each history entry only once (reading ``history`` costs the entries added since
+the last read, not the whole list).
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, NamedTuple
+
+from torch import Tensor
+
+from .stats import GradStats
+
+__all__ = ["StepLog", "LastStep", "Diagnosed", "HistoryRow"]
+
+
+class LastStep(NamedTuple):
+    names: tuple[str, ...]
+    values: Tensor
+    weights: Tensor
+    stats: GradStats | None
+
+
+class Diagnosed(NamedTuple):
+    step: int
+    names: tuple[str, ...]
+    stats: GradStats  # its kept gradients live in the engine's buffer: valid until the next gradient step
+
+
+class Figures(NamedTuple):
+    norms: Tensor
+    cosine: Tensor
+    conflict_fraction: Tensor
+
+
+class HistoryRow(NamedTuple):
+    step: int
+    names: tuple[str, ...]
+    weights: Tensor
+    values: Tensor
+    figures: Figures | None
+
+
+class StepLog:
+    """The records of the last steps (``history``: how many steps the history keeps)."""
+
+    def __init__(self, history: int):
+        self.last: LastStep | None = None
+        self.diagnosed: Diagnosed | None = None
+        self.rows: deque[HistoryRow] = deque(maxlen=history)
+        self._entries: deque[dict[str, Any]] = deque(maxlen=history)
+        self._added = 0  # rows appended since the entries were last brought up to date
+
+    @property
+    def keeps_history(self) -> int:
+        return self.rows.maxlen or 0
+
+    def record(self, step: int, last: LastStep) -> None:
+        """Record a finished step (the kept gradients' figures now: the buffer is reused next step)."""
+        self.last = last
+        kept = last.stats is not None and last.stats.gradients is not None
+        if kept:
+            self.diagnosed = Diagnosed(step, last.names, last.stats)
+        if self.keeps_history:
+            figures = _figures(last.stats) if kept else None
+            self.rows.append(HistoryRow(step, last.names, last.weights, last.values, figures))
+            self._added += 1
+
+    def forget_last_row(self) -> None:
+        """Take back the last recorded history row (its step was undone)."""
+        if self.rows:
+            self.rows.pop()
+            if self._added:
+                self._added -= 1
+            else:
+                self._entries.pop()
+
+    # ------------------------------------------------------------------ reading
+    def stats(self) -> dict[str, dict[str, float]]:
+        if self.last is None:
+            return {}
+        names, values, weights, grads = self.last
+        columns = {"loss": values, "weight": weights}
+        if grads is not None:
+            columns.update(grad_mean=grads.mean_abs(), grad_max=grads.max_abs_over(), grad_norm=grads.norm())
+        table = {key: col.tolist() for key, col in columns.items()}
+        return {name: {key: table[key][i] for key in table} for i, name in enumerate(names)}
+
+    def diagnostics(self) -> dict[str, Any] | None:
+        if self.diagnosed is None:
+            return None
+        step, names, stats = self.diagnosed
+        return {"step": step, "names": list(names), **_figure_dict(names, _figures(stats))}
+
+    def history(self) -> list[dict[str, Any]]:
+        """The entries (plain dicts, built once each; treat them as read-only)."""
+        if self._added:
+            fresh = list(self.rows)[max(0, len(self.rows) - self._added) :]
+            self._entries.extend(_entry(row) for row in fresh)
+            self._added = 0
+        return list(self._entries)
+
+
+def _figures(stats: GradStats) -> Figures:
+    return Figures(stats.norm(), stats.cosine(), stats.conflict_fraction())
+
+
+def _figure_dict(names: tuple[str, ...], figures: Figures) -> dict[str, Any]:
+    norms, cosine, fraction = figures
+    return {"grad_norm": dict(zip(names, norms.tolist())), "cosine": cosine.tolist(), "conflict_fraction": fraction.item()}
+
+
+def _entry(row: HistoryRow) -> dict[str, Any]:
+    entry = {
+        "step": row.step, "weights": dict(zip(row.names, row.weights.tolist())),
+        "losses": dict(zip(row.names, row.values.tolist())),
+    }
+    if row.figures is not None:
+        entry.update(_figure_dict(row.names, row.figures))
+    return entry

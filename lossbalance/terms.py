@@ -1,0 +1,182 @@
+"""The declared loss terms: their canonical order, weights, bounds, and which may be absent.
+
+``TermTable`` is the balancer's book of terms. Terms are declared with ``terms=`` (and
+``optional=``), by :meth:`TermTable.add`, or by their first appearance in a step's dict; the
+canonical order is the declaration order (in a distributed run, rank 0's order for the terms
+of the first dict, so that every rank agrees: :mod:`lossbalance.distributed`). Per-term options (``weights=``, ``min_weight=``,
+``max_weight=`` and ``scope=`` given as dicts) must name declared or optional terms: a typo
+raises, naming it and the known terms, instead of silently running at the default.
+"""
+from __future__ import annotations
+
+from typing import Any, Collection, Iterable, Mapping, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .validation import check_key_set
+
+__all__ = ["TermTable", "Active", "Bound"]
+
+Bound = float | Mapping[str, float] | None
+
+
+class Active(NamedTuple):
+    """The resolution of one key tuple: the present terms in canonical order, their indices."""
+
+    keys: tuple[str, ...]
+    names: tuple[str, ...]
+    index: Tensor
+
+
+class TermTable:
+    """Names, weights ``(N,)``, bounds ``(N,)`` and the optional set of the declared terms."""
+
+    def __init__(
+        self,
+        *,
+        weights: Mapping[str, float] | None,
+        min_weight: Bound,
+        max_weight: Bound,
+        optional: Iterable[str],
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        self.initial = dict(weights or {})
+        self.bounds = (min_weight, max_weight)
+        self.optional = set(optional)
+        self.names: list[str] = []
+        self.weights = torch.zeros(0, dtype=dtype, device=device)
+        self.lower = self.weights.clone()
+        self.upper = self.weights.clone()
+        self.bounded = False  # whether any term has a min_weight > 0 or a finite max_weight
+        self._active: Active | None = None
+
+    # ------------------------------------------------------------------ declaring
+    def add(self, name: str, weight: float | None = None, *, optional: bool = False) -> None:
+        """Declare a term with its initial weight (default: ``weights=`` or 1)."""
+        if not isinstance(name, str):
+            raise TypeError(f"term names must be strings, got {name!r}")
+        if name in self.names:
+            raise ValueError(f"term {name!r} is already declared")
+        value = float(self.initial.get(name, 1.0) if weight is None else weight)
+        if not value > 0 or value == float("inf"):
+            raise ValueError(f"the initial weight of term {name!r} must be finite and positive, got {value}")
+        lower, upper = self._bound(0, name), self._bound(1, name)
+        if lower > upper:
+            raise ValueError(f"term {name!r}: min_weight {lower} > max_weight {upper}")
+        self.names.append(name)
+        self.weights = _extended(self.weights, value)
+        self.lower = _extended(self.lower, lower)
+        self.upper = _extended(self.upper, upper)
+        self.bounded = self.bounded or lower > 0 or upper < float("inf")
+        if optional:
+            self.optional.add(name)
+        self._active = None
+
+    def remove(self, name: str) -> None:
+        """Forget a term and its weight."""
+        if name not in self.names:
+            raise KeyError(f"term {name!r} is not declared; declared: {self.names}")
+        keep = [i for i, n in enumerate(self.names) if n != name]
+        self.names.remove(name)
+        self.weights, self.lower, self.upper = (t[keep] for t in (self.weights, self.lower, self.upper))
+        self.optional.discard(name)
+        self._active = None
+
+    def _bound(self, which: int, name: str) -> float:
+        bound = self.bounds[which]
+        default = 0.0 if which == 0 else float("inf")
+        if isinstance(bound, Mapping):
+            return float(bound.get(name, default))
+        return default if bound is None else float(bound)
+
+    def check_option_names(self, known: Collection[str], scope: Collection[str] = (), *, declared: bool) -> None:
+        """Raise ``KeyError`` if a per-term option names a term outside ``known`` and ``optional``
+        (``declared``: ``known`` is ``terms=``; else the keys of the first step)."""
+        options = {"scope": scope, "weights": self.initial}
+        options.update({key: b for key, b in zip(("min_weight", "max_weight"), self.bounds) if isinstance(b, Mapping)})
+        for option, names in options.items():
+            stray = [n for n in names if n not in known and n not in self.optional]
+            if not stray:
+                continue
+            fix = "check the spelling, or declare a term that appears later with optional=[name]"
+            if declared:
+                raise KeyError(f"{option} names term(s) {stray} that are neither in terms= nor in optional=: {fix}")
+            raise KeyError(f"{option} names the term {stray[0]!r}, which is not among the terms {list(known)}: {fix}")
+
+    # ------------------------------------------------------------------ resolving a step's keys
+    def resolve(self, keys: tuple[str, ...], scope: Collection[str] = ()) -> tuple[str, ...]:
+        """The present terms in canonical order; validates the key set without changing anything."""
+        if self._active is not None and self._active.keys == keys:
+            return self._active.names
+        if not self.names:
+            self.check_option_names(keys, scope, declared=False)
+            return keys
+        check_key_set(keys, self.names, self.optional)
+        new = [n for n in keys if n not in self.names]
+        return tuple(n for n in self.names if n in keys) + tuple(new)
+
+    def index(self, keys: tuple[str, ...], names: tuple[str, ...]) -> Tensor:
+        """Register the terms of ``names`` not declared yet; the indices of ``names`` in the weights."""
+        if self._active is not None and self._active.keys == keys and self._active.names == names:
+            return self._active.index
+        for name in names:
+            if name not in self.names:
+                self.add(name)
+        index = torch.tensor([self.names.index(n) for n in names], device=self.weights.device)
+        self._active = Active(keys, names, index)
+        return index
+
+    def new_names(self, names: Iterable[str]) -> list[str]:
+        return [n for n in names if n not in self.names]
+
+    # ------------------------------------------------------------------ weights
+    def sanitize(self, new: Tensor, old: Tensor, index: Tensor) -> Tensor:
+        """Bound the strategy's weights; a non-finite or non-positive weight keeps its old value."""
+        limits = torch.finfo(old.dtype)
+        new = new.to(torch.float64)
+        new = torch.where(torch.isfinite(new) & (new > 0), new, old).clamp(limits.tiny, limits.max).to(old.dtype)
+        if not self.bounded:
+            return new
+        return torch.minimum(torch.maximum(new, self.lower[index]), self.upper[index])
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(zip(self.names, self.weights.tolist()))
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "names": list(self.names), "optional": sorted(self.optional), "weights": self.weights.clone(),
+            "lower": self.lower.clone(), "upper": self.upper.clone(),
+        }
+
+    def checked_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """The tensors of a saved state, on this table's device and dtype; raises before any change."""
+        names = list(state["names"])
+        if len(set(names)) != len(names) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"corrupt state: the term names {names} are not distinct strings")
+        n = len(names)
+        like = dict(device=self.weights.device, dtype=self.weights.dtype)
+        tensors = {
+            "weights": state["weights"], "lower": state.get("lower", torch.zeros(n)),
+            "upper": state.get("upper", torch.full((n,), float("inf"))),
+        }
+        for key, value in tensors.items():
+            if not isinstance(value, Tensor) or value.shape != (n,):
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"corrupt state: {n} term names but {key} of shape {shape}")
+        checked = {key: value.to(**like).clone() for key, value in tensors.items()}
+        return {"names": names, "optional": set(state.get("optional", ())), **checked}
+
+    def commit(self, checked: Mapping[str, Any]) -> None:
+        """Take over a state returned by :meth:`checked_state` (cannot fail)."""
+        self.names = checked["names"]
+        self.optional = checked["optional"]
+        self.weights, self.lower, self.upper = checked["weights"], checked["lower"], checked["upper"]
+        self.bounded = bool((self.lower > 0).any() | torch.isfinite(self.upper).any())
+        self._active = None
+
+
+def _extended(t: Tensor, value: float) -> Tensor:
+    return torch.cat([t, t.new_full((1,), value)])
