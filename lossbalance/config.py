@@ -77,7 +77,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "update_every": 1,
     },
     # Wang et al. 2023, "An expert's guide to training PINNs" (jaxpi): grad-norm ratio divided by
-    # the mean norm, 1e-5 guard, momentum 0.9 on the old weight, update every 1000 steps.
+    # the mean norm, 1e-5 guard, momentum 0.9 on the old weight, update every 1000 steps. jaxpi
+    # updates the weights after its step (they act from the next step); here they act on the
+    # step that computed them, one call earlier (GradNormRatio, "Timing").
     "jaxpi": {
         "strategy": "gradnorm_ratio",
         "strategy_options": {"normalize": "mean", "alpha": 0.1, "eps": 1e-5},
@@ -86,9 +88,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Bischof & Kraus 2021 (arXiv 2110.09813), the authors' code (rbischof/relative_balancing,
     # src/train.py and src/update_rules.py): --alpha .999, --T 1., --rho 1. (Bernoulli mean: no
     # random lookback unless set), 1e-12 inside the ratio. The paper tunes these per problem.
+    # train.py's alpha schedule [1, 0, .999, ...] with L(0) taken after the second step is
+    # schedule="authors": at the second step the weights are K softmax(L(1) / L(0)), not ~1.
     "bischof2021": {
         "strategy": "relobralo",
-        "strategy_options": {"alpha": 0.999, "expected_rho": 1.0, "tau": 1.0, "eps": 1e-12},
+        "strategy_options": {"alpha": 0.999, "expected_rho": 1.0, "tau": 1.0, "eps": 1e-12, "schedule": "authors"},
         "update_every": 1,
     },
 }
