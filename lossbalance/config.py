@@ -6,25 +6,44 @@
 
 Keys: ``preset``, ``strategy``, ``strategy_options``, ``update_every``, ``weights``,
 ``min_weight``, ``max_weight``, ``warmup``, ``frozen``, ``terms``, ``optional``, ``scope``
-(``{term: [parameter-name prefixes]}``, resolved against ``model.named_parameters()``),
-``probe`` (prefixes), ``combine``, ``combine_options``, ``memory``, ``grad_mode``, ``nonfinite``, ``check_paths``, ``history``,
-``diagnose_every``, ``seed``. A ``preset`` fills in the strategy, its options and the schedule;
-the other keys override it.
+(``{term: [parameter names or module paths]}``, resolved against ``model.named_parameters()``:
+``"coef"`` selects the parameter ``coef`` and everything under the module ``coef``, never
+``coef_net``), ``probe`` (the same kind of names), ``combine``, ``combine_options``, and the plain
+options of :data:`lossbalance.options.PLAIN_OPTIONS` (``memory``, ``grad_mode``, ``nonfinite``,
+``check_paths``, ``history``, ``diagnose_every``, ``seed``, ...). A ``preset`` fills in the
+strategy, its options and the schedule; the other keys override it.
+
+Containers: the config and every table or list in it may be any ``Mapping`` / ``Sequence``
+(not a string): dicts and lists, tuples, OmegaConf/Hydra ``DictConfig`` and ``ListConfig``.
+
+Types: every value is checked against its option's type -- the plain options against their
+table, ``strategy_options`` and ``combine_options`` against the annotations of the strategy's
+or combiner's constructor -- and a wrong type is reported as ``strategy_options.alpha must be a
+number, got '1e-1' ...``. Numbers written as strings are **refused, not coerced**: a quoted
+``"10"`` is as likely a mistake as a deliberate string, and silently converting would make
+``balancer.config()`` differ from the file it came from. The message says how to write it;
+note that PyYAML follows YAML 1.1, which reads ``1e-1`` and ``1.0e3`` as *strings* (a YAML 1.1
+float needs a dot and a signed exponent): write ``1.0e-1`` and ``1.0e+3`` (OmegaConf's loader and
+YAML 1.2 readers read all of them as floats). Integers are accepted where a float is expected,
+never the other way round, and ``true``/``false`` are never numbers.
 """
 from __future__ import annotations
 
 import difflib
 import inspect
 import numbers
-from typing import Any, Callable, Mapping
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable
 
 from torch import nn
 
-from .combine import available_combiners, make_combiner
+from .combine import Combiner, available_combiners, make_combiner
+from .options import PLAIN_NAMES, option_problems, string_hint, value_problem
 from .scope import parameters_by_prefix
 from .strategies.base import _REGISTRY, available_strategies
 
-__all__ = ["ConfigError", "PRESETS", "available_presets", "option_problems", "parse_config", "export_config"]
+__all__ = ["ConfigError", "PRESETS", "available_presets", "parse_config", "export_config"]
 
 
 class ConfigError(ValueError):
@@ -58,7 +77,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "update_every": 1,
     },
     # Wang et al. 2023, "An expert's guide to training PINNs" (jaxpi): grad-norm ratio divided by
-    # the mean norm, 1e-5 guard, momentum 0.9 on the old weight, update every 1000 steps.
+    # the mean norm, 1e-5 guard, momentum 0.9 on the old weight, update every 1000 steps. jaxpi
+    # updates the weights after its step (they act from the next step); here they act on the
+    # step that computed them, one call earlier (GradNormRatio, "Timing").
     "jaxpi": {
         "strategy": "gradnorm_ratio",
         "strategy_options": {"normalize": "mean", "alpha": 0.1, "eps": 1e-5},
@@ -67,40 +88,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Bischof & Kraus 2021 (arXiv 2110.09813), the authors' code (rbischof/relative_balancing,
     # src/train.py and src/update_rules.py): --alpha .999, --T 1., --rho 1. (Bernoulli mean: no
     # random lookback unless set), 1e-12 inside the ratio. The paper tunes these per problem.
+    # train.py's alpha schedule [1, 0, .999, ...] with L(0) taken after the second step is
+    # schedule="authors": at the second step the weights are K softmax(L(1) / L(0)), not ~1.
     "bischof2021": {
         "strategy": "relobralo",
-        "strategy_options": {"alpha": 0.999, "expected_rho": 1.0, "tau": 1.0, "eps": 1e-12},
+        "strategy_options": {"alpha": 0.999, "expected_rho": 1.0, "tau": 1.0, "eps": 1e-12, "schedule": "authors"},
         "update_every": 1,
     },
 }
 
-_SCALAR_CHECKS: dict[str, tuple[type | tuple[type, ...], Callable[[Any], bool], str]] = {
-    "update_every": (int, lambda v: v >= 1, "a positive integer"),
-    "warmup": (int, lambda v: v >= 0, "a non-negative integer"),
-    "history": (int, lambda v: v >= 0, "a non-negative integer"),
-    "diagnose_every": (int, lambda v: v >= 0, "a non-negative integer"),
-    "seed": (int, lambda v: True, "an integer"),
-    "frozen": (bool, lambda v: True, "true or false"),
-    "memory": (str, lambda v: v in ("keep", "lean"), "'keep' or 'lean'"),
-    "grad_mode": (str, lambda v: v in ("loop", "batched"), "'loop' or 'batched'"),
-    "nonfinite": (str, lambda v: v in ("raise", "skip"), "'raise' or 'skip'"),
-    "check_paths": (str, lambda v: v in ("first", "always"), "'first' or 'always'"),
-}
-_KEYS = sorted(
-    {"preset", "strategy", "strategy_options", "weights", "min_weight", "max_weight", "terms", "optional",
-     "scope", "probe", "combine", "combine_options"} | set(_SCALAR_CHECKS)
+_STRUCTURED_KEYS = (
+    "preset", "strategy", "strategy_options", "weights", "min_weight", "max_weight", "terms", "optional",
+    "scope", "probe", "combine", "combine_options",
 )
-
-
-def option_problems(options: Mapping[str, Any]) -> list[str]:
-    """What is wrong with the plain options (``update_every``, ``memory``, ...) among ``options``;
-    the one rule book for ``LossBalancer`` and :func:`parse_config`."""
-    problems = []
-    for key, value in options.items():
-        kind, valid, expected = _SCALAR_CHECKS[key]
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)) or not valid(value):
-            problems.append(f"{key} must be {expected}, got {value!r}")
-    return problems
+_KEYS = sorted({*_STRUCTURED_KEYS, *PLAIN_NAMES})
 
 
 def available_presets() -> list[str]:
@@ -116,17 +117,48 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _check_options(owner: str, factory: Callable[..., Any], options: Any, problems: list[str]) -> bool:
+def _plain(value: Any) -> Any:
+    """``value`` with every ``Mapping`` (an OmegaConf ``DictConfig`` too) made a dict and every other
+    ``Sequence`` (``ListConfig``, tuple; not a string) a list, all the way down."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [_plain(item) for item in value]
+    return value
+
+
+# ---------------------------------------------------------------------- options of strategies and combiners
+def _annotations(factory: Callable[..., Any]) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(factory.__init__ if isinstance(factory, type) else factory)
+    except NameError:  # a forward reference that cannot be resolved: the constructor checks alone
+        return {}
+
+
+def _option_problems(owner: str, factory: Callable[..., Any], options: Mapping[str, Any]) -> list[str]:
+    """Keys of ``options`` that ``factory`` does not take, and values that do not have the types
+    of its annotations (``strategy_options.alpha must be a number, got '1e-1' ...``)."""
+    parameters = inspect.signature(factory).parameters.values()
+    accepted = [p.name for p in parameters if p.kind is not p.VAR_KEYWORD]
+    open_ended = len(accepted) < len(parameters)  # **kwargs: passed on (e.g. to a torchjd aggregator)
+    unknown = [key for key in options if key not in accepted and not open_ended]
+    hints = _annotations(factory)
+    typed = (value_problem(f"{owner}_options.{key}", value, hints[key]) for key, value in options.items()
+             if key in accepted and key in hints)
+    return [
+        f"unknown {owner} option {key!r}{_suggest(str(key), accepted)}; known: {accepted}" for key in unknown
+    ] + [problem for problem in typed if problem is not None]
+
+
+def _check_options(owner: str, factory: Callable[..., Any] | None, options: Any, problems: list[str]) -> bool:
+    """Whether ``options`` (``<owner>_options``) is a table that ``factory`` (``None``: not known,
+    reported elsewhere) can take; the problems found go to ``problems``."""
     if not isinstance(options, Mapping):
         problems.append(f"{owner}_options must be a table/dict, got {type(options).__name__}")
         return False
-    accepted = [n for n, p in inspect.signature(factory).parameters.items() if p.kind is not p.VAR_KEYWORD]
-    ok = True
-    for key in options:
-        if key not in accepted:
-            problems.append(f"unknown {owner} option {key!r}{_suggest(str(key), accepted)}; known: {accepted}")
-            ok = False
-    return ok
+    found = [] if factory is None else _option_problems(owner, factory, options)
+    problems += found
+    return not found
 
 
 def _build(owner: str, factory: Callable[..., Any], options: Mapping[str, Any], problems: list[str]) -> Any:
@@ -137,6 +169,23 @@ def _build(owner: str, factory: Callable[..., Any], options: Mapping[str, Any], 
         return None
 
 
+def _combiner_class(name: str) -> type[Combiner] | None:
+    """The class a combiner name (``"pcgrad"``, ``"torchjd:MGDA"``) builds, ``None`` if unknown."""
+    key = name.strip().lower().split(":", 1)[0]
+    if key not in available_combiners():
+        return None
+    return {cls.name: cls for cls in Combiner.__subclasses__()}.get(key)
+
+
+# ---------------------------------------------------------------------- the key groups of a config
+def _weight_problem(key: str, term: Any, weight: Any, *, allow_zero: bool) -> str | None:
+    if not _is_number(weight):
+        return f"{key}[{term!r}] must be a number, got {weight!r}{string_hint(weight)}"
+    if not (weight > 0 or (allow_zero and weight == 0)):
+        return f"{key}[{term!r}] must be positive, got {weight}"
+    return None
+
+
 def _weights_table(key: str, value: Any, problems: list[str], *, allow_scalar: bool) -> None:
     if allow_scalar and _is_number(value):
         if value < 0:
@@ -144,41 +193,34 @@ def _weights_table(key: str, value: Any, problems: list[str], *, allow_scalar: b
         return
     if not isinstance(value, Mapping):
         kind = "a number or a table {term: number}" if allow_scalar else "a table {term: number}"
-        problems.append(f"{key} must be {kind}, got {type(value).__name__}")
+        problems.append(f"{key} must be {kind}, got {value!r}{string_hint(value)}")
         return
-    for term, weight in value.items():
-        if not _is_number(weight):
-            problems.append(f"{key}[{term!r}] must be a number, got {type(weight).__name__}")
-        elif not (weight > 0 or (allow_scalar and weight == 0)):
-            problems.append(f"{key}[{term!r}] must be positive, got {weight}")
+    found = (_weight_problem(key, term, weight, allow_zero=allow_scalar) for term, weight in value.items())
+    problems += [problem for problem in found if problem is not None]
 
 
 def _names_list(key: str, value: Any, problems: list[str]) -> bool:
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         problems.append(f"{key} must be a list of strings, got {value!r}")
         return False
     return True
 
 
-def parse_config(config: Mapping[str, Any], *, model: nn.Module | None = None) -> dict[str, Any]:
-    """Validate ``config`` and return the keyword arguments of ``LossBalancer`` (strategy included).
+def _unknown_keys(config: Mapping[str, Any]) -> list[str]:
+    return [f"unknown key {key!r}{_suggest(str(key), _KEYS)}" for key in config if key not in _KEYS]
 
-    Raises :class:`ConfigError` listing every problem found.
-    """
-    problems: list[str] = []
-    if not isinstance(config, Mapping):
-        raise ConfigError([f"the config must be a table/dict, got {type(config).__name__}"])
-    for key in config:
-        if key not in _KEYS:
-            problems.append(f"unknown key {key!r}{_suggest(str(key), _KEYS)}")
-    merged: dict[str, Any] = {}
-    preset = config.get("preset")
-    if preset is not None:
-        if preset not in PRESETS:
-            problems.append(f"unknown preset {preset!r}{_suggest(str(preset), list(PRESETS))}; known: {available_presets()}")
-        else:
-            merged.update(PRESETS[preset])
-            merged["strategy_options"] = dict(PRESETS[preset]["strategy_options"])
+
+def _preset(name: Any, problems: list[str]) -> dict[str, Any]:
+    if not isinstance(name, str) or name not in PRESETS:
+        problems.append(f"unknown preset {name!r}{_suggest(str(name), list(PRESETS))}; known: {available_presets()}")
+        return {}
+    return {**PRESETS[name], "strategy_options": dict(PRESETS[name]["strategy_options"])}
+
+
+def _merge_preset(config: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
+    """The config with its preset filled in: the config's keys override the preset's, and its
+    ``strategy_options`` override the preset's options unless it names a strategy of its own."""
+    merged = _preset(config["preset"], problems) if config.get("preset") is not None else {}
     if "strategy" in config and "strategy_options" not in config:
         merged["strategy_options"] = {}  # another strategy than the preset's: its own defaults
     for key, value in config.items():
@@ -186,62 +228,96 @@ def parse_config(config: Mapping[str, Any], *, model: nn.Module | None = None) -
             merged.setdefault("strategy_options", {}).update(value)  # preset's options, overridden
         elif key != "preset":
             merged[key] = value
+    return merged
 
-    kwargs: dict[str, Any] = {}
-    scalars = {key: merged[key] for key in _SCALAR_CHECKS if key in merged}
-    problems += option_problems(scalars)
-    kwargs.update(scalars)  # used only when there is no problem at all
-    if "weights" in merged:
-        _weights_table("weights", merged["weights"], problems, allow_scalar=False)
-        kwargs["weights"] = merged["weights"]
-    for key in ("min_weight", "max_weight"):
+
+def _plain_options(merged: dict[str, Any], kwargs: dict[str, Any], problems: list[str]) -> None:
+    plain = {key: merged[key] for key in PLAIN_NAMES if key in merged}
+    problems += option_problems(plain)
+    kwargs.update(plain)  # used only when there is no problem at all
+
+
+def _weight_tables(merged: dict[str, Any], kwargs: dict[str, Any], problems: list[str]) -> None:
+    for key in ("weights", "min_weight", "max_weight"):
         if key in merged:
-            _weights_table(key, merged[key], problems, allow_scalar=True)
+            _weights_table(key, merged[key], problems, allow_scalar=key != "weights")
             kwargs[key] = merged[key]
+
+
+def _term_lists(merged: dict[str, Any], kwargs: dict[str, Any], problems: list[str]) -> None:
     for key in ("terms", "optional"):
         if key in merged and _names_list(key, merged[key], problems):
             kwargs[key] = list(merged[key])
 
+
+def _strategy(merged: dict[str, Any], kwargs: dict[str, Any], problems: list[str]) -> None:
     name = merged.get("strategy", "lra")
     if not isinstance(name, str) or name not in _REGISTRY:
         problems.append(f"unknown strategy {name!r}{_suggest(str(name), available_strategies())}; known: {available_strategies()}")
-    else:
-        options = merged.get("strategy_options", {})
-        if _check_options("strategy", _REGISTRY[name], options, problems):
-            kwargs["strategy"] = _build("strategy", _REGISTRY[name], options, problems)
+        return
+    options = merged.get("strategy_options", {})
+    if _check_options("strategy", _REGISTRY[name], options, problems):
+        kwargs["strategy"] = _build("strategy", _REGISTRY[name], options, problems)
 
-    if "combine" in merged or "combine_options" in merged:
-        combine, options = merged.get("combine", "sum"), merged.get("combine_options", {})
-        if not isinstance(combine, str):
-            problems.append(f"combine must be a combiner name, got {combine!r}; known: {available_combiners()}")
-        elif not isinstance(options, Mapping):
-            problems.append(f"combine_options must be a table/dict, got {type(options).__name__}")
-        else:
-            try:
-                kwargs["combine"] = make_combiner(combine, **options)
-            except (TypeError, ValueError) as error:
-                problems.append(f"combine: {error}")
 
-    for key in ("scope", "probe"):
+def _combiner(merged: dict[str, Any], kwargs: dict[str, Any], problems: list[str]) -> None:
+    if "combine" not in merged and "combine_options" not in merged:
+        return
+    combine, options = merged.get("combine", "sum"), merged.get("combine_options", {})
+    if not isinstance(combine, str):
+        problems.append(f"combine must be a combiner name, got {combine!r}; known: {available_combiners()}")
+    elif _check_options("combine", _combiner_class(combine), options, problems):
+        try:
+            kwargs["combine"] = make_combiner(combine, **options)
+        except (TypeError, ValueError) as error:
+            problems.append(f"combine: {error}")
+
+
+def _scope(spec: Any, model: nn.Module, kwargs: dict[str, Any], problems: list[str]) -> None:
+    if not isinstance(spec, Mapping):
+        problems.append(f"scope must be a table {{term: [prefixes]}}, got {type(spec).__name__}")
+        return
+    kwargs["scope"] = {
+        term: parameters_by_prefix(model, prefixes)
+        for term, prefixes in spec.items() if _names_list(f"scope[{term!r}]", prefixes, problems)
+    }
+
+
+def _probe(spec: Any, model: nn.Module, kwargs: dict[str, Any], problems: list[str]) -> None:
+    if _names_list("probe", spec, problems):
+        kwargs["probe"] = parameters_by_prefix(model, spec)
+
+
+def _parameter_sets(
+    merged: dict[str, Any], model: nn.Module | None, kwargs: dict[str, Any], problems: list[str]
+) -> None:
+    for key, resolve in (("scope", _scope), ("probe", _probe)):
         if key not in merged:
             continue
         if model is None:
             problems.append(f"{key} names parameters by prefix: pass model= so they can be resolved")
             continue
-        spec = merged[key]
         try:
-            if key == "probe":
-                if _names_list("probe", spec, problems):
-                    kwargs["probe"] = parameters_by_prefix(model, spec)
-            elif not isinstance(spec, Mapping):
-                problems.append(f"scope must be a table {{term: [prefixes]}}, got {type(spec).__name__}")
-            else:
-                kwargs["scope"] = {
-                    term: parameters_by_prefix(model, prefixes)
-                    for term, prefixes in spec.items() if _names_list(f"scope[{term!r}]", prefixes, problems)
-                }
+            resolve(merged[key], model, kwargs, problems)
         except ValueError as error:
             problems.append(f"{key}: {error}")
+
+
+def parse_config(config: Mapping[str, Any], *, model: nn.Module | None = None) -> dict[str, Any]:
+    """Validate ``config`` and return the keyword arguments of ``LossBalancer`` (strategy included).
+
+    ``config`` and every table or list in it may be any ``Mapping`` or ``Sequence`` (an OmegaConf
+    ``DictConfig``/``ListConfig`` too). Raises :class:`ConfigError` listing every problem found.
+    """
+    if not isinstance(config, Mapping):
+        raise ConfigError([f"the config must be a table/dict, got {type(config).__name__}"])
+    config = _plain(config)
+    problems = _unknown_keys(config)
+    merged = _merge_preset(config, problems)
+    kwargs: dict[str, Any] = {}
+    for group in (_plain_options, _weight_tables, _term_lists, _strategy, _combiner):
+        group(merged, kwargs, problems)
+    _parameter_sets(merged, model, kwargs, problems)
     if problems:
         raise ConfigError(problems)
     return kwargs

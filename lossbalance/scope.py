@@ -26,15 +26,29 @@ def constant_call(module: nn.Module, /, *args: Any, **kwargs: Any) -> Any:
     return torch.func.functional_call(module, constants, args, kwargs)
 
 
-def parameters_by_prefix(model: nn.Module, prefixes: Iterable[str]) -> list[Tensor]:
-    """The parameters of ``model`` whose names start with one of ``prefixes`` (in model order).
+def _selects(prefix: str, name: str) -> bool:
+    """Whether ``prefix`` selects the parameter ``name``: the full name, or a module path
+    (``"net"`` or ``"net."``) followed by ``.``; never a mere string prefix (``"coef"`` does not
+    select ``coef_net.weight``)."""
+    module = prefix if prefix.endswith(".") else prefix + "."
+    return name == prefix or name.startswith(module)
 
-    Raises ``ValueError`` naming a prefix that matches no parameter.
+
+def parameters_by_prefix(model: nn.Module, prefixes: Iterable[str]) -> list[Tensor]:
+    """The parameters of ``model`` that ``prefixes`` select (in model order): each prefix is a
+    full parameter name (``"coef"``, ``"net.0.weight"``) or a module path (``"net"``, ``"net.0"``,
+    also written ``"net."``) that selects every parameter under that module. Matching is on
+    module boundaries: ``"coef"`` selects ``coef`` and ``coef.*``, not ``coef_net.*``.
+
+    Raises ``ValueError`` naming a prefix that selects no parameter.
     """
     prefixes = list(prefixes)
     named = list(model.named_parameters())
-    unmatched = [p for p in prefixes if not any(name.startswith(p) for name, _ in named)]
+    unmatched = [p for p in prefixes if not any(_selects(p, name) for name, _ in named)]
     if unmatched:
         known = ", ".join(name for name, _ in named)
-        raise ValueError(f"scope prefix(es) {unmatched} match no parameter of the model; parameters: {known}")
-    return [p for name, p in named if any(name.startswith(prefix) for prefix in prefixes)]
+        raise ValueError(
+            f"scope prefix(es) {unmatched} match no parameter of the model (a prefix is a parameter's full "
+            f"name or a module path, matched on '.' boundaries); parameters: {known}"
+        )
+    return [p for name, p in named if any(_selects(prefix, name) for prefix in prefixes)]

@@ -122,3 +122,105 @@ def test_preset_options_can_be_overridden():
 def test_physicsnemo_preset_matches_the_classmethod():
     balancer = LossBalancer.from_config(torch.optim.Adam(Model().parameters()), {"preset": "physicsnemo"})
     assert balancer.strategy.options() == LRAnnealing.physicsnemo().options()
+
+
+# ---------------------------------------------------------------- types and containers (YAML, Hydra)
+YAML_DOC = """
+strategy: relobralo
+strategy_options:
+  alpha: 1e-1        # a string under YAML 1.1 (PyYAML)
+  tau: 1.0
+update_every: "10"
+min_weight: 1e-3
+weights: {pde: 2}
+combine: pcgrad
+combine_options: {double: "yes"}
+"""
+
+
+def test_strings_for_numbers_from_pyyaml_are_refused_naming_the_option():
+    yaml = pytest.importorskip("yaml")
+    config = yaml.safe_load(YAML_DOC)
+    assert config["strategy_options"]["alpha"] == "1e-1"  # what PyYAML really gives
+    with pytest.raises(ConfigError) as info:
+        LossBalancer.from_config(torch.optim.Adam(Model().parameters()), config)
+    assert info.value.problems == [
+        "update_every must be a positive integer, got '10' (a string: write 10 without quotes)",
+        "min_weight must be a number or a table {term: number}, got '1e-3' (a string: YAML 1.1 readers such as "
+        "PyYAML read 1e-3 as a string, a float needs a dot and a signed exponent: write 1.0e-3)",
+        "strategy_options.alpha must be a number, got '1e-1' (a string: YAML 1.1 readers such as PyYAML read 1e-1 "
+        "as a string, a float needs a dot and a signed exponent: write 1.0e-1)",
+        "combine_options.double must be true or false, got 'yes'",
+    ]
+    fixed = yaml.safe_load(YAML_DOC.replace("1e-1", "1.0e-1").replace('"10"', "10").replace("1e-3", "1.0e-3")
+                           .replace('"yes"', "true"))
+    balancer = LossBalancer.from_config(torch.optim.Adam(Model().parameters()), fixed)
+    assert balancer.strategy.alpha == 0.1 and balancer.update_every == 10
+
+
+@pytest.mark.parametrize("config, problem", [
+    ({"strategy": "softadapt", "strategy_options": {"beta": "0.5"}},
+     "strategy_options.beta must be a number or null, got '0.5' (a string: write the number without quotes)"),
+    ({"strategy": "softadapt", "strategy_options": {"variant": "nomalized"}},
+     "strategy_options.variant must be 'difference', 'normalized', 'loss_weighted' or 'ratio', got 'nomalized'"),
+    ({"strategy": "lra", "strategy_options": {"weighted_denominator": 1}},
+     "strategy_options.weighted_denominator must be true or false, got 1"),
+    ({"strategy": "uncertainty", "strategy_options": {"init_log_var": {"pde": "0"}}},
+     "strategy_options.init_log_var must be a number or a table {name: a number}, got {'pde': '0'}"),
+    ({"combine": "config", "combine_options": {"rtol": "1e-3"}},
+     "combine_options.rtol must be a number or null, got '1e-3'"),
+    ({"weights": {"pde": "3"}}, "weights['pde'] must be a number, got '3'"),
+])
+def test_every_wrong_type_is_a_config_error_naming_the_option(config, problem):
+    with pytest.raises(ConfigError) as info:
+        LossBalancer.from_config(torch.optim.Adam(Model().parameters()), config)
+    assert len(info.value.problems) == 1 and info.value.problems[0].startswith(problem), info.value.problems
+
+
+def _hydra_config():
+    omegaconf = pytest.importorskip("omegaconf")
+    return omegaconf.OmegaConf.create({
+        "strategy": "uncertainty",
+        "strategy_options": {"optimizer": "Adam", "optimizer_options": {"betas": [0.8, 0.99]}, "init_log_var": {"bc": -0.5}},
+        "terms": ["pde", "bc"], "optional": ["extra"], "weights": {"bc": 2.0}, "min_weight": {"pde": 0.1},
+        "max_weight": 10.0, "scope": {"pde": ["coef"], "bc": ["net"]},
+        "combine": "pcgrad", "combine_options": {"order": "fixed"}, "update_every": 2,
+    })
+
+
+def test_omegaconf_containers_build_end_to_end():
+    config = _hydra_config()
+    model = Model()
+    balancer = LossBalancer.from_config(torch.optim.Adam(model.parameters()), config, model=model)
+    expected = {
+        "strategy_options": {"init_log_var": {"bc": -0.5}, "lr": 1e-3, "optimizer": "Adam",
+                             "optimizer_options": {"betas": [0.8, 0.99]}},
+        "terms": ["pde", "bc"], "optional": ["extra"], "weights": {"bc": 2.0}, "min_weight": {"pde": 0.1},
+        "max_weight": 10.0, "combine": "pcgrad", "update_every": 2,
+        "scope": {"pde": ["coef"], "bc": ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"]},
+    }
+    exported = balancer.config(model)
+    for key, value in expected.items():
+        assert exported[key] == value, key
+    assert exported["combine_options"]["order"] == "fixed"
+    assert all(type(v) in (dict, list, str, int, float, bool) for v in exported.values())  # plain data again
+    x = torch.linspace(0, 1, 5)[:, None]
+    total = balancer.step({"pde": (model.net(x) * model.coef).pow(2).mean(), "bc": model.net(x).mean().pow(2)})
+    assert torch.isfinite(total)
+
+
+def test_omegaconf_load_of_a_yaml_file(tmp_path):
+    omegaconf = pytest.importorskip("omegaconf")
+    path = tmp_path / "balance.yaml"
+    path.write_text("preset: bischof2021\nterms: [pde, bc]\nstrategy_options:\n  tau: 1e-1\nscope:\n  pde: [coef]\nprobe: [net]\n")
+    config = omegaconf.OmegaConf.load(path)  # OmegaConf reads 1e-1 as a float (unlike PyYAML)
+    model = Model()
+    balancer = LossBalancer.from_config(torch.optim.Adam(model.parameters()), config, model=model)
+    assert balancer.strategy.tau == 0.1 and balancer.strategy.alpha == 0.999
+    assert balancer.config(model)["scope"] == {"pde": ["coef"]}
+    assert balancer.config(model)["probe"] == ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"]
+
+
+def test_a_string_is_not_a_list_even_when_it_is_a_sequence():
+    with pytest.raises(ConfigError, match="terms must be a list of strings, got 'pde'"):
+        LossBalancer.from_config(torch.optim.Adam(Model().parameters()), {"terms": "pde"})

@@ -57,13 +57,13 @@ def test_registry_options_and_repr() -> None:
     s = make_strategy("relobralo", alpha=0.9)
     assert isinstance(s, ReLoBRaLo) and s.alpha == 0.9
     default = ReLoBRaLo()
-    assert default.options() == {"alpha": 0.95, "expected_rho": 0.99, "tau": 1.0, "eps": 1e-8}
+    assert default.options() == {"alpha": 0.95, "expected_rho": 0.99, "tau": 1.0, "eps": 1e-8, "schedule": "paper"}
     assert ReLoBRaLo(**default.options()).options() == default.options()
-    assert repr(default) == "ReLoBRaLo(alpha=0.95, expected_rho=0.99, tau=1.0, eps=1e-08)"
+    assert repr(default) == "ReLoBRaLo(alpha=0.95, expected_rho=0.99, tau=1.0, eps=1e-08, schedule='paper')"
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"alpha": 1.5}, {"alpha": -0.1}, {"expected_rho": 1.01}, {"tau": 0.0}, {"tau": math.inf}, {"eps": -1e-8}]
+    "kwargs", [{"alpha": 1.5}, {"alpha": -0.1}, {"expected_rho": 1.01}, {"tau": 0.0}, {"tau": math.inf}, {"eps": -1e-8}, {"schedule": "author"}]
 )
 def test_invalid_options(kwargs) -> None:
     with pytest.raises(ValueError):
@@ -236,3 +236,70 @@ def test_trains_tiny_pinn_with_adam() -> None:
 
 def test_trains_tiny_pinn_with_lbfgs() -> None:
     check_trains_with_lbfgs(ReLoBRaLo(), model_seed=7, below=0.1)
+
+
+# ---------------------------------------------------------------- the authors' schedule (rbischof/relative_balancing)
+def _bal(losses, reference, tau=1.0, eps=1e-12):
+    """K * softmax(L / (tau * L_ref + eps)) in plain floats."""
+    z = [l / (tau * r + eps) for l, r in zip(losses, reference)]
+    e = [math.exp(v - max(z)) for v in z]
+    return [len(z) * v / sum(e) for v in e]
+
+
+AUTHORS = [[1.0, 2.0, 3.0], [0.9, 1.0, 2.5], [0.8, 0.9, 2.0], [0.7, 0.95, 1.5]]
+
+
+def test_authors_schedule_by_hand_without_lookback():
+    # train.py: alpha = [1, 0, 0.999, ...], rho = 1 (--rho 1.), lam = l = l0 = 1 at the start.
+    s = ReLoBRaLo(alpha=0.999, expected_rho=1.0, tau=1.0, eps=1e-12, schedule="authors")
+    out = [w.tolist() for w in drive(s, ["f", "b1", "b2"], AUTHORS)]
+    L0, L1, L2, L3 = AUTHORS
+    w1 = _bal(L1, L0)                                   # alpha = 0: pure bal(1, 0)
+    w2 = [0.999 * a + 0.001 * b for a, b in zip(w1, _bal(L2, L1))]
+    w3 = [0.999 * a + 0.001 * b for a, b in zip(w2, _bal(L3, L2))]
+    assert out[0] == [1.0, 1.0, 1.0]
+    for got, want in zip(out[1:], [w1, w2, w3]):
+        assert got == pytest.approx(want, rel=1e-14)
+    # the paper's schedule at the same step: alpha already 0.999, the weights barely move
+    paper = drive(ReLoBRaLo(alpha=0.999, expected_rho=1.0, eps=1e-12), ["f", "b1", "b2"], AUTHORS[:2])[1].tolist()
+    assert paper == pytest.approx([0.999 + 0.001 * b for b in w1], rel=1e-14)
+    assert max(abs(a - b) for a, b in zip(paper, out[1])) > 0.1
+
+
+def test_authors_schedule_takes_the_lookback_reference_from_the_second_step():
+    # rho = 0 always: the lookback term is bal(t, 0) with L(0) = the losses of the *second* step
+    s = ReLoBRaLo(alpha=0.999, expected_rho=0.0, tau=1.0, eps=1e-12, schedule="authors")
+    out = [w.tolist() for w in drive(s, ["f", "b1", "b2"], AUTHORS)]
+    L0, L1, L2, L3 = AUTHORS
+    assert out[1] == pytest.approx(_bal(L1, L0), rel=1e-14)
+    assert out[2] == pytest.approx(_bal(L2, L1), rel=1e-14)  # 0.999 * bal(2, L(0) = L1) + 0.001 * bal(2, 1)
+    assert out[3] == pytest.approx([0.999 * a + 0.001 * b for a, b in zip(_bal(L3, L1), _bal(L3, L2))], rel=1e-14)
+    paper = drive(ReLoBRaLo(alpha=0.999, expected_rho=0.0, eps=1e-12), ["f", "b1", "b2"], AUTHORS)[3].tolist()
+    assert paper == pytest.approx([0.999 * a + 0.001 * b for a, b in zip(_bal(L3, L0), _bal(L3, L2))], rel=1e-14)
+
+
+def test_authors_schedule_per_term_for_a_term_that_joins_late():
+    s = ReLoBRaLo(alpha=0.5, expected_rho=1.0, eps=0.0, schedule="authors")
+    drive(s, ["a"], [[1.0], [2.0], [3.0]])
+    state = s.state_dict()
+    assert set(state["initial"]) == {"a"} and float(state["initial"]["a"]) == 2.0
+    generator = torch.Generator().manual_seed(0)
+    s.update(make_record(["a", "b"], [4.0, 5.0], [1.0, 1.0], generator=generator))     # b: first update
+    w = s.update(make_record(["a", "b"], [4.0, 6.0], [1.0, 1.0], generator=generator)).tolist()  # b: second
+    # a: alpha 0.5 on its weight 1; b: alpha 0, pure bal over both terms; K = 2
+    bal = _bal([4.0, 6.0], [4.0, 5.0], eps=0.0)
+    assert w == pytest.approx([0.5 * 1.0 + 0.5 * bal[0], bal[1]], rel=1e-14)
+    assert float(s.state_dict()["initial"]["b"]) == 6.0
+
+
+def test_bischof2021_preset_uses_the_authors_schedule():
+    from lossbalance.config import PRESETS
+    assert PRESETS["bischof2021"]["strategy_options"]["schedule"] == "authors"
+    model = torch.nn.Linear(1, 1)
+    balancer = LossBalancer.from_config(torch.optim.SGD(model.parameters(), lr=0.0), {"preset": "bischof2021"})
+    weights = []
+    for losses in AUTHORS[:2]:
+        out = model(torch.ones(1, 1)).sum() * 0
+        balancer.step({name: out + value for name, value in zip(["f", "b1", "b2"], losses)})
+        weights.append(list(balancer.weights.values()))
+    assert weights[1] == pytest.approx(_bal(AUTHORS[1], AUTHORS[0]), rel=1e-6)

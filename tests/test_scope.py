@@ -1,5 +1,6 @@
 """Per-term scopes: each term trains only its own parameters, in every mode and on every step."""
 import math
+import re
 
 import pytest
 import torch
@@ -198,3 +199,36 @@ def test_parameters_by_prefix():
     assert parameters_by_prefix(model, ["net."]) == list(model.net.parameters())
     with pytest.raises(ValueError, match=r"\['decoder'\] match no parameter"):
         parameters_by_prefix(model, ["decoder"])
+
+
+class _Siblings(nn.Module):
+    """Names that share a string prefix across module boundaries: coef, coef_net.*, net.*, net2.*."""
+
+    def __init__(self):
+        super().__init__()
+        self.coef = nn.Parameter(torch.tensor(1.0))
+        self.coef_net = nn.Linear(1, 1)
+        self.net = nn.Sequential(nn.Linear(1, 2), nn.Linear(2, 1))
+        self.net2 = nn.Linear(1, 1)
+
+
+def test_prefixes_match_on_module_boundaries():
+    model = _Siblings()
+    assert parameters_by_prefix(model, ["coef"]) == [model.coef]  # not coef_net.*
+    assert parameters_by_prefix(model, ["net"]) == list(model.net.parameters())  # not net2.*
+    assert parameters_by_prefix(model, ["net."]) == list(model.net.parameters())
+    assert parameters_by_prefix(model, ["net.1"]) == list(model.net[1].parameters())
+    assert parameters_by_prefix(model, ["coef_net.bias"]) == [model.coef_net.bias]
+    for partial in ("coe", "net.0.w", "ne"):
+        with pytest.raises(ValueError, match=rf"\['{re.escape(partial)}'\] match no parameter.*'\.' boundaries"):
+            parameters_by_prefix(model, [partial])
+
+
+def test_config_scope_selects_the_module_not_its_string_siblings():
+    model = _Siblings()
+    balancer = LossBalancer.from_config(
+        torch.optim.Adam(model.parameters()), {"strategy": "static", "scope": {"pde": ["coef"], "bc": ["net"]}},
+        model=model,
+    )
+    assert balancer.config(model)["scope"] == {"pde": ["coef"], "bc": ["net.0.weight", "net.0.bias", "net.1.weight",
+                                                                      "net.1.bias"]}

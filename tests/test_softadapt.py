@@ -183,3 +183,35 @@ def test_trains_tiny_pinn_with_adam(variant: str) -> None:
 
 def test_trains_tiny_pinn_with_lbfgs() -> None:
     check_trains_with_lbfgs(SoftAdapt(), model_seed=7, below=0.1)
+
+
+# ---------------------------------------------------------------- PINN loss scales (the documented trap)
+# Losses as a PINN trained with Adam gives them at the start: O(1e2..1e4), moving by hundreds and
+# oscillating between updates.
+PINN_SCALE = [[4.0e3, 9.0e2], [3.0e3, 1.2e3], [3.4e3, 4.0e2], [2.2e3, 1.1e3], [2.6e3, 3.0e2], [1.5e3, 6.0e2]]
+
+
+def test_default_saturates_on_pinn_scale_losses():
+    # What the docstring warns about: beta * s = 0.1 * (hundreds) saturates the softmax, and a
+    # weight flips between K = 2 and the smallest normal float32 from one update to the next.
+    bc = [float(w[1]) for w in drive(SoftAdapt(), ["pde", "bc"], PINN_SCALE, dtype=torch.float32)]
+    assert bc[1::2] == pytest.approx([2.0] * 3) and max(bc[2::2]) < 1e-37
+
+
+@pytest.mark.parametrize("strategy, low, high", [
+    (SoftAdapt(variant="ratio"), 0.1, 1.9),  # K softmax(L(t) / L(t-1)): ratios 0.27 .. 2.75 here
+    (SoftAdapt(1.0, variant="normalized"), 2 / (1 + math.e ** 2), 2 * math.e ** 2 / (1 + math.e ** 2)),
+])
+def test_the_documented_fixes_keep_the_weights_bounded(strategy, low, high):
+    weights = torch.stack(drive(strategy, ["pde", "bc"], PINN_SCALE, dtype=torch.float32))
+    assert bool(((weights >= low) & (weights <= high)).all()), weights
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 4).flatmap(lambda k: st.lists(
+    st.lists(st.floats(1e2, 1e4), min_size=k, max_size=k), min_size=2, max_size=6)), st.floats(0.1, 3.0))
+def test_normalized_weights_differ_by_at_most_exp_2_beta(sequence, beta):
+    # normalized slopes s_i / sum_j |s_j| lie in [-1, 1]: logits within [-beta, beta]
+    for weights in drive(SoftAdapt(beta, variant="normalized"), [f"t{i}" for i in range(len(sequence[0]))], sequence):
+        assert float(weights.max() / weights.min()) <= math.exp(2 * beta) * (1 + 1e-12)
+        assert float(weights.sum()) == pytest.approx(len(weights), rel=1e-12)

@@ -58,9 +58,9 @@ def test_registry_options_and_repr() -> None:
     assert UncertaintyWeighting.name == "uncertainty" and UncertaintyWeighting.needs_gradients is False
     assert isinstance(make_strategy("uncertainty", lr=0.1), UncertaintyWeighting)
     default = UncertaintyWeighting()
-    assert default.options() == {"init_log_var": 0.0, "lr": 1e-3, "optimizer": "Adam", "optimizer_kwargs": {}}
+    assert default.options() == {"init_log_var": 0.0, "lr": 1e-3, "optimizer": "Adam", "optimizer_options": {}}
     assert UncertaintyWeighting(**default.options()).options() == default.options()
-    assert repr(default) == "UncertaintyWeighting(init_log_var=0.0, lr=0.001, optimizer='Adam', optimizer_kwargs={})"
+    assert repr(default) == "UncertaintyWeighting(init_log_var=0.0, lr=0.001, optimizer='Adam', optimizer_options={})"
     assert default.optimizer is None and default.regularizer() is None
 
 
@@ -69,7 +69,7 @@ def test_registry_options_and_repr() -> None:
     [
         {"lr": 0.0}, {"lr": -1.0}, {"lr": math.nan}, {"init_log_var": math.inf}, {"init_log_var": {"a": math.nan}},
         {"optimizer": "NoSuchOptimizer"}, {"optimizer": int}, {"optimizer": "LBFGS"},
-        {"optimizer_kwargs": {"lr": 0.1}},
+        {"optimizer_options": {"lr": 0.1}}, {"optimizer_options": {"not_an_option": 1}},
     ],
 )
 def test_invalid_options(kwargs) -> None:
@@ -78,7 +78,7 @@ def test_invalid_options(kwargs) -> None:
 
 
 def test_optimizer_class_and_kwargs() -> None:
-    s = UncertaintyWeighting(lr=0.5, optimizer=torch.optim.SGD, optimizer_kwargs={"momentum": 0.9})
+    s = UncertaintyWeighting(lr=0.5, optimizer=torch.optim.SGD, optimizer_options={"momentum": 0.9})
     drive(s, ["a", "b"], [[1.0, 2.0]])
     assert isinstance(s.optimizer, torch.optim.SGD)
     assert [g["lr"] for g in s.optimizer.param_groups] == [0.5, 0.5]
@@ -217,3 +217,42 @@ def test_trains_tiny_pinn_with_adam() -> None:
 def test_trains_tiny_pinn_with_lbfgs() -> None:
     balancer, _ = check_trains_with_lbfgs(UncertaintyWeighting(lr=0.05), model_seed=7, below=0.1)
     assert balancer.strategy.log_vars["pde"] != 0.0  # the s moved although the model used L-BFGS
+
+
+def test_optimizer_kwargs_is_the_deprecated_name_of_optimizer_options() -> None:
+    with pytest.warns(DeprecationWarning, match="optimizer_options"):
+        old = UncertaintyWeighting(lr=0.5, optimizer="SGD", optimizer_kwargs={"momentum": 0.9})
+    new = UncertaintyWeighting(lr=0.5, optimizer="SGD", optimizer_options={"momentum": 0.9})
+    assert old.options() == new.options() == {
+        "init_log_var": 0.0, "lr": 0.5, "optimizer": "SGD", "optimizer_options": {"momentum": 0.9},
+    }
+    sequence = [[1.0, 2.0], [0.5, 3.0], [0.25, 4.0]]
+    torch.testing.assert_close(drive(old, ["a", "b"], sequence), drive(new, ["a", "b"], sequence), rtol=0, atol=0)
+    with pytest.warns(DeprecationWarning):
+        rebuilt = UncertaintyWeighting(lr=0.5, optimizer="SGD", optimizer_kwargs={"momentum": 0.9})
+    rebuilt.load_state_dict(new.state_dict())  # a state saved by either form loads into the other
+    torch.testing.assert_close(drive(rebuilt, ["a", "b"], [[2.0, 1.0]]), drive(new, ["a", "b"], [[2.0, 1.0]]),
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="optimizer_options only"):
+        UncertaintyWeighting(optimizer_options={}, optimizer_kwargs={})
+
+
+def test_a_0_1_0_config_with_optimizer_kwargs_still_builds() -> None:
+    model = torch.nn.Linear(1, 1)
+    config = {"strategy": "uncertainty", "strategy_options": {"optimizer": "SGD", "optimizer_kwargs": {"momentum": 0.9}}}
+    with pytest.warns(DeprecationWarning, match="optimizer_kwargs"):
+        balancer = LossBalancer.from_config(torch.optim.Adam(model.parameters()), config)
+    exported = balancer.config()["strategy_options"]
+    assert exported["optimizer_options"] == {"momentum": 0.9} and "optimizer_kwargs" not in exported
+
+
+@pytest.mark.parametrize("cls", ["uncertainty", "gradnorm"])
+def test_optimizer_options_checked_alike_in_both_learned_strategies(cls) -> None:
+    # Same option name, same exception type, same message for the same mistake.
+    with pytest.raises(ValueError, match="give the learning rate of the .* as lr=, not in optimizer_options"):
+        make_strategy(cls, optimizer_options={"lr": 0.1})
+    with pytest.raises(ValueError, match="optimizer_options: cannot build Adam"):
+        make_strategy(cls, optimizer_options={"not_an_option": 1})
+    with pytest.raises(ValueError, match="optimizer must be a torch.optim.Optimizer subclass"):
+        make_strategy(cls, optimizer="NoSuchOptimizer")
+    assert make_strategy(cls, optimizer=torch.optim.SGD).options()["optimizer"] == "SGD"

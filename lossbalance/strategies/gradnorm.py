@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .base import StepRecord, Strategy, register
-from .learned import LearnedScalars, optimizer_class
+from .learned import LearnedScalars, optimizer_option, optimizer_settings
 
 __all__ = ["GradNorm"]
 
@@ -94,14 +94,7 @@ class GradNorm(Strategy):
             raise ValueError(f"over must be 'scope' or 'shared', got {over!r}")
         if not isinstance(floor, (int, float)) or not 0.0 < floor < 1.0:
             raise ValueError(f"floor must be in (0, 1), got {floor!r}")
-        options = dict(optimizer_options or {})
-        if "lr" in options:
-            raise ValueError("give the learning rate as lr=, not in optimizer_options")
-        cls = optimizer_class(optimizer, what="the weights", error=TypeError)
-        try:  # fail now, not on the first update, on options the optimizer does not take
-            cls([torch.zeros((), requires_grad=True)], lr=lr, **options)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"cannot build {cls.__name__}(lr={lr}, **{options}): {error}") from error
+        cls, options = optimizer_settings(optimizer, lr, optimizer_options, what="the weights")
         self.alpha = float(alpha)
         self.lr = float(lr)
         self.optimizer = optimizer
@@ -112,12 +105,8 @@ class GradNorm(Strategy):
         self._initial: dict[str, Tensor] = {}     # term -> L_i(0)
 
     def options(self) -> dict[str, Any]:
-        # A torch.optim class is named by its name, so that exported configs stay plain data.
-        optimizer = self.optimizer
-        if not isinstance(optimizer, str) and getattr(torch.optim, optimizer.__name__, None) is optimizer:
-            optimizer = optimizer.__name__
         return {
-            "alpha": self.alpha, "lr": self.lr, "optimizer": optimizer,
+            "alpha": self.alpha, "lr": self.lr, "optimizer": optimizer_option(self.optimizer),
             "optimizer_options": dict(self.optimizer_options), "over": self.over, "floor": self.floor,
         }
 

@@ -47,6 +47,13 @@ class GradNormRatio(Strategy):
 
     ``GradNormRatio.jaxpi()`` is the jaxpi variant: mean, ``eps = 1e-5``, ``alpha = 0.1``.
 
+    Timing (differs from jaxpi): the balancer computes the new weights from the gradients of the
+    current step and applies them to that same step. jaxpi's training loop first takes the step
+    (``state = model.step(...)``) and then, when ``step % update_every_steps == 0``, updates the
+    weights (``model.update_weights``, from the gradients at the parameters after the step), so
+    its new weights take effect from the next step on: here every update's weights are applied
+    one call earlier than in jaxpi, and are computed before the step rather than after it.
+
     Edge cases: a term whose gradient norm is zero (or not finite), or whose ratio is not finite,
     keeps its weight on that update (jaxpi would give it ``1 / eps`` or Inf); the sum/mean ``S``
     still counts it. Scaling every term by the same factor leaves the weights unchanged.
@@ -78,7 +85,8 @@ class GradNormRatio(Strategy):
 
     @classmethod
     def jaxpi(cls) -> "GradNormRatio":
-        """jaxpi's ``grad_norm`` weighting: ``mean_j ||g_j|| / (||g_i|| + 1e-5 mean_j ||g_j||)``, EMA 0.1."""
+        """jaxpi's ``grad_norm`` weighting: ``mean_j ||g_j|| / (||g_i|| + 1e-5 mean_j ||g_j||)``, EMA 0.1;
+        the new weights apply one call earlier than in jaxpi (see the class docstring, "Timing")."""
         return cls(normalize="mean", alpha=0.1, eps=1e-5)
 
     def options(self) -> dict[str, Any]:

@@ -6,19 +6,17 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["LearnedScalars", "optimizer_class"]
+__all__ = ["LearnedScalars", "optimizer_class", "optimizer_settings", "optimizer_option"]
 
 
-def optimizer_class(
-    optimizer: str | type[torch.optim.Optimizer], *, what: str, error: type[Exception] = ValueError
-) -> type[torch.optim.Optimizer]:
+def optimizer_class(optimizer: str | type[torch.optim.Optimizer], *, what: str) -> type[torch.optim.Optimizer]:
     """The ``torch.optim.Optimizer`` subclass ``optimizer`` names (a class, or the name of one in
-    ``torch.optim``). Anything else raises ``error``; L-BFGS raises ``ValueError`` (it needs a
+    ``torch.optim``). Anything else raises ``ValueError``, and so does L-BFGS (it needs a
     closure and takes a single parameter group, while the terms, one parameter group each, may
     come and go). ``what`` names the trained quantities in that message."""
     cls = getattr(torch.optim, optimizer, None) if isinstance(optimizer, str) else optimizer
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-        raise error(
+        raise ValueError(
             "optimizer must be a torch.optim.Optimizer subclass or the name of one (e.g. 'Adam', 'SGD'), "
             f"got {optimizer!r}"
         )
@@ -29,6 +27,32 @@ def optimizer_class(
             "use L-BFGS"
         )
     return cls
+
+
+def optimizer_settings(
+    optimizer: str | type[torch.optim.Optimizer], lr: float, optimizer_options: Mapping[str, Any] | None, *, what: str
+) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """The optimizer class and the further keyword arguments (``optimizer_options``) with which
+    a strategy trains ``what``, checked now rather than at the first update: ``ValueError`` for
+    an optimizer that is not a usable ``torch.optim`` class, for ``lr`` among the options, and
+    for options the optimizer does not take."""
+    options = dict(optimizer_options or {})
+    if "lr" in options:
+        raise ValueError(f"give the learning rate of {what} as lr=, not in optimizer_options")
+    cls = optimizer_class(optimizer, what=what)
+    try:
+        cls([torch.zeros((), requires_grad=True)], lr=lr, **options)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"optimizer_options: cannot build {cls.__name__}(lr={lr}, **{options}): {error}") from error
+    return cls, options
+
+
+def optimizer_option(optimizer: str | type[torch.optim.Optimizer]) -> str | type[torch.optim.Optimizer]:
+    """``optimizer`` as ``options()`` exports it: a ``torch.optim`` class by its name, so that
+    exported configs stay plain data (any other class as it is)."""
+    if not isinstance(optimizer, str) and getattr(torch.optim, optimizer.__name__, None) is optimizer:
+        return optimizer.__name__
+    return optimizer
 
 
 def _copy(obj: Any) -> Any:

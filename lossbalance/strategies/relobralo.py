@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -12,6 +12,8 @@ from .history import LossTables, RemembersLosses
 from .numerics import safe_ratio, safe_softmax
 
 __all__ = ["ReLoBRaLo"]
+
+_SCHEDULES = ("paper", "authors")
 
 
 @register
@@ -39,14 +41,26 @@ class ReLoBRaLo(RemembersLosses):
     first call and store ``L(0)``; they draw ``rho`` from torch's *global* generator, so their
     runs are not reproducible from a seed of their own.
 
-    The authors' code (github.com/rbischof/relative_balancing, ``src/train.py`` and
-    ``src/update_rules.py``, checked) defaults to ``alpha = 0.999``, ``T = tau = 1.0``,
-    ``rho = 1.0`` (no lookback unless ``--rho`` is given), ``eps = 1e-12``; it forces
-    ``alpha = 1`` at the first step and ``alpha = 0`` at the second, and takes ``L(0)`` from the
-    second step. The values the paper itself reports for its experiments could not be checked
-    against the paper's text when this was written; third-party ports quote ``alpha = 0.999``,
-    ``tau = 0.1`` with ``expected_rho`` of 0.99 or 0.999 -- pass them explicitly if you want
-    them: ``ReLoBRaLo(alpha=0.999, tau=0.1, expected_rho=0.999)``.
+    ``schedule``: ``"paper"`` (default) uses the formula above from the second update on, with
+    ``L(0)`` the loss at the term's first update. ``"authors"`` follows the authors' code
+    (github.com/rbischof/relative_balancing, ``src/train.py`` and ``src/update_rules.py``,
+    checked): its alpha schedule is ``[1, 0, alpha, alpha, ...]`` and it stores ``L(0)`` after the
+    *second* step. Per term here: its first update keeps its weight (the authors' alpha = 1 with
+    rho = 1), its second update is pure ``bal(t, t-1)`` (alpha = 0) and stores that step's loss as
+    ``L(0)``, and from the third update on the formula above holds with that ``L(0)``. So at the
+    second update the weights are ``K * softmax(L(1) / (tau * L(0) + eps))`` where ``"paper"``
+    gives ``alpha * lambda + (1 - alpha) * bal``, about 1 with ``alpha = 0.999``. One difference
+    remains: when the authors' first rho draw is 0 (only with ``expected_rho < 1``) their first
+    step weights the terms by ``K * softmax(L(0) / (tau * 1 + eps))``, a softmax of the raw losses
+    against their placeholder ``L(0) = 1``; here the first update always keeps the weights.
+
+    The authors' code defaults to ``alpha = 0.999``, ``T = tau = 1.0``, ``rho = 1.0`` (no random
+    lookback unless ``--rho`` is given), ``eps = 1e-12`` and the ``"authors"`` schedule: the
+    ``bischof2021`` preset of :mod:`lossbalance.config`. The values the paper itself reports for
+    its experiments could not be checked against the paper's text when this was written;
+    third-party ports quote ``alpha = 0.999``, ``tau = 0.1`` with ``expected_rho`` of 0.99 or
+    0.999 -- pass them explicitly if you want them: ``ReLoBRaLo(alpha=0.999, tau=0.1,
+    expected_rho=0.999)``.
 
     Randomness: exactly one number is drawn per ``update()`` call, the first update and
     updates without history included, and whatever ``expected_rho`` is:
@@ -71,7 +85,17 @@ class ReLoBRaLo(RemembersLosses):
     name = "relobralo"
     needs_gradients = False
 
-    def __init__(self, *, alpha: float = 0.95, expected_rho: float = 0.99, tau: float = 1.0, eps: float = 1e-8):
+    def __init__(
+        self,
+        *,
+        alpha: float = 0.95,
+        expected_rho: float = 0.99,
+        tau: float = 1.0,
+        eps: float = 1e-8,
+        schedule: Literal["paper", "authors"] = "paper",
+    ):
+        if schedule not in _SCHEDULES:
+            raise ValueError(f"schedule must be 'paper' or 'authors' (rbischof/relative_balancing), got {schedule!r}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         if not 0.0 <= expected_rho <= 1.0:
@@ -86,11 +110,15 @@ class ReLoBRaLo(RemembersLosses):
         self.expected_rho = float(expected_rho)
         self.tau = float(tau)
         self.eps = float(eps)
+        self.schedule = schedule
         # L_i(0) and L_i(t-1): the first and the last update at which the term was present
         self._history = LossTables("initial", "previous")
 
     def options(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "expected_rho": self.expected_rho, "tau": self.tau, "eps": self.eps}
+        return {
+            "alpha": self.alpha, "expected_rho": self.expected_rho, "tau": self.tau, "eps": self.eps,
+            "schedule": self.schedule,
+        }
 
     def _balance(self, losses: Tensor, reference: Tensor, k: int) -> Tensor:
         return safe_softmax(safe_ratio(losses, self.tau * reference + self.eps), k)
@@ -104,11 +132,20 @@ class ReLoBRaLo(RemembersLosses):
         old, select = self._history.known("previous", names, losses.device)
         if old:
             current = losses[select]
-            initial = self._history.stack("initial", names, old)
+            held = self._history["initial"]
+            # "authors": a term at its second update has no L(0) yet; alpha is 0 for it, and its
+            # current loss stands in for L(0) in the lookback softmax of the others
+            fresh = torch.tensor([names[i] not in held for i in old], device=losses.device)
+            initial = torch.stack([held.get(names[i], current[j]) for j, i in enumerate(old)])
             previous = self._history.stack("previous", names, old)
             k = len(old)
+            alpha = current.new_full((k,), self.alpha).masked_fill(fresh, 0.0)
+            beta = current.new_full((k,), 1 - self.alpha).masked_fill(fresh, 1.0)  # 1 - alpha, rounded once
             lookback = rho * weights[select] + (1 - rho) * self._balance(current, initial, k)
-            weights[select] = self.alpha * lookback + (1 - self.alpha) * self._balance(current, previous, k)
-        self._history.put("initial", names, losses, first_only=True)
+            weights[select] = alpha * lookback + beta * self._balance(current, previous, k)
+        if self.schedule == "paper":
+            self._history.put("initial", names, losses, first_only=True)
+        elif old:
+            self._history.put("initial", [names[i] for i in old], current, first_only=True)
         self._history.put("previous", names, losses)
         return weights

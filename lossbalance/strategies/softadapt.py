@@ -38,6 +38,20 @@ class SoftAdapt(RemembersLosses):
     - ``beta`` (default 0.1, the paper's and the reference package's value; 1.0 for
       ``"ratio"``, which has none in PhysicsNeMo): sharpness. ``beta > 0`` favours the
       worst-performing terms, ``beta < 0`` the best, ``beta = 0`` gives equal weights.
+
+      **Trap on PINN loss scales** (with the default ``"difference"`` and ``"loss_weighted"``):
+      ``beta * s`` is in the units of the losses. PINN losses are often O(1e2..1e4) at the start
+      and move by hundreds between updates, so ``beta * s`` differs between terms by tens to
+      hundreds, the softmax saturates and a weight flips between ``K`` and the dtype's smallest
+      normal number (1e-38 in float32) from one update to the next. The fix: ``variant="ratio"``
+      (``L(t) / L(t-1)``, scale-free per term, PhysicsNeMo's PINN default: weights within
+      ``K * softmax`` of ratios near 1) or ``variant="normalized"`` (slopes in ``[-1, 1]``, so
+      any two weights differ by at most ``exp(2 |beta|)``; take ``beta`` of order 1 there), or a
+      ``beta`` of the order of ``1 / |s|``. The paper's formula stays the default because it is
+      what the class names (the reference package's README example, losses up to 1.5e3, shows
+      and intends weights near 0, 3.9e-22, for a fast-falling term); the loss-weighted
+      variant, which the reference package recommends, does *not* avoid the trap (its logits are
+      ``log f + beta s``).
     - ``"normalized"``: slopes divided by the sum of their absolute values (scale-free: a common
       rescaling of all losses leaves the weights unchanged). The reference package
       (``softadapt``, ``NormalizedSoftAdapt``) divides by the *signed* sum ``sum_j s_j``, which

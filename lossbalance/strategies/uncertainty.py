@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
 from .base import StepRecord, Strategy, register
-from .learned import LearnedScalars, optimizer_class
+from .learned import LearnedScalars, optimizer_option, optimizer_settings
 
 __all__ = ["UncertaintyWeighting"]
 
@@ -25,8 +26,9 @@ class UncertaintyWeighting(Strategy):
 
     The ``s_i`` are owned by this strategy and trained by an optimizer of its own (default
     ``torch.optim.Adam``, ``lr = 1e-3``, the usual model learning rate; options ``optimizer`` (a
-    class or the name of one in ``torch.optim``), ``lr`` and ``optimizer_kwargs``), from the
-    closed-form gradient::
+    class or the name of one in ``torch.optim``; not L-BFGS), ``lr`` and ``optimizer_options``
+    (further keyword arguments, e.g. ``betas``; the same option as GradNorm's, checked when the
+    strategy is built), from the closed-form gradient::
 
         dJ / ds_i = 0.5 - 0.5 exp(-s_i) L_i
 
@@ -61,6 +63,10 @@ class UncertaintyWeighting(Strategy):
     is ``log L_i``); a term that stays exactly 0 has its ``s`` fall by about ``lr`` per update
     (Adam) and its weight grow until the clamp above -- the method's optimum is ``s = -inf``.
 
+    ``optimizer_kwargs=`` is the deprecated name of ``optimizer_options`` (lossbalance 0.1.0): it
+    is still accepted, with a ``DeprecationWarning``, and ``options()`` exports
+    ``optimizer_options``.
+
     ``state_dict()`` holds the ``s_i`` and the optimizer's state (Adam moments and step counts),
     so a resumed run continues bit for bit.
     """
@@ -74,28 +80,34 @@ class UncertaintyWeighting(Strategy):
         *,
         lr: float = 1e-3,
         optimizer: str | type[torch.optim.Optimizer] = "Adam",
+        optimizer_options: Mapping[str, Any] | None = None,
         optimizer_kwargs: Mapping[str, Any] | None = None,
     ):
         values = init_log_var.values() if isinstance(init_log_var, Mapping) else [init_log_var]
         for value in values:
             if not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise ValueError(f"init_log_var must be a finite float or a dict of them, got {init_log_var!r}")
-        if not (lr > 0 and math.isfinite(lr)):
-            raise ValueError(f"lr must be finite and > 0, got {lr}")
-        kwargs = dict(optimizer_kwargs or {})
-        if "lr" in kwargs:
-            raise ValueError("pass the learning rate of the log-variances as lr=, not in optimizer_kwargs")
-        cls = optimizer_class(optimizer, what="the log-variances", error=ValueError)
+        if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr (learning rate of the log-variances) must be finite and > 0, got {lr!r}")
+        if optimizer_kwargs is not None:
+            if optimizer_options is not None:
+                raise ValueError("give optimizer_options only: optimizer_kwargs is its deprecated name")
+            warnings.warn(
+                "UncertaintyWeighting(optimizer_kwargs=...) is deprecated: it is called optimizer_options now "
+                "(as in GradNorm)", DeprecationWarning, stacklevel=2,
+            )
+            optimizer_options = optimizer_kwargs
+        cls, options = optimizer_settings(optimizer, lr, optimizer_options, what="the log-variances")
         self.init_log_var = dict(init_log_var) if isinstance(init_log_var, Mapping) else float(init_log_var)
         self.lr = float(lr)
-        self.optimizer_name = optimizer
-        self.optimizer_kwargs = kwargs
-        self._log_vars = LearnedScalars(cls, self.lr, kwargs)  # term -> s_i, trained by its own optimizer
+        self.optimizer_name = optimizer_option(optimizer)
+        self.optimizer_options = options
+        self._log_vars = LearnedScalars(cls, self.lr, options)  # term -> s_i, trained by its own optimizer
 
     def options(self) -> dict[str, Any]:
         return {
             "init_log_var": self.init_log_var, "lr": self.lr,
-            "optimizer": self.optimizer_name, "optimizer_kwargs": dict(self.optimizer_kwargs),
+            "optimizer": self.optimizer_name, "optimizer_options": dict(self.optimizer_options),
         }
 
     # ------------------------------------------------------------------ the learnable s_i
