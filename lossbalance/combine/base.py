@@ -8,10 +8,7 @@ from typing import Any, Callable, ClassVar, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = [
-    "Combiner", "CallableCombiner", "register", "available_combiners", "make_combiner",
-    "check_grads", "check_direction", "did_you_mean",
-]
+__all__ = ["Combiner", "CallableCombiner", "register", "available_combiners", "make_combiner"]
 
 
 class Combiner(ABC):
