@@ -44,10 +44,12 @@ from .cli import add_demo_arguments, main
 from .compare import resolve_strategies, run_demo
 from .parallel import run_many
 from .report import format_table, write_figures
-from .runner import STRATEGY_DEFAULTS, RunResult, RunSpec, run_spec, strategy_settings, train
+from .runner import (
+    DEMO_DECAY_EVERY, DEMO_STEPS, STRATEGY_DEFAULTS, ProgressFn, RunResult, RunSpec, run_spec, strategy_settings, train,
+)
 
 __all__ = [
     "STRATEGY_DEFAULTS", "RunSpec", "RunResult", "train", "run_spec", "run_many",
     "format_table", "run_demo", "add_demo_arguments", "main",
-    "strategy_settings", "resolve_strategies", "write_figures",
+    "strategy_settings", "resolve_strategies", "write_figures", "DEMO_STEPS", "DEMO_DECAY_EVERY", "ProgressFn",
 ]
