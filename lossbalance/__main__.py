@@ -20,7 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("options", nargs=argparse.REMAINDER, help="the command's options")
     args = parser.parse_args(argv[:1])
     if args.command == "demo":
-        from .demo import main as demo_main
+        from .demo.cli import main as demo_main
 
         return demo_main(argv[1:], prog="python -m lossbalance demo")
     parser.error(f"unknown command {args.command!r}")  # unreachable: argparse checks the choices

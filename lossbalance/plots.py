@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 try:
     import matplotlib  # noqa: F401
@@ -26,44 +26,59 @@ __all__ = ["plot_weights", "plot_losses", "plot_error_fields", "plot_conflicts",
 PathLike = str | os.PathLike
 
 
-def _terms(results: Sequence[Any], key: str) -> list[str]:
-    names: list[str] = []
-    for result in results:
-        for record in result.history:
-            for name in record[key]:
-                if name not in names:
-                    names.append(name)
-    return names
+def _ordered_keys(mappings: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The keys of all ``mappings``, each once, in the order they first appear."""
+    return list(dict.fromkeys(key for mapping in mappings for key in mapping))
+
+
+def _panels(count: int, size: tuple[float, float], **subplots: Any) -> tuple[Figure, Any]:
+    """A figure of ``count`` panels of ``size`` inches, three to a row, and its axes grid."""
+    cols = min(count, 3)
+    rows = math.ceil(count / cols)
+    fig = Figure(figsize=(size[0] * cols, size[1] * rows), layout="constrained")
+    return fig, fig.subplots(rows, cols, squeeze=False, **subplots)
+
+
+def _hide_unused(axes: Any, used: int) -> None:
+    """Hide the panels after the first ``used``."""
+    for ax in list(axes.flat)[used:]:
+        ax.set_visible(False)
+
+
+def _finish(fig: Figure, title: str, path: PathLike | None) -> Figure:
+    """Title the figure and save it to ``path`` (if given)."""
+    fig.suptitle(title)
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def _log_line(ax: Any, points: list[tuple[float, float]], *, linewidth: float = 1.1, **style: Any) -> None:
+    """Plot the points with a positive finite value (a log axis shows no others)."""
+    points = [(s, v) for s, v in points if v > 0 and math.isfinite(v)]
+    if points:
+        steps, values = zip(*points)
+        ax.plot(steps, values, linewidth=linewidth, **style)
 
 
 def _series(results: Sequence[Any], key: str, title: str, ylabel: str, path: PathLike | None) -> Figure:
     """One panel per term, one line per run, log y."""
-    names = _terms(results, key) or ["(none)"]
-    cols = min(len(names), 3)
-    rows = math.ceil(len(names) / cols)
-    fig = Figure(figsize=(4.2 * cols, 3.2 * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False, sharex=True)
+    names = _ordered_keys(record[key] for result in results for record in result.history) or ["(none)"]
+    fig, axes = _panels(len(names), (4.2, 3.2), sharex=True)
     for ax, name in zip(axes.flat, names):
         for result in results:
             points = [(r["step"], r[key][name]) for r in result.history if name in r[key]]
-            points = [(s, v) for s, v in points if v > 0 and math.isfinite(v)]
-            if points:
-                steps, values = zip(*points)
-                ax.plot(steps, values, label=result.label, linewidth=1.2)
+            _log_line(ax, points, linewidth=1.2, label=result.label)
         ax.set_yscale("log")
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="major", alpha=0.3)
-    for ax in list(axes.flat)[len(names):]:
-        ax.set_visible(False)
+    _hide_unused(axes, len(names))
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if handles:
         axes.flat[0].legend(handles, labels, fontsize="small")
-    fig.suptitle(title)
-    if path is not None:
-        fig.savefig(path, dpi=120)
-    return fig
+    return _finish(fig, title, path)
 
 
 def plot_weights(results: Sequence[Any], path: PathLike | None = None, *, title: str = "Loss weights") -> Figure:
@@ -101,46 +116,60 @@ def plot_error_fields(results: Sequence[Any], path: PathLike | None = None, *,
     runs = [r for r in results if r.points is not None and r.abs_error is not None]
     if not runs:
         raise ValueError("no run carries an error field (points / abs_error)")
-    top = max((max(r.abs_error) for r in runs if r.abs_error), default=1.0)
-    top = top if math.isfinite(top) and top > 0 else 1.0
+    top = _largest_error(runs)
     dim = len(runs[0].points[0]) if runs[0].points else 1
-    cols = min(len(runs), 3)
-    rows = math.ceil(len(runs) / cols)
-    fig = Figure(figsize=(4.4 * cols, 3.8 * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False)
+    fig, axes = _panels(len(runs), (4.4, 3.8))
     image = None
     for ax, run in zip(axes.flat, runs):
         ax.set_title(f"{run.label}: rel. L2 {run.error:.3g}")
         if dim == 1:
-            order = sorted(range(len(run.points)), key=lambda i: run.points[i][0])
-            ax.plot([run.points[i][0] for i in order], [run.abs_error[i] for i in order])
-            ax.set_ylim(0, top * 1.05)
-            ax.set_xlabel(axis_labels[0])
-            continue
-        grid = _grid(run.points, run.abs_error)
-        if grid is None:
-            image = ax.scatter([p[0] for p in run.points], [p[1] for p in run.points], c=run.abs_error,
-                               s=4, vmin=0, vmax=top, cmap="viridis")
+            _error_curve(ax, run, top, axis_labels[0])
         else:
-            axis0, axis1, field = grid
-            transposed = [list(row) for row in zip(*field)]  # rows: second coordinate
-            image = ax.imshow(transposed, origin="lower", aspect="auto", cmap="viridis", vmin=0, vmax=top,
-                              extent=(axis0[0], axis0[-1], axis1[0], axis1[-1]), interpolation="nearest")
-        ax.set_xlabel(axis_labels[0])
-        ax.set_ylabel(axis_labels[1])
-    for ax in list(axes.flat)[len(runs):]:
-        ax.set_visible(False)
+            image = _error_image(ax, run, top, axis_labels)
+    _hide_unused(axes, len(runs))
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), label="|u - u*|")
-    fig.suptitle(title)
-    if path is not None:
-        fig.savefig(path, dpi=120)
-    return fig
+    return _finish(fig, title, path)
+
+
+def _largest_error(runs: Sequence[Any]) -> float:
+    """The top of the shared colour scale: the largest ``|u - u*|`` (1 if none is positive and finite)."""
+    top = max((max(r.abs_error) for r in runs if r.abs_error), default=1.0)
+    return top if math.isfinite(top) and top > 0 else 1.0
+
+
+def _error_curve(ax: Any, run: Any, top: float, xlabel: str) -> None:
+    """A 1-D run's ``|u - u*|`` as a curve over the sorted points."""
+    order = sorted(range(len(run.points)), key=lambda i: run.points[i][0])
+    ax.plot([run.points[i][0] for i in order], [run.abs_error[i] for i in order])
+    ax.set_ylim(0, top * 1.05)
+    ax.set_xlabel(xlabel)
+
+
+def _error_image(ax: Any, run: Any, top: float, axis_labels: tuple[str, str]) -> Any:
+    """A 2-D run's ``|u - u*|``: an image on a full grid, else a scatter; returns the mappable."""
+    grid = _grid(run.points, run.abs_error)
+    if grid is None:
+        image = ax.scatter([p[0] for p in run.points], [p[1] for p in run.points], c=run.abs_error,
+                           s=4, vmin=0, vmax=top, cmap="viridis")
+    else:
+        axis0, axis1, field = grid
+        transposed = [list(row) for row in zip(*field)]  # rows: second coordinate
+        image = ax.imshow(transposed, origin="lower", aspect="auto", cmap="viridis", vmin=0, vmax=top,
+                          extent=(axis0[0], axis0[-1], axis1[0], axis1[-1]), interpolation="nearest")
+    ax.set_xlabel(axis_labels[0])
+    ax.set_ylabel(axis_labels[1])
+    return image
+
+
+def _diagnosed(entry: Mapping[str, Any]) -> bool:
+    """Whether one history entry carries conflict diagnostics."""
+    return "cosine" in entry and "grad_norm" in entry
 
 
 def has_diagnostics(history: Sequence[Mapping[str, Any]]) -> bool:
     """Whether some entry of ``history`` carries conflict diagnostics (``"cosine"``, ``"grad_norm"``)."""
-    return any("cosine" in entry and "grad_norm" in entry for entry in history)
+    return any(_diagnosed(entry) for entry in history)
 
 
 def _runs(history: Any, label: str | None) -> list[tuple[str, list[Mapping[str, Any]]]]:
@@ -151,6 +180,16 @@ def _runs(history: Any, label: str | None) -> list[tuple[str, list[Mapping[str, 
     if any(not isinstance(item, Mapping) for item in items):
         raise TypeError("plot_conflicts takes a history (a list of dicts, as balancer.history) or runs with .history")
     return [(label or "", items)]
+
+
+def _diagnosed_runs(history: Any, label: str | None) -> list[tuple[str, list[Mapping[str, Any]]]]:
+    """:func:`_runs` with only the diagnosed entries, runs without any left out; raises if none is left."""
+    runs = [(name, [e for e in entries if _diagnosed(e)]) for name, entries in _runs(history, label)]
+    runs = [(name, entries) for name, entries in runs if entries]
+    if not runs:
+        raise ValueError("no history entry carries diagnostics (grad_norm, cosine): record them with "
+                         "diagnose_every= or a strategy that computes per-term gradients, and history=")
+    return runs
 
 
 def _edges(steps: list[float]) -> list[float]:
@@ -180,68 +219,78 @@ def plot_conflicts(history: Any, path: PathLike | None = None, *, title: str = "
 
     Raises ``ValueError`` when no entry carries diagnostics.
     """
-    runs = [(name, [e for e in entries if "cosine" in e and "grad_norm" in e])
-            for name, entries in _runs(history, label)]
-    runs = [(name, entries) for name, entries in runs if entries]
-    if not runs:
-        raise ValueError("no history entry carries diagnostics (grad_norm, cosine): record them with "
-                         "diagnose_every= or a strategy that computes per-term gradients, and history=")
-    pairs_of_run = []
-    for _, entries in runs:
-        names = _diag_terms(entries)
-        pairs_of_run.append([(a, b) for i, a in enumerate(names) for b in names[i + 1:]])
+    runs = _diagnosed_runs(history, label)
+    pairs_of_run = [_pairs(_grad_terms(entries)) for _, entries in runs]
     rows = max(1, max(len(p) for p in pairs_of_run))
     fig = Figure(figsize=(max(6.0, 5.2 * len(runs)), 3.6 + 0.32 * rows), layout="constrained")
     axes = fig.subplots(2, len(runs), squeeze=False, sharex="col",
                         gridspec_kw={"height_ratios": [0.6 + 0.25 * rows, 2.0]})
     image = None
     for col, ((name, entries), pairs) in enumerate(zip(runs, pairs_of_run)):
-        top, bottom = axes[0, col], axes[1, col]
-        steps = sorted({float(e["step"]) for e in entries})
-        by_step = {float(e["step"]): e for e in entries}
-        if pairs:
-            grid = [[_cosine(by_step[s], a, b) for s in steps] for a, b in pairs]
-            image = top.pcolormesh(_edges(steps), list(range(len(pairs) + 1)), grid, cmap=cmap, vmin=-1.0, vmax=1.0,
-                                   shading="flat")
-            top.set_yticks([i + 0.5 for i in range(len(pairs))], [f"{a} / {b}" for a, b in pairs], fontsize="small")
-            top.set_ylim(len(pairs), 0)
-            known = [v for row in grid for v in row if not math.isnan(v)]
-            share = sum(v < 0 for v in known) / len(known) if known else math.nan
-            top.set_title(f"{name + ': ' if name else ''}cosine per pair (conflicting: {share:.0%} of pair-steps)",
-                          fontsize="medium")
-        else:
-            top.text(0.5, 0.5, "one term: no pairs", ha="center", va="center", transform=top.transAxes)
-            top.set_yticks([])
-            top.set_title(name, fontsize="medium")
-        for index, term in enumerate(_diag_terms(entries)):
-            color = f"C{index}"
-            points = [(float(e["step"]), e["grad_norm"][term]) for e in entries if term in e["grad_norm"]]
-            _log_line(bottom, points, color=color, label=f"||grad {term}||")
-            if weighted:
-                scaled = [(float(e["step"]), e["grad_norm"][term] * e["weights"][term]) for e in entries
-                          if term in e["grad_norm"] and term in e.get("weights", {})]
-                if any(e.get("weights", {}).get(term, 1.0) != 1.0 for e in entries):
-                    _log_line(bottom, scaled, color=color, linestyle="--", label=f"weight x ||grad {term}||")
-        bottom.set_yscale("log")
-        bottom.set_xlabel("step")
-        bottom.set_ylabel("gradient norm")
-        bottom.grid(True, which="major", alpha=0.3)
-        bottom.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
+        mesh = _cosine_panel(axes[0, col], name, entries, pairs, cmap)
+        if mesh is not None:
+            image = mesh
+        _norm_panel(axes[1, col], entries, weighted)
     if image is not None:
         fig.colorbar(image, ax=axes[0, :].tolist(), label="cosine", ticks=[-1, -0.5, 0, 0.5, 1])
-    fig.suptitle(title)
-    if path is not None:
-        fig.savefig(path, dpi=120)
-    return fig
+    return _finish(fig, title, path)
 
 
-def _diag_terms(entries: Sequence[Mapping[str, Any]]) -> list[str]:
-    names: list[str] = []
-    for entry in entries:
-        for name in entry["grad_norm"]:
-            if name not in names:
-                names.append(name)
-    return names
+def _grad_terms(entries: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The terms with a gradient norm in some entry, in order of appearance."""
+    return _ordered_keys(entry["grad_norm"] for entry in entries)
+
+
+def _pairs(names: list[str]) -> list[tuple[str, str]]:
+    """Every pair ``(a, b)`` of ``names`` with ``a`` before ``b``."""
+    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+
+
+def _cosine_panel(ax: Any, name: str, entries: Sequence[Mapping[str, Any]], pairs: list[tuple[str, str]],
+                  cmap: str) -> Any:
+    """The heat map of the pairs' cosines over the steps; returns its mesh (``None`` without pairs)."""
+    if not pairs:
+        ax.text(0.5, 0.5, "one term: no pairs", ha="center", va="center", transform=ax.transAxes)
+        ax.set_yticks([])
+        ax.set_title(name, fontsize="medium")
+        return None
+    steps = sorted({float(e["step"]) for e in entries})
+    by_step = {float(e["step"]): e for e in entries}
+    grid = [[_cosine(by_step[s], a, b) for s in steps] for a, b in pairs]
+    mesh = ax.pcolormesh(_edges(steps), list(range(len(pairs) + 1)), grid, cmap=cmap, vmin=-1.0, vmax=1.0,
+                         shading="flat")
+    ax.set_yticks([i + 0.5 for i in range(len(pairs))], [f"{a} / {b}" for a, b in pairs], fontsize="small")
+    ax.set_ylim(len(pairs), 0)
+    ax.set_title(f"{name + ': ' if name else ''}cosine per pair (conflicting: {_conflict_share(grid):.0%} of pair-steps)",
+                 fontsize="medium")
+    return mesh
+
+
+def _conflict_share(grid: list[list[float]]) -> float:
+    """The share of known (non-NaN) cosines below 0; NaN if none is known."""
+    known = [v for row in grid for v in row if not math.isnan(v)]
+    return sum(v < 0 for v in known) / len(known) if known else math.nan
+
+
+def _norm_panel(ax: Any, entries: Sequence[Mapping[str, Any]], weighted: bool) -> None:
+    """Each term's gradient norm over the steps (and, with ``weighted``, the weighted norm), log y."""
+    for index, term in enumerate(_grad_terms(entries)):
+        _norm_lines(ax, entries, term, f"C{index}", weighted)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("gradient norm")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
+
+
+def _norm_lines(ax: Any, entries: Sequence[Mapping[str, Any]], term: str, color: str, weighted: bool) -> None:
+    """``||grad term||`` solid and, where some weight differs from 1 and ``weighted``, ``weight x ||grad term||`` dashed."""
+    points = [(float(e["step"]), e["grad_norm"][term]) for e in entries if term in e["grad_norm"]]
+    _log_line(ax, points, color=color, label=f"||grad {term}||")
+    if weighted and any(e.get("weights", {}).get(term, 1.0) != 1.0 for e in entries):
+        scaled = [(float(e["step"]), e["grad_norm"][term] * e["weights"][term]) for e in entries
+                  if term in e["grad_norm"] and term in e.get("weights", {})]
+        _log_line(ax, scaled, color=color, linestyle="--", label=f"weight x ||grad {term}||")
 
 
 def _cosine(entry: Mapping[str, Any], a: str, b: str) -> float:
@@ -251,13 +300,6 @@ def _cosine(entry: Mapping[str, Any], a: str, b: str) -> float:
         return math.nan
     value = float(entry["cosine"][order.index(a)][order.index(b)])
     return value if math.isfinite(value) else math.nan
-
-
-def _log_line(ax: Any, points: list[tuple[float, float]], **style: Any) -> None:
-    points = [(s, v) for s, v in points if v > 0 and math.isfinite(v)]
-    if points:
-        steps, values = zip(*points)
-        ax.plot(steps, values, linewidth=1.1, **style)
 
 
 def save_figures(results: Sequence[Any], out: PathLike, *, prefix: str = "",

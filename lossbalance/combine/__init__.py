@@ -1,0 +1,45 @@
+r"""How the per-term gradients become one update direction.
+
+A *combiner* takes the ``(K, P)`` matrix whose rows are the **weighted** per-term gradients
+``lambda_i g_i`` (flattened over the balanced parameters) and returns one ``(P,)`` direction,
+which the balancer writes into ``.grad``:
+
+- :class:`WeightedSum` (``"sum"``, the default): ``sum_i lambda_i g_i``, what one backward of
+  the weighted total gives;
+- :class:`PCGrad` (``"pcgrad"``): projecting conflicting gradients (Yu et al. 2020), summed;
+- :class:`ConFIG` (``"config"``): conflict-free inverse gradients (Liu, Chu & Thuerey 2025);
+- :class:`TorchJD` (``"torchjd:<Aggregator>"``): any ``torchjd.aggregation`` aggregator
+  (optional dependency).
+
+One module per combiner (``weighted_sum``, ``pcgrad``, ``conflict_free``, ``torchjd_adapter``);
+``base`` holds the protocol, :class:`CallableCombiner` and the registry behind
+:func:`make_combiner`, ``numerics`` the unit rows PCGrad and ConFIG share.
+
+:func:`make_combiner` turns a short name, a combiner object or a plain callable
+``f(grads) -> direction`` into a :class:`Combiner`.
+
+Conventions shared by every combiner here:
+
+- The input is not modified and no autograd graph is recorded (combiners run under
+  ``torch.no_grad()``); the output has the input's dtype and device.
+- PCGrad and ConFIG compute in float64 by default (``double=True``; float32 on devices without
+  float64 such as MPS) and cast the result back, so gradients from ``1e-30`` to ``1e30`` in
+  float32 neither underflow nor overflow in the inner products. Float64 input (and float32 with
+  ``double=False``) is divided row by row by its largest entry before the unit vectors are
+  formed, which keeps even rows near the ends of the float64 exponent range finite.
+- A zero gradient (a term that does not reach the parameters, or a zero loss) never produces
+  NaN: PCGrad does not project onto it, ConFIG ignores it.
+- Non-finite input gives non-finite output (as the plain sum would); nothing raises.
+- Randomness comes only from the ``generator`` argument (the balancer passes its own), never
+  from the global random state, so runs and resumed runs are reproducible.
+"""
+from .base import CallableCombiner, Combiner, available_combiners, make_combiner
+from .conflict_free import ConFIG
+from .pcgrad import PCGrad
+from .torchjd_adapter import TorchJD
+from .weighted_sum import WeightedSum
+
+__all__ = [
+    "Combiner", "WeightedSum", "PCGrad", "ConFIG", "TorchJD", "CallableCombiner",
+    "make_combiner", "available_combiners",
+]

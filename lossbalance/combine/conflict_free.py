@@ -1,0 +1,167 @@
+"""ConFIG: conflict-free inverse gradients (Liu, Chu & Thuerey 2025)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import Combiner, check_grads, register
+from .numerics import compute_dtype, unit_rows
+
+__all__ = ["ConFIG"]
+
+
+@register
+class ConFIG(Combiner):
+    r"""Conflict-free inverse gradients.
+
+    Liu, Chu & Thuerey, "ConFIG: Towards Conflict-free Training of Physics Informed Neural
+    Networks", ICLR 2025 (arXiv 2408.11104), Eq. 2 with equal weights. With unit vectors
+    ``u_i = g_i / ||g_i||`` as the rows of ``U`` (K x P)::
+
+        x   = U^+ 1                       (minimum-norm least-squares solution of U x = 1)
+        g_u = x / ||x||
+        g   = (sum_i g_i . g_u) g_u = (sum_i ||g_i|| cos_i) g_u,   cos_i = u_i . g_u
+
+    When ``U x = 1`` has a solution (the gradients are linearly independent, or dependent only
+    through duplicated directions), ``u_i . g_u = 1 / ||x|| > 0`` for every i: the update makes
+    the same angle with every term's gradient and conflicts with none, and
+    ``g = (sum_i ||g_i||) x / ||x||^2``. When it has none (an exactly opposite pair, or more
+    directions than their span holds, e.g. three gradients at 120 degrees in a plane), ``x`` is
+    the least-squares compromise and may conflict with some terms: that is the method.
+    Positively scaling one term's gradient changes only the length of ``g``, never its
+    direction: the balancer's weights act on the length alone.
+
+    Two terms, closed form (``closed_form=True``, the default; no linear algebra). With
+    ``c = u_1 . u_2`` and ``x = a u_1 + b u_2``: ``u_1 . x = a + b c = 1`` and
+    ``u_2 . x = a c + b = 1`` give ``a = b = 1 / (1 + c)``, so ``g_u`` is the bisector
+    ``(u_1 + u_2) / ||u_1 + u_2||`` and, since ``(g_1 + g_2) . (u_1 + u_2) = (||g_1|| + ||g_2||)(1 + c)``
+    and ``||u_1 + u_2||^2 = 2 (1 + c)``::
+
+        g = (||g_1|| + ||g_2||) / 2 * (u_1 + u_2)
+
+    the mean norm times the sum of the unit vectors: equal-norm gradients give exactly
+    ``g_1 + g_2``. A zero gradient gives ``u = 0`` and is ignored (the result is the other
+    gradient, as in the general form; conflictfree's closed form returns NaN there). An exactly
+    opposite pair gives ``u_1 + u_2 = 0`` and the zero vector. The closed form agrees with the
+    general form, edge cases and thresholds included (tested).
+
+    Numerics of the general form: ``x = U^+ 1`` is computed from a QR factorisation
+    ``U^T = Q R`` and an SVD of the small ``K x K`` factor, ``x = Q (R^T)^+ 1``: as accurate as an
+    SVD of ``U``, works for rank deficiency and ``K > P``, and costs ``O(P K^2)`` on any device
+    (an SVD of the wide ``U`` is an order of magnitude slower). Singular values at or below
+    ``rtol * sigma_max`` count as zero (default ``rtol = sqrt(eps)`` of the compute dtype,
+    1.5e-8 in float64): the ``u_1 + u_2`` direction of a pair opposite up to rounding. If the
+    projection of ``1`` onto the range of ``U`` is at most ``rtol * sqrt(K)`` (``1`` orthogonal to
+    every usable direction, e.g. an exactly opposite pair alone) the update is the zero vector:
+    otherwise rounding noise would pick an arbitrary direction, and its length
+    ``sum_i g_i . g_u`` would then point against one of the terms. Zero rows enter the
+    right-hand side as 0 instead of 1 (the same solution in exact arithmetic; an unfittable 1
+    leaks into ``x`` through rounding, amplified by the condition number squared). In the
+    length, cosines ``|u_i . g_u| <= rtol / (2 sqrt(K))`` count as zero: where a solution
+    exists every cosine is ``1/||x|| >= rtol / sqrt(K)``, so only rounding residue of an exact
+    zero (a term of an opposite pair) is dropped, and a large gradient orthogonal to ``g_u`` up
+    to rounding cannot flip the sign of the update against a small one. Accuracy: about
+    ``kappa * 1e-16`` relative in float64 where ``U x = 1`` has a solution (``kappa``: condition
+    number of the kept part of ``U``), ``kappa^2 * 1e-16`` where it has none (least squares with
+    a residual), e.g. an opposite pair together with gradients parallel to 1e-6: ~1e-4.
+
+    Options:
+
+    ``closed_form``
+        Use the two-term closed form when K = 2 (default ``True``).
+    ``rtol``
+        Relative threshold for singular values (and for the projection of ``1``), see above;
+        ``None`` means ``sqrt(eps)`` of the compute dtype.
+    ``double``
+        Compute in float64 (default) and return the input dtype.
+
+    Where public implementations differ (read from their source):
+
+    - conflictfree ``ConFIGOperator``: ``torch.linalg.lstsq(units, weights)`` (or ``pinv``), zero
+      gradient -> zero unit row (``nan_to_num``) ignored, exactly opposite pair -> zero vector; its
+      two-term closed form returns NaN when one gradient is zero, and its general form fails on
+      float64 input unless the default dtype is float64.
+    - torchjd ``ConFIG``: ``pinv(units) @ weights``, normalised, length ``sum_i g_i . g_u``; the
+      same edge cases. Both optionally weight the right-hand side (a preference vector) instead
+      of ``1``; here the balancer's weights scale the rows, which only changes the length.
+    - Neither thresholds the projection of ``1``: with a pair opposite up to rounding they can
+      return an update along one of the pair, against the other.
+    """
+
+    name = "config"
+
+    def __init__(self, *, closed_form: bool = True, rtol: float | None = None, double: bool = True):
+        if rtol is not None and not (0.0 <= rtol < 1.0):
+            raise ValueError(f"rtol must be in [0, 1), got {rtol}")
+        self.closed_form = bool(closed_form)
+        self.rtol = rtol
+        self.double = bool(double)
+
+    def options(self) -> dict[str, Any]:
+        return {"closed_form": self.closed_form, "rtol": self.rtol, "double": self.double}
+
+    def _rtol(self, dtype: torch.dtype) -> float:
+        return math.sqrt(torch.finfo(dtype).eps) if self.rtol is None else self.rtol
+
+    def _direction(self, units: Tensor, present: Tensor, rtol: float) -> Tensor:
+        """The unit direction ``g_u`` (zero vector where there is none) from the unit rows."""
+        k, p = units.shape
+        if k == 1:
+            return units[0]
+        if k == 2 and self.closed_form:
+            s = units[0] + units[1]
+            d = units[0] - units[1]
+            s_norm = torch.linalg.vector_norm(s)
+            usable = (s_norm > 0) & (s_norm > rtol * torch.linalg.vector_norm(d))
+            return torch.where(usable, s / torch.where(s_norm > 0, s_norm, torch.ones_like(s_norm)), torch.zeros_like(s))
+        # general form: U^T = Q R, R^T = A diag(S) B^H  =>  U = A diag(S) (Q B)^T,
+        # x = U^+ b = Q B diag(S)^+ A^T b. The right-hand side b is 1 for the present terms and
+        # 0 for zero rows: the same solution in exact arithmetic (a zero row cannot be fitted
+        # and does not move x), but an unfittable 1 would leak into x through rounding,
+        # amplified by the condition number squared.
+        q, r = torch.linalg.qr(units.mT)                       # (P, m), (m, K), m = min(P, K)
+        a, sv, bh = torch.linalg.svd(r.mT, full_matrices=False)  # (K, m), (m,), (m, m)
+        keep = sv > rtol * sv.amax()
+        c = torch.where(keep, a.mT @ present, torch.zeros_like(sv))
+        y = bh.mT @ (c / torch.where(keep, sv, torch.ones_like(sv)))
+        x = q @ y
+        x_norm = torch.linalg.vector_norm(y)  # ||Q y|| = ||y||, Q has orthonormal columns
+        usable = (torch.linalg.vector_norm(c) > rtol * torch.linalg.vector_norm(present)) & (x_norm > 0)
+        return torch.where(usable, x / torch.where(x_norm > 0, x_norm, torch.ones_like(x_norm)), torch.zeros_like(x))
+
+    def _combine(self, grads: Tensor) -> tuple[Tensor, Tensor]:
+        dtype = compute_dtype(grads, self.double)
+        k, p = grads.shape
+        if k == 0 or p == 0:
+            zero = grads.new_zeros(p, dtype=dtype)
+            return zero, zero
+        rtol = self._rtol(dtype)
+        units, norms, ok = unit_rows(grads, dtype)
+        units.masked_fill_(~ok[:, None], 0.0)  # keep QR/SVD finite; the result becomes NaN below
+        norms = torch.where(ok, norms, torch.zeros_like(norms))
+        present = (norms > 0).to(dtype)
+        direction = self._direction(units, present, rtol)
+        # length = sum_i g_i . g_u = sum_i ||g_i|| cos_i. Where a solution exists every cos_i is
+        # 1/||x|| >= rtol / sqrt(K); cosines below rtol / (2 sqrt(K)) are rounding residue of a
+        # zero (e.g. a term of an opposite pair) and count as zero, so that a large gradient
+        # orthogonal to g_u up to rounding cannot flip the sign of a small gradient's share.
+        cosines = units @ direction
+        cosines = torch.where(cosines.abs() > rtol / (2.0 * math.sqrt(k)), cosines, torch.zeros_like(cosines))
+        update = (norms * cosines).sum() * direction
+        finite = ok.all()
+        nan = torch.full_like(update, float("nan"))
+        return torch.where(finite, update, nan), torch.where(finite, direction, nan)
+
+    def direction(self, grads: Tensor, /) -> Tensor:
+        """The unit direction ``g_u`` (the zero vector when there is none), input dtype."""
+        check_grads(grads)
+        with torch.no_grad():
+            return self._combine(grads)[1].to(grads.dtype)
+
+    def __call__(self, grads: Tensor, /, *, generator: torch.Generator | None = None) -> Tensor:
+        check_grads(grads)
+        with torch.no_grad():
+            return self._combine(grads)[0].to(grads.dtype)

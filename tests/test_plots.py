@@ -1,0 +1,60 @@
+"""The figures (lossbalance.plots): conflicts of a history or of runs, and the figure set of runs."""
+from __future__ import annotations
+
+import pytest
+
+from lossbalance.demo import train
+
+
+def _history(names, cosines, steps):
+    """A synthetic balancer-style history: cosines[i] is the (K x K) matrix of step steps[i]."""
+    return [{"step": s, "weights": {n: 1.0 + i for i, n in enumerate(names)},
+             "losses": {n: 1.0 for n in names}, "grad_norm": {n: 10.0 ** i for i, n in enumerate(names)},
+             "cosine": c, "conflict_fraction": 0.0} for s, c in zip(steps, cosines)]
+
+
+def test_plot_conflicts_draws_every_pair_on_a_centred_scale(tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.collections import QuadMesh
+
+    from lossbalance.plots import plot_conflicts
+
+    def matrix(a, b, c):  # pairs (x, y) = a, (x, z) = b, (y, z) = c
+        return [[1.0, a, b], [a, 1.0, c], [b, c, 1.0]]
+
+    history = _history(["x", "y", "z"], [matrix(-0.9, 0.2, 0.5), matrix(-0.5, 0.1, -0.3)], [0, 10])
+    history.insert(1, {"step": 5, "weights": {"x": 1.0}, "losses": {"x": 1.0}})  # no diagnostics: skipped
+    path = tmp_path / "c.png"
+    fig = plot_conflicts(history, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    heat, norms = fig.axes[0], fig.axes[1]
+    (mesh,) = [c for c in heat.collections if isinstance(c, QuadMesh)]
+    assert mesh.get_clim() == (-1.0, 1.0)  # diverging scale centred at 0
+    assert mesh.get_array().reshape(3, 2).tolist() == [[-0.9, -0.5], [0.2, 0.1], [0.5, -0.3]]
+    assert [t.get_text() for t in heat.get_yticklabels()] == ["x / y", "x / z", "y / z"]
+    assert "conflicting: 50%" in heat.get_title()
+    assert norms.get_yscale() == "log"
+    solid = {line.get_label(): line.get_ydata().tolist() for line in norms.get_lines()}
+    assert solid["||grad x||"] == [1.0, 1.0] and solid["||grad z||"] == [100.0, 100.0]
+    assert solid["weight x ||grad y||"] == [20.0, 20.0]  # weight 2 x norm 10
+    # runs (objects with label and history): one column each; a run without diagnostics is left out
+    class Run:
+        def __init__(self, label, history):
+            self.label, self.history = label, history
+    fig = plot_conflicts([Run("a", history), Run("b", history), Run("none", history[1:2])])
+    assert len([ax for ax in fig.axes if ax.get_label() != "<colorbar>"]) == 4
+    with pytest.raises(ValueError, match="diagnose_every"):
+        plot_conflicts(history[1:2])
+
+
+def test_save_figures_writes_conflicts_only_with_diagnostics(tmp_path):
+    pytest.importorskip("matplotlib")
+    from lossbalance.plots import save_figures
+
+    with_diag = train("helmholtz", "static", steps=4, history_every=1, eval_n=8)
+    without = train("helmholtz", "static", steps=4, history_every=1, diagnose_every=0, eval_n=8)
+    names = lambda paths: [p.name for p in paths]  # noqa: E731
+    assert names(save_figures([without], tmp_path / "a")) == ["weights.png", "losses.png", "error_fields.png"]
+    paths = save_figures([without, with_diag], tmp_path / "b")
+    assert names(paths) == ["weights.png", "losses.png", "error_fields.png", "conflicts.png"]
+    assert all(p.stat().st_size > 0 for p in paths) and not (tmp_path / "a" / "conflicts.png").exists()
