@@ -11,9 +11,10 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from .combine import Combiner, WeightedSum, make_combiner
-from .config import export_config, option_problems, parse_config
+from .config import export_config, parse_config
 from .distributed import make_reduction
 from .gradients import GradientEngine
+from .options import PLAIN_NAMES, option_problems
 from .precision import make_precision
 from .reporting import LastStep, StepLog
 from .snapshot import restore_snapshot, take_snapshot
@@ -26,6 +27,7 @@ __all__ = ["LossBalancer"]
 
 Losses = Mapping[str, Tensor]
 STATE_FORMAT = 2  # 1: lossbalance 0.1.0 (no "format" key)
+_ATTRIBUTE = {"history": "history_size"}  # where a plain option is read back when it is not its own name
 
 
 class _Batch(NamedTuple):
@@ -141,11 +143,8 @@ class LossBalancer:
                 f"LossBalancer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}; "
                 "create the optimizer first, e.g. torch.optim.Adam(model.parameters())"
             )
-        problems = option_problems({
-            "update_every": update_every, "warmup": warmup, "frozen": frozen, "memory": memory,
-            "grad_mode": grad_mode, "nonfinite": nonfinite, "history": history, "check_paths": check_paths,
-            "diagnose_every": diagnose_every, "seed": seed,
-        })
+        given = locals()
+        problems = option_problems({name: given[name] for name in PLAIN_NAMES})
         if problems:
             raise ValueError("; ".join(problems))
         if isinstance(terms, str):
@@ -160,8 +159,8 @@ class LossBalancer:
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.diagnose_every = diagnose_every
-        self._memory = memory
-        self._grad_mode = grad_mode
+        self.memory = memory
+        self.grad_mode = grad_mode
         self._probe = None if probe is None else list(probe)
         self._reduction = make_reduction(distributed, process_group)
         self._precision = make_precision(scaler)
@@ -190,6 +189,11 @@ class LossBalancer:
 
     # ------------------------------------------------------------------ set-up helpers
     @property
+    def history_size(self) -> int:
+        """How many steps ``history`` keeps (the ``history=`` option)."""
+        return self._log.keeps_history
+
+    @property
     def scaler(self) -> torch.amp.GradScaler | None:
         """The ``GradScaler`` given as ``scaler=`` (``None`` when absent or disabled)."""
         return self._precision.scaler
@@ -203,7 +207,7 @@ class LossBalancer:
     def _install_engine(self, params: list[Tensor]) -> None:
         """Build the engine and the scopes for ``params``; nothing is replaced unless both succeed."""
         engine = GradientEngine(
-            params, memory=self._memory, probe=self._probe, reduction=self._reduction, grad_mode=self._grad_mode
+            params, memory=self.memory, probe=self._probe, reduction=self._reduction, grad_mode=self.grad_mode
         )
         scopes = _resolve_scopes(self._scope_params, frozenset(map(id, params)))
         self._engine, self._scopes, self._param_ids = engine, scopes, frozenset(map(id, params))
@@ -595,10 +599,7 @@ class LossBalancer:
         """The plain dict that :meth:`from_config` turns back into an equivalent balancer."""
         settings: dict[str, Any] = {
             "strategy": self.strategy.name, "strategy_options": self.strategy.options(),
-            "update_every": self.update_every, "warmup": self.warmup, "frozen": self.frozen,
-            "memory": self._memory, "grad_mode": self._grad_mode, "nonfinite": self.nonfinite,
-            "check_paths": self.check_paths, "history": self._log.keeps_history,
-            "diagnose_every": self.diagnose_every, "seed": self.seed,
+            **{name: getattr(self, _ATTRIBUTE.get(name, name)) for name in PLAIN_NAMES},
             "combine": self.combiner.name, "combine_options": self.combiner.options(),
         }
         if self._terms.initial:
@@ -684,7 +685,7 @@ class LossBalancer:
     def __repr__(self) -> str:
         return (
             f"LossBalancer({type(self.optimizer).__name__}, {self.strategy!r}, update_every={self.update_every}, "
-            f"combine={self.combiner!r}, memory={self._memory!r}, terms={self._terms.names})"
+            f"combine={self.combiner!r}, memory={self.memory!r}, terms={self._terms.names})"
         )
 
 
