@@ -21,7 +21,8 @@ from .snapshot import restore_snapshot, take_snapshot
 from .stats import GradStats
 from .strategies.base import StepRecord, Strategy, make_strategy
 from .terms import Bound, TermTable
-from .validation import check_finite, check_losses, no_path_error, reaches
+from .graph import graph_facts, reaches
+from .validation import check_finite, check_losses, no_path_error, reentrant_checkpoint_error
 
 __all__ = ["LossBalancer"]
 
@@ -183,7 +184,6 @@ class LossBalancer:
         self._step = 0
         self._updates = 0
         self._skipped = 0
-        self._checked: set[str] = set()
         self._previous: dict[str, weakref.ref] = {}  # last call's term tensors: to name a stale one
         self._log = StepLog(history)
 
@@ -211,6 +211,7 @@ class LossBalancer:
         )
         scopes = _resolve_scopes(self._scope_params, frozenset(map(id, params)))
         self._engine, self._scopes, self._param_ids = engine, scopes, frozenset(map(id, params))
+        self._checked: set[str] = set()  # terms whose graph the new engine has seen
         self._unbalanced = [p for g in self.optimizer.param_groups for p in g["params"] if not p.requires_grad]
 
     def _refresh_parameters(self) -> None:
@@ -229,13 +230,24 @@ class LossBalancer:
         self._terms.remove(name)
         self._checked.discard(name)
 
-    def _check_reach(self, batch: _Batch) -> None:
-        """Does each term's graph reach the parameters it may train? (``check_paths``)"""
+    def _inspect(self, batch: _Batch) -> None:
+        """Walk each term's graph at its first appearance (and, with ``check_paths="always"``,
+        check its path to the parameters on every call): a path to what it may train, no
+        reentrant checkpoint; the engine learns its size, compiled parts and unbalanced leaves."""
         for name, term, scope in zip(batch.names, batch.terms, batch.scopes):
-            if (name in self._checked and self.check_paths == "first") or not term.requires_grad:
-                continue  # checked before, or held by another rank only (a zero here)
-            if not reaches(term, self._param_ids if scope is None else scope):
+            if not term.requires_grad:
+                continue  # held by another rank only (a zero here)
+            targets = self._param_ids if scope is None else scope
+            if name in self._checked:
+                if self.check_paths == "always" and not reaches(term, targets):
+                    raise no_path_error(name, scoped=scope is not None)
+                continue
+            facts = graph_facts(term, self._param_ids)
+            if facts.leaves.isdisjoint(targets):
                 raise no_path_error(name, scoped=scope is not None)
+            if facts.reentrant:
+                raise reentrant_checkpoint_error(name)
+            self._engine.note(name, facts)
         self._checked.update(batch.names)
 
     # ------------------------------------------------------------------ the step, phase by phase
@@ -285,7 +297,7 @@ class LossBalancer:
         names, terms, values = self._agree(names, terms, values)
         batch = _Batch(keys, names, list(terms.values()), values, [self._scopes.get(n) for n in names], stale)
         self.strategy.validate_terms(names)
-        self._check_reach(batch)
+        self._inspect(batch)
         return batch
 
     def _agree(self, names: tuple[str, ...], terms: dict[str, Tensor], values: Tensor):

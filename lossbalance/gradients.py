@@ -27,7 +27,8 @@ from torch import Tensor
 
 from .distributed import Reduction
 from .stats import GradStats
-from .validation import explain_autograd_error, graph_size, no_path_error, warn_user
+from .graph import GraphFacts
+from .validation import explain_autograd_error, no_path_error, warn_user
 
 __all__ = ["GradStats", "GradientEngine", "Measured", "Backward", "MEMORY_MODES", "all_finite"]
 
@@ -155,6 +156,9 @@ class GradientEngine:
         self._grad_views = self.layout.views(self._combined)
         self._reached: list[bool] = []
         self._graph_sizes: dict[str, int] = {}
+        self.retain_always = False  # a torch.compile'd graph: never free it (no donated buffers)
+        self.others: list[Tensor] = []  # nn.Parameter leaves the terms reach that are not balanced
+        self._other_rows: list[tuple[Tensor | None, ...]] = []
 
     def __repr__(self) -> str:
         probe = "" if self.probe is None else f", probe={len(self.probe.params)} tensors"
@@ -190,6 +194,13 @@ class GradientEngine:
     def stats_layout(self) -> _Layout:
         return self.layout if self.probe is None else self.probe
 
+    def note(self, name: str, facts: GraphFacts) -> None:
+        """Learn what the graph of term ``name`` holds (its first appearance)."""
+        self._graph_sizes[name] = facts.size
+        self.retain_always = self.retain_always or facts.compiled
+        known = set(map(id, self.others))
+        self.others += [p for p in facts.others if id(p) not in known]
+
     # ------------------------------------------------------------------ per-term gradients
     def measure(
         self,
@@ -216,50 +227,52 @@ class GradientEngine:
         return self._kept_statistics(scopes, values) if lean is None else self._lean_statistics(lean, scopes, values)
 
     def _wants_vmap(self, scopes: Sequence[frozenset[int] | None]) -> bool:
-        return self.grad_mode == "batched" and not self._vmap_failed and self.keeps_gradients and all(
-            s is None for s in scopes
-        )
+        batched = self.grad_mode == "batched" and not self._vmap_failed and self.keeps_gradients
+        return batched and not self.others and all(s is None for s in scopes)
 
-    def _order(self, names: Sequence[str], losses: Sequence[Tensor]) -> list[int]:
+    def _order(self, names: Sequence[str]) -> list[int]:
         """The terms from the smallest graph to the largest (the last one may free the graph)."""
-        for name, loss in zip(names, losses):
-            if name not in self._graph_sizes:
-                self._graph_sizes[name] = graph_size(loss)
-        return sorted(range(len(names)), key=lambda i: self._graph_sizes[names[i]])
+        return sorted(range(len(names)), key=lambda i: self._graph_sizes.get(names[i], 0))
 
     def _loop(self, names: Sequence[str], losses: Sequence[Tensor], scopes, values: Tensor, stale) -> list | None:
         """One ``autograd.grad`` per term into its row of the buffer; in ``"lean"`` mode into
         row 0, reduced at once: then the per-term tables are returned (in the terms' order)."""
-        order = self._order(names, losses)
+        order = self._order(names)
         self._reached = [self.reduction.active] * len(self.params)
+        self._other_rows = [()] * len(names)
         lean: dict[int, tuple[Tensor, ...]] = {}
         for i in order:
-            retain = not (self.keeps_gradients and i == order[-1])
-            parts = self._term_gradient(names[i], losses[i], scopes[i], retain, names[i] in stale)
+            retain = self.retain_always or not (self.keeps_gradients and i == order[-1])
+            parts, self._other_rows[i] = self._term_gradient(names[i], losses[i], scopes[i], retain, names[i] in stale)
             torch._foreach_copy_(self._row_views[i if self.memory == "keep" else 0], parts)  # torch >= 2.1
             if self.memory == "lean":
                 lean[i] = self._lean_row(values[i : i + 1])
         return [lean[i] for i in range(len(names))] if lean else None
 
-    def _term_gradient(self, name: str, loss: Tensor, scope: frozenset[int] | None, retain: bool, stale: bool) -> list[Tensor]:
-        """The gradient of one term over the statistics layout (zeros where it does not reach)."""
+    def _term_gradient(self, name: str, loss: Tensor, scope: frozenset[int] | None, retain: bool, stale: bool):
+        """The gradient of one term over the statistics layout (zeros where it does not reach);
+        with the kept gradients, also its gradient w.r.t. the unbalanced parameters (row ``i``)."""
         layout = self.stats_layout
         positions = layout.inputs(scope)
         parts = list(layout.zeros)
         if not positions or not loss.requires_grad:  # (a term another process holds: zero here)
-            return parts
+            return parts, ()
+        others = self.others if self.keeps_gradients else []  # else: in the weighted-sum backward
         try:
-            grads = torch.autograd.grad(loss, [layout.params[j] for j in positions], retain_graph=retain, allow_unused=True)
+            grads = torch.autograd.grad(
+                loss, [layout.params[j] for j in positions] + others, retain_graph=retain, allow_unused=True
+            )
         except RuntimeError as error:
             raise explain_autograd_error(name, error, stale=stale) from error
+        grads, other_grads = grads[: len(positions)], grads[len(positions) :]
         for j, g in zip(positions, grads):
             if g is not None:
-                parts[j] = g
+                parts[j] = _dense(g, layout.params[j])
                 if self.keeps_gradients:
                     self._reached[j] = True
         if self.probe is None and all(g is None for g in grads):
             raise no_path_error(name, scoped=scope is not None)
-        return parts
+        return parts, other_grads
 
     def _lean_row(self, value: Tensor) -> tuple[Tensor, ...]:
         """Row 0 (one term's gradient) reduced to its statistics, after averaging when distributed."""
@@ -333,6 +346,9 @@ class GradientEngine:
             self._combined.copy_(direction)
         for p, view, hit in zip(self.params, self._grad_views, self._reached):
             p.grad = view if hit else None
+        for j, p in enumerate(self.others):
+            parts = [w * row[j] for w, row in zip(weights.unbind(), self._other_rows) if row and row[j] is not None]
+            _accumulate(p, sum(parts) if parts else None)
 
     def backward(
         self,
@@ -357,30 +373,34 @@ class GradientEngine:
         sync; when it is not finite, ``.grad`` is left as it was and ``failed`` says which.
         ``stale``: terms known to be built on an earlier step, named first if the backward fails.
         """
-        grads = self._weighted_sum(names, losses, weights, scopes, stale)
+        grads, others = self._weighted_sum(names, losses, weights, scopes, stale)
         if self.reduction.active:
             grads, values = self._averaged(grads, values)
         failed = _nonfinite_part(grads if check_grads else [], values if check_values else None)
         if failed is None:
             for p, g in zip(self.params, grads):
                 p.grad = g
+            for p, g in zip(self.others, others):
+                _accumulate(p, g)
         return Backward(values, failed)
 
-    def _weighted_sum(self, names, losses, weights: Tensor, scopes, stale: Collection[str]) -> list[Tensor | None]:
-        """Per parameter, the gradient of ``sum_i w_i L_i`` (``None`` where no term reaches)."""
+    def _weighted_sum(self, names, losses, weights: Tensor, scopes, stale: Collection[str]):
+        """Per parameter, the gradient of ``sum_i w_i L_i`` (``None`` where no term reaches), and
+        per unbalanced parameter (:attr:`others`) its gradient."""
         groups: dict[frozenset[int] | None, list[int]] = {}
         for i, scope in enumerate(scopes):
             if losses[i].requires_grad:  # (a term another process holds is a constant zero here)
                 groups.setdefault(scope, []).append(i)
         seeds = weights.unbind()
-        total: list[Tensor | None] = [None] * len(self.params)
+        count = len(self.params)
+        total: list[Tensor | None] = [None] * (count + len(self.others))
         for n, (scope, members) in enumerate(groups.items()):
-            positions = self.layout.inputs(scope)
-            inputs = [self.params[j] for j in positions]
+            positions = self.layout.inputs(scope) + list(range(count, len(total)))
+            inputs = [self.params[j] if j < count else self.others[j - count] for j in positions]
             try:
                 grads = torch.autograd.grad(
-                    [losses[i] for i in members], inputs,
-                    grad_outputs=[seeds[i] for i in members], retain_graph=n < len(groups) - 1, allow_unused=True,
+                    [losses[i] for i in members], inputs, grad_outputs=[seeds[i] for i in members],
+                    retain_graph=self.retain_always or n < len(groups) - 1, allow_unused=True,
                 )
             except RuntimeError as error:
                 culprit = _culprit([names[i] for i in members], [losses[i] for i in members], inputs, stale)
@@ -388,7 +408,7 @@ class GradientEngine:
             for j, g in zip(positions, grads):
                 if g is not None:
                     total[j] = g if total[j] is None else total[j] + g
-        return total
+        return total[:count], total[count:]
 
     def _averaged(self, grads: list[Tensor | None], values: Tensor) -> tuple[list[Tensor], Tensor]:
         """The gradients (zeros where none) and the values, averaged in one collective."""
@@ -397,6 +417,24 @@ class GradientEngine:
         self.reduction.mean_(flat)
         averaged = flat[self.layout.total :].to(values.dtype)
         return self.layout.views(flat[: self.layout.total]), averaged
+
+
+def _dense(grad: Tensor, param: Tensor) -> Tensor:
+    """``grad``, refused with the fix when sparse (the kept rows and statistics are dense)."""
+    if grad.layout != torch.strided:
+        raise ValueError(
+            f"a balanced parameter of shape {tuple(param.shape)} gets a {grad.layout} gradient "
+            "(nn.Embedding/EmbeddingBag(sparse=True)); per-term gradients need dense ones: build the module "
+            "with sparse=False and use e.g. torch.optim.Adam instead of SparseAdam, or a strategy that needs "
+            "no gradients (a plain step keeps the sparse gradient)"
+        )
+    return grad
+
+
+def _accumulate(param: Tensor, grad: Tensor | None) -> None:
+    """``param.grad += grad``, as ``backward()`` does, for a parameter the balancer does not own."""
+    if grad is not None:
+        param.grad = grad.detach().clone() if param.grad is None else param.grad + grad
 
 
 def _check_one_kind(params: Sequence[Tensor]) -> None:

@@ -8,14 +8,14 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from typing import Any, Collection, Iterator, Mapping
+from typing import Any, Collection, Mapping
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "check_losses", "check_finite", "reaches", "graph_size", "check_key_set", "explain_autograd_error",
-    "no_path_error", "warn_user", "FREED_GRAPH_HINT",
+    "check_losses", "check_finite", "check_key_set", "explain_autograd_error", "no_path_error",
+    "reentrant_checkpoint_error", "warn_user", "FREED_GRAPH_HINT",
 ]
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
@@ -32,15 +32,34 @@ FREED_GRAPH_HINT = (
     "build the loss dict anew for every step (a backward pass frees its graph) and do not call "
     "backward() on the terms yourself"
 )
-_FREED_GRAPH = "backward through the graph a second time"  # torch's message for a freed graph
+COMPILED_HINT = (
+    "the backward of a torch.compile'd model was first built with donated buffers (by a backward "
+    "without retain_graph, e.g. your own loss.backward()), which forbids the balancer's per-term "
+    "gradients: set torch._functorch.config.donated_buffer = False before the compiled model's first call"
+)
+REENTRANT_HINT = "torch.utils.checkpoint(..., use_reentrant=True) cannot be used with torch.autograd.grad: pass use_reentrant=False"
+_HINTS = (  # a substring of torch's message, the hint
+    ("backward through the graph a second time", FREED_GRAPH_HINT),  # a freed graph
+    ("donated buffer", COMPILED_HINT),
+    ("use_reentrant=True", REENTRANT_HINT),
+)
 
 
 def explain_autograd_error(name: str, error: RuntimeError, *, stale: bool = False) -> RuntimeError:
-    """``error`` from differentiating term ``name``, with the term named; the freed-graph hint
-    only when the graph was freed or the term was built on an earlier step (``stale``: its
-    parameters have moved since); other autograd errors keep their own message."""
-    hint = f": {FREED_GRAPH_HINT}" if stale or _FREED_GRAPH in str(error) else ""
-    return RuntimeError(f"while differentiating term {name!r}{hint}. {error}")
+    """``error`` from differentiating term ``name``, with the term named and the hint that fits
+    torch's message: the freed-graph hint only when the graph was freed or the term was built on
+    an earlier step (``stale``: its graph was used, and its parameters have moved since)."""
+    text = str(error)
+    hints = [hint for key, hint in _HINTS if key in text] or ([FREED_GRAPH_HINT] if stale else [])
+    return RuntimeError(f"while differentiating term {name!r}{': ' + hints[0] if hints else ''}. {error}")
+
+
+def reentrant_checkpoint_error(name: str) -> ValueError:
+    return ValueError(
+        f"loss term {name!r} goes through torch.utils.checkpoint(..., use_reentrant=True), whose layers "
+        "torch.autograd.grad (the balancer's backward) cannot reach: pass use_reentrant=False to "
+        "checkpoint() (or checkpoint_sequential())"
+    )
 
 
 def no_path_error(name: str, *, scoped: bool) -> ValueError:
@@ -96,30 +115,6 @@ def check_finite(names: tuple[str, ...], values: Tensor, what: str = "loss value
             f"non-finite {what} for term(s) {', '.join(bad)}; nothing was changed. Pass "
             "nonfinite='skip' to skip such steps, or look for a log/sqrt/division of zero in that term"
         )
-
-
-def _nodes(loss: Tensor) -> Iterator[Any]:
-    """The autograd nodes behind ``loss``, each once (depth first)."""
-    stack, seen = [loss.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        yield node
-        stack.extend(child for child, _ in node.next_functions)
-
-
-def reaches(loss: Tensor, targets: Collection[int]) -> bool:
-    """Whether the autograd graph of ``loss`` reaches a tensor whose ``id`` is in ``targets``."""
-    if id(loss) in targets:
-        return True
-    return any(id(getattr(node, "variable", None)) in targets for node in _nodes(loss))
-
-
-def graph_size(loss: Tensor) -> int:
-    """The number of autograd nodes behind ``loss`` (a proxy for the cost of its backward)."""
-    return sum(1 for _ in _nodes(loss))
 
 
 def check_key_set(present: Collection[str], known: Collection[str], optional: Collection[str]) -> None:
