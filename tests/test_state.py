@@ -1,0 +1,125 @@
+"""The balancer's state: versioned, validated first and committed at once; the closure path's
+snapshot (no deep copy of the optimizer's history)."""
+import copy
+
+import pytest
+import torch
+
+from lossbalance import LossBalancer, LRAnnealing
+from lossbalance.balancer import STATE_FORMAT
+
+from _models import PINN1D, TwoHeads
+
+
+def trained(strategy="relobralo", steps=3):
+    model = TwoHeads()
+    balancer = LossBalancer(torch.optim.Adam(model.parameters(), lr=1e-2), strategy, history=5)
+    for _ in range(steps):
+        balancer.step(model.losses())
+    return model, balancer
+
+
+def _everything(model, balancer):
+    return copy.deepcopy(
+        (balancer.state_dict(), balancer.strategy.state_dict(), [p.detach().clone() for p in model.parameters()])
+    )
+
+
+def _assert_same(a, b):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same(x, y)
+    else:
+        assert a == b
+
+
+def test_the_state_carries_its_format_and_documented_keys():
+    _, balancer = trained()
+    state = balancer.state_dict()
+    assert state["format"] == STATE_FORMAT == 2
+    documented = {"format", "optimizer", "names", "optional", "weights", "lower", "upper", "step", "updates",
+                  "skipped", "strategy_name", "strategy", "generator", "scaler"}
+    assert set(state) == documented
+    for key in documented:
+        assert f"``{key}``" in LossBalancer.state_dict.__doc__
+
+
+def _corrupt_generator(state):
+    state["generator"] = torch.zeros(3, dtype=torch.uint8)
+
+
+def _wrong_strategy_state(state):
+    state["strategy"] = {"tables": "not a table"}
+
+
+def _missing_key(state):
+    del state["updates"]
+
+
+def _wrong_weights(state):
+    state["weights"] = torch.ones(5)
+
+
+def _future_format(state):
+    state["format"] = 99
+
+
+def _wrong_optimizer(state):
+    state["optimizer"]["param_groups"][0]["params"] = [0]
+
+
+@pytest.mark.parametrize(
+    "corrupt, error",
+    [(_corrupt_generator, ValueError), (_wrong_strategy_state, Exception), (_missing_key, KeyError),
+     (_wrong_weights, ValueError), (_future_format, ValueError), (_wrong_optimizer, ValueError)],
+    ids=["generator", "strategy", "key set", "weights", "format", "optimizer"],
+)
+def test_a_bad_state_leaves_everything_exactly_as_it_was(corrupt, error):
+    model, balancer = trained()
+    good = _everything(model, balancer)
+    state = copy.deepcopy(trained(steps=5)[1].state_dict())  # another run's state, then corrupted
+    corrupt(state)
+    with pytest.raises(error):
+        balancer.load_state_dict(state)
+    _assert_same(_everything(model, balancer), good)
+    balancer.step(model.losses())  # and it still steps
+
+
+def test_a_state_of_lossbalance_0_1_0_still_loads():
+    model, balancer = trained(steps=4)
+    old = balancer.state_dict()
+    del old["format"]  # what 0.1.0 saved: the same keys without the format
+    fresh_model, fresh = trained(steps=1)
+    fresh.load_state_dict(old)
+    assert fresh.step_count == 4 and fresh.weights == balancer.weights
+
+
+def test_the_closure_snapshot_keeps_the_lbfgs_history_by_reference():
+    """A failed L-BFGS call is undone without deep-copying the history: after the undo, the
+    optimizer holds the very same history tensors (and lists equal to the old ones)."""
+    problem = PINN1D(seed=1)
+    optimizer = torch.optim.LBFGS(problem.model.parameters(), max_iter=3, history_size=5, line_search_fn="strong_wolfe")
+    balancer = LossBalancer(optimizer, LRAnnealing("pde"), nonfinite="skip")
+    for _ in range(2):
+        balancer.step(closure=problem.losses)
+    state = next(iter(optimizer.state.values()))
+    history = list(state["old_dirs"])
+    assert history, "L-BFGS has a history"
+    calls = []
+
+    def closure():  # NaN on every re-evaluation: the call is undone
+        calls.append(1)
+        losses = problem.losses()
+        return losses if len(calls) == 1 else {**losses, "pde": losses["pde"] * float("nan")}
+
+    assert torch.isnan(balancer.step(closure=closure))
+    restored = next(iter(optimizer.state.values()))
+    assert len(restored["old_dirs"]) == len(history)
+    assert all(a is b for a, b in zip(restored["old_dirs"], history))
