@@ -34,7 +34,6 @@ _ATTRIBUTE = {"history": "history_size"}  # where a plain option is read back wh
 class _Batch(NamedTuple):
     """One call's terms: present names in canonical order, 0-dim tensors, detached values, scopes."""
 
-    keys: tuple[str, ...]
     names: tuple[str, ...]
     terms: list[Tensor]
     values: Tensor
@@ -267,7 +266,7 @@ class LossBalancer:
             self._check_values(batch.names, batch.values, plan.early, "local")
             scaled = self._precision.scale(batch.terms, batch.values)
             stats, values, update = self._measure(batch, scaled, plan)
-            index = self._terms.index(batch.keys, batch.names)
+            index = self._terms.index(batch.names)
             weights = self._update_weights(batch, values, index, stats, update)
             values = self._write_grad(batch, scaled, values, weights, stats, plan)
         except _Skip:
@@ -295,7 +294,7 @@ class LossBalancer:
         self._previous = {n: weakref.ref(losses[n]) for n in names}
         values = torch.stack(list(terms.values())).detach().to(self._terms.weights.dtype)
         names, terms, values = self._agree(names, terms, values)
-        batch = _Batch(keys, names, list(terms.values()), values, [self._scopes.get(n) for n in names], stale)
+        batch = _Batch(names, list(terms.values()), values, [self._scopes.get(n) for n in names], stale)
         self.strategy.validate_terms(names)
         self._inspect(batch)
         return batch
@@ -304,7 +303,9 @@ class LossBalancer:
         """Distributed: check the ranks agree on the terms; an optional term that another rank
         holds enters as zero here, and the values are scaled so that averaging over all ranks
         gives the mean over the ranks holding each term (:mod:`lossbalance.distributed`)."""
-        declared = list(self._terms.names) + self._terms.new_names(names)
+        if not self._reduction.active:
+            return names, terms, values
+        declared = self._declared_across_ranks(names)
         counts = self._reduction.presence(declared, names, bool(self._terms.optional), self._engine.device)
         if counts is None:
             return names, terms, values
@@ -315,6 +316,14 @@ class LossBalancer:
         local = dict(zip(names, values.unbind()))
         scaled = torch.stack([local.get(n, zero) * (self._reduction.world / c) for n, c in zip(declared, held) if c > 0])
         return everywhere, full, scaled
+
+    def _declared_across_ranks(self, names: tuple[str, ...]) -> list[str]:
+        """The terms as every rank declares them: the registered ones, this call's new required
+        ones (in the agreed order), then the optional ones not registered yet (sorted)."""
+        registered = set(self._terms.names)
+        new = [n for n in names if n not in registered and n not in self._terms.optional]
+        later = sorted((self._terms.optional | set(names)) - registered - set(new))
+        return self._terms.names + new + later
 
     def _plan(self, may_update: bool) -> _Plan:
         """Phase 2: update the weights? differentiate each term? check the values first?"""

@@ -22,11 +22,10 @@ Bound = float | Mapping[str, float] | None
 
 
 class Active(NamedTuple):
-    """The resolution of one key tuple: the present terms in canonical order, their indices."""
+    """The last resolution of a key tuple: the present terms in canonical order."""
 
     keys: tuple[str, ...]
     names: tuple[str, ...]
-    index: Tensor
 
 
 class TermTable:
@@ -50,7 +49,8 @@ class TermTable:
         self.lower = self.weights.clone()
         self.upper = self.weights.clone()
         self.bounded = False  # whether any term has a min_weight > 0 or a finite max_weight
-        self._active: Active | None = None
+        self._active: Active | None = None  # caches, dropped whenever the table changes
+        self._indexed: tuple[tuple[str, ...], Tensor] | None = None
 
     # ------------------------------------------------------------------ declaring
     def add(self, name: str, weight: float | None = None, *, optional: bool = False) -> None:
@@ -72,7 +72,7 @@ class TermTable:
         self.bounded = self.bounded or lower > 0 or upper < float("inf")
         if optional:
             self.optional.add(name)
-        self._active = None
+        self._active = self._indexed = None
 
     def remove(self, name: str) -> None:
         """Forget a term and its weight."""
@@ -82,7 +82,7 @@ class TermTable:
         self.names.remove(name)
         self.weights, self.lower, self.upper = (t[keep] for t in (self.weights, self.lower, self.upper))
         self.optional.discard(name)
-        self._active = None
+        self._active = self._indexed = None
 
     def _bound(self, which: int, name: str) -> float:
         bound = self.bounds[which]
@@ -115,17 +115,19 @@ class TermTable:
             return keys
         check_key_set(keys, self.names, self.optional)
         new = [n for n in keys if n not in self.names]
-        return tuple(n for n in self.names if n in keys) + tuple(new)
+        names = tuple(n for n in self.names if n in keys) + tuple(new)
+        self._active = Active(keys, names)
+        return names
 
-    def index(self, keys: tuple[str, ...], names: tuple[str, ...]) -> Tensor:
+    def index(self, names: tuple[str, ...]) -> Tensor:
         """Register the terms of ``names`` not declared yet; the indices of ``names`` in the weights."""
-        if self._active is not None and self._active.keys == keys and self._active.names == names:
-            return self._active.index
+        if self._indexed is not None and self._indexed[0] == names:
+            return self._indexed[1]
         for name in names:
             if name not in self.names:
                 self.add(name)
         index = torch.tensor([self.names.index(n) for n in names], device=self.weights.device)
-        self._active = Active(keys, names, index)
+        self._indexed = (names, index)
         return index
 
     def new_names(self, names: Iterable[str]) -> list[str]:
@@ -175,7 +177,7 @@ class TermTable:
         self.optional = checked["optional"]
         self.weights, self.lower, self.upper = checked["weights"], checked["lower"], checked["upper"]
         self.bounded = bool((self.lower > 0).any() | torch.isfinite(self.upper).any())
-        self._active = None
+        self._active = self._indexed = None
 
 
 def _extended(t: Tensor, value: float) -> Tensor:

@@ -1,0 +1,110 @@
+"""Distributed ranks that disagree on the terms (issue 14, item 3), two gloo processes.
+
+Same names in another order: reduced in rank 0's order, identical to one process. Different
+names: a clear RuntimeError on every rank (no hang, no abort), and the group still works. An
+optional term that one rank holds and the other lacks: present on both, its value the mean
+over the ranks that hold it, identical weights and parameters on both ranks.
+"""
+import datetime
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lossbalance import LossBalancer, LRAnnealing
+
+from _models import PINN1D
+
+STEPS = 6
+
+
+def _losses(problem, rank, case):
+    losses = problem.losses()
+    if case == "reordered" and rank == 1:
+        return dict(reversed(list(losses.items())))  # e.g. a dict built from a set
+    if case == "renamed" and rank == 1:
+        return {("robin" if k == "neumann" else k): v for k, v in losses.items()}
+    if case.startswith("optional") and rank == 1:
+        del losses["neumann"]
+    return losses
+
+
+def _balancer(problem, case):
+    strategy = "static" if case == "optional-plain" else LRAnnealing("pde")
+    options = dict(terms=["pde", "dirichlet"], optional=["neumann"]) if case.startswith("optional") else {}
+    return LossBalancer(torch.optim.Adam(problem.model.parameters(), lr=1e-2), strategy, **options)
+
+
+def run(case, rank=None, world=1):
+    problem = PINN1D(seed=0, n=64)
+    if rank is not None:
+        problem.x = problem.x[rank::world]
+    balancer = _balancer(problem, case)
+    local = []
+    for _ in range(STEPS):
+        losses = _losses(problem, 0 if rank is None else rank, case)
+        local.append({k: v.item() for k, v in losses.items()})
+        balancer.step(losses)
+    return {
+        "params": [p.detach().clone() for p in problem.model.parameters()], "weights": balancer.weights,
+        "stats": balancer.stats, "local": local[-1], "names": list(balancer.weights),
+    }
+
+
+def worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        results = {}
+        for case in ["reordered", "renamed", "optional-update", "optional-plain"]:
+            try:
+                results[case] = run(case, rank, world)
+            except RuntimeError as error:
+                results[case] = {"error": str(error)}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("terms")
+    mp.spawn(worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+def _identical(a, b):
+    assert a["weights"] == b["weights"]
+    for x, y in zip(a["params"], b["params"]):
+        assert torch.equal(x, y)
+
+
+def test_the_same_names_in_another_order_are_reduced_in_one_order(ranks):
+    a, b = (r["reordered"] for r in ranks)
+    _identical(a, b)
+    assert a["names"] == b["names"] == ["pde", "dirichlet", "neumann"]  # rank 0's order
+    single = run("reordered")
+    for x, y in zip(single["params"], a["params"]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_different_names_raise_a_clear_error_on_every_rank(ranks):
+    for rank, result in enumerate(ranks):
+        assert "disagree on the loss terms" in result["renamed"]["error"]
+    assert "'neumann'" in ranks[0]["renamed"]["error"] and "'robin'" in ranks[1]["renamed"]["error"]
+
+
+@pytest.mark.parametrize("case", ["optional-update", "optional-plain"])
+def test_an_optional_term_on_one_rank_only_is_averaged_over_the_ranks_holding_it(case, ranks):
+    a, b = (r[case] for r in ranks)  # and the cases after the error above still ran: no hang
+    _identical(a, b)
+    assert a["names"] == b["names"] == ["pde", "dirichlet", "neumann"]
+    # rank 1 lacks neumann: its value on both ranks is rank 0's own (the mean over one rank)
+    assert a["stats"]["neumann"]["loss"] == pytest.approx(a["local"]["neumann"], rel=1e-6)
+    assert b["stats"]["neumann"]["loss"] == a["stats"]["neumann"]["loss"]
+    for name in ("pde", "dirichlet"):  # the other terms: the mean over both ranks
+        mean = (a["local"][name] + b["local"][name]) / 2
+        assert a["stats"][name]["loss"] == pytest.approx(mean, rel=1e-5)
