@@ -35,11 +35,13 @@ Conventions shared by every combiner here:
 """
 from .base import CallableCombiner, Combiner, available_combiners, make_combiner
 from .conflict_free import ConFIG
+from .mgda import MGDA
 from .pcgrad import PCGrad
 from .torchjd_adapter import TorchJD
+from .upgrad import UPGrad
 from .weighted_sum import WeightedSum
 
 __all__ = [
-    "Combiner", "WeightedSum", "PCGrad", "ConFIG", "TorchJD", "CallableCombiner",
+    "Combiner", "WeightedSum", "PCGrad", "ConFIG", "UPGrad", "MGDA", "TorchJD", "CallableCombiner",
     "make_combiner", "available_combiners",
 ]
