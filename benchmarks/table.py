@@ -150,6 +150,18 @@ def scale_tables(records: list[dict]) -> str:
     return "\n\n".join(parts)
 
 
+def combiner_table(records: list[dict]) -> str:
+    """Native UPGrad / MGDA time over torchjd's on the same matrix, per K and P (``test_combiners``)."""
+    rows = sorted((r["combiner"], r["K"], r["params"], r) for r in records if r["suite"] == "combiners")
+    if not rows:
+        return ""
+    table = [[name, str(k), f"{p:,}", _fmt(r["baseline_step"] * 1e3, 3), _fmt(r["paired_ratio"])]
+             for name, k, p, r in rows]
+    return ("Native combiners against torchjd's aggregators on the same float32 matrix (rows 1..K-1 "
+            "pushed against row 0): native time over torchjd time (target <= 0.5).\n\n"
+            + rst_table(["combiner", "K", "P", "torchjd ms", "native/torchjd"], table))
+
+
 def memory_section(records: list[dict], measure_now: bool) -> str:
     import memory
 
@@ -192,7 +204,7 @@ def render(data: dict, *, measure_memory: bool = False) -> str:
     records = _records(data)
     overhead, ratios = overhead_table(records)
     sections = [header(data, records), overhead, targets_table(ratios), scale_tables(records),
-                memory_section(records, measure_memory)]
+                combiner_table(records), memory_section(records, measure_memory)]
     return "\n\n".join(s for s in sections if s) + "\n"
 
 

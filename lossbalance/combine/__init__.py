@@ -8,12 +8,19 @@ which the balancer writes into ``.grad``:
   the weighted total gives;
 - :class:`PCGrad` (``"pcgrad"``): projecting conflicting gradients (Yu et al. 2020), summed;
 - :class:`ConFIG` (``"config"``): conflict-free inverse gradients (Liu, Chu & Thuerey 2025);
+- :class:`UPGrad` (``"upgrad"``): the mean of the rows projected onto their dual cone (Quinton &
+  Rey 2024), natively; equals torchjd's ``UPGrad()``;
+- :class:`MGDA` (``"mgda"``): the minimum-norm convex combination of the rows (Desideri 2012;
+  Sener & Koltun 2018), solved exactly;
+- :class:`DCGD` (``"dcgd"``): dual cone gradient descent for a PDE group against a boundary group
+  (Hwang & Lim 2024), variants ``center``, ``avg``, ``proj``;
 - :class:`TorchJD` (``"torchjd:<Aggregator>"``): any ``torchjd.aggregation`` aggregator
   (optional dependency).
 
-One module per combiner (``weighted_sum``, ``pcgrad``, ``conflict_free``, ``torchjd_adapter``);
-``base`` holds the protocol, :class:`CallableCombiner` and the registry behind
-:func:`make_combiner`, ``numerics`` the unit rows PCGrad and ConFIG share.
+One module per combiner (``weighted_sum``, ``pcgrad``, ``conflict_free``, ``upgrad``, ``mgda``,
+``dual_cone``, ``torchjd_adapter``); ``base`` holds the protocol, :class:`CallableCombiner` and
+the registry behind :func:`make_combiner`, ``numerics`` the unit rows, the trace-normalised
+Gramian and the non-negative quadratic program the combiners share.
 
 :func:`make_combiner` turns a short name, a combiner object or a plain callable
 ``f(grads) -> direction`` into a :class:`Combiner`.
@@ -22,7 +29,7 @@ Conventions shared by every combiner here:
 
 - The input is not modified and no autograd graph is recorded (combiners run under
   ``torch.no_grad()``); the output has the input's dtype and device.
-- PCGrad and ConFIG compute in float64 by default (``double=True``; float32 on devices without
+- PCGrad, ConFIG, UPGrad, MGDA and DCGD compute in float64 by default (``double=True``; float32 on devices without
   float64 such as MPS) and cast the result back, so gradients from ``1e-30`` to ``1e30`` in
   float32 neither underflow nor overflow in the inner products. Float64 input (and float32 with
   ``double=False``) is divided row by row by its largest entry before the unit vectors are
@@ -35,11 +42,14 @@ Conventions shared by every combiner here:
 """
 from .base import CallableCombiner, Combiner, available_combiners, make_combiner
 from .conflict_free import ConFIG
+from .dual_cone import DCGD
+from .mgda import MGDA
 from .pcgrad import PCGrad
 from .torchjd_adapter import TorchJD
+from .upgrad import UPGrad
 from .weighted_sum import WeightedSum
 
 __all__ = [
-    "Combiner", "WeightedSum", "PCGrad", "ConFIG", "TorchJD", "CallableCombiner",
+    "Combiner", "WeightedSum", "PCGrad", "ConFIG", "UPGrad", "MGDA", "DCGD", "TorchJD", "CallableCombiner",
     "make_combiner", "available_combiners",
 ]

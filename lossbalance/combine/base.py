@@ -109,7 +109,8 @@ def available_combiners() -> list[str]:
 def make_combiner(spec: str | Combiner | Callable[[Tensor], Tensor] = "sum", /, **options: Any) -> Combiner:
     """A :class:`Combiner` from a short name (with constructor options), an object or a function.
 
-    Short names (case-insensitive): ``"sum"``, ``"pcgrad"``, ``"config"``, ``"torchjd"``, and
+    Short names (case-insensitive): ``"sum"``, ``"pcgrad"``, ``"config"``, ``"upgrad"``, ``"mgda"``,
+    ``"dcgd"``, ``"torchjd"``, and
     ``"torchjd:<Aggregator>"`` (e.g. ``"torchjd:MGDA"``). A :class:`Combiner` is returned as is; a
     torchjd aggregator object is wrapped in :class:`~lossbalance.combine.TorchJD`; any other
     callable ``f(grads) -> direction`` in :class:`CallableCombiner`. An unknown name raises
