@@ -113,7 +113,7 @@ class LossBalancer:
 
     def __init__(
         self,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | Iterable[Tensor] | Iterable[dict[str, Any]],
         strategy: str | Strategy = "lra",
         *,
         update_every: int = 1,
@@ -138,18 +138,13 @@ class LossBalancer:
         distributed: bool | None = None,
         process_group: Any = None,
     ):
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"LossBalancer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}; "
-                "create the optimizer first, e.g. torch.optim.Adam(model.parameters())"
-            )
         given = locals()
         problems = option_problems({name: given[name] for name in PLAIN_NAMES})
         if problems:
             raise ValueError("; ".join(problems))
         if isinstance(terms, str):
             raise TypeError(f"terms must be a list of term names, got the string {terms!r}; write terms=[{terms!r}]")
-        self.optimizer = optimizer
+        self.optimizer, self._own_groups = _optimizer_and_groups(optimizer)
         self.strategy = make_strategy(strategy)
         self.update_every = update_every
         self.warmup = warmup
@@ -179,7 +174,7 @@ class LossBalancer:
             self.add_term(name)
         if self._terms.names:
             self._terms.check_option_names(self._terms.names, self._scopes, declared=True)
-        self._needs_closure = _needs_closure(optimizer)
+        self._needs_closure = self.optimizer is not None and _needs_closure(self.optimizer)
         self._step = 0
         self._updates = 0
         self._skipped = 0
@@ -198,9 +193,10 @@ class LossBalancer:
         return self._precision.scaler
 
     def _balanced_params(self) -> list[Tensor]:
-        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
+        params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
         if not params:
-            raise ValueError("the optimizer holds no parameter that requires grad: nothing to balance")
+            holder = "the optimizer holds" if self.optimizer is not None else "the parameters given hold"
+            raise ValueError(f"{holder} no parameter that requires grad: nothing to balance")
         return params
 
     def _install_engine(self, params: list[Tensor]) -> None:
@@ -211,7 +207,7 @@ class LossBalancer:
         scopes = _resolve_scopes(self._scope_params, frozenset(map(id, params)))
         self._engine, self._scopes, self._param_ids = engine, scopes, frozenset(map(id, params))
         self._checked: set[str] = set()  # terms whose graph the new engine has seen
-        self._unbalanced = [p for g in self.optimizer.param_groups for p in g["params"] if not p.requires_grad]
+        self._unbalanced = [p for g in self.param_groups for p in g["params"] if not p.requires_grad]
 
     def _refresh_parameters(self) -> None:
         """Follow ``requires_grad`` changes of the optimizer's parameters (freezing mid-run)."""
@@ -255,12 +251,13 @@ class LossBalancer:
             return False
         return (self._step - self.warmup) % self.update_every == 0
 
-    def _balance(self, losses: Losses, may_update: bool) -> tuple[Tensor | None, _Undo]:
-        """Validate, update the weights when due, write ``.grad``. Returns the weighted total
-        (``None``: skipped for non-finite values) and what undoes the call."""
+    def _balance(self, losses: Losses, may_update: bool, *, into: str = "grad") -> tuple[Tensor | None, _Undo]:
+        """Validate, update the weights when due, write ``.grad`` (``into="loss"``: return the
+        surrogate loss instead). Returns the weighted total or the surrogate (``None``: skipped
+        for non-finite values) and what undoes the call."""
         self._refresh_parameters()
         batch = self._take(losses)
-        plan = self._plan(may_update)
+        plan = self._plan(may_update, checks_later=into == "grad")
         undo = self._undo_point(plan)
         try:
             self._check_values(batch.names, batch.values, plan.early, "local")
@@ -268,7 +265,11 @@ class LossBalancer:
             stats, values, update = self._measure(batch, scaled, plan)
             index = self._terms.index(batch.names)
             weights = self._update_weights(batch, values, index, stats, update)
-            values = self._write_grad(batch, scaled, values, weights, stats, plan)
+            if into == "grad":
+                values = self._write_grad(batch, scaled, values, weights, stats, plan)
+                result = torch.dot(weights, values)
+            else:
+                result, values = self._surrogate(batch, scaled, values, weights, stats)
         except _Skip:
             self._undo(undo)
             self._skipped += 1
@@ -279,7 +280,7 @@ class LossBalancer:
         if may_update:
             self._log.record(self._step, LastStep(batch.names, values, weights, stats))
             self._step += 1
-        return torch.dot(weights, values), undo
+        return result, undo
 
     def _take(self, losses: Losses) -> _Batch:
         """Phase 1: the terms, validated, as plain 0-dim tensors in canonical order."""
@@ -325,7 +326,7 @@ class LossBalancer:
         later = sorted((self._terms.optional | set(names)) - registered - set(new))
         return self._terms.names + new + later
 
-    def _plan(self, may_update: bool) -> _Plan:
+    def _plan(self, may_update: bool, checks_later: bool = True) -> _Plan:
         """Phase 2: update the weights? differentiate each term? check the values first?"""
         update = may_update and self._due()
         diagnose = may_update and self.diagnose_every > 0 and self._step % self.diagnose_every == 0
@@ -333,7 +334,7 @@ class LossBalancer:
         # the strategy, the per-term gradients and the scaler need finite values before they use the
         # graph; a plain step checks them with the gradients of its one backward (one host sync)
         early = per_term or update or (self._precision.scaled and not self._reduction.active)
-        return _Plan(update, per_term, early)
+        return _Plan(update, per_term, early or not checks_later)
 
     def _measure(self, batch: _Batch, scaled: list[Tensor], plan: _Plan) -> tuple[GradStats | None, Tensor, bool]:
         """Phase 3: the per-term gradients' statistics when planned (values averaged when distributed).
@@ -378,6 +379,25 @@ class LossBalancer:
         for p in self._unbalanced:  # what zero_grad() would leave on parameters nobody balances now
             p.grad = None
         return values
+
+    def _surrogate(
+        self, batch: _Batch, scaled: list[Tensor], values: Tensor, weights: Tensor, stats: GradStats | None
+    ) -> tuple[Tensor, Tensor]:
+        """Phase 5 of :meth:`loss`: the step's gradient as fresh tensors, and a scalar whose value
+        is the weighted total and whose backward accumulates exactly that gradient (O(P))."""
+        if stats is not None and self._engine.keeps_gradients:
+            direction = self._engine.kept_direction(weights, self._direction(weights, stats) if self._combines else None)
+        else:
+            result = self._engine.weighted_gradient(
+                batch.names, scaled, weights, batch.scopes, values,
+                check_grads=True, check_values=False, stale=batch.stale,
+            )
+            if result.failed is not None:
+                self._nonfinite(f"gradient of the weighted sum of the terms {list(batch.names)}")
+            direction, values = result.direction, result.values
+        params = self._engine.params + self._engine.others
+        total = torch.dot(weights, values)
+        return surrogate_loss(total, params, direction.grads + direction.others), values
 
     def _direction(self, weights: Tensor, stats: GradStats) -> Tensor:
         assert stats.gradients is not None
@@ -456,6 +476,32 @@ class LossBalancer:
         self._run_hooks()
         return total
 
+    def loss(self, losses: Losses) -> Tensor:
+        """Everything :meth:`backward` does except writing ``.grad``: a scalar to call
+        ``.backward()`` on, for frameworks that own the backward and the optimizer step
+        (Lightning's automatic optimisation, DeepXDE, PINA, PhysicsNeMo-style aggregators).
+
+        Its value is the weighted total; its ``.backward()`` *accumulates* into ``.grad`` exactly
+        what :meth:`backward` would write (the weighted sum or the ``combine=`` direction, scopes
+        respected; parameters no term reaches keep ``.grad = None``), at the cost of one product
+        per parameter: the gradient is computed here, the returned scalar is
+        ``total + s - s.detach()`` with ``s = sum_p (p * d_p).sum()``, ``d_p`` a copy that later
+        calls do not touch. So micro-batches accumulate, and a scaled ``.backward()`` (a
+        framework's loss scaling) scales the gradient. A step skipped for non-finite values
+        (``nonfinite="skip"``) returns NaN, whose backward adds nothing. Under a ``scaler=`` it
+        raises: the framework scales the returned loss itself. Runs the step hooks.
+        """
+        if self._precision.scaled:
+            raise TypeError(
+                "loss() cannot be used with scaler=: the framework that calls .backward() on the returned "
+                "loss scales it; build the balancer without scaler= (for float16, use bf16 or the framework's scaler)"
+            )
+        total, _ = self._balance(losses, True, into="loss")
+        if total is None:
+            return self._nan().requires_grad_()
+        self._run_hooks()
+        return total
+
     def step(self, losses: Losses | None = None, *, closure: Callable[[], Losses] | None = None) -> Tensor:
         """Balance, write ``.grad`` and step the optimizer; returns the weighted total (detached).
 
@@ -465,6 +511,11 @@ class LossBalancer:
         optimizer's step raises, the balancer's step is undone (weights, counters, strategy
         state) and the error propagates.
         """
+        if self.optimizer is None:
+            raise TypeError(
+                "this balancer was built from parameters, without an optimizer: step() needs one. Use "
+                "loss(losses) (a loss to call .backward() on) or backward(losses), and step your optimizer yourself"
+            )
         if (losses is None) == (closure is None):
             raise TypeError("step() takes either the dict of loss terms or closure=, exactly one of them")
         if closure is not None:
@@ -553,11 +604,20 @@ class LossBalancer:
 
     # ------------------------------------------------------------------ pass-through and reporting
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+            return
+        for p in (p for group in self.param_groups for p in group["params"]):
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups
+        """The optimizer's parameter groups (live: ``load_state_dict`` replaces them), or the
+        groups of the parameters given instead of an optimizer."""
+        return self._own_groups if self.optimizer is None else self.optimizer.param_groups
 
     @property
     def weights(self) -> dict[str, float]:
@@ -638,7 +698,8 @@ class LossBalancer:
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's and the balancer's state; loading it continues a run bit for bit.
 
-        Keys (format 2): ``format``; ``optimizer`` (the optimizer's ``state_dict``); ``names``,
+        Keys (format 2): ``format``; ``optimizer`` (the optimizer's ``state_dict``, ``None``
+        for a balancer built from parameters); ``names``,
         ``optional``, ``weights``, ``lower``, ``upper`` (the terms, their weights and bounds);
         ``step``, ``updates``, ``skipped`` (counters); ``strategy_name``, ``strategy`` (the
         strategy's state); ``generator`` (the random generator's state); ``scaler`` (the
@@ -646,7 +707,7 @@ class LossBalancer:
         """
         return {
             "format": STATE_FORMAT,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
             **self._terms.state_dict(),
             "step": self._step,
             "updates": self._updates,
@@ -662,15 +723,17 @@ class LossBalancer:
         error (a wrong key set, strategy, term table, generator or optimizer state) leaves the
         balancer, its strategy and the optimizer exactly as they were."""
         checked = self._checked_state(state)
-        strategy_state, optimizer_state = self.strategy.state_dict(), self.optimizer.state_dict()
-        scaler_state = self._precision.state_dict()
+        strategy_state, scaler_state = self.strategy.state_dict(), self._precision.state_dict()
+        optimizer_state = None if self.optimizer is None else self.optimizer.state_dict()
         try:
             self.strategy.load_state_dict(state["strategy"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.optimizer is not None:
+                self.optimizer.load_state_dict(state["optimizer"])
             self._precision.load_state_dict(state.get("scaler"))
         except BaseException:
             self.strategy.load_state_dict(strategy_state)
-            self.optimizer.load_state_dict(optimizer_state)
+            if optimizer_state is not None:
+                self.optimizer.load_state_dict(optimizer_state)
             self._precision.load_state_dict(scaler_state)
             raise
         self._terms.commit(checked["terms"])
@@ -684,6 +747,8 @@ class LossBalancer:
         if missing:
             raise KeyError(f"not a LossBalancer state_dict: missing {sorted(missing)}")
         version = state.get("format", 1)
+        if self.optimizer is not None and state["optimizer"] is None:
+            raise ValueError("this state was saved by a balancer without an optimizer: it holds no optimizer state")
         if version not in (1, STATE_FORMAT):
             raise ValueError(f"this state has format {version!r}; this lossbalance reads formats 1 and {STATE_FORMAT}")
         saved = state.get("strategy_name", self.strategy.name)
@@ -705,9 +770,19 @@ class LossBalancer:
 
     def __repr__(self) -> str:
         return (
-            f"LossBalancer({type(self.optimizer).__name__}, {self.strategy!r}, update_every={self.update_every}, "
+            f"LossBalancer({type(self.optimizer).__name__ if self.optimizer else 'parameters'}, {self.strategy!r}, update_every={self.update_every}, "
             f"combine={self.combiner!r}, memory={self.memory!r}, terms={self._terms.names})"
         )
+
+
+def surrogate_loss(total: Tensor, params: list[Tensor], grads: list[Tensor | None]) -> Tensor:
+    """A scalar with the value of ``total`` whose backward accumulates ``grads`` into ``params``
+    (``None``: the parameter is left out, its ``.grad`` untouched)."""
+    pairs = [(p, g.detach()) for p, g in zip(params, grads) if g is not None]
+    if not pairs:
+        return total.detach().requires_grad_()
+    s = torch.stack([(p * g).sum(dtype=total.dtype) for p, g in pairs]).sum()
+    return total.detach() + (s - s.detach())
 
 
 def _plain_tensors(losses: Losses) -> Losses:
@@ -731,6 +806,25 @@ def _resolve_scopes(scope_params: Mapping[str, list[Tensor]], held: frozenset[in
             )
         scopes[name] = ids
     return scopes
+
+
+def _optimizer_and_groups(given: Any) -> tuple[torch.optim.Optimizer | None, list[dict[str, Any]]]:
+    """The optimizer (or ``None``), and the parameter groups when there is no optimizer, from an
+    optimizer or from parameters (tensors or param-group dicts, as ``torch.optim`` takes them)."""
+    if isinstance(given, torch.optim.Optimizer):
+        return given, []
+    wrong = TypeError(
+        f"LossBalancer wraps a torch.optim.Optimizer or takes parameters (model.parameters(), or param-group "
+        f"dicts), got {type(given).__name__}; e.g. LossBalancer(torch.optim.Adam(model.parameters()), ...)"
+    )
+    if isinstance(given, (Tensor, str, Mapping, torch.nn.Module)) or not isinstance(given, Iterable):
+        raise wrong
+    items = list(given)
+    if items and all(isinstance(g, Mapping) and "params" in g for g in items):
+        return None, [{**g, "params": list(g["params"])} for g in items]
+    if not items or not all(isinstance(p, Tensor) for p in items):
+        raise wrong
+    return None, [{"params": items}]
 
 
 def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:

@@ -30,7 +30,7 @@ from .stats import GradStats
 from .graph import GraphFacts
 from .validation import explain_autograd_error, no_path_error, warn_user
 
-__all__ = ["GradStats", "GradientEngine", "Measured", "Backward", "MEMORY_MODES", "all_finite"]
+__all__ = ["GradStats", "GradientEngine", "Measured", "Backward", "Direction", "MEMORY_MODES", "all_finite"]
 
 MEMORY_MODES = ("keep", "lean")
 
@@ -108,12 +108,21 @@ class Measured(NamedTuple):
     values: Tensor
 
 
+class Direction(NamedTuple):
+    """Per balanced parameter (layout order) and per unbalanced one, the step's gradient."""
+
+    grads: list[Tensor | None]
+    others: list[Tensor | None]
+
+
 class Backward(NamedTuple):
-    """What :meth:`GradientEngine.backward` returns: the (averaged) values, and what was found
-    non-finite (``None``: nothing, ``.grad`` is written; else ``"values"`` or ``"gradients"``)."""
+    """What :meth:`GradientEngine.backward` returns: the (averaged) values, what was found
+    non-finite (``None``: nothing, ``.grad`` is written; else ``"values"`` or ``"gradients"``),
+    and the gradient itself."""
 
     values: Tensor
     failed: Literal["values", "gradients"] | None
+    direction: Direction
 
 
 class GradientEngine:
@@ -336,19 +345,36 @@ class GradientEngine:
         """``.grad = sum_i w_i g_i`` from the kept gradients (or ``.grad = direction`` when given).
 
         ``.grad`` tensors are views into one buffer of this engine, rewritten by the next call.
-        Parameters that no term reached get ``.grad = None``.
+        Parameters that no term reached get ``.grad = None``; the unbalanced parameters
+        (:attr:`others`) get their share accumulated, as ``backward()`` would.
         """
+        self._combine_kept(weights, direction)
+        for p, view, hit in zip(self.params, self._grad_views, self._reached):
+            p.grad = view if hit else None
+        for p, g in zip(self.others, self._kept_others(weights)):
+            _accumulate(p, g)
+
+    def kept_direction(self, weights: Tensor, direction: Tensor | None = None) -> Direction:
+        """What :meth:`write_kept` would write, as fresh tensors (``None``: not reached)."""
+        self._combine_kept(weights, direction)
+        grads = [view.clone() if hit else None for view, hit in zip(self._grad_views, self._reached)]
+        return Direction(grads, self._kept_others(weights))
+
+    def _combine_kept(self, weights: Tensor, direction: Tensor | None) -> None:
         assert self.keeps_gradients and self._buffer is not None
         if direction is None:
             grads = self._buffer[:, : self.layout.total]
             torch.mv(grads.T, weights.to(grads.dtype), out=self._combined)
         else:
             self._combined.copy_(direction)
-        for p, view, hit in zip(self.params, self._grad_views, self._reached):
-            p.grad = view if hit else None
-        for j, p in enumerate(self.others):
+
+    def _kept_others(self, weights: Tensor) -> list[Tensor | None]:
+        """``sum_i w_i g_i`` of each unbalanced parameter, from the rows of the per-term calls."""
+        out = []
+        for j in range(len(self.others)):
             parts = [w * row[j] for w, row in zip(weights.unbind(), self._other_rows) if row and row[j] is not None]
-            _accumulate(p, sum(parts) if parts else None)
+            out.append(sum(parts) if parts else None)
+        return out
 
     def backward(
         self,
@@ -362,7 +388,31 @@ class GradientEngine:
         check_values: bool = False,
         stale: Collection[str] = (),
     ) -> Backward:
-        """One backward per distinct scope of ``sum_i w_i L_i``; ``.grad`` is overwritten.
+        """:meth:`weighted_gradient`, written into ``.grad`` (overwritten; accumulated for the
+        unbalanced parameters) when what was checked is finite; else ``.grad`` is left as it was."""
+        result = self.weighted_gradient(
+            names, losses, weights, scopes, values, check_grads=check_grads, check_values=check_values, stale=stale
+        )
+        if result.failed is None:
+            for p, g in zip(self.params, result.direction.grads):
+                p.grad = g
+            for p, g in zip(self.others, result.direction.others):
+                _accumulate(p, g)
+        return result
+
+    def weighted_gradient(
+        self,
+        names: Sequence[str],
+        losses: Sequence[Tensor],
+        weights: Tensor,
+        scopes: Sequence[frozenset[int] | None],
+        values: Tensor,
+        *,
+        check_grads: bool = False,
+        check_values: bool = False,
+        stale: Collection[str] = (),
+    ) -> Backward:
+        """The gradient of ``sum_i w_i L_i``: one backward per distinct scope.
 
         The backward is seeded with the weights (``grad_outputs``), so no weighted-sum node enters
         the graph; terms sharing a scope share one backward, so the common case (no scopes) is
@@ -370,19 +420,14 @@ class GradientEngine:
         distributed: zeros, since another process may reach them). The values are averaged over
         processes when distributed (in the same collective as the gradients). What is checked
         (``check_grads``: the gradients, ``check_values``: the values) is checked with one host
-        sync; when it is not finite, ``.grad`` is left as it was and ``failed`` says which.
-        ``stale``: terms known to be built on an earlier step, named first if the backward fails.
+        sync; ``failed`` says which part is not finite. ``stale``: terms known to be built on an
+        earlier step, named first if the backward fails.
         """
         grads, others = self._weighted_sum(names, losses, weights, scopes, stale)
         if self.reduction.active:
             grads, values = self._averaged(grads, values)
         failed = _nonfinite_part(grads if check_grads else [], values if check_values else None)
-        if failed is None:
-            for p, g in zip(self.params, grads):
-                p.grad = g
-            for p, g in zip(self.others, others):
-                _accumulate(p, g)
-        return Backward(values, failed)
+        return Backward(values, failed, Direction(grads, others))
 
     def _weighted_sum(self, names, losses, weights: Tensor, scopes, stale: Collection[str]):
         """Per parameter, the gradient of ``sum_i w_i L_i`` (``None`` where no term reaches), and
