@@ -19,29 +19,43 @@ from .runner import RunResult, RunSpec, failed_result, run_spec, strategy_settin
 __all__ = ["run_many"]
 
 
-def _run_one(index: int, spec: RunSpec, messages: Any) -> None:
-    """Run one spec in this (worker) process; progress and the result or the traceback go to ``messages``."""
+def _run_one(index: int, spec: RunSpec, messages: Any, parent: int | None = None) -> None:
+    """Run one spec in this (worker) process; progress and the result or the traceback go to ``messages``.
+
+    With ``parent`` (its pid), the process exits as soon as it notices that the parent is gone (a
+    killed sweep leaves no orphans training on)."""
     tick = time.perf_counter()
+
+    def report(step: int, steps: int, loss: float) -> None:
+        if parent is not None and os.getppid() != parent:
+            os._exit(3)
+        messages.put(("progress", index, (step, steps, loss)))
+
     try:
-        result = run_spec(spec, lambda step, steps, loss: messages.put(("progress", index, (step, steps, loss))))
+        result = run_spec(spec, report)
         messages.put(("done", index, result.portable()))
     except Exception:  # noqa: BLE001 - reported to the parent
         messages.put(("error", index, (traceback.format_exc(), time.perf_counter() - tick)))
 
 
-def _worker(tasks: Any, messages: Any) -> None:
+def _worker(tasks: Any, messages: Any, parent: int | None = None) -> None:
     """Entry point of one worker process: one thread; runs specs from ``tasks`` until ``None``.
 
     The process (and its ``import torch``) is reused for every run it takes, so a sweep pays the
     start-up once per worker, not once per run."""
     torch.set_num_threads(1)
     while True:
-        task = tasks.get()
+        try:
+            task = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if parent is not None and os.getppid() != parent:
+                return
+            continue
         if task is None:
             return
         index, spec = task
         messages.put(("start", index, os.getpid()))
-        _run_one(index, spec, messages)
+        _run_one(index, spec, messages, parent)
 
 
 def run_many(
@@ -159,7 +173,7 @@ class _Fanout:
         return self.results
 
     def _spawn(self) -> None:
-        process = self.context.Process(target=_worker, args=(self.tasks, self.messages), daemon=True)
+        process = self.context.Process(target=_worker, args=(self.tasks, self.messages, os.getpid()), daemon=True)
         process.start()
         self.processes.append(process)
 
