@@ -63,7 +63,11 @@ class SweepTable:
     ``"time_ratio"`` (time per step over static's), ``"failures"``, and for ``best_static`` the
     ``"grid"`` of every weight setting tried). ``results``: every run's :class:`RunResult`;
     ``ran`` / ``cached``: how many runs this call trained / loaded from ``out``; ``timing``: the
-    sweep's own wall time against its runs' times (``"overhead"``, a fraction); ``config``: the
+    sweep's wall time (``"wall"``, from the first run dispatched to the last result saved) against
+    its runs' own times (``"runs"``: their sum; ``"busiest_process"``: the most any one process ran);
+    ``"overhead"`` = wall / busiest process - 1 (process start-up, messages, caching: what the sweep
+    adds) and ``"utilisation"`` = runs / (wall x processes) (also counts idle cores at the end of an
+    uneven split); ``config``: the
     shared configuration; ``published``: published results for the setup; ``files``: what was written.
     """
 
@@ -253,9 +257,15 @@ def compare_strategies(
             slots = min(len(todo), os.cpu_count() or 1) if workers is None else min(workers, len(todo))
             run_many(todo, workers=slots, progress=progress, on_error="record", on_result=finished)
         wall = time.perf_counter() - tick
-        busy = sum(results[i].run_time for i in pending)  # type: ignore[union-attr]
-        timing = {"wall": wall, "runs": busy, "processes": slots,
-                  "overhead": (wall * slots / busy - 1.0) if busy > 0 and engine == "processes" else None}
+        fresh = [results[i] for i in pending]
+        busy = sum(r.run_time for r in fresh)  # type: ignore[union-attr]
+        per_process: dict[Any, float] = {}
+        for r in fresh:
+            per_process[r.pid] = per_process.get(r.pid, 0.0) + r.run_time  # type: ignore[union-attr]
+        busiest = max(per_process.values(), default=0.0)
+        timing = {"wall": wall, "runs": busy, "processes": slots, "busiest_process": busiest,
+                  "overhead": (wall / busiest - 1.0) if busiest > 0 and engine == "processes" else None,
+                  "utilisation": busy / (wall * slots) if wall > 0 else None}
     done = [r for r in results if r is not None]
     table = SweepTable(problem=built.name or problem, metric=getattr(built, "error_metric", "rel_l2"),
                        rows=_rows(names, grid, done, steps), results=done, config=config,
@@ -266,7 +276,8 @@ def compare_strategies(
     if timing:
         over = timing["overhead"]
         print(f"\nsweep wall time {timing['wall']:.1f} s for {timing['runs']:.1f} s of runs on "
-              f"{timing['processes']} process(es)" + (f": overhead {100 * over:.1f} %" if over is not None else ""),
+              f"{timing['processes']} process(es), {100 * timing['utilisation']:.0f} % busy"
+              + (f"; overhead {100 * over:.1f} % over the busiest process's runs" if over is not None else ""),
               file=stdout)
     if out is not None:
         table.files += [table.to_csv(Path(out) / "results.csv"), table.to_json(Path(out) / "results.json")]
