@@ -5,7 +5,10 @@ import argparse
 import sys
 from typing import Sequence
 
-COMMANDS = {"demo": "train 2-D Helmholtz with fixed and adaptive weights and compare them"}
+COMMANDS = {
+    "demo": "train 2-D Helmholtz with fixed and adaptive weights and compare them",
+    "compare": "which weighting for my PDE? every strategy x seed of one problem, cached, in parallel",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,6 +26,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo.cli import main as demo_main
 
         return demo_main(argv[1:], prog="python -m lossbalance demo")
+    if args.command == "compare":
+        from .demo.cli import compare_main
+
+        return compare_main(argv[1:], prog="python -m lossbalance compare")
     parser.error(f"unknown command {args.command!r}")  # unreachable: argparse checks the choices
     return 2
 

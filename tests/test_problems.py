@@ -14,8 +14,10 @@ from lossbalance.problems import (
     PROBLEMS,
     Burgers1D,
     Helmholtz2D,
+    KleinGordon1D,
     Poisson1D,
     Problem,
+    Wave1D,
     make_problem,
 )
 
@@ -43,6 +45,8 @@ CASES = [
     ("helmholtz_split", lambda **kw: Helmholtz2D(split_boundary=True, **kw)),
     ("burgers", lambda **kw: Burgers1D(**kw)),
     ("poisson", lambda **kw: Poisson1D(**kw)),
+    ("wave", lambda **kw: Wave1D(**kw)),
+    ("klein_gordon", lambda **kw: KleinGordon1D(**kw)),
 ]
 
 
@@ -53,7 +57,8 @@ def factory(request):
 
 # ----------------------------------------------------------------------------- registry
 def test_registry() -> None:
-    assert PROBLEMS == {"helmholtz": Helmholtz2D, "burgers": Burgers1D, "poisson": Poisson1D}
+    assert PROBLEMS == {"helmholtz": Helmholtz2D, "burgers": Burgers1D, "poisson": Poisson1D,
+                        "wave": Wave1D, "klein_gordon": KleinGordon1D}
     for name, cls in PROBLEMS.items():
         assert cls.name == name
         assert issubclass(cls, Problem)
@@ -215,6 +220,10 @@ def test_sample_points_lie_where_they_should(seed: int, n: int, case) -> None:
         assert (batch["ic"][:, 0] == 0).all()
         assert (batch["bc"][:, 1].abs() == 1).all()
         assert (batch["bc"][0::2, 1] == -1).all() and (batch["bc"][1::2, 1] == 1).all()
+    elif isinstance(problem, (Wave1D, KleinGordon1D)):
+        assert batch["ic"].shape == batch["bc"].shape == (n, 2)
+        assert (batch["ic"][:, 0] == 0).all()
+        assert (batch["bc"][0::2, 1] == 0).all() and (batch["bc"][1::2, 1] == 1).all()
     else:
         torch.testing.assert_close(batch["bc"], torch.tensor([[0.0], [1.0]]))
 
@@ -394,3 +403,32 @@ def test_short_training_lowers_poisson_loss(amp_hi: float) -> None:
     assert math.isfinite(after) and after < before, (before, after)
     if amp_hi == 0.0:  # the single smooth mode is learnt quickly
         assert after < 0.5 * before, (before, after)
+
+
+def test_wave_and_klein_gordon_exact_data() -> None:
+    wave = Wave1D(dtype=F64)
+    x = torch.linspace(0, 1, 7, dtype=F64)
+    at0 = torch.stack((torch.zeros_like(x), x), -1)
+    torch.testing.assert_close(wave.exact(at0).reshape(-1),
+                               torch.sin(math.pi * x) + 0.5 * torch.sin(4 * math.pi * x))
+    kg = KleinGordon1D(dtype=F64)
+    torch.testing.assert_close(kg.exact(at0).reshape(-1), x)
+    # a wrong solution (the initial profile frozen in time) leaves a clear residual
+    frozen = lambda pts: kg.exact(torch.stack((torch.zeros_like(pts[:, 0]), pts[:, 1]), -1))  # noqa: E731
+    assert float(kg.losses(frozen, kg.sample(64, gen(0)))["pde"].detach()) > 1.0
+
+
+def test_problems_from_module_paths(tmp_path) -> None:
+    from lossbalance.problems import ProblemError
+
+    assert isinstance(make_problem("lossbalance.problems.wave:Wave1D", c=1.0), Wave1D)
+    path = tmp_path / "mine.py"
+    path.write_text("from lossbalance.problems import Poisson1D\n"
+                    "def make(kappa=1.0):\n    return Poisson1D(kappa=kappa)\n")
+    assert make_problem(f"{path}:make", kappa=3.0, device=None).kappa == 3.0
+    with pytest.raises(ProblemError, match="Did you mean 'burgers'"):
+        make_problem("burger")
+    with pytest.raises(ProblemError, match="importing 'no_such_module_xyz' failed"):
+        make_problem("no_such_module_xyz:P")
+    with pytest.raises(ProblemError, match="has no attribute 'mak'.*Did you mean 'make'"):
+        make_problem(f"{path}:mak")

@@ -40,10 +40,11 @@ steps, decay 0.9 every      fixed       LRA   ratio   CPU per run
 At 4 000 / 100 both networks stay far from the solution (LRA's 0.91 is a near-zero field);
 compressing the decay further erases the gap (DESIGN.md).
 """
-from .cli import add_demo_arguments, main
+from .cli import add_demo_arguments, compare_main, main
 from .compare import resolve_strategies, run_demo
 from .parallel import run_many
 from .report import format_table, write_figures
+from .sweep import BEST_STATIC, SweepConfigError, SweepError, SweepTable, best_static_grid, compare_strategies
 from .runner import (
     DEMO_DECAY_EVERY, DEMO_STEPS, STRATEGY_DEFAULTS, ProgressFn, RunResult, RunSpec, run_spec, strategy_settings, train,
 )
@@ -52,4 +53,6 @@ __all__ = [
     "STRATEGY_DEFAULTS", "RunSpec", "RunResult", "train", "run_spec", "run_many",
     "format_table", "run_demo", "add_demo_arguments", "main",
     "strategy_settings", "resolve_strategies", "write_figures", "DEMO_STEPS", "DEMO_DECAY_EVERY", "ProgressFn",
+    "compare_strategies", "compare_main", "SweepTable", "SweepError", "SweepConfigError", "best_static_grid",
+    "BEST_STATIC",
 ]

@@ -3,6 +3,7 @@ this process) and :class:`RunResult` (what it produced)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -15,7 +16,7 @@ from ..strategies import Strategy, make_strategy
 
 __all__ = [
     "STRATEGY_DEFAULTS", "DEMO_STEPS", "DEMO_DECAY_EVERY", "ProgressFn", "RunResult", "RunSpec",
-    "strategy_settings", "train", "run_spec",
+    "strategy_settings", "train", "run_spec", "failed_result",
 ]
 
 #: Per-strategy settings used when a strategy is given by name: constructor options and the
@@ -42,6 +43,13 @@ class RunResult:
     ``"grad_norm"``, ``"cosine"`` and ``"conflict_fraction"`` on diagnosed steps;
     ``points`` / ``abs_error``: the evaluation grid and ``|u - u*|`` on it (plain lists, for the
     error plots). ``model`` and ``balancer`` are set only for runs made in this process.
+
+    ``metric``: what ``error`` is (``"rel_l2"`` or ``"mse"``, the problem's ``error_metric``);
+    ``error_history``: ``[step, error]`` pairs every ``error_every`` steps (empty by default; the time
+    they take is not in ``wall_time``). ``failure``: the traceback of a run that raised (then ``error``
+    is NaN); ``run_time``: seconds the whole run took in its process (building the problem and the
+    model, training, evaluation); ``pid``, ``started``, ``finished``: the process and the epoch times
+    of the run (:func:`run_spec`).
     """
 
     label: str
@@ -58,6 +66,18 @@ class RunResult:
     abs_error: list[float] | None = field(default=None, repr=False)
     model: torch.nn.Module | None = field(default=None, repr=False, compare=False)
     balancer: LossBalancer | None = field(default=None, repr=False, compare=False)
+    metric: str = "rel_l2"
+    error_history: list[list[float]] = field(default_factory=list, repr=False)
+    failure: str | None = field(default=None, repr=False)
+    run_time: float = 0.0
+    pid: int | None = field(default=None, repr=False, compare=False)
+    started: float | None = field(default=None, repr=False, compare=False)
+    finished: float | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        """Whether the run finished (no ``failure``)."""
+        return self.failure is None
 
     def portable(self) -> "RunResult":
         """A copy without the live model and balancer (what crosses process boundaries)."""
@@ -69,6 +89,8 @@ class RunSpec:
     """A picklable description of one run, for :func:`run_many` (see :func:`train` for the fields).
 
     ``strategy_options=None`` and ``update_every=None`` take :data:`STRATEGY_DEFAULTS`.
+    ``problem`` is a registered name or ``"package.module:Name"`` / ``"file.py:Name"``;
+    ``balancer_options`` go to :class:`LossBalancer` (e.g. ``weights`` for fixed weights).
     """
 
     strategy: str
@@ -88,6 +110,8 @@ class RunSpec:
     diagnose_every: int | None = None
     eval_n: int | None = None
     label: str | None = None
+    balancer_options: Mapping[str, Any] = field(default_factory=dict)
+    error_every: int | None = None
 
     @property
     def name(self) -> str:
@@ -124,6 +148,7 @@ def train(
     label: str | None = None,
     progress: ProgressFn | None = None,
     balancer_options: Mapping[str, Any] | None = None,
+    error_every: int | None = None,
 ) -> RunResult:
     """Train a fresh ``problem.make_model(hidden)`` with Adam and a :class:`LossBalancer`.
 
@@ -148,6 +173,8 @@ def train(
         progress: ``progress(step, steps, total_loss)``, called about 100 times.
         balancer_options: more keyword arguments for :class:`LossBalancer` (e.g. ``min_weight``,
             ``update_every``, which overrides the strategy's default).
+        error_every: also evaluate the error every n steps (and after the last) into
+            ``error_history``; that time is left out of ``wall_time``. Default: never.
 
     Returns the :class:`RunResult` with ``model`` and ``balancer`` set.
     """
@@ -155,6 +182,8 @@ def train(
         raise ValueError(f"steps must be >= 0, got {steps}")
     if lr_decay_every < 1:
         raise ValueError(f"lr_decay_every must be >= 1, got {lr_decay_every}")
+    if error_every is not None and error_every < 1:
+        raise ValueError(f"error_every must be >= 1, got {error_every}")
     problem = _problem_on(problem, device)
     strategy_obj, every = _strategy_and_schedule(strategy, strategy_options, update_every)
     history_every = max(1, steps // 400) if history_every is None else int(history_every)
@@ -166,8 +195,15 @@ def train(
     balancer = LossBalancer(optimizer, strategy_obj, **options)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_decay ** (step / lr_decay_every))
+    error_history: list[list[float]] = []
+    monitor = None
+    if error_every is not None:
+        def monitor(step: int) -> None:
+            error_history.append([step, _error(problem, model, eval_n)])
+            model.train()
     history, wall_time = _fit(problem, model, balancer, scheduler, generator, steps=steps,
-                              batch_size=batch_size, history_every=history_every, progress=progress)
+                              batch_size=batch_size, history_every=history_every, progress=progress,
+                              monitor=monitor, monitor_every=error_every or 0)
     error, points, abs_error = _evaluate(problem, model, eval_n)
     return RunResult(
         label=label or _default_label(strategy, strategy_obj),
@@ -184,6 +220,8 @@ def train(
         abs_error=abs_error,
         model=model,
         balancer=balancer,
+        metric=_metric(problem),
+        error_history=error_history,
     )
 
 
@@ -228,13 +266,20 @@ def _balancer_options(update_every: int, seed: int, history_every: int, diagnose
 
 def _fit(problem: Problem, model: torch.nn.Module, balancer: LossBalancer, scheduler: Any,
          generator: torch.Generator, *, steps: int, batch_size: int, history_every: int,
-         progress: ProgressFn | None) -> tuple[list[dict[str, Any]], float]:
+         progress: ProgressFn | None, monitor: Callable[[int], None] | None = None,
+         monitor_every: int = 0) -> tuple[list[dict[str, Any]], float]:
     """The training loop: the history records (every ``history_every`` steps and the last, with
-    the learning rate) and the seconds it took."""
+    the learning rate) and the seconds it took, less the time of ``monitor(step)`` (called before
+    every ``monitor_every``-th step and after the last, as ``monitor(steps)``)."""
     report_every = max(1, steps // 100)
     history: list[dict[str, Any]] = []
+    aside = 0.0
     start = time.perf_counter()
     for step in range(steps):
+        if monitor is not None and step % monitor_every == 0:
+            tick = time.perf_counter()
+            monitor(step)
+            aside += time.perf_counter() - tick
         batch = problem.sample(batch_size, generator)
         total = balancer.step(problem.losses(model, batch))
         last = step == steps - 1
@@ -247,7 +292,33 @@ def _fit(problem: Problem, model: torch.nn.Module, balancer: LossBalancer, sched
             progress(step + 1, steps, float(total))
     if problem.device.type == "cuda":
         torch.cuda.synchronize(problem.device)
-    return history, time.perf_counter() - start
+    elapsed = time.perf_counter() - start - aside
+    if monitor is not None:
+        monitor(steps)
+    return history, elapsed
+
+
+def _metric(problem: Problem) -> str:
+    metric = getattr(problem, "error_metric", "rel_l2")
+    if metric not in ("rel_l2", "mse"):
+        raise ValueError(f"{type(problem).__name__}.error_metric must be 'rel_l2' or 'mse', got {metric!r}")
+    return metric
+
+
+def _score(problem: Problem, pred: torch.Tensor, exact: torch.Tensor) -> float:
+    """The problem's error metric of ``pred`` against ``exact`` (1-D tensors)."""
+    if _metric(problem) == "mse":
+        return float((pred - exact).square().mean())
+    return float(torch.linalg.vector_norm(pred - exact) / torch.linalg.vector_norm(exact))
+
+
+def _error(problem: Problem, model: torch.nn.Module, eval_n: int | None) -> float:
+    """The error on the evaluation grid (the model is left in eval mode)."""
+    model.eval()
+    points, exact = problem.evaluation_data(eval_n)
+    with torch.no_grad():
+        pred = model(points).reshape(-1).to(exact.dtype)
+    return _score(problem, pred, exact)
 
 
 def _evaluate(problem: Problem, model: torch.nn.Module, eval_n: int | None) -> tuple[float, list[list[float]], list[float]]:
@@ -256,7 +327,7 @@ def _evaluate(problem: Problem, model: torch.nn.Module, eval_n: int | None) -> t
     points, exact = problem.evaluation_data(eval_n)
     with torch.no_grad():
         pred = model(points).reshape(-1).to(exact.dtype)
-    error = float(torch.linalg.vector_norm(pred - exact) / torch.linalg.vector_norm(exact))
+    error = _score(problem, pred, exact)
     return error, points.detach().cpu().tolist(), (pred - exact).abs().cpu().tolist()
 
 
@@ -266,12 +337,25 @@ def _default_label(strategy: str | Strategy, strategy_obj: Strategy) -> str:
 
 
 def run_spec(spec: RunSpec, progress: ProgressFn | None = None) -> RunResult:
-    """:func:`train` as a :class:`RunSpec` describes it."""
+    """:func:`train` as a :class:`RunSpec` describes it (with ``run_time``, ``pid``, ``started``,
+    ``finished`` set)."""
+    started, tick = time.time(), time.perf_counter()
     problem = make_problem(spec.problem, device=spec.device, **dict(spec.problem_options))
-    return train(
+    result = train(
         problem, spec.strategy, steps=spec.steps, lr=spec.lr, lr_decay=spec.lr_decay,
         lr_decay_every=spec.lr_decay_every, batch_size=spec.batch_size, update_every=spec.update_every,
         strategy_options=spec.strategy_options, hidden=spec.hidden, seed=spec.seed,
         history_every=spec.history_every, diagnose_every=spec.diagnose_every, eval_n=spec.eval_n,
-        label=spec.name, progress=progress,
+        label=spec.name, progress=progress, balancer_options=dict(spec.balancer_options) or None,
+        error_every=spec.error_every,
     )
+    result.run_time = time.perf_counter() - tick
+    result.pid, result.started, result.finished = os.getpid(), started, time.time()
+    return result
+
+
+def failed_result(spec: RunSpec, failure: str, run_time: float = 0.0) -> RunResult:
+    """The :class:`RunResult` of a run that raised: NaN error, ``failure`` the traceback."""
+    return RunResult(label=spec.name, strategy=spec.strategy, problem=spec.problem, steps=spec.steps,
+                     seed=spec.seed, error=float("nan"), weights={}, losses={}, wall_time=float("nan"),
+                     failure=failure, run_time=run_time, pid=os.getpid())

@@ -149,6 +149,9 @@ class Problem(ABC):
     output_dim: int = 1
     #: grid resolution used by ``relative_l2`` / ``evaluation_data`` when ``n is None``
     default_eval_n: int = 100
+    #: the error the runner reports: ``"rel_l2"`` (``relative_l2``) or ``"mse"`` (mean squared error
+    #: against ``exact`` on the evaluation grid, for solutions that may vanish)
+    error_metric: str = "rel_l2"
 
     def __init__(
         self,
