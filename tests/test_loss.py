@@ -1,0 +1,168 @@
+"""``LossBalancer.loss()``: the balanced loss for frameworks that own the backward, and the
+balancer built from parameters alone (issue 16, items 1 and 2)."""
+import io
+import warnings
+
+import pytest
+import torch
+
+from lossbalance import LossBalancer, LRAnnealing
+
+from _models import PINN1D, TwoHeads, grads_of
+
+warnings.filterwarnings("ignore", message="LRAnnealing: no reference")
+
+SETUPS = {  # name: balancer options (on TwoHeads: terms a, b)
+    "update": dict(strategy=LRAnnealing("a")),
+    "plain": dict(strategy="static", weights={"a": 2.0, "b": 0.5}),
+    "every-3": dict(strategy=LRAnnealing("a"), update_every=3),
+    "pcgrad": dict(strategy=LRAnnealing("a"), combine="pcgrad"),
+    "scoped": dict(strategy=LRAnnealing("a"), scope="b"),
+    "scoped-plain": dict(strategy="static", scope="b"),
+    "lean": dict(strategy=LRAnnealing("a"), memory="lean"),
+    "relobralo": dict(strategy="relobralo"),
+}
+
+
+def build(name, model, params=None):
+    options = dict(SETUPS[name])
+    strategy = options.pop("strategy")
+    if options.pop("scope", None):
+        options["scope"] = {"b": list(model.b.parameters())}
+    target = params if params is not None else torch.optim.SGD(model.parameters(), lr=1e-2)
+    return LossBalancer(target, strategy, **options)
+
+
+@pytest.mark.parametrize("name", list(SETUPS))
+def test_loss_backward_gives_bit_for_bit_the_grad_of_backward(name):
+    a, b = TwoHeads(seed=1), TwoHeads(seed=1)
+    by_backward, by_loss = build(name, a), build(name, b)
+    for _ in range(4):
+        total = by_backward.backward(a.losses())
+        for p in b.parameters():
+            p.grad = None
+        loss = by_loss.loss(b.losses())
+        assert torch.equal(loss.detach(), total)
+        loss.backward()
+        for ga, gb in zip(grads_of(a.parameters()), grads_of(b.parameters())):
+            assert (ga is None) == (gb is None)
+            assert ga is None or torch.equal(ga, gb)
+        by_backward.optimizer.step(), by_loss.optimizer.step()
+    assert by_backward.weights == by_loss.weights and by_backward.step_count == by_loss.step_count == 4
+
+
+def test_micro_batches_accumulate_and_the_loss_stays_valid_across_calls():
+    model = TwoHeads()
+    balancer = LossBalancer(torch.optim.SGD(model.parameters(), lr=0.0), LRAnnealing("a"), combine="pcgrad")
+    params = list(model.parameters())
+    first = balancer.loss(model.losses())
+    d1 = [g.clone() for g in torch.autograd.grad(first, params, retain_graph=True)]
+    second = balancer.loss(model.losses())  # rewrites the engine's buffer: `first` must not change
+    d2 = [g.clone() for g in torch.autograd.grad(second, params, retain_graph=True)]
+    balancer.backward(model.losses())  # and so does a backward() in between
+    model.zero_grad()
+    first.backward()
+    second.backward()
+    assert not all(torch.equal(a, b) for a, b in zip(d1, d2))
+    for p, g1, g2 in zip(params, d1, d2):
+        torch.testing.assert_close(p.grad, g1 + g2)
+
+
+def test_parameters_no_term_reaches_keep_grad_none():
+    model = TwoHeads()
+    unused = torch.nn.Parameter(torch.ones(3))
+    balancer = LossBalancer(torch.optim.AdamW([*model.parameters(), unused], lr=1e-2), LRAnnealing("a"))
+    for _ in range(2):
+        balancer.loss(model.losses()).backward()
+        assert unused.grad is None
+        balancer.optimizer.step()
+    assert torch.equal(unused.detach(), torch.ones(3))  # AdamW's decay would have moved it on zeros
+
+
+def test_loss_runs_the_hooks_updates_stats_and_counts_the_step():
+    model = TwoHeads()
+    balancer = LossBalancer(torch.optim.SGD(model.parameters(), lr=1e-2), LRAnnealing("a"))
+    seen = []
+    balancer.register_step_hook(lambda b: seen.append(b.step_count))
+    balancer.loss(model.losses()).backward()
+    balancer.loss(model.losses())
+    assert seen == [1, 2] and balancer.step_count == 2
+    assert set(balancer.stats) == {"a", "b"} and "grad_norm" in balancer.stats["b"]
+
+
+def test_a_skipped_step_returns_nan_whose_backward_adds_nothing():
+    model = TwoHeads()
+    balancer = LossBalancer(torch.optim.SGD(model.parameters(), lr=1e-2), LRAnnealing("a"), nonfinite="skip")
+    balancer.loss(model.losses()).backward()
+    before = grads_of(model.parameters())
+    losses = model.losses()
+    loss = balancer.loss({"a": losses["a"], "b": losses["b"] * float("nan")})
+    assert torch.isnan(loss) and balancer.skipped == 1 and balancer.step_count == 1
+    loss.backward()
+    for p, g in zip(model.parameters(), before):
+        assert torch.equal(p.grad, g)
+
+
+def test_loss_with_a_scaler_is_refused():
+    model = TwoHeads()
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    balancer = LossBalancer(torch.optim.SGD(model.parameters(), lr=1e-2), "static", scaler=scaler)
+    with pytest.raises(TypeError, match="loss\\(\\) cannot be used with scaler="):
+        balancer.loss(model.losses())
+    assert balancer.step_count == 0
+
+
+def test_bad_input_to_loss_gets_the_errors_of_step_and_changes_nothing():
+    model = TwoHeads()
+    balancer = LossBalancer(torch.optim.SGD(model.parameters(), lr=1e-2), LRAnnealing("a"))
+    balancer.loss(model.losses())
+    with pytest.raises(ValueError, match="loss term 'b' has shape"):
+        balancer.loss({"a": model.losses()["a"], "b": torch.ones(2, requires_grad=True)})
+    with pytest.raises(KeyError, match="missing term"):
+        balancer.loss({"a": model.losses()["a"]})
+    assert balancer.step_count == 1
+
+
+# ---------------------------------------------------------------- no optimizer
+def test_a_balancer_from_parameters_serves_loss_and_backward_and_refuses_step():
+    model = TwoHeads()
+    balancer = LossBalancer(model.parameters(), LRAnnealing("a"))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)  # the framework's own
+    for _ in range(3):
+        optimizer.zero_grad()
+        balancer.loss(model.losses()).backward()
+        optimizer.step()
+    balancer.backward(model.losses())
+    assert balancer.step_count == 4 and balancer.weights["b"] != 1.0
+    before = (balancer.state_dict(), [p.detach().clone() for p in model.parameters()])
+    with pytest.raises(TypeError, match="built from parameters, without an optimizer: step\\(\\) needs one"):
+        balancer.step(model.losses())
+    assert balancer.step_count == 4
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before[1]))
+    assert "parameters" in repr(balancer)
+
+
+def test_param_group_dicts_and_a_state_through_weights_only_load():
+    model = TwoHeads()
+    groups = [{"params": model.trunk.parameters()}, {"params": [*model.a.parameters(), *model.b.parameters()], "lr": 0.1}]
+    balancer = LossBalancer(groups, "relobralo", seed=3)
+    for _ in range(3):
+        balancer.loss(model.losses()).backward()
+    buffer = io.BytesIO()
+    torch.save(balancer.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert state["optimizer"] is None
+    fresh = LossBalancer(model.parameters(), "relobralo")
+    fresh.load_state_dict(state)
+    assert fresh.weights == balancer.weights and fresh.step_count == 3
+    assert torch.equal(fresh.loss(model.losses()).detach(), balancer.loss(model.losses()).detach())
+    with pytest.raises(ValueError, match="saved by a balancer without an optimizer"):
+        LossBalancer(torch.optim.SGD(model.parameters(), lr=0.1), "relobralo").load_state_dict(state)
+
+
+def test_what_is_not_parameters_is_refused_with_the_fix():
+    with pytest.raises(TypeError, match=r"model.parameters\(\)"):
+        LossBalancer(PINN1D().model, "lra")
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        LossBalancer([1, 2], "lra")
