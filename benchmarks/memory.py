@@ -25,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-MODES = ("plain", "keep", "lean", "probe")
+MODES = ("plain", "keep", "lean", "probe", "lbfgs_plain", "lbfgs_balancer")
 PARAMS = 1e6
 STEPS = 3
 MB = 1024 * 1024
@@ -55,11 +55,16 @@ def child(mode: str, params: float, steps: int) -> dict:
 
     torch.set_num_threads(int(os.environ.get("LOSSBALANCE_BENCH_THREADS", "2")))
     width = W.width_for(params)
-    w = W.make("disjoint", width=width)
-    if mode == "plain":
-        step = W.plain(w)
+    if mode.startswith("lbfgs"):  # a full history first: the state a step's undo must not copy
+        import closure as C
+
+        w = C.workload(params)
+        step = C.warmed(C.plain(w) if mode == "lbfgs_plain" else C.balanced(w))
     else:
-        step = W.balancer(w, update_every=1, memory="lean" if mode == "lean" else "keep", probe=mode == "probe")
+        w = W.make("disjoint", width=width)
+        step = W.plain(w) if mode == "plain" else W.balancer(
+            w, update_every=1, memory="lean" if mode == "lean" else "keep", probe=mode == "probe"
+        )
     before = _rss_now()
     for _ in range(steps):
         step()
@@ -93,10 +98,12 @@ def rst(results: dict[str, dict]) -> str:
     any_row = next(iter(results.values()))
     head = ("mode", "peak extra MB", "vs plain MB")
     labels = {"plain": "plain step", "keep": 'balancer, memory="keep"', "lean": 'balancer, memory="lean"',
-              "probe": "balancer, probe= (last layer)"}
+              "probe": "balancer, probe= (last layer)", "lbfgs_plain": "L-BFGS (history 50), plain closure step",
+              "lbfgs_balancer": "L-BFGS (history 50), balancer.step(closure=...)"}
     rows = []
     for mode, r in results.items():
-        diff = "" if base is None or mode == "plain" else f"{r['extra_mb'] - base:+.1f}"
+        reference = results.get("lbfgs_plain", {}).get("extra_mb") if mode.startswith("lbfgs") else base
+        diff = "" if reference is None or mode in ("plain", "lbfgs_plain") else f"{r['extra_mb'] - reference:+.1f}"
         rows.append((labels.get(mode, mode), f"{r['extra_mb']:.1f}", diff))
     title = (f"Peak extra memory of a step (RSS high-water mark over the set-up), disjoint workload, "
              f"{any_row['params']:,} parameters (width {any_row['width']}), K = {any_row['K']}, "

@@ -162,6 +162,19 @@ def combiner_table(records: list[dict]) -> str:
             + rst_table(["combiner", "K", "P", "torchjd ms", "native/torchjd"], table))
 
 
+def closure_table(records: list[dict]) -> str:
+    """``step(closure=...)`` with L-BFGS against a plain closure step (``test_closure``)."""
+    rows = [r for r in records if r["suite"] == "closure"]
+    if not rows:
+        return ""
+    table = [[f"L-BFGS, history 50, max_iter=1, {r['params']:,} parameters", r["variant"],
+              _fmt(r["baseline_step"] * 1e3, 1), _fmt(r["paired_ratio"]), "<= 1.05 " + ("ok" if r["paired_ratio"] <= 1.05 else "MISSED")]
+             for r in rows]
+    return ("``balancer.step(closure=...)`` against the plain closure step (``zero_grad(); sum(w_i L_i).backward()``), "
+            "history full, each round of 5 steps between two plain blocks.\n\n"
+            + rst_table(["optimizer", "weights", "plain ms", "ratio", "target"], table))
+
+
 def memory_section(records: list[dict], measure_now: bool) -> str:
     import memory
 
@@ -204,7 +217,7 @@ def render(data: dict, *, measure_memory: bool = False) -> str:
     records = _records(data)
     overhead, ratios = overhead_table(records)
     sections = [header(data, records), overhead, targets_table(ratios), scale_tables(records),
-                combiner_table(records), memory_section(records, measure_memory)]
+                combiner_table(records), closure_table(records), memory_section(records, measure_memory)]
     return "\n\n".join(s for s in sections if s) + "\n"
 
 
