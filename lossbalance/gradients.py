@@ -55,6 +55,7 @@ class _Layout:
         self.zeros = self.views(torch.zeros(self.total, dtype=self.dtype, device=self.device))
         self._masks: dict[tuple[frozenset[int] | None, ...], Tensor] = {}
         self._inputs: dict[frozenset[int] | None, list[int]] = {}
+        self._tensors: dict[frozenset[int] | None, list[Tensor]] = {}
         # consecutive tensors of one size (the hidden layers of an MLP, their biases) are reduced
         # together, as a (rows, count, size) block: a few reductions instead of one per tensor
         runs: list[list[int]] = []
@@ -82,7 +83,13 @@ class _Layout:
         """Positions of the tensors a scope covers (all of them without a scope)."""
         if scope not in self._inputs:
             self._inputs[scope] = [j for j, p in enumerate(self.params) if scope is None or id(p) in scope]
+            self._tensors[scope] = [self.params[j] for j in self._inputs[scope]]
         return self._inputs[scope]
+
+    def tensors(self, scope: frozenset[int] | None) -> list[Tensor]:
+        """The tensors a scope covers, in layout order."""
+        self.inputs(scope)
+        return self._tensors[scope]
 
     def table(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per-tensor sum |g|, max |g| and sum g^2 of the rows of ``flat`` (R, P) -> 3 x (R, T).
@@ -156,6 +163,9 @@ class GradientEngine:
         self.layout = _Layout(params)
         self.params = self.layout.params
         self.probe = None if probe is None else _Layout(_probe_subset(probe, self.layout))
+        # whether measure() keeps the K full gradients ("keep", no probe), so that write_kept()
+        # writes the step without another backward
+        self.keeps_gradients = self.probe is None and memory == "keep"
         self.reduction = Reduction() if reduction is None else reduction
         self._extra = int(self.reduction.active)  # a column for the loss value, reduced with the gradients
         self._vmap_failed = False
@@ -181,11 +191,6 @@ class GradientEngine:
         """Whether this engine was built for exactly ``params`` (same tensors, same order)."""
         return tuple(map(id, params)) == self._ids
 
-    @property
-    def keeps_gradients(self) -> bool:
-        """Whether :meth:`measure` keeps the K full gradients (``"keep"``, no probe), so that
-        :meth:`write_kept` can write the step without another backward."""
-        return self.probe is None and self.memory == "keep"
 
     @property
     def device(self) -> torch.device:
@@ -260,28 +265,27 @@ class GradientEngine:
 
     def _term_gradient(self, name: str, loss: Tensor, scope: frozenset[int] | None, retain: bool, stale: bool):
         """The gradient of one term over the statistics layout (zeros where it does not reach);
-        with the kept gradients, also its gradient w.r.t. the unbalanced parameters (row ``i``)."""
+        with the kept gradients, also its gradient w.r.t. the unbalanced parameters."""
         layout = self.stats_layout
         positions = layout.inputs(scope)
         parts = list(layout.zeros)
         if not positions or not loss.requires_grad:  # (a term another process holds: zero here)
             return parts, ()
-        others = self.others if self.keeps_gradients else []  # else: in the weighted-sum backward
+        inputs = layout.tensors(scope) + self.others if self.keeps_gradients and self.others else layout.tensors(scope)
         try:
-            grads = torch.autograd.grad(
-                loss, [layout.params[j] for j in positions] + others, retain_graph=retain, allow_unused=True
-            )
+            grads = torch.autograd.grad(loss, inputs, retain_graph=retain, allow_unused=True)
         except RuntimeError as error:
             raise explain_autograd_error(name, error, stale=stale) from error
-        grads, other_grads = grads[: len(positions)], grads[len(positions) :]
+        hit, reached = False, self._reached if self.keeps_gradients else None
         for j, g in zip(positions, grads):
             if g is not None:
-                parts[j] = _dense(g, layout.params[j])
-                if self.keeps_gradients:
-                    self._reached[j] = True
-        if self.probe is None and all(g is None for g in grads):
+                parts[j] = g if g.layout == torch.strided else _refuse_sparse(g, layout.params[j])
+                hit = True
+                if reached is not None:
+                    reached[j] = True
+        if not hit and self.probe is None:
             raise no_path_error(name, scoped=scope is not None)
-        return parts, other_grads
+        return parts, grads[len(positions) :]
 
     def _lean_row(self, value: Tensor) -> tuple[Tensor, ...]:
         """Row 0 (one term's gradient) reduced to its statistics, after averaging when distributed."""
@@ -464,16 +468,14 @@ class GradientEngine:
         return self.layout.views(flat[: self.layout.total]), averaged
 
 
-def _dense(grad: Tensor, param: Tensor) -> Tensor:
-    """``grad``, refused with the fix when sparse (the kept rows and statistics are dense)."""
-    if grad.layout != torch.strided:
-        raise ValueError(
+def _refuse_sparse(grad: Tensor, param: Tensor) -> Tensor:
+    """A sparse gradient is refused with the fix (the kept rows and statistics are dense)."""
+    raise ValueError(
             f"a balanced parameter of shape {tuple(param.shape)} gets a {grad.layout} gradient "
             "(nn.Embedding/EmbeddingBag(sparse=True)); per-term gradients need dense ones: build the module "
             "with sparse=False and use e.g. torch.optim.Adam instead of SparseAdam, or a strategy that needs "
             "no gradients (a plain step keeps the sparse gradient)"
         )
-    return grad
 
 
 def _accumulate(param: Tensor, grad: Tensor | None) -> None:
