@@ -13,7 +13,7 @@ from torch.utils.hooks import RemovableHandle
 from .combine import Combiner, WeightedSum, make_combiner
 from .config import export_config, parse_config
 from .distributed import make_reduction
-from .gradients import GradientEngine
+from .gradients import Backward, GradientEngine
 from .options import PLAIN_NAMES, option_problems
 from .precision import make_precision
 from .reporting import LastStep, StepLog
@@ -375,7 +375,9 @@ class LossBalancer:
         if stats is not None and self._engine.keeps_gradients:
             self._engine.write_kept(weights, self._direction(weights, stats) if self._combines else None)
         else:
-            values = self._weighted_backward(batch, scaled, values, weights, plan)
+            result = self._weighted_gradient(batch, scaled, values, weights, check_values=not plan.early)
+            self._engine.write(result.direction)
+            values = result.values
         for p in self._unbalanced:  # what zero_grad() would leave on parameters nobody balances now
             p.grad = None
         return values
@@ -388,12 +390,7 @@ class LossBalancer:
         if stats is not None and self._engine.keeps_gradients:
             direction = self._engine.kept_direction(weights, self._direction(weights, stats) if self._combines else None)
         else:
-            result = self._engine.weighted_gradient(
-                batch.names, scaled, weights, batch.scopes, values,
-                check_grads=True, check_values=False, stale=batch.stale,
-            )
-            if result.failed is not None:
-                self._nonfinite(f"gradient of the weighted sum of the terms {list(batch.names)}")
+            result = self._weighted_gradient(batch, scaled, values, weights, check_values=False)
             direction, values = result.direction, result.values
         params = self._engine.params + self._engine.others
         total = torch.dot(weights, values)
@@ -404,16 +401,18 @@ class LossBalancer:
         weighted = weights.to(stats.gradients.dtype)[:, None] * stats.gradients
         return self.combiner(weighted, generator=self.generator)
 
-    def _weighted_backward(self, batch: _Batch, scaled: list[Tensor], values: Tensor, weights: Tensor, plan: _Plan) -> Tensor:
+    def _weighted_gradient(self, batch: _Batch, scaled: list[Tensor], values: Tensor, weights: Tensor, *,
+                           check_values: bool) -> Backward:
+        """One backward of the weighted sum (``.grad`` untouched); a non-finite part raises or skips."""
         result = self._engine.backward(
             batch.names, scaled, weights, batch.scopes, values,
-            check_grads=not self._precision.scaled, check_values=not plan.early, stale=batch.stale,
+            check_grads=not self._precision.scaled, check_values=check_values, stale=batch.stale,
         )
         if result.failed == "values":
             self._require_finite(batch.names, result.values, self._reduction.value_label())
         if result.failed == "gradients":
             self._nonfinite(f"gradient of the weighted sum of the terms {list(batch.names)}")
-        return result.values
+        return result
 
     # ------------------------------------------------------------------ non-finite values and undoing
     def _check_values(self, names: tuple[str, ...], values: Tensor, wanted: bool, stage: str) -> None:

@@ -124,8 +124,8 @@ class Direction(NamedTuple):
 
 class Backward(NamedTuple):
     """What :meth:`GradientEngine.backward` returns: the (averaged) values, what was found
-    non-finite (``None``: nothing, ``.grad`` is written; else ``"values"`` or ``"gradients"``),
-    and the gradient itself."""
+    non-finite (``None``: nothing; else ``"values"`` or ``"gradients"``), and the gradient
+    (:meth:`GradientEngine.write` puts it into ``.grad``)."""
 
     values: Tensor
     failed: Literal["values", "gradients"] | None
@@ -380,6 +380,14 @@ class GradientEngine:
             out.append(sum(parts) if parts else None)
         return out
 
+    def write(self, direction: Direction) -> None:
+        """``.grad`` from a :meth:`backward` result: overwritten for the balanced parameters,
+        accumulated for the unbalanced ones (:attr:`others`), as ``backward()`` would."""
+        for p, g in zip(self.params, direction.grads):
+            p.grad = g
+        for p, g in zip(self.others, direction.others):
+            _accumulate(p, g)
+
     def backward(
         self,
         names: Sequence[str],
@@ -392,31 +400,7 @@ class GradientEngine:
         check_values: bool = False,
         stale: Collection[str] = (),
     ) -> Backward:
-        """:meth:`weighted_gradient`, written into ``.grad`` (overwritten; accumulated for the
-        unbalanced parameters) when what was checked is finite; else ``.grad`` is left as it was."""
-        result = self.weighted_gradient(
-            names, losses, weights, scopes, values, check_grads=check_grads, check_values=check_values, stale=stale
-        )
-        if result.failed is None:
-            for p, g in zip(self.params, result.direction.grads):
-                p.grad = g
-            for p, g in zip(self.others, result.direction.others):
-                _accumulate(p, g)
-        return result
-
-    def weighted_gradient(
-        self,
-        names: Sequence[str],
-        losses: Sequence[Tensor],
-        weights: Tensor,
-        scopes: Sequence[frozenset[int] | None],
-        values: Tensor,
-        *,
-        check_grads: bool = False,
-        check_values: bool = False,
-        stale: Collection[str] = (),
-    ) -> Backward:
-        """The gradient of ``sum_i w_i L_i``: one backward per distinct scope.
+        """The gradient of ``sum_i w_i L_i`` (``.grad`` untouched): one backward per distinct scope.
 
         The backward is seeded with the weights (``grad_outputs``), so no weighted-sum node enters
         the graph; terms sharing a scope share one backward, so the common case (no scopes) is
