@@ -20,6 +20,7 @@ from .reporting import LastStep, StepLog
 from .snapshot import restore_snapshot, take_snapshot
 from .stats import GradStats
 from .strategies.base import StepRecord, Strategy, make_strategy
+from .strategies.static import Static
 from .terms import Bound, TermTable
 from .graph import graph_facts, reaches
 from .validation import check_finite, check_losses, no_path_error, reentrant_checkpoint_error
@@ -166,6 +167,9 @@ class LossBalancer:
         self._combines = not isinstance(self.combiner, WeightedSum)
         if (self._combines or diagnose_every) and not self._engine.keeps_gradients:
             raise ValueError("combine= and diagnose_every= need the kept per-term gradients: memory='keep' and no probe")
+        fixed = getattr(self.strategy, "weights", None) if isinstance(self.strategy, Static) else None
+        if fixed is not None:  # Static(weights=...): the initial weights; weights= wins per term
+            weights = {**fixed, **(weights or {})}
         self._terms = TermTable(
             weights=weights, min_weight=min_weight, max_weight=max_weight, optional=optional,
             dtype=torch.promote_types(self._engine.dtype, torch.float32), device=self._engine.device,
@@ -244,6 +248,22 @@ class LossBalancer:
                 raise reentrant_checkpoint_error(name)
             self._engine.note(name, facts)
         self._checked.update(batch.names)
+
+    # ------------------------------------------------------------------ adapting or not
+    def freeze(self) -> None:
+        """Stop adapting: the weights learned so far stay as they are from now on.
+
+        The method form of the ``frozen`` option (``balancer.frozen = True``); saved in
+        :meth:`state_dict`, so a resumed run stays frozen. The strategy is no longer called (its
+        state is kept); per-term gradients are no longer computed for it, so with
+        ``combine="sum"`` a step costs a plain step. :meth:`unfreeze` resumes adapting. For a
+        rerun with these weights fixed from the start, see :func:`lossbalance.static_from`.
+        """
+        self.frozen = True
+
+    def unfreeze(self) -> None:
+        """Adapt again after :meth:`freeze` (the strategy continues from its kept state)."""
+        self.frozen = False
 
     # ------------------------------------------------------------------ the step, phase by phase
     def _due(self) -> bool:
@@ -502,7 +522,13 @@ class LossBalancer:
         self._run_hooks()
         return total
 
-    def step(self, losses: Losses | None = None, *, closure: Callable[[], Losses] | None = None) -> Tensor:
+    def step(
+        self,
+        losses: Losses | None = None,
+        *,
+        closure: Callable[[], Losses] | None = None,
+        after: Callable[[], Losses] | None = None,
+    ) -> Tensor:
         """Balance, write ``.grad`` and step the optimizer; returns the weighted total (detached).
 
         Pass either the dict of loss terms or a ``closure`` that recomputes and returns it (for
@@ -510,6 +536,11 @@ class LossBalancer:
         on its first evaluation, and held fixed while the optimizer re-evaluates it. If the
         optimizer's step raises, the balancer's step is undone (weights, counters, strategy
         state) and the error propagates.
+
+        ``after``: a function that rebuilds the loss dict on the same points at the parameters
+        *after* the step, for strategies that judge a step by its result (``"famo"``): called once
+        (gradients enabled) after each step that updated the weights, its values go to
+        :meth:`observe`. Costs one forward. If it raises, the step stands and the error propagates.
         """
         if self.optimizer is None:
             raise TypeError(
@@ -518,9 +549,52 @@ class LossBalancer:
             )
         if (losses is None) == (closure is None):
             raise TypeError("step() takes either the dict of loss terms or closure=, exactly one of them")
-        if closure is not None:
-            return self._step_closure(closure)
-        return self._step_losses(losses)
+        if after is None:
+            return self._step_closure(closure) if closure is not None else self._step_losses(losses)
+        self._observer()  # refuse before stepping
+        updates, skipped = self._updates, self._skipped
+        total = self._step_closure(closure) if closure is not None else self._step_losses(losses)
+        if self._updates != updates and self._skipped == skipped:
+            with torch.enable_grad():
+                self.observe(self._call(after))
+        return total
+
+    def _observer(self) -> Callable[[tuple[str, ...], Tensor], None]:
+        observe = getattr(self.strategy, "observe", None)
+        if observe is None:
+            raise TypeError(
+                f"strategy {self.strategy.name!r} does not use the losses after the step: observe() and "
+                "step(after=) are for strategies that judge a step by its result, such as 'famo'"
+            )
+        return observe
+
+    def observe(self, losses: Losses) -> None:
+        """Pass the loss values *after* the optimizer's step (same points, new parameters) to a
+        strategy that learns from them (:class:`~lossbalance.strategies.FAMO`): call it after
+        your own ``optimizer.step()`` (with :meth:`backward` or :meth:`loss`), or let
+        ``step(losses, after=closure)`` do it. Only the values are used (detached; the graph is
+        not touched). Terms the balancer does not know are ignored. Non-finite values raise, or
+        under ``nonfinite="skip"`` are ignored (the strategy then learns at its next update).
+        Distributed: the values are averaged over the processes (every process must call it with
+        the same terms). ``TypeError`` for a strategy that does not use them.
+        """
+        observe = self._observer()
+        if not isinstance(losses, Mapping):
+            raise TypeError(f"observe() takes the dict of loss terms, got {type(losses).__name__}")
+        losses = _plain_tensors(losses)
+        names = tuple(n for n in self._terms.names if n in losses)
+        if not names:
+            return
+        weights = self._terms.weights
+        values = torch.stack([torch.as_tensor(losses[n]).detach().reshape(()) for n in names])
+        values = values.to(dtype=weights.dtype, device=weights.device)
+        self._reduction.mean_(values)
+        try:
+            self._require_finite(names, values, "loss value after the step")
+        except _Skip:
+            return
+        with torch.no_grad():
+            observe(names, values)
 
     def _step_losses(self, losses: Losses) -> Tensor:
         if self._needs_closure:
@@ -703,7 +777,10 @@ class LossBalancer:
         ``optional``, ``weights``, ``lower``, ``upper`` (the terms, their weights and bounds);
         ``step``, ``updates``, ``skipped`` (counters); ``strategy_name``, ``strategy`` (the
         strategy's state); ``generator`` (the random generator's state); ``scaler`` (the
-        GradScaler's state or ``None``). States of lossbalance 0.1.0 (no ``format``) load too.
+        GradScaler's state or ``None``); ``frozen`` (:meth:`freeze`); ``combiner`` (the
+        combiner's state: ``{}`` except for stateful ones such as ``"mconfig"``). States of
+        lossbalance 0.1.0 (no ``format``) load too, and states without ``frozen``/``combiner``
+        keep the balancer's own.
         """
         return {
             "format": STATE_FORMAT,
@@ -716,6 +793,8 @@ class LossBalancer:
             "strategy": self.strategy.state_dict(),
             "generator": self.generator.get_state(),
             "scaler": self._precision.state_dict(),
+            "frozen": self.frozen,
+            "combiner": self.combiner.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -724,18 +803,24 @@ class LossBalancer:
         balancer, its strategy and the optimizer exactly as they were."""
         checked = self._checked_state(state)
         strategy_state, scaler_state = self.strategy.state_dict(), self._precision.state_dict()
+        combiner_state = self.combiner.state_dict()
         optimizer_state = None if self.optimizer is None else self.optimizer.state_dict()
         try:
             self.strategy.load_state_dict(state["strategy"])
             if self.optimizer is not None:
                 self.optimizer.load_state_dict(state["optimizer"])
             self._precision.load_state_dict(state.get("scaler"))
+            if "combiner" in state:
+                self.combiner.load_state_dict(state["combiner"])
         except BaseException:
             self.strategy.load_state_dict(strategy_state)
             if optimizer_state is not None:
                 self.optimizer.load_state_dict(optimizer_state)
             self._precision.load_state_dict(scaler_state)
+            self.combiner.load_state_dict(combiner_state)
             raise
+        if "frozen" in state:
+            self.frozen = bool(state["frozen"])
         self._terms.commit(checked["terms"])
         self._step, self._updates, self._skipped = checked["counters"]
         self.generator.set_state(checked["generator"])
