@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Literal, Mapping, NamedTuple
@@ -13,7 +14,7 @@ from torch.utils.hooks import RemovableHandle
 from .combine import Combiner, WeightedSum, make_combiner
 from .config import export_config, parse_config
 from .distributed import make_reduction
-from .gradients import GradientEngine
+from .gradients import Direction, GradientEngine, _accumulate
 from .options import PLAIN_NAMES, option_problems
 from .precision import make_precision
 from .reporting import LastStep, StepLog
@@ -62,6 +63,7 @@ class _Undo(NamedTuple):
     generator: Tensor | None
     last: LastStep | None
     rows: int
+    combiner: Any = None  # a stateful combiner's checkpoint ("mconfig")
 
 
 class _Skip(Exception):
@@ -91,7 +93,9 @@ class LossBalancer:
         probe: take the gradient statistics on this subset of the parameters only.
         combine: how the weighted per-term gradients become one direction: ``"sum"`` (default),
             ``"pcgrad"``, ``"config"``, a :class:`~lossbalance.combine.Combiner` or a callable on
-            the ``(K, P)`` matrix. Anything but the sum needs the per-term gradients every step.
+            the ``(K, P)`` matrix. Anything but the sum needs the per-term gradients every step,
+            except ``"mconfig"`` (momentum ConFIG, :class:`~lossbalance.combine.MomentumConFIG`):
+            one term's backward per step, round robin; pair it with ``torch.optim.SGD``.
         diagnose_every: also compute the per-term gradients (norms, cosine similarities, fraction
             of conflicting pairs) every n-th step, for strategies that need no gradients (0: only
             on steps that compute them anyway). Costs the per-term gradients on those steps.
@@ -164,7 +168,8 @@ class LossBalancer:
         self._scope_params = {name: list(params) for name, params in (scope or {}).items()}
         self._install_engine(self._balanced_params())
         self.combiner = make_combiner(combine)
-        self._combines = not isinstance(self.combiner, WeightedSum)
+        self._momentum = bool(getattr(self.combiner, "one_term_per_step", False))  # "mconfig"
+        self._combines = not isinstance(self.combiner, WeightedSum) and not self._momentum
         if (self._combines or diagnose_every) and not self._engine.keeps_gradients:
             raise ValueError("combine= and diagnose_every= need the kept per-term gradients: memory='keep' and no probe")
         fixed = getattr(self.strategy, "weights", None) if isinstance(self.strategy, Static) else None
@@ -179,6 +184,8 @@ class LossBalancer:
         if self._terms.names:
             self._terms.check_option_names(self._terms.names, self._scopes, declared=True)
         self._needs_closure = self.optimizer is not None and _needs_closure(self.optimizer)
+        if self._momentum:
+            self._check_one_term_per_step()
         self._step = 0
         self._updates = 0
         self._skipped = 0
@@ -218,6 +225,31 @@ class LossBalancer:
         params = self._balanced_params()
         if not self._engine.holds(params):
             self._install_engine(params)
+
+    def _check_one_term_per_step(self) -> None:
+        """``combine="mconfig"``: what it cannot be combined with, and the optimizer it pairs with."""
+        name = self.combiner.name
+        if self.strategy.needs_gradients:
+            raise ValueError(
+                f"combine={name!r} differentiates one term per step; strategy {self.strategy.name!r} needs every "
+                "term's gradient on its updates: use 'static' or a loss-value strategy (relobralo, softadapt, dwa, "
+                "uncertainty, famo)"
+            )
+        if self.diagnose_every:
+            raise ValueError(f"combine={name!r} differentiates one term per step: diagnose_every= cannot be used")
+        if self._precision.scaled:
+            raise ValueError(f"combine={name!r} cannot be used with scaler= (use bf16 or float32)")
+        if self._needs_closure:
+            raise ValueError(
+                f"combine={name!r} is a first-order, Adam-like method with state per step: it cannot drive "
+                f"{type(self.optimizer).__name__}, which re-evaluates the closure; use torch.optim.SGD"
+            )
+        if self.optimizer is not None and "betas" in self.optimizer.defaults:
+            warnings.warn(
+                f"combine={name!r} is Adam-like itself (per-term first moments, a second moment of the combined "
+                f"direction): pair it with plain torch.optim.SGD, as its authors advise; wrapped around "
+                f"{type(self.optimizer).__name__} the direction is normalised twice", UserWarning, stacklevel=3,
+            )
 
     # ------------------------------------------------------------------ terms
     def add_term(self, name: str, weight: float | None = None, *, optional: bool = False) -> None:
@@ -392,7 +424,13 @@ class LossBalancer:
         self, batch: _Batch, scaled: list[Tensor], values: Tensor, weights: Tensor, stats: GradStats | None, plan: _Plan
     ) -> Tensor:
         """Phase 5: ``.grad`` from the kept gradients, or from one backward of the weighted sum."""
-        if stats is not None and self._engine.keeps_gradients:
+        if self._momentum:
+            direction, values = self._one_term_direction(batch, scaled, values, weights, plan)
+            for p, g in zip(self._engine.params, direction.grads):
+                p.grad = g
+            for p, g in zip(self._engine.others, direction.others):
+                _accumulate(p, g)
+        elif stats is not None and self._engine.keeps_gradients:
             self._engine.write_kept(weights, self._direction(weights, stats) if self._combines else None)
         else:
             values = self._weighted_backward(batch, scaled, values, weights, plan)
@@ -405,7 +443,9 @@ class LossBalancer:
     ) -> tuple[Tensor, Tensor]:
         """Phase 5 of :meth:`loss`: the step's gradient as fresh tensors, and a scalar whose value
         is the weighted total and whose backward accumulates exactly that gradient (O(P))."""
-        if stats is not None and self._engine.keeps_gradients:
+        if self._momentum:
+            direction, values = self._one_term_direction(batch, scaled, values, weights, _Plan(True, False, True))
+        elif stats is not None and self._engine.keeps_gradients:
             direction = self._engine.kept_direction(weights, self._direction(weights, stats) if self._combines else None)
         else:
             result = self._engine.weighted_gradient(
@@ -418,6 +458,25 @@ class LossBalancer:
         params = self._engine.params + self._engine.others
         total = torch.dot(weights, values)
         return surrogate_loss(total, params, direction.grads + direction.others), values
+
+    def _one_term_direction(
+        self, batch: _Batch, scaled: list[Tensor], values: Tensor, weights: Tensor, plan: _Plan
+    ) -> tuple[Direction, Tensor]:
+        """Phase 5 with ``combine="mconfig"``: one backward of the term whose turn it is, then the
+        combiner's step from its momenta. Returns the direction and the (averaged) values."""
+        i = self.combiner.pick(batch.names)
+        result = self._engine.weighted_gradient(
+            batch.names[i : i + 1], [scaled[i]], weights.new_ones(1), [batch.scopes[i]], values,
+            check_grads=True, check_values=not plan.early, stale=batch.stale,
+        )
+        if result.failed == "values":
+            self._require_finite(batch.names, result.values, self._reduction.value_label())
+        if result.failed == "gradients":
+            self._nonfinite(f"gradient of the term {batch.names[i]!r}")
+        layout = self._engine.layout
+        flat = torch.cat([(z if g is None else g).reshape(-1) for g, z in zip(result.direction.grads, layout.zeros)])
+        step = self.combiner.step(batch.names, i, flat, weights)
+        return Direction(list(layout.views(step)), result.direction.others), result.values
 
     def _direction(self, weights: Tensor, stats: GradStats) -> Tensor:
         assert stats.gradients is not None
@@ -460,7 +519,7 @@ class LossBalancer:
         return _Undo(
             self._step, self._updates, self._skipped, self._terms.weights.clone(), tuple(self._terms.names),
             self.strategy.state_dict() if full else None, self.generator.get_state() if full else None,
-            self._log.last, len(self._log.rows),
+            self._log.last, len(self._log.rows), combiner=self.combiner.checkpoint() if self._momentum else None,
         )
 
     def _undo(self, undo: _Undo) -> None:
@@ -471,6 +530,8 @@ class LossBalancer:
             self.strategy.load_state_dict(undo.strategy)
             self.generator.set_state(undo.generator)
         self._terms.weights = undo.weights.clone()
+        if undo.combiner is not None:
+            self.combiner.rollback(undo.combiner)
         self._step, self._updates, self._skipped = undo.step, undo.updates, undo.skipped
         self._log.last = undo.last
         while len(self._log.rows) > undo.rows:

@@ -14,6 +14,8 @@ which the balancer writes into ``.grad``:
   Sener & Koltun 2018), solved exactly;
 - :class:`DCGD` (``"dcgd"``): dual cone gradient descent for a PDE group against a boundary group
   (Hwang & Lim 2024), variants ``center``, ``avg``, ``proj``;
+- :class:`MomentumConFIG` (``"mconfig"``): momentum ConFIG (Liu, Chu & Thuerey 2025), one
+  term's backward per step, round robin; the balancer handles it specially (below);
 - :class:`TorchJD` (``"torchjd:<Aggregator>"``): any ``torchjd.aggregation`` aggregator
   (optional dependency).
 
@@ -44,12 +46,13 @@ from .base import CallableCombiner, Combiner, available_combiners, make_combiner
 from .conflict_free import ConFIG
 from .dual_cone import DCGD
 from .mgda import MGDA
+from .momentum import MomentumConFIG
 from .pcgrad import PCGrad
 from .torchjd_adapter import TorchJD
 from .upgrad import UPGrad
 from .weighted_sum import WeightedSum
 
 __all__ = [
-    "Combiner", "WeightedSum", "PCGrad", "ConFIG", "UPGrad", "MGDA", "DCGD", "TorchJD", "CallableCombiner",
+    "Combiner", "WeightedSum", "PCGrad", "ConFIG", "UPGrad", "MGDA", "DCGD", "MomentumConFIG", "TorchJD", "CallableCombiner",
     "make_combiner", "available_combiners",
 ]
