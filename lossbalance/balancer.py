@@ -186,6 +186,7 @@ class LossBalancer:
         self._needs_closure = self.optimizer is not None and _needs_closure(self.optimizer)
         if self._momentum:
             self._check_one_term_per_step()
+        self._check_line_search()
         self._step = 0
         self._updates = 0
         self._skipped = 0
@@ -225,6 +226,20 @@ class LossBalancer:
         params = self._balanced_params()
         if not self._engine.holds(params):
             self._install_engine(params)
+
+    def _check_line_search(self) -> None:
+        """L-BFGS with a combiner: no line search (see :mod:`lossbalance.combine`, "L-BFGS")."""
+        if not (self._combines and self._needs_closure):
+            return
+        search = {g.get("line_search_fn") for g in self.optimizer.param_groups} - {None}
+        if search:
+            raise ValueError(
+                f"combine={self.combiner.name!r} with {type(self.optimizer).__name__}(line_search_fn="
+                f"{sorted(search)[0]!r}): the direction the combiner writes into .grad is not the gradient of the "
+                "weighted total the closure returns (sum_i lambda_i L_i), and a line search tests that total's "
+                "decrease and curvature along it: inconsistent. Use line_search_fn=None (fixed steps of lr; "
+                "L-BFGS then builds its curvature pairs from the direction field), or combine='sum'"
+            )
 
     def _check_one_term_per_step(self) -> None:
         """``combine="mconfig"``: what it cannot be combined with, and the optimizer it pairs with."""
@@ -677,6 +692,7 @@ class LossBalancer:
     def _step_closure(self, closure: Callable[[], Losses]) -> Tensor:
         if self._precision.scaled:
             raise TypeError("a GradScaler cannot be used with a closure (torch.amp does not support it)")
+        self._check_line_search()  # the optimizer's settings may have changed since __init__
         self._refresh_parameters()
         params = self._engine.params
         snapshot = take_snapshot(self.optimizer, params, self._engine.owns)  # the optimizer moves the parameters
