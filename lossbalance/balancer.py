@@ -85,7 +85,8 @@ class LossBalancer:
         weights: initial weight per term (default 1).
         min_weight, max_weight: clamp every updated weight (a float, or a dict per term).
         warmup: number of steps that keep the initial weights before the first update.
-        frozen: never update the weights (they stay as they are, e.g. after loading).
+        frozen: never update the weights (they stay as they are, e.g. after loading); see
+            :meth:`freeze` (saved in the state).
         terms: the terms and their canonical order (default: the keys of the first step).
         optional: terms that may be absent on some steps (their weight is kept meanwhile).
         scope: ``{term: parameters}``: the parameters a term may train (default: all). The term's
