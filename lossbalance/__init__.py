@@ -5,15 +5,15 @@ from .config import ConfigError, available_presets
 from .gradients import GradientEngine, GradStats
 from .scope import constant_call
 from .strategies import (
-    DWA, GradNorm, GradNormRatio, LRAnnealing, ReLoBRaLo, SoftAdapt, Static, StepRecord, Strategy,
-    UncertaintyWeighting, available_strategies, register,
+    DWA, FAMO, GradNorm, GradNormRatio, LRAnnealing, ReLoBRaLo, SoftAdapt, Static, StepRecord, Strategy,
+    UncertaintyWeighting, available_strategies, register, static_from,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LossBalancer", "GradientEngine", "GradStats", "StepRecord", "Strategy", "register",
-    "available_strategies", "available_combiners", "available_presets", "ConfigError", "constant_call",
-    "DWA", "GradNorm", "GradNormRatio", "LRAnnealing", "ReLoBRaLo", "SoftAdapt", "Static", "UncertaintyWeighting",
+    "available_strategies", "available_combiners", "static_from", "available_presets", "ConfigError", "constant_call",
+    "DWA", "FAMO", "GradNorm", "GradNormRatio", "LRAnnealing", "ReLoBRaLo", "SoftAdapt", "Static", "UncertaintyWeighting",
     "ConFIG", "PCGrad", "WeightedSum", "__version__",
 ]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Literal, Mapping, NamedTuple
@@ -13,13 +14,14 @@ from torch.utils.hooks import RemovableHandle
 from .combine import Combiner, WeightedSum, make_combiner
 from .config import export_config, parse_config
 from .distributed import make_reduction
-from .gradients import Backward, GradientEngine
+from .gradients import Backward, Direction, GradientEngine
 from .options import PLAIN_NAMES, option_problems
 from .precision import make_precision
 from .reporting import LastStep, StepLog
 from .snapshot import restore_snapshot, take_snapshot
 from .stats import GradStats
 from .strategies.base import StepRecord, Strategy, make_strategy
+from .strategies.static import Static
 from .terms import Bound, TermTable
 from .graph import graph_facts, reaches
 from .validation import check_finite, check_losses, no_path_error, reentrant_checkpoint_error
@@ -61,6 +63,7 @@ class _Undo(NamedTuple):
     generator: Tensor | None
     last: LastStep | None
     rows: int
+    combiner: Any = None  # a stateful combiner's checkpoint ("mconfig")
 
 
 class _Skip(Exception):
@@ -82,7 +85,8 @@ class LossBalancer:
         weights: initial weight per term (default 1).
         min_weight, max_weight: clamp every updated weight (a float, or a dict per term).
         warmup: number of steps that keep the initial weights before the first update.
-        frozen: never update the weights (they stay as they are, e.g. after loading).
+        frozen: never update the weights (they stay as they are, e.g. after loading); see
+            :meth:`freeze` (saved in the state).
         terms: the terms and their canonical order (default: the keys of the first step).
         optional: terms that may be absent on some steps (their weight is kept meanwhile).
         scope: ``{term: parameters}``: the parameters a term may train (default: all). The term's
@@ -90,7 +94,9 @@ class LossBalancer:
         probe: take the gradient statistics on this subset of the parameters only.
         combine: how the weighted per-term gradients become one direction: ``"sum"`` (default),
             ``"pcgrad"``, ``"config"``, a :class:`~lossbalance.combine.Combiner` or a callable on
-            the ``(K, P)`` matrix. Anything but the sum needs the per-term gradients every step.
+            the ``(K, P)`` matrix. Anything but the sum needs the per-term gradients every step,
+            except ``"mconfig"`` (momentum ConFIG, :class:`~lossbalance.combine.MomentumConFIG`):
+            one term's backward per step, round robin; pair it with ``torch.optim.SGD``.
         diagnose_every: also compute the per-term gradients (norms, cosine similarities, fraction
             of conflicting pairs) every n-th step, for strategies that need no gradients (0: only
             on steps that compute them anyway). Costs the per-term gradients on those steps.
@@ -163,9 +169,13 @@ class LossBalancer:
         self._scope_params = {name: list(params) for name, params in (scope or {}).items()}
         self._install_engine(self._balanced_params())
         self.combiner = make_combiner(combine)
-        self._combines = not isinstance(self.combiner, WeightedSum)
+        self._momentum = bool(getattr(self.combiner, "one_term_per_step", False))  # "mconfig"
+        self._combines = not isinstance(self.combiner, WeightedSum) and not self._momentum
         if (self._combines or diagnose_every) and not self._engine.keeps_gradients:
             raise ValueError("combine= and diagnose_every= need the kept per-term gradients: memory='keep' and no probe")
+        fixed = getattr(self.strategy, "weights", None) if isinstance(self.strategy, Static) else None
+        if fixed is not None:  # Static(weights=...): the initial weights; weights= wins per term
+            weights = {**fixed, **(weights or {})}
         self._terms = TermTable(
             weights=weights, min_weight=min_weight, max_weight=max_weight, optional=optional,
             dtype=torch.promote_types(self._engine.dtype, torch.float32), device=self._engine.device,
@@ -175,6 +185,9 @@ class LossBalancer:
         if self._terms.names:
             self._terms.check_option_names(self._terms.names, self._scopes, declared=True)
         self._needs_closure = self.optimizer is not None and _needs_closure(self.optimizer)
+        if self._momentum:
+            self._check_one_term_per_step()
+        self._check_line_search()
         self._step = 0
         self._updates = 0
         self._skipped = 0
@@ -215,6 +228,45 @@ class LossBalancer:
         if not self._engine.holds(params):
             self._install_engine(params)
 
+    def _check_line_search(self) -> None:
+        """L-BFGS with a combiner: no line search (see :mod:`lossbalance.combine`, "L-BFGS")."""
+        if not (self._combines and self._needs_closure):
+            return
+        search = {g.get("line_search_fn") for g in self.optimizer.param_groups} - {None}
+        if search:
+            raise ValueError(
+                f"combine={self.combiner.name!r} with {type(self.optimizer).__name__}(line_search_fn="
+                f"{sorted(search)[0]!r}): the direction the combiner writes into .grad is not the gradient of the "
+                "weighted total the closure returns (sum_i lambda_i L_i), and a line search tests that total's "
+                "decrease and curvature along it: inconsistent. Use line_search_fn=None (fixed steps of lr; "
+                "L-BFGS then builds its curvature pairs from the direction field), or combine='sum'"
+            )
+
+    def _check_one_term_per_step(self) -> None:
+        """``combine="mconfig"``: what it cannot be combined with, and the optimizer it pairs with."""
+        name = self.combiner.name
+        if self.strategy.needs_gradients:
+            raise ValueError(
+                f"combine={name!r} differentiates one term per step; strategy {self.strategy.name!r} needs every "
+                "term's gradient on its updates: use 'static' or a loss-value strategy (relobralo, softadapt, dwa, "
+                "uncertainty, famo)"
+            )
+        if self.diagnose_every:
+            raise ValueError(f"combine={name!r} differentiates one term per step: diagnose_every= cannot be used")
+        if self._precision.scaled:
+            raise ValueError(f"combine={name!r} cannot be used with scaler= (use bf16 or float32)")
+        if self._needs_closure:
+            raise ValueError(
+                f"combine={name!r} is a first-order, Adam-like method with state per step: it cannot drive "
+                f"{type(self.optimizer).__name__}, which re-evaluates the closure; use torch.optim.SGD"
+            )
+        if self.optimizer is not None and "betas" in self.optimizer.defaults:
+            warnings.warn(
+                f"combine={name!r} is Adam-like itself (per-term first moments, a second moment of the combined "
+                f"direction): pair it with plain torch.optim.SGD, as its authors advise; wrapped around "
+                f"{type(self.optimizer).__name__} the direction is normalised twice", UserWarning, stacklevel=3,
+            )
+
     # ------------------------------------------------------------------ terms
     def add_term(self, name: str, weight: float | None = None, *, optional: bool = False) -> None:
         """Declare a term (e.g. one that appears in a later phase) with its initial weight."""
@@ -244,6 +296,22 @@ class LossBalancer:
                 raise reentrant_checkpoint_error(name)
             self._engine.note(name, facts)
         self._checked.update(batch.names)
+
+    # ------------------------------------------------------------------ adapting or not
+    def freeze(self) -> None:
+        """Stop adapting: the weights learned so far stay as they are from now on.
+
+        The method form of the ``frozen`` option (``balancer.frozen = True``); saved in
+        :meth:`state_dict`, so a resumed run stays frozen. The strategy is no longer called (its
+        state is kept); per-term gradients are no longer computed for it, so with
+        ``combine="sum"`` a step costs a plain step. :meth:`unfreeze` resumes adapting. For a
+        rerun with these weights fixed from the start, see :func:`lossbalance.static_from`.
+        """
+        self.frozen = True
+
+    def unfreeze(self) -> None:
+        """Adapt again after :meth:`freeze` (the strategy continues from its kept state)."""
+        self.frozen = False
 
     # ------------------------------------------------------------------ the step, phase by phase
     def _due(self) -> bool:
@@ -372,7 +440,10 @@ class LossBalancer:
         self, batch: _Batch, scaled: list[Tensor], values: Tensor, weights: Tensor, stats: GradStats | None, plan: _Plan
     ) -> Tensor:
         """Phase 5: ``.grad`` from the kept gradients, or from one backward of the weighted sum."""
-        if stats is not None and self._engine.keeps_gradients:
+        if self._momentum:
+            direction, values = self._one_term_direction(batch, scaled, values, weights, plan)
+            self._engine.write(direction)
+        elif stats is not None and self._engine.keeps_gradients:
             self._engine.write_kept(weights, self._direction(weights, stats) if self._combines else None)
         else:
             result = self._weighted_gradient(batch, scaled, values, weights, check_values=not plan.early)
@@ -387,7 +458,9 @@ class LossBalancer:
     ) -> tuple[Tensor, Tensor]:
         """Phase 5 of :meth:`loss`: the step's gradient as fresh tensors, and a scalar whose value
         is the weighted total and whose backward accumulates exactly that gradient (O(P))."""
-        if stats is not None and self._engine.keeps_gradients:
+        if self._momentum:
+            direction, values = self._one_term_direction(batch, scaled, values, weights, _Plan(True, False, True))
+        elif stats is not None and self._engine.keeps_gradients:
             direction = self._engine.kept_direction(weights, self._direction(weights, stats) if self._combines else None)
         else:
             result = self._weighted_gradient(batch, scaled, values, weights, check_values=False)
@@ -396,22 +469,38 @@ class LossBalancer:
         total = torch.dot(weights, values)
         return surrogate_loss(total, params, direction.grads + direction.others), values
 
+    def _one_term_direction(
+        self, batch: _Batch, scaled: list[Tensor], values: Tensor, weights: Tensor, plan: _Plan
+    ) -> tuple[Direction, Tensor]:
+        """Phase 5 with ``combine="mconfig"``: one backward of the term whose turn it is, then the
+        combiner's step from its momenta. Returns the direction and the (averaged) values."""
+        i = self.combiner.pick(batch.names)
+        result = self._weighted_gradient(batch, scaled, values, weights, check_values=not plan.early, only=i)
+        layout = self._engine.layout
+        flat = torch.cat([(z if g is None else g).reshape(-1) for g, z in zip(result.direction.grads, layout.zeros)])
+        step = self.combiner.step(batch.names, i, flat, weights)
+        return Direction(list(layout.views(step)), result.direction.others), result.values
+
     def _direction(self, weights: Tensor, stats: GradStats) -> Tensor:
         assert stats.gradients is not None
         weighted = weights.to(stats.gradients.dtype)[:, None] * stats.gradients
         return self.combiner(weighted, generator=self.generator)
 
     def _weighted_gradient(self, batch: _Batch, scaled: list[Tensor], values: Tensor, weights: Tensor, *,
-                           check_values: bool) -> Backward:
-        """One backward of the weighted sum (``.grad`` untouched); a non-finite part raises or skips."""
+                           check_values: bool, only: int | None = None) -> Backward:
+        """One backward of the weighted sum (``.grad`` untouched; ``only``: of that term alone,
+        unweighted); a non-finite part raises or skips."""
+        names, terms, seeds, scopes = batch.names, scaled, weights, batch.scopes
+        if only is not None:
+            names, terms, seeds, scopes = names[only : only + 1], [terms[only]], weights.new_ones(1), [scopes[only]]
         result = self._engine.backward(
-            batch.names, scaled, weights, batch.scopes, values,
+            names, terms, seeds, scopes, values,
             check_grads=not self._precision.scaled, check_values=check_values, stale=batch.stale,
         )
         if result.failed == "values":
             self._require_finite(batch.names, result.values, self._reduction.value_label())
         if result.failed == "gradients":
-            self._nonfinite(f"gradient of the weighted sum of the terms {list(batch.names)}")
+            self._nonfinite(f"gradient of the weighted sum of the terms {list(names)}")
         return result
 
     # ------------------------------------------------------------------ non-finite values and undoing
@@ -439,7 +528,7 @@ class LossBalancer:
         return _Undo(
             self._step, self._updates, self._skipped, self._terms.weights.clone(), tuple(self._terms.names),
             self.strategy.state_dict() if full else None, self.generator.get_state() if full else None,
-            self._log.last, len(self._log.rows),
+            self._log.last, len(self._log.rows), combiner=self.combiner.checkpoint() if self._momentum else None,
         )
 
     def _undo(self, undo: _Undo) -> None:
@@ -450,6 +539,8 @@ class LossBalancer:
             self.strategy.load_state_dict(undo.strategy)
             self.generator.set_state(undo.generator)
         self._terms.weights = undo.weights.clone()
+        if undo.combiner is not None:
+            self.combiner.rollback(undo.combiner)
         self._step, self._updates, self._skipped = undo.step, undo.updates, undo.skipped
         self._log.last = undo.last
         while len(self._log.rows) > undo.rows:
@@ -501,7 +592,13 @@ class LossBalancer:
         self._run_hooks()
         return total
 
-    def step(self, losses: Losses | None = None, *, closure: Callable[[], Losses] | None = None) -> Tensor:
+    def step(
+        self,
+        losses: Losses | None = None,
+        *,
+        closure: Callable[[], Losses] | None = None,
+        after: Callable[[], Losses] | None = None,
+    ) -> Tensor:
         """Balance, write ``.grad`` and step the optimizer; returns the weighted total (detached).
 
         Pass either the dict of loss terms or a ``closure`` that recomputes and returns it (for
@@ -509,6 +606,11 @@ class LossBalancer:
         on its first evaluation, and held fixed while the optimizer re-evaluates it. If the
         optimizer's step raises, the balancer's step is undone (weights, counters, strategy
         state) and the error propagates.
+
+        ``after``: a function that rebuilds the loss dict on the same points at the parameters
+        *after* the step, for strategies that judge a step by its result (``"famo"``): called once
+        (gradients enabled) after each step that updated the weights, its values go to
+        :meth:`observe`. Costs one forward. If it raises, the step stands and the error propagates.
         """
         if self.optimizer is None:
             raise TypeError(
@@ -517,9 +619,52 @@ class LossBalancer:
             )
         if (losses is None) == (closure is None):
             raise TypeError("step() takes either the dict of loss terms or closure=, exactly one of them")
-        if closure is not None:
-            return self._step_closure(closure)
-        return self._step_losses(losses)
+        if after is None:
+            return self._step_closure(closure) if closure is not None else self._step_losses(losses)
+        self._observer()  # refuse before stepping
+        updates, skipped = self._updates, self._skipped
+        total = self._step_closure(closure) if closure is not None else self._step_losses(losses)
+        if self._updates != updates and self._skipped == skipped:
+            with torch.enable_grad():
+                self.observe(self._call(after))
+        return total
+
+    def _observer(self) -> Callable[[tuple[str, ...], Tensor], None]:
+        observe = getattr(self.strategy, "observe", None)
+        if observe is None:
+            raise TypeError(
+                f"strategy {self.strategy.name!r} does not use the losses after the step: observe() and "
+                "step(after=) are for strategies that judge a step by its result, such as 'famo'"
+            )
+        return observe
+
+    def observe(self, losses: Losses) -> None:
+        """Pass the loss values *after* the optimizer's step (same points, new parameters) to a
+        strategy that learns from them (:class:`~lossbalance.strategies.FAMO`): call it after
+        your own ``optimizer.step()`` (with :meth:`backward` or :meth:`loss`), or let
+        ``step(losses, after=closure)`` do it. Only the values are used (detached; the graph is
+        not touched). Terms the balancer does not know are ignored. Non-finite values raise, or
+        under ``nonfinite="skip"`` are ignored (the strategy then learns at its next update).
+        Distributed: the values are averaged over the processes (every process must call it with
+        the same terms). ``TypeError`` for a strategy that does not use them.
+        """
+        observe = self._observer()
+        if not isinstance(losses, Mapping):
+            raise TypeError(f"observe() takes the dict of loss terms, got {type(losses).__name__}")
+        losses = _plain_tensors(losses)
+        names = tuple(n for n in self._terms.names if n in losses)
+        if not names:
+            return
+        weights = self._terms.weights
+        values = torch.stack([torch.as_tensor(losses[n]).detach().reshape(()) for n in names])
+        values = values.to(dtype=weights.dtype, device=weights.device)
+        self._reduction.mean_(values)
+        try:
+            self._require_finite(names, values, "loss value after the step")
+        except _Skip:
+            return
+        with torch.no_grad():
+            observe(names, values)
 
     def _step_losses(self, losses: Losses) -> Tensor:
         if self._needs_closure:
@@ -541,6 +686,7 @@ class LossBalancer:
     def _step_closure(self, closure: Callable[[], Losses]) -> Tensor:
         if self._precision.scaled:
             raise TypeError("a GradScaler cannot be used with a closure (torch.amp does not support it)")
+        self._check_line_search()  # the optimizer's settings may have changed since __init__
         self._refresh_parameters()
         params = self._engine.params
         snapshot = take_snapshot(self.optimizer, params, self._engine.owns)  # the optimizer moves the parameters
@@ -702,7 +848,10 @@ class LossBalancer:
         ``optional``, ``weights``, ``lower``, ``upper`` (the terms, their weights and bounds);
         ``step``, ``updates``, ``skipped`` (counters); ``strategy_name``, ``strategy`` (the
         strategy's state); ``generator`` (the random generator's state); ``scaler`` (the
-        GradScaler's state or ``None``). States of lossbalance 0.1.0 (no ``format``) load too.
+        GradScaler's state or ``None``); ``frozen`` (:meth:`freeze`); ``combiner`` (the
+        combiner's state: ``{}`` except for stateful ones such as ``"mconfig"``). States of
+        lossbalance 0.1.0 (no ``format``) load too, and states without ``frozen``/``combiner``
+        keep the balancer's own.
         """
         return {
             "format": STATE_FORMAT,
@@ -715,6 +864,8 @@ class LossBalancer:
             "strategy": self.strategy.state_dict(),
             "generator": self.generator.get_state(),
             "scaler": self._precision.state_dict(),
+            "frozen": self.frozen,
+            "combiner": self.combiner.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -723,18 +874,24 @@ class LossBalancer:
         balancer, its strategy and the optimizer exactly as they were."""
         checked = self._checked_state(state)
         strategy_state, scaler_state = self.strategy.state_dict(), self._precision.state_dict()
+        combiner_state = self.combiner.state_dict()
         optimizer_state = None if self.optimizer is None else self.optimizer.state_dict()
         try:
             self.strategy.load_state_dict(state["strategy"])
             if self.optimizer is not None:
                 self.optimizer.load_state_dict(state["optimizer"])
             self._precision.load_state_dict(state.get("scaler"))
+            if "combiner" in state:
+                self.combiner.load_state_dict(state["combiner"])
         except BaseException:
             self.strategy.load_state_dict(strategy_state)
             if optimizer_state is not None:
                 self.optimizer.load_state_dict(optimizer_state)
             self._precision.load_state_dict(scaler_state)
+            self.combiner.load_state_dict(combiner_state)
             raise
+        if "frozen" in state:
+            self.frozen = bool(state["frozen"])
         self._terms.commit(checked["terms"])
         self._step, self._updates, self._skipped = checked["counters"]
         self.generator.set_state(checked["generator"])

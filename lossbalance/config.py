@@ -95,6 +95,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "strategy_options": {"alpha": 0.999, "expected_rho": 1.0, "tau": 1.0, "eps": 1e-12, "schedule": "authors"},
         "update_every": 1,
     },
+    # Liu, Liu, Jin, Stone & Liu 2023 (FAMO), the authors' famo.py (Cranial-XIX/FAMO): logits'
+    # Adam lr 0.025, weight decay (gamma) 0.01; the FAMO defaults are LibMTL's (weight decay 1e-3).
+    "liu2023": {
+        "strategy": "famo",
+        "strategy_options": {"lr": 0.025, "weight_decay": 0.01, "eps": 1e-8},
+        "update_every": 1,
+    },
 }
 
 _STRUCTURED_KEYS = (

@@ -480,7 +480,7 @@ def test_make_combiner():
     assert make_combiner(c) is c
     with pytest.raises(TypeError):
         make_combiner(c, rtol=1e-3)
-    with pytest.raises(ValueError, match=r"Did you mean 'pcgrad'.*Known: config, dcgd, mgda, pcgrad, sum, torchjd, upgrad"):
+    with pytest.raises(ValueError, match=r"Did you mean 'pcgrad'.*Known: config, dcgd, mconfig, mgda, pcgrad, sum, torchjd, upgrad"):
         make_combiner("pcgrd")
     with pytest.raises(ValueError, match="Known"):
         make_combiner("nonsense-xyz")
@@ -488,7 +488,7 @@ def test_make_combiner():
         make_combiner("torchjd")
     with pytest.raises(TypeError):
         make_combiner(3)
-    assert available_combiners() == ["config", "dcgd", "mgda", "pcgrad", "sum", "torchjd", "upgrad"]
+    assert available_combiners() == ["config", "dcgd", "mconfig", "mgda", "pcgrad", "sum", "torchjd", "upgrad"]
     assert repr(make_combiner("pcgrad")) == "PCGrad(order='random', double=True)"
 
 

@@ -95,6 +95,8 @@ SOURCES = {
     "jaxpi": ("gradnorm_ratio", 1000, dict(normalize="mean", alpha=0.1, eps=1e-5)),
     # rbischof/relative_balancing src/train.py: --alpha .999, --T 1., --rho 1.; update_rules.py: 1e-12.
     "bischof2021": ("relobralo", 1, dict(alpha=0.999, expected_rho=1.0, tau=1.0, eps=1e-12)),
+    # Cranial-XIX/FAMO famo.py: FAMO(gamma=0.01, w_lr=0.025), D = losses - min_losses + 1e-8.
+    "liu2023": ("famo", 1, dict(lr=0.025, weight_decay=0.01, eps=1e-8)),
 }
 
 

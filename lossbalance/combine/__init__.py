@@ -14,6 +14,8 @@ which the balancer writes into ``.grad``:
   Sener & Koltun 2018), solved exactly;
 - :class:`DCGD` (``"dcgd"``): dual cone gradient descent for a PDE group against a boundary group
   (Hwang & Lim 2024), variants ``center``, ``avg``, ``proj``;
+- :class:`MomentumConFIG` (``"mconfig"``): momentum ConFIG (Liu, Chu & Thuerey 2025), one
+  term's backward per step, round robin; the balancer handles it specially (below);
 - :class:`TorchJD` (``"torchjd:<Aggregator>"``): any ``torchjd.aggregation`` aggregator
   (optional dependency).
 
@@ -24,6 +26,24 @@ Gramian and the non-negative quadratic program the combiners share.
 
 :func:`make_combiner` turns a short name, a combiner object or a plain callable
 ``f(grads) -> direction`` into a :class:`Combiner`.
+
+``"mconfig"`` is not applied to the matrix: it changes which terms are differentiated. The
+balancer sees its ``one_term_per_step`` flag, differentiates only the term whose turn it is (one
+backward of one term per step) and hands that gradient to :meth:`MomentumConFIG.step`; it
+refuses strategies that need per-term gradients, ``diagnose_every``, a ``GradScaler`` and L-BFGS,
+and warns when wrapped around an optimizer with ``betas`` (pair it with ``torch.optim.SGD``).
+
+L-BFGS with a combiner (``step(closure=...)``): the closure's value, what L-BFGS sees as the
+loss, is the weighted total ``sum_i lambda_i L_i`` with the weights fixed for the whole step;
+``.grad`` is the combiner's direction at the evaluated point (the per-term gradients are
+recomputed at every evaluation: K backward passes each). That direction is in general not the
+gradient of that total, nor of any function (a field that is not a gradient). L-BFGS without a
+line search (``line_search_fn=None``: steps of ``lr`` along its quasi-Newton direction) only uses
+the value for its stopping test (``tolerance_change``) and builds its curvature pairs from
+differences of the direction: a secant method on the direction field, consistent, and what runs
+here. A strong-Wolfe line search tests the total's decrease and curvature along a direction that
+is not its gradient: inconsistent, so the balancer refuses it (``ValueError`` when built or
+stepped). Keep ``lr`` small (e.g. 0.1): without a line search, L-BFGS steps are not damped.
 
 Conventions shared by every combiner here:
 
@@ -44,12 +64,13 @@ from .base import CallableCombiner, Combiner, available_combiners, make_combiner
 from .conflict_free import ConFIG
 from .dual_cone import DCGD
 from .mgda import MGDA
+from .momentum import MomentumConFIG
 from .pcgrad import PCGrad
 from .torchjd_adapter import TorchJD
 from .upgrad import UPGrad
 from .weighted_sum import WeightedSum
 
 __all__ = [
-    "Combiner", "WeightedSum", "PCGrad", "ConFIG", "UPGrad", "MGDA", "DCGD", "TorchJD", "CallableCombiner",
+    "Combiner", "WeightedSum", "PCGrad", "ConFIG", "UPGrad", "MGDA", "DCGD", "MomentumConFIG", "TorchJD", "CallableCombiner",
     "make_combiner", "available_combiners",
 ]

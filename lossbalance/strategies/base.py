@@ -40,6 +40,8 @@ class Strategy(ABC):
     A strategy owns its state and serialises it; it never touches ``.grad`` or the optimizer.
     Subclasses set ``name`` (the registry's short name), ``needs_gradients``, and ``fixed`` when
     ``update`` would always return the current weights (the balancer then never calls it).
+    Optionally ``observe(names, losses)``: the detached loss values after the model's step, which
+    ``LossBalancer.observe`` / ``step(after=)`` pass on (used by ``famo``).
     """
 
     name: ClassVar[str] = ""

@@ -1,0 +1,210 @@
+"""FAMO: fast adaptive multitask optimization (Liu, Liu, Jin, Stone & Liu 2023)."""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .base import StepRecord, Strategy, register
+from .learned import LearnedScalars, optimizer_settings
+
+__all__ = ["FAMO"]
+
+
+@register
+class FAMO(Strategy):
+    r"""Fast adaptive multitask optimization: softmax logits learned from the log-loss decrease.
+
+    Liu, Liu, Jin, Stone & Liu, "FAMO: Fast Adaptive Multitask Optimization", NeurIPS 2023
+    (arXiv 2306.03792); checked against the authors' ``famo.py`` (github.com/Cranial-XIX/FAMO:
+    ``set_min_losses``, ``get_weighted_loss``, ``update``) and LibMTL's ``weighting/FAMO.py``.
+    With logits ``xi`` (one per term, 0 at the start), ``z = softmax(xi)`` and the gaps
+    ``D_i = L_i - L_i^min + eps``, the model's step minimises::
+
+        sum_i z_i log D_i / c,        c = sum_j z_j / D_j   (held constant, "detached")
+
+    whose gradient is ``sum_i z_i / (c D_i) grad L_i``: the weight applied to ``L_i`` is::
+
+        lambda_i = z_i / (D_i c) = (z_i / D_i) / sum_j (z_j / D_j)      (sum_i lambda_i = 1)
+
+    so one backward of the weighted sum, as for every loss-value strategy: the cost of a plain
+    step. The weights sum to 1 (a convex combination of the terms' gradients of ``log L_i``,
+    rescaled): switching from static weights 1 divides the step by about K; scale the learning
+    rate. After the model's step the logits take one Adam step on::
+
+        delta_i = log D_i(before the step) - log D_i(after the step)
+        d xi_j  = sum_i delta_i dz_i/dxi_j = z_j (delta_j - sum_i z_i delta_i)
+
+    (the softmax Jacobian applied to ``delta``; the authors' ``autograd.grad(softmax(w), w,
+    grad_outputs=delta)``). A term whose log-loss fell less than the z-weighted average gains
+    weight.
+
+    **Where "after the step" comes from.** The authors re-evaluate the losses on the same batch
+    under ``torch.no_grad()`` after ``optimizer.step()``. A PINN's residual needs input
+    gradients, so there is no cheap no-grad re-forward. Two sources here:
+
+    - default, no extra cost: the next update's losses. At update ``t`` the logits first learn
+      from ``delta = log D(t-1) - log D(t)``, with ``L(t)`` the losses of this update's dict and
+      ``L(t-1)`` those of the previous update, then the weights are computed from the new
+      logits and ``L(t)``. With a fixed batch (full-batch PINNs, fixed collocation points) this
+      is *exactly* the authors' algorithm: their re-evaluation at ``theta_t`` is this step's
+      forward, only the logit update moves from the end of one step to the start of the next.
+      With resampled points ``delta`` also holds the change of batch (one step of lag: the
+      logits judge the step from ``theta_(t-1)`` by losses on the new points). With
+      ``LossBalancer(..., update_every=n)`` ``delta`` spans the n steps between two updates.
+    - exact, one extra forward per step: ``balancer.step(losses, after=closure)`` (or
+      ``balancer.observe(closure())`` after your own ``optimizer.step()``), the closure
+      rebuilding the loss dict on the same points at the new parameters (gradients enabled,
+      so a PINN can differentiate with respect to its inputs; its graph is dropped). The
+      logits then learn at once (:meth:`observe`) and the next update does not learn again.
+      The extra forward is a full forward with its graph (for a PINN, its input derivatives):
+      on the tiny 1-D PINN of the tests (width 64, CPU) a step costs 1.4 times the step without
+      it. Only after steps that updated the weights.
+
+    The total ``LossBalancer.step`` returns is ``sum_i lambda_i L_i``, not the objective above
+    (the balancer's total is always the weighted sum that was differentiated). The authors'
+    optional gradient clipping (``max_norm``) is not part of the strategy: clip between
+    ``balancer.backward(losses)`` and ``optimizer.step()``.
+
+    Defaults, LibMTL's: ``lr = 0.025`` (the logits' Adam), ``weight_decay = 1e-3`` (Adam's L2
+    term on the logits, the authors' ``gamma``), ``eps = 1e-8``, ``min_losses = 0``. The
+    authors' ``famo.py`` uses ``weight_decay = 0.01``: the ``liu2023`` preset of
+    :mod:`lossbalance.config` (or ``FAMO(**FAMO.OFFICIAL)``). ``min_losses``: the lower bounds
+    ``L_i^min`` (the authors' ``set_min_losses``), a float or a dict per term name (0 for terms
+    it does not name).
+
+    Numerics: a loss below its bound would make ``log D`` undefined; the gap is floored,
+    ``D_i = max(L_i - L_i^min, 0) + eps`` (documented floor, no error: checking would cost a host
+    sync per update): such a term counts as being at its minimum and its weight becomes large.
+    Give true lower bounds. The weights are computed as ``(z / D) / c`` (no product that could
+    overflow) and clamped to ``[finfo.tiny, finfo.max]``: finite and positive for losses from
+    0 to 1e30 in float32 and float64. The logits take the dtype and device of the losses at a
+    term's first update.
+
+    Behaviour to expect: the step descends on ``sum_i z_i log L_i``, so a term's weight grows as
+    ``1 / L_i``: terms that can be driven to 0 (e.g. a PINN's boundary terms at a few points)
+    take the weight, and the others move only once the logits, at about ``lr`` per update, have
+    shifted (a factor ``e`` in ``z`` takes ~40 Adam updates at the default ``lr``). On the tiny
+    1-D Poisson PINN of the tests (Adam, 150 steps) the boundary terms fall to ~1e-9 and the
+    residual by ~4 %. Setting ``min_losses`` to a known floor (noise level, discretisation
+    error) or raising ``eps`` limits that pull.
+
+    Terms that come and go: a term's logit is created (0) at its first update; the softmax runs
+    over the terms present; ``delta`` over the terms present at both ends of the step (the
+    others' logits stay as they are). ``min_weight``/``max_weight`` of the balancer clamp what
+    is applied but do not feed back into the logits.
+
+    ``state_dict()`` holds the logits, their Adam state and the pending ``log D`` of the last
+    update (the step not yet judged): a resumed run continues bit for bit.
+    """
+
+    name = "famo"
+    needs_gradients = False
+    OFFICIAL = {"lr": 0.025, "weight_decay": 0.01, "eps": 1e-8}  # Cranial-XIX/FAMO famo.py
+
+    def __init__(
+        self,
+        *,
+        lr: float = 0.025,
+        weight_decay: float = 1e-3,
+        min_losses: float | Mapping[str, float] = 0.0,
+        eps: float = 1e-8,
+    ):
+        if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr (learning rate of the logits) must be finite and > 0, got {lr!r}")
+        if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0 and math.isfinite(weight_decay)):
+            raise ValueError(f"weight_decay must be finite and >= 0, got {weight_decay!r}")
+        if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
+            raise ValueError(f"eps must be finite and > 0 (it keeps log D finite), got {eps!r}")
+        bounds = min_losses.values() if isinstance(min_losses, Mapping) else [min_losses]
+        for value in bounds:
+            if not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ValueError(f"min_losses must be a finite float or a dict of them, got {min_losses!r}")
+        cls, options = optimizer_settings("Adam", lr, {"weight_decay": weight_decay}, what="the FAMO logits")
+        self.lr = float(lr)
+        self.weight_decay = float(weight_decay)
+        self.eps = float(eps)
+        self.min_losses = dict(min_losses) if isinstance(min_losses, Mapping) else float(min_losses)
+        self._logits = LearnedScalars(cls, self.lr, options)
+        self._pending: dict[str, Tensor] = {}  # log D of the last update, until a later loss judges its step
+
+    def options(self) -> dict[str, Any]:
+        return {"lr": self.lr, "weight_decay": self.weight_decay, "min_losses": self.min_losses, "eps": self.eps}
+
+    # ------------------------------------------------------------------ reporting
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The Adam optimizer of the logits (``None`` before the first update)."""
+        return self._logits.optimizer
+
+    @property
+    def logits(self) -> dict[str, float]:
+        """The current logits ``xi_i`` per term (for reporting; syncs with the device)."""
+        return {n: float(x.detach()) for n, x in self._logits.params.items()}
+
+    # ------------------------------------------------------------------ the method
+    def _bound(self, name: str) -> float:
+        if isinstance(self.min_losses, dict):
+            return float(self.min_losses.get(name, 0.0))
+        return self.min_losses
+
+    def _gap(self, names: Sequence[str], losses: Tensor) -> Tensor:
+        """``D_i = max(L_i - L_i^min, 0) + eps`` of the present terms."""
+        bounds = torch.tensor([self._bound(n) for n in names], dtype=losses.dtype, device=losses.device)
+        return (losses - bounds).clamp_min(0) + self.eps
+
+    def _learn(self, names: Sequence[str], log_gap: Tensor) -> None:
+        """One Adam step of the logits on ``delta = pending log D - log_gap`` (terms in both)."""
+        pending, self._pending = self._pending, {}
+        rows = [i for i, n in enumerate(names) if n in pending]
+        if not rows:
+            return
+        judged = [names[i] for i in rows]
+        new = log_gap[torch.tensor(rows, device=log_gap.device)] if len(rows) < len(names) else log_gap
+        delta = torch.stack([pending[n] for n in judged]) - new
+
+        def gradient(xi: Tensor) -> tuple[None, Tensor]:
+            z = torch.softmax(xi, 0)
+            d = delta.to(xi.dtype)
+            return None, z * (d - (z * d).sum())
+
+        self._logits.step(judged, gradient)
+
+    def observe(self, names: Sequence[str], losses: Tensor) -> None:
+        """The losses after the model's step (same points, new parameters): the logits learn now.
+
+        ``LossBalancer.observe`` and ``step(..., after=)`` call it; without it the next update
+        learns from its own losses (see the class docstring). Does nothing when no update is
+        pending (e.g. a second call)."""
+        if self._pending:
+            self._learn(tuple(names), self._gap(names, losses.detach()).log())
+
+    def update(self, record: StepRecord) -> Tensor:
+        names, losses = record.names, record.losses.detach()
+        gap = self._gap(names, losses)
+        log_gap = gap.log()
+        if self._pending:  # the previous update's step, judged by this update's losses
+            self._learn(names, log_gap)
+        self._logits.ensure(names, lambda n: losses.new_zeros(()))
+        z = torch.softmax(self._logits.values(names), 0).to(losses.dtype)
+        q = z / gap
+        info = torch.finfo(losses.dtype)
+        weights = (q / q.sum()).clamp(info.tiny, info.max)
+        self._pending = dict(zip(names, log_gap.unbind()))
+        return weights
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        state = self._logits.state_dict()
+        return {
+            "names": state["order"], "logits": state["values"], "optimizer": state["optimizer"],
+            "pending": {n: v.clone() for n, v in self._pending.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._logits.load_state_dict(
+            {"order": state["names"], "values": state["logits"], "optimizer": state.get("optimizer")}
+        )
+        self._pending = {n: v.clone() for n, v in state.get("pending", {}).items()}
