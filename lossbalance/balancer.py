@@ -144,12 +144,7 @@ class LossBalancer:
         distributed: bool | None = None,
         process_group: Any = None,
     ):
-        given = locals()
-        problems = option_problems({name: given[name] for name in PLAIN_NAMES})
-        if problems:
-            raise ValueError("; ".join(problems))
-        if isinstance(terms, str):
-            raise TypeError(f"terms must be a list of term names, got the string {terms!r}; write terms=[{terms!r}]")
+        _check_plain_options(locals(), terms)
         self.optimizer, self._own_groups = _optimizer_and_groups(optimizer)
         self.strategy = make_strategy(strategy)
         self.update_every = update_every
@@ -168,11 +163,27 @@ class LossBalancer:
         self._hooks: dict[int, Callable[["LossBalancer"], None]] = OrderedDict()
         self._scope_params = {name: list(params) for name, params in (scope or {}).items()}
         self._install_engine(self._balanced_params())
+        self._install_combiner(combine)
+        self._declare_terms(terms, weights, min_weight, max_weight, optional)
+        self._needs_closure = self.optimizer is not None and _needs_closure(self.optimizer)
+        if self._momentum:
+            self._check_one_term_per_step()
+        self._check_line_search()
+        self._step = 0
+        self._updates = 0
+        self._skipped = 0
+        self._previous: dict[str, weakref.ref] = {}  # last call's term tensors: to name a stale one
+        self._log = StepLog(history)
+
+    def _install_combiner(self, combine: str | Combiner | Callable[[Tensor], Tensor]) -> None:
         self.combiner = make_combiner(combine)
         self._momentum = bool(getattr(self.combiner, "one_term_per_step", False))  # "mconfig"
         self._combines = not isinstance(self.combiner, WeightedSum) and not self._momentum
-        if (self._combines or diagnose_every) and not self._engine.keeps_gradients:
+        if (self._combines or self.diagnose_every) and not self._engine.keeps_gradients:
             raise ValueError("combine= and diagnose_every= need the kept per-term gradients: memory='keep' and no probe")
+
+    def _declare_terms(self, terms, weights, min_weight, max_weight, optional) -> None:
+        """The term table, with ``terms=`` declared and the per-term options' names checked."""
         fixed = getattr(self.strategy, "weights", None) if isinstance(self.strategy, Static) else None
         if fixed is not None:  # Static(weights=...): the initial weights; weights= wins per term
             weights = {**fixed, **(weights or {})}
@@ -184,15 +195,6 @@ class LossBalancer:
             self.add_term(name)
         if self._terms.names:
             self._terms.check_option_names(self._terms.names, self._scopes, declared=True)
-        self._needs_closure = self.optimizer is not None and _needs_closure(self.optimizer)
-        if self._momentum:
-            self._check_one_term_per_step()
-        self._check_line_search()
-        self._step = 0
-        self._updates = 0
-        self._skipped = 0
-        self._previous: dict[str, weakref.ref] = {}  # last call's term tensors: to name a stale one
-        self._log = StepLog(history)
 
     # ------------------------------------------------------------------ set-up helpers
     @property
@@ -962,6 +964,15 @@ def _resolve_scopes(scope_params: Mapping[str, list[Tensor]], held: frozenset[in
             )
         scopes[name] = ids
     return scopes
+
+
+def _check_plain_options(given: Mapping[str, Any], terms: Any) -> None:
+    """The constructor's plain options (one table: :mod:`lossbalance.options`) and ``terms``."""
+    problems = option_problems({name: given[name] for name in PLAIN_NAMES})
+    if problems:
+        raise ValueError("; ".join(problems))
+    if isinstance(terms, str):
+        raise TypeError(f"terms must be a list of term names, got the string {terms!r}; write terms=[{terms!r}]")
 
 
 def _optimizer_and_groups(given: Any) -> tuple[torch.optim.Optimizer | None, list[dict[str, Any]]]:
