@@ -93,7 +93,7 @@ def test_example_runs(name, capsys):
         assert result["logged"]["weight/bc"] == pytest.approx(weights["bc"])  # self.log of the last step
         assert result["logged"]["weight/pde"] == 1.0 and math.isfinite(result["logged"]["loss/pde"])
         assert result["after"]["pde"] < result["before"]["pde"]
-        assert "30 steps (manual optimisation)" in out
+        assert "30 steps (automatic optimisation)" in out
         return
     if name == "inverse_problem":
         # 600 of the 3000 default steps: k is on its way (about 12 % off, from 60 % at k_init = 1)
