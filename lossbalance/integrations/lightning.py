@@ -64,7 +64,9 @@ class LossBalancerCallback(pl.Callback):
 
     Args:
         balancer: the balancer; default: ``pl_module.balancer``, looked up when needed (so it
-            may be built in ``configure_optimizers`` or ``on_fit_start``).
+            may be built in ``configure_optimizers`` or ``on_fit_start``). Anything with the
+            balancer's ``state_dict``, ``load_state_dict`` and ``stats`` works too (PINA's
+            :class:`~lossbalance.integrations.pina.BalancedWeighting`).
         log: log ``weight/<term>`` and ``loss/<term>`` after every training batch.
         prefix: prepended to the logged names (``prefix + "weight/pde"``).
         prog_bar: also show the logged figures in the progress bar.
@@ -72,8 +74,11 @@ class LossBalancerCallback(pl.Callback):
 
     def __init__(self, balancer: LossBalancer | None = None, *, log: bool = True, prefix: str = "", prog_bar: bool = False):
         super().__init__()
-        if balancer is not None and not isinstance(balancer, LossBalancer):
-            raise TypeError(f"LossBalancerCallback takes a LossBalancer (or None), got {type(balancer).__name__}")
+        if balancer is not None and not _balancer_like(balancer):
+            raise TypeError(
+                f"LossBalancerCallback takes a LossBalancer (or an object with its state_dict, load_state_dict "
+                f"and stats, such as lossbalance.integrations.pina.BalancedWeighting), got {type(balancer).__name__}"
+            )
         self._given = balancer
         self.log = log
         self.prefix = prefix
@@ -119,8 +124,9 @@ class LossBalancerCallback(pl.Callback):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         balancer = self.balancer(pl_module, required=False)
-        if balancer is not None:
-            checkpoint[CHECKPOINT_KEY] = balancer.state_dict()
+        state = None if balancer is None else balancer.state_dict()
+        if state is not None:
+            checkpoint[CHECKPOINT_KEY] = state
         elif self._pending is not None:
             checkpoint[CHECKPOINT_KEY] = self._pending[0]
 
@@ -133,5 +139,9 @@ class LossBalancerCallback(pl.Callback):
             balancer.load_state_dict(state)
         self._pending = (state, balancer)
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # noqa: D105
         return f"LossBalancerCallback({'pl_module.balancer' if self._given is None else self._given!r})"
+
+
+def _balancer_like(obj: Any) -> bool:
+    return isinstance(obj, LossBalancer) or all(hasattr(obj, n) for n in ("state_dict", "load_state_dict", "stats"))
