@@ -9,34 +9,25 @@ points from the training ``DataLoader``, second derivative by ``autograd.grad(..
 create_graph=True)``) and ``"bc"`` (both boundary values), balanced by learning-rate annealing
 with the residual as the reference, updated every 10 steps.
 
-How the balancer fits into Lightning:
+How the balancer fits into Lightning (``lossbalance.integrations.lightning``):
 
-* **Manual optimisation** (``self.automatic_optimization = False``): the balancer computes the
-  per-term gradients and writes ``.grad`` itself, so Lightning must not call ``backward``.
-* **The balancer wraps the torch optimizer**, ``self.optimizers().optimizer``: Lightning hands
-  out a ``LightningOptimizer`` wrapper, whose ``.optimizer`` is the optimizer that
-  ``configure_optimizers`` returned. It is built in ``on_train_start``, once the Trainer has put
-  the model on its device and created (and, on resume, restored) the optimizer.
-* **The step**: ``self.balancer.backward(losses)`` writes the balanced gradient, then
-  ``self.optimizers().step()`` steps through Lightning. Calling ``self.balancer.step(losses)``,
-  which steps the torch optimizer directly, also trains, but Lightning does not see the step:
-  ``trainer.global_step`` stays 0, so ``max_steps`` never ends the run (measured with Lightning
-  2.6.6: with ``max_steps=5``, ``max_epochs=3`` and 8 batches per epoch it ran all 24 steps),
-  and step-based logging, checkpointing and callbacks do not fire. Going through
-  ``LightningOptimizer.step`` counts the step and runs the ``on_before_optimizer_step`` hooks.
-* **Logging**: ``self.log_dict`` with every weight (``weight/pde``, ``weight/bc``) and every
-  unweighted term (``loss/pde``, ``loss/bc``), on every step. ``--log-dir DIR`` writes them to
-  ``DIR/lightning_module/version_N/metrics.csv`` (``CSVLogger``, every 10 steps).
-* **Checkpoints**: ``on_save_checkpoint`` stores ``balancer.state_dict()`` (the weights, the
-  strategy's state, the step counter and the random generator; it also holds a copy of the
-  optimizer's state) under ``"lossbalance"``. ``on_load_checkpoint`` keeps it until
-  ``on_train_start`` builds the balancer and loads it, so ``trainer.fit(..., ckpt_path=...)``
-  continues with the saved weights.
+* **Automatic optimisation**: ``training_step`` returns ``self.balancer.loss(losses)``, a scalar
+  whose value is the weighted total and whose ``.backward()`` (Lightning's) accumulates exactly
+  the balanced gradient. Lightning then does everything as usual: ``optimizer.step()``,
+  ``global_step``, gradient clipping (``--clip``), gradient accumulation (``--accumulate``: each
+  micro-batch is one balancer step), the LR scheduler, ``bf16-mixed`` precision.
+* **The balancer is built from the parameters**, without an optimizer (Lightning steps its
+  own), in ``configure_optimizers``: the Trainer has moved the module to its device by then.
+* **``LossBalancerCallback``** (``pl_module.balancer``) logs ``weight/<term>`` and
+  ``loss/<term>`` (unweighted) through ``self.log`` after every batch, so ``--log-dir DIR``
+  writes them to ``DIR/lightning_module/version_N/metrics.csv`` (``CSVLogger``, every 10 steps),
+  and stores ``balancer.state_dict()`` in Lightning's checkpoints under ``"lossbalance"``:
+  ``trainer.fit(..., ckpt_path=...)`` continues with the saved weights, strategy state and
+  step counter (the callback loads them into the balancer that ``configure_optimizers`` builds).
 
-Precision: the balancer runs its own backward passes, which Lightning's ``"16-mixed"`` plugin
-never scales, yet its ``GradScaler`` unscales (divides) the gradients when the optimizer steps:
-do not combine ``"16-mixed"`` with this pattern. The default (32-bit) and ``--precision
-bf16-mixed`` (autocast, no scaler) work; both were run on CPU with Lightning 2.6.6.
+Precision: the default (32-bit) and ``--precision bf16-mixed`` (autocast, no scaler) work. Under
+``"16-mixed"`` Lightning scales the returned loss (hence the gradient) and unscales it before the
+step, but the balancer's per-term gradients are taken unscaled in float16: prefer bf16.
 
     pip install lightning
     python examples/lightning_module.py --steps 2000 --log-dir runs/
@@ -91,45 +82,29 @@ def make_module_class(pl: ModuleType) -> type:
     class PoissonPINN(pl.LightningModule):
         def __init__(self, hidden: Sequence[int] = (32, 32), lr: float = 1e-3, update_every: int = 10, seed: int = 0):
             super().__init__()
-            self.automatic_optimization = False  # the balancer does the backward passes
             self.net = MLP([1, *hidden, 1], generator=torch.Generator().manual_seed(seed))
             self.lr = lr
             self.update_every = update_every
             self.balancer: LossBalancer | None = None
-            self._balancer_state: dict[str, Any] | None = None  # from a checkpoint, until on_train_start
             self.start_weights: dict[str, float] = {}
 
         def forward(self, x: Tensor) -> Tensor:
             return self.net(x)
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
+            # the parameters are on their device now; no optimizer in the balancer: Lightning steps its own
+            self.balancer = LossBalancer(self.parameters(), LRAnnealing(reference="pde"),
+                                         update_every=self.update_every, terms=["pde", "bc"])
             return torch.optim.Adam(self.parameters(), lr=self.lr)
 
         def on_train_start(self) -> None:
-            # self.optimizers() is a LightningOptimizer; .optimizer is the torch optimizer inside it
-            self.balancer = LossBalancer(self.optimizers().optimizer, LRAnnealing(reference="pde"),
-                                         update_every=self.update_every, terms=["pde", "bc"])
-            if self._balancer_state is not None:
-                self.balancer.load_state_dict(self._balancer_state)
-                self._balancer_state = None
-            self.start_weights = self.balancer.weights  # what this fit starts from (restored on resume)
+            assert self.balancer is not None  # the callback's on_train_start, first, restored a checkpoint's state
+            self.start_weights = self.balancer.weights  # what this fit starts from
 
         def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
             assert self.balancer is not None
             (x,) = batch
-            losses = poisson_losses(self.net, x)
-            total = self.balancer.backward(losses)  # balanced gradient in .grad (no Lightning backward)
-            self.optimizers().step()  # through Lightning: counts global_step, runs its hooks
-            self.log_dict({f"weight/{name}": weight for name, weight in self.balancer.weights.items()})
-            self.log_dict({f"loss/{name}": value.detach() for name, value in losses.items()})
-            return total
-
-        def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-            if self.balancer is not None:
-                checkpoint["lossbalance"] = self.balancer.state_dict()
-
-        def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-            self._balancer_state = checkpoint.get("lossbalance")
+            return self.balancer.loss(poisson_losses(self.net, x))  # Lightning calls .backward() on it
 
     return PoissonPINN
 
@@ -151,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=64, help="collocation points per step (default 64)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     parser.add_argument("--update-every", type=int, default=10, help="LRA update interval (default 10)")
+    parser.add_argument("--clip", type=float, default=None, help="Trainer gradient_clip_val (default: none)")
+    parser.add_argument("--accumulate", type=int, default=1, help="Trainer accumulate_grad_batches (default 1)")
     parser.add_argument("--precision", default=None, help="Trainer precision, e.g. bf16-mixed (default: Lightning's, 32)")
     parser.add_argument("--log-dir", default=None, help="write the logged weights and terms with a CSVLogger here")
     parser.add_argument("--ckpt-path", default=None, help="resume from this Lightning checkpoint")
@@ -159,8 +136,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a network this small more threads only add overhead)")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1 or args.points < 1 or args.update_every < 1:
-        parser.error("need --steps, --points, --batch-size and --update-every >= 1")
+    if min(args.steps, args.batch_size, args.points, args.update_every, args.accumulate) < 1:
+        parser.error("need --steps, --points, --batch-size, --update-every and --accumulate >= 1")
 
     pl = import_lightning()
     if pl is None:
@@ -198,8 +175,12 @@ def run(pl: ModuleType, args: argparse.Namespace) -> dict[str, Any]:
     logger: Any = False
     if args.log_dir is not None:
         logger = pl.loggers.CSVLogger(args.log_dir, name="lightning_module")
+    from lossbalance.integrations.lightning import LossBalancerCallback
+
     options = {} if args.precision is None else {"precision": args.precision}
     trainer = pl.Trainer(max_steps=args.steps, accelerator="cpu", devices=1, logger=logger, log_every_n_steps=10,
+                         callbacks=[LossBalancerCallback()], gradient_clip_val=args.clip,
+                         accumulate_grad_batches=args.accumulate,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **options)
     start = time.perf_counter()
     trainer.fit(module, loader, ckpt_path=args.ckpt_path)
@@ -211,7 +192,7 @@ def run(pl: ModuleType, args: argparse.Namespace) -> dict[str, Any]:
     logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     version = getattr(pl, "__version__", "?")
-    print(f"Lightning {version}: 1-D Poisson PINN, {trainer.global_step} steps (manual optimisation), "
+    print(f"Lightning {version}: 1-D Poisson PINN, {trainer.global_step} steps (automatic optimisation), "
           f"LRAnnealing(reference='pde') every {args.update_every}")
     print(f"{'':6} | {'pde':>9} | {'bc':>9} | {'rel. L2 error':>13} | weights")
     start_weights = ", ".join(f"{k}={v:.4g}" for k, v in module.start_weights.items())

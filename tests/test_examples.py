@@ -23,6 +23,7 @@ ARGS = {
     "multitask_pcgrad": ["--steps", "40"],
     "gradient_penalty": ["--steps", "30", "--eval-n", "500"],
     "lightning_module": ["--steps", "30"],
+    "deepxde_poisson": ["--steps", "200", "--lbfgs-steps", "20"],
 }
 
 
@@ -54,6 +55,8 @@ def test_every_example_has_a_tiny_budget():
 def test_example_runs(name, capsys):
     if name == "lightning_module":
         require_lightning()  # the run without Lightning: test_lightning_module_without_lightning
+    if name == "deepxde_poisson":
+        pytest.importorskip("deepxde", reason="needs DeepXDE (optional): pip install 'lossbalance[deepxde]'")
     module = load(name)
     assert module.__doc__ and callable(module.main)
     result = module.main(ARGS[name])
@@ -93,7 +96,14 @@ def test_example_runs(name, capsys):
         assert result["logged"]["weight/bc"] == pytest.approx(weights["bc"])  # self.log of the last step
         assert result["logged"]["weight/pde"] == 1.0 and math.isfinite(result["logged"]["loss/pde"])
         assert result["after"]["pde"] < result["before"]["pde"]
-        assert "30 steps (manual optimisation)" in out
+        assert "30 steps (automatic optimisation)" in out
+        return
+    if name == "deepxde_poisson":
+        assert result["skipped"] is False and result["adam"].step_count == 200
+        assert list(result["weights"]) == ["pde", "bc0", "bc1"] and result["weights"]["bc0"] != 1.0
+        assert result["lbfgs"].weights == result["weights"] and result["lbfgs"].frozen
+        assert result["lbfgs_error"] < result["adam_error"] < result["start_error"]
+        assert "L-BFGS (frozen weights)" in out
         return
     if name == "inverse_problem":
         # 600 of the 3000 default steps: k is on its way (about 12 % off, from 60 % at k_init = 1)
@@ -193,6 +203,12 @@ def test_lightning_module_without_lightning(monkeypatch, capsys):
     result = module.main(["--steps", "1"])
     assert result["skipped"] is True
     assert "pip install lightning" in capsys.readouterr().out
+
+
+def test_deepxde_poisson_without_deepxde(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "deepxde", None)
+    result = load("deepxde_poisson").main(["--steps", "1"])
+    assert result["skipped"] is True and "pip install 'lossbalance[deepxde]'" in capsys.readouterr().out
 
 
 def test_lightning_module_resumes_with_the_balancer_state(tmp_path, capsys):

@@ -1,0 +1,115 @@
+"""PINA (``pina-mathlab`` 0.3): ``BalancedWeighting``, a PINA weighting that runs a LossBalancer.
+
+::
+
+    from lossbalance.integrations.pina import BalancedWeighting
+    from lossbalance.integrations.lightning import LossBalancerCallback
+
+    weighting = BalancedWeighting("lra", update_every=10)
+    solver = PINN(problem, model, weighting=weighting)
+    trainer = Trainer(solver, max_epochs=1000, callbacks=[LossBalancerCallback(weighting)])
+    trainer.train()
+    weighting.weights            # {"boundary": ..., "D": ...}, one term per PINA condition
+
+How it hooks in: a PINA solver (a LightningModule, automatic optimisation) computes one scalar
+loss per condition and hands the dict to ``solver.weighting.aggregate(losses)``, which is
+``@final`` in ``BaseWeighting``: it calls ``update_weights(losses)`` (with
+``update_every_n_epochs=1``: on every call), multiplies each loss by its weight and reduces the
+stack with the weighting's ``aggregator`` callable. ``BalancedWeighting`` uses those two
+extension points: in a training step, ``update_weights`` calls ``balancer.loss(losses)`` (one
+balancer step) and returns the balancer's weights, and the aggregator returns that balanced loss
+instead of the weighted sum. Lightning's backward of it accumulates exactly the balanced
+gradient. In validation and test steps (PINA calls the same ``aggregate``), the balancer is not
+stepped: the aggregate is the weighted sum with the current weights.
+
+The balancer is built at the first training step, from the solver's parameters that require
+grad (the model's and, for an inverse problem, the unknown parameters), once Lightning has put
+them on their device; ``LossBalancer`` keywords go to ``BalancedWeighting(strategy, **options)``.
+``state_dict()``/``load_state_dict()`` (a state loaded before the first step is applied when the
+balancer is built) let :class:`~lossbalance.integrations.lightning.LossBalancerCallback` store
+it in Lightning checkpoints and log ``weight/<condition>`` and ``loss/<condition>``.
+
+Tested with ``PINN`` (``PhysicsInformedSingleModelSolver``). Not tested: the causal, RBA,
+gradient-enhanced, self-adaptive and competitive solvers (they change the per-condition losses
+or train several models with manual optimisation), DDP, and a resumed ``trainer.train(ckpt_path=...)``.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from ..balancer import LossBalancer
+from ..strategies.base import Strategy
+from ._imports import require
+
+__all__ = ["BalancedWeighting"]
+
+_weighting = require("pina.weighting", "pina", "lossbalance.integrations.pina")
+
+
+class BalancedWeighting(_weighting.BaseWeighting):
+    """A PINA weighting whose aggregate is ``LossBalancer.loss`` of the conditions' losses.
+
+    Args:
+        strategy: the :class:`~lossbalance.LossBalancer` strategy (a name or a Strategy).
+        options: any other ``LossBalancer`` keyword (``update_every=``, ``weights=``, ...).
+    """
+
+    def __init__(self, strategy: str | Strategy = "lra", **options: Any):
+        super().__init__(update_every_n_epochs=1, aggregator=self._aggregate)
+        self.strategy = strategy
+        self.options = options
+        self.balancer: LossBalancer | None = None
+        self._balanced: Tensor | None = None  # this aggregate's balanced loss (training steps)
+        self._pending: Mapping[str, Any] | None = None
+
+    def _training(self) -> bool:
+        trainer = getattr(self.solver, "trainer", None) if self.solver is not None else None
+        return bool(trainer is not None and trainer.training and torch.is_grad_enabled())
+
+    def _build(self) -> LossBalancer:
+        params = [p for p in self.solver.parameters() if p.requires_grad]
+        self.balancer = LossBalancer(params, self.strategy, **self.options)
+        if self._pending is not None:
+            self.balancer.load_state_dict(self._pending)
+            self._pending = None
+        return self.balancer
+
+    def update_weights(self, losses: Mapping[str, Tensor]) -> dict[str, float]:
+        if self._training():
+            balancer = self.balancer or self._build()
+            self._balanced = balancer.loss(losses)
+        else:
+            self._balanced = None
+        current = self.weights
+        return {name: current.get(name, 1.0) for name in losses}
+
+    def _aggregate(self, weighted: Tensor) -> Tensor:
+        balanced, self._balanced = self._balanced, None
+        return weighted.sum() if balanced is None else balanced
+
+    # ------------------------------------------------------------------ reporting and state
+    @property
+    def weights(self) -> dict[str, float]:
+        """The balancer's weights (before the first training step: the initial ``weights=``)."""
+        if self.balancer is not None:
+            return self.balancer.weights
+        return {name: float(w) for name, w in (self.options.get("weights") or {}).items()}
+
+    @property
+    def stats(self) -> dict[str, dict[str, float]]:
+        return {} if self.balancer is None else self.balancer.stats
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return self.balancer.state_dict() if self.balancer is not None else self._pending
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self.balancer is None:
+            self._pending = state
+        else:
+            self.balancer.load_state_dict(state)
+
+    def __repr__(self) -> str:
+        return f"BalancedWeighting({self.balancer!r})" if self.balancer else f"BalancedWeighting({self.strategy!r})"
