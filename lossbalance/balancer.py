@@ -225,10 +225,13 @@ class LossBalancer:
         self._unbalanced = [p for g in self.param_groups for p in g["params"] if not p.requires_grad]
 
     def _refresh_parameters(self) -> None:
-        """Follow ``requires_grad`` changes of the optimizer's parameters (freezing mid-run)."""
+        """Follow ``requires_grad`` changes of the optimizer's parameters (freezing mid-run), and
+        a move of the parameters to another device or dtype (``model.to(...)``, as Lightning
+        does after the module is built): the weights move with them."""
         params = self._balanced_params()
         if not self._engine.holds(params):
             self._install_engine(params)
+            self._terms.to(self._engine.device, torch.promote_types(self._engine.dtype, torch.float32))
 
     def _check_line_search(self) -> None:
         """L-BFGS with a combiner: no line search (see :mod:`lossbalance.combine`, "L-BFGS")."""

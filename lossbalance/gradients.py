@@ -188,8 +188,10 @@ class GradientEngine:
 
     # ------------------------------------------------------------------ what it holds
     def holds(self, params: Sequence[Tensor]) -> bool:
-        """Whether this engine was built for exactly ``params`` (same tensors, same order)."""
-        return tuple(map(id, params)) == self._ids
+        """Whether this engine was built for exactly ``params`` (same tensors, same order, still
+        on the device and in the dtype it was built for: ``module.to()`` moves them in place)."""
+        first = params[0]
+        return tuple(map(id, params)) == self._ids and first.device == self.device and first.dtype == self.dtype
 
 
     @property

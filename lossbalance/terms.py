@@ -143,6 +143,12 @@ class TermTable:
             return new
         return torch.minimum(torch.maximum(new, self.lower[index]), self.upper[index])
 
+    def to(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Move the weights and bounds (the parameters moved)."""
+        if self.weights.device != device or self.weights.dtype != dtype:
+            self.weights, self.lower, self.upper = (t.to(device, dtype) for t in (self.weights, self.lower, self.upper))
+            self._indexed = None
+
     def as_dict(self) -> dict[str, float]:
         return dict(zip(self.names, self.weights.tolist()))
 

@@ -324,3 +324,23 @@ def test_history_entries_are_built_once_and_follow_the_steps():
     later = balancer.history
     assert [e["step"] for e in later] == [2, 3, 4]
     assert later[-1]["weights"] == balancer.weights and set(later[-1]) >= {"grad_norm", "cosine"}
+
+
+# ---------------------------------------------------------------- the parameters moved (module.to)
+@pytest.mark.parametrize("strategy", ["lra", "static", "relobralo"])
+@pytest.mark.parametrize("when", ["before the first step", "after some steps"])
+def test_the_balancer_follows_its_parameters_to_another_dtype(strategy, when):
+    """``model.to(...)`` moves the parameters in place (as Lightning does after the module and
+    its balancer are built): the balancer follows them instead of writing stale-typed grads."""
+    problem = PINN1D(seed=2)  # SGD: Adam's own float32 moments would refuse float64 grads, in plain PyTorch too
+    balancer = LossBalancer(torch.optim.SGD(problem.model.parameters(), lr=1e-3), strategy)
+    if when == "after some steps":
+        for _ in range(3):
+            balancer.step(problem.losses())
+    problem.model.double()
+    problem.x = problem.x.double()
+    for _ in range(3):
+        balancer.step(problem.losses())
+    assert all(p.grad.dtype == torch.float64 for p in problem.model.parameters())
+    assert balancer._terms.weights.dtype == torch.float64
+    assert all(torch.isfinite(torch.tensor(w)) for w in balancer.weights.values())
