@@ -80,6 +80,8 @@ class LossBalancer:
 
     Args:
         optimizer: any ``torch.optim.Optimizer``; its parameters that require grad are balanced.
+            Or the parameters themselves (``model.parameters()`` or param-group dicts): a balancer
+            without an optimizer, for :meth:`loss` and :meth:`backward` (``step()`` then raises).
         strategy: a :class:`~lossbalance.strategies.Strategy` or a registered short name.
         update_every: update the weights on every n-th step (the first step included).
         weights: initial weight per term (default 1).
