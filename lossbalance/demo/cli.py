@@ -42,8 +42,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m lossbalanc
         parser.error(f"--steps must be >= 1, got {args.steps}")
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
-    if args.progress == "tqdm" and importlib.util.find_spec("tqdm") is None:
-        parser.error("--progress tqdm needs tqdm: pip install 'lossbalance[progress]'")
+    _check_progress(args.progress, parser)
     try:
         resolve_strategies(args.strategies)
     except (ValueError, TypeError) as exc:
@@ -52,6 +51,12 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m lossbalanc
              device=args.device, out=args.out, plots=not args.no_plots, workers=args.workers,
              progress=args.progress, eval_n=args.eval_n)
     return 0
+
+
+def _check_progress(progress: str, parser: argparse.ArgumentParser) -> None:
+    """``--progress tqdm`` needs tqdm installed."""
+    if progress == "tqdm" and importlib.util.find_spec("tqdm") is None:
+        parser.error("--progress tqdm needs tqdm: pip install 'lossbalance[progress]'")
 
 
 def _key_values(items: Sequence[str], what: str, parser: argparse.ArgumentParser) -> dict[str, object]:
@@ -73,8 +78,29 @@ def _key_values(items: Sequence[str], what: str, parser: argparse.ArgumentParser
 def compare_main(argv: Sequence[str] | None = None, *, prog: str = "python -m lossbalance compare") -> int:
     """``python -m lossbalance compare --problem burgers --strategies static,lra,relobralo --seeds 3
     --steps 5000 [--out DIR] [--workers N]``: :func:`~lossbalance.demo.compare_strategies`; returns 0."""
-    from ..problems import PROBLEMS
     from .sweep import SweepError, compare_strategies
+
+    parser = _compare_parser(prog)
+    args = parser.parse_args(argv)
+    hidden, values = _widths_and_weights(args, parser)
+    _check_progress(args.progress, parser)
+    executor = _submitit_executor(args, parser) if args.engine == "submitit" else None
+    try:
+        compare_strategies(
+            args.problem, args.strategies, seeds=args.seeds, steps=args.steps, out=args.out, workers=args.workers,
+            engine=args.engine, executor=executor, best_static=args.best_static, best_static_values=values,
+            best_static_max=args.best_static_max,
+            problem_options=_key_values(args.problem_option, "--problem-option", parser), lr=args.lr,
+            lr_decay_every=args.lr_decay_every, batch_size=args.batch_size, hidden=hidden, eval_n=args.eval_n,
+            device=args.device, progress=args.progress, plots=not args.no_plots)
+    except SweepError as exc:
+        parser.error(str(exc))
+    return 0
+
+
+def _compare_parser(prog: str) -> argparse.ArgumentParser:
+    """The options of ``python -m lossbalance compare``."""
+    from ..problems import PROBLEMS
 
     parser = argparse.ArgumentParser(
         prog=prog, description="Which weighting for my PDE? Train every (strategy, seed) pair of one problem "
@@ -115,34 +141,30 @@ def compare_main(argv: Sequence[str] | None = None, *, prog: str = "python -m lo
                         help="submitit executor (default auto: SLURM when available, else local processes)")
     parser.add_argument("--cluster-option", action="append", default=[], metavar="KEY=VALUE",
                         help="submitit parameter, e.g. slurm_partition=gpu, timeout_min=120 (repeatable)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _widths_and_weights(args: argparse.Namespace,
+                        parser: argparse.ArgumentParser) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """``--hidden`` as ints and ``--best-static-values`` as floats."""
     try:
         hidden = tuple(int(h) for h in args.hidden.split(",") if h.strip())
         values = tuple(float(v) for v in args.best_static_values.split(",") if v.strip())
     except ValueError as exc:
         parser.error(f"--hidden / --best-static-values: {exc}")
-    if args.progress == "tqdm" and importlib.util.find_spec("tqdm") is None:
-        parser.error("--progress tqdm needs tqdm: pip install 'lossbalance[progress]'")
-    executor = None
-    if args.engine == "submitit":
-        if importlib.util.find_spec("submitit") is None:
-            parser.error("--engine submitit needs submitit: pip install 'lossbalance[cluster]'")
-        import os
+    return hidden, values
 
-        import submitit
 
-        executor = submitit.AutoExecutor(folder=os.path.join(args.out, "submitit"),
-                                         cluster=None if args.cluster == "auto" else args.cluster)
-        executor.update_parameters(**{"timeout_min": 60 * 24, "cpus_per_task": 1,
-                                      **_key_values(args.cluster_option, "--cluster-option", parser)})
-    try:
-        compare_strategies(
-            args.problem, args.strategies, seeds=args.seeds, steps=args.steps, out=args.out, workers=args.workers,
-            engine=args.engine, executor=executor, best_static=args.best_static, best_static_values=values,
-            best_static_max=args.best_static_max,
-            problem_options=_key_values(args.problem_option, "--problem-option", parser), lr=args.lr,
-            lr_decay_every=args.lr_decay_every, batch_size=args.batch_size, hidden=hidden, eval_n=args.eval_n,
-            device=args.device, progress=args.progress, plots=not args.no_plots)
-    except SweepError as exc:
-        parser.error(str(exc))
-    return 0
+def _submitit_executor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> object:
+    """A ``submitit.AutoExecutor`` in ``--out/submitit`` for ``--cluster``, with ``--cluster-option``."""
+    if importlib.util.find_spec("submitit") is None:
+        parser.error("--engine submitit needs submitit: pip install 'lossbalance[cluster]'")
+    import os
+
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=os.path.join(args.out, "submitit"),
+                                     cluster=None if args.cluster == "auto" else args.cluster)
+    executor.update_parameters(**{"timeout_min": 60 * 24, "cpus_per_task": 1,
+                                  **_key_values(args.cluster_option, "--cluster-option", parser)})
+    return executor

@@ -96,25 +96,7 @@ class SweepTable:
     def __str__(self) -> str:
         header = ("strategy", f"{self.metric_label} (mean ± std)", "seeds", "final weights", "wall time",
                   "time/step vs static")
-        lines = []
-        for row in self.rows:
-            if row["runs"] == row["failed"]:
-                error = "FAILED: " + row["failures"][0]
-            else:
-                error = f"{row['error_mean']:.3e} ± {row['error_std']:.1e}"
-                if row["failed"]:
-                    error += f" ({row['failed']} failed: {row['failures'][0]})"
-            weights = ", ".join(f"{k}={_number(v)}" for k, v in row["weights"].items())
-            ratio = "" if row["time_ratio"] is None else f"{row['time_ratio']:.2f}x"
-            wall = "" if row["wall_time"] is None else f"{row['wall_time']:.1f} s"
-            lines.append((row["strategy"], error, str(row["runs"] - row["failed"]), weights, wall, ratio))
-        widths = [max(len(line[i]) for line in (header, *lines)) for i in range(len(header))]
-        fmt = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-        text = [fmt(header), "-+-".join("-" * w for w in widths), *map(fmt, lines)]
-        for entry in self.published:
-            value = "not reported here" if entry.get("value") is None else f"{entry['value']:.1e}"
-            text.append(f"published: {value} ({entry['method']}; {entry['source']}, {entry['figure']})")
-        return "\n".join(text)
+        return "\n".join([*_aligned([header, *map(_cells, self.rows)]), *map(_published_line, self.published)])
 
     def to_csv(self, path: str | os.PathLike) -> Path:
         """The rows as CSV (weights as ``term=value;...``, errors as ``;``-separated)."""
@@ -149,6 +131,37 @@ class SweepTable:
         path = Path(path)
         _atomic_write(path, json.dumps(self.to_dict(), indent=1, allow_nan=True))
         return path
+
+
+def _cells(row: Mapping[str, Any]) -> tuple[str, ...]:
+    """The printed cells of one row: strategy, error, seeds, weights, wall time, time ratio."""
+    weights = ", ".join(f"{k}={_number(v)}" for k, v in row["weights"].items())
+    ratio = "" if row["time_ratio"] is None else f"{row['time_ratio']:.2f}x"
+    wall = "" if row["wall_time"] is None else f"{row['wall_time']:.1f} s"
+    return row["strategy"], _error_cell(row), str(row["runs"] - row["failed"]), weights, wall, ratio
+
+
+def _error_cell(row: Mapping[str, Any]) -> str:
+    """``mean ± std``, with the failed runs' count and first failure; ``FAILED: ...`` if all failed."""
+    if row["runs"] == row["failed"]:
+        return "FAILED: " + row["failures"][0]
+    error = f"{row['error_mean']:.3e} ± {row['error_std']:.1e}"
+    if row["failed"]:
+        error += f" ({row['failed']} failed: {row['failures'][0]})"
+    return error
+
+
+def _aligned(lines: Sequence[Sequence[str]]) -> list[str]:
+    """The header line (``lines[0]``), a rule and the other lines, in ``|``-separated padded columns."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    fmt = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return [fmt(lines[0]), "-+-".join("-" * w for w in widths), *map(fmt, lines[1:])]
+
+
+def _published_line(entry: Mapping[str, Any]) -> str:
+    """``published: value (method; source, figure)``."""
+    value = "not reported here" if entry.get("value") is None else f"{entry['value']:.1e}"
+    return f"published: {value} ({entry['method']}; {entry['source']}, {entry['figure']})"
 
 
 # -------------------------------------------------------------------------------- the sweep
@@ -211,82 +224,144 @@ def compare_strategies(
     stdout = sys.stdout if stdout is None else stdout
     names, best_static = _strategies(strategies, best_static)
     seed_list = _seeds(seeds)
-    if int(steps) < 1:
-        raise SweepError(f"the budget must be at least 1 step, got steps={steps}")
-    if engine not in ("processes", "submitit"):
-        raise SweepError(f"engine must be 'processes' or 'submitit', got {engine!r}")
-    if workers is not None and workers < 1:
-        raise SweepError(f"workers must be >= 1, got {workers}")
-    if int(error_points) < 1:
-        raise SweepError(f"error_points must be >= 1, got {error_points}")
+    _check_options(steps, engine, workers, error_points)
     built = _build_problem(problem, problem_options, device)
-    steps = int(steps)
-    base = dict(problem=problem, problem_options=dict(problem_options or {}), steps=steps, lr=float(lr),
+    base = _shared_settings(problem, problem_options, int(steps), lr=lr, lr_decay=lr_decay,
+                            lr_decay_every=lr_decay_every, batch_size=batch_size, hidden=hidden, device=device,
+                            eval_n=eval_n, error_points=error_points)
+    grid = best_static_grid(built.term_names, best_static_values, best_static_max) if best_static else []
+    plan = _Plan(names, grid, seed_list, base)
+    _check_engine(engine, executor)
+    config = _config(base, problem)
+    cache = _Cache(Path(out), config) if out is not None else None   # raises on another configuration
+
+    results = _cached_results(cache, plan.specs)
+    pending = [i for i, r in enumerate(results) if r is None]
+    print(plan.summary(built.name or problem, len(pending)), file=stdout, flush=True)
+    timing = _run_pending(plan.specs, results, pending, cache, engine=engine, executor=executor, out=out,
+                          workers=workers, progress=progress, stdout=stdout) if pending else {}
+    table = _table(problem, built, plan, results, config=config, timing=timing, ran=len(pending))
+    _print_table(table, stdout)
+    if out is not None:
+        _write_files(table, Path(out), plots, stdout)
+    stdout.flush()
+    return table
+
+
+@dataclass
+class _Plan:
+    """The runs of one sweep: every strategy, then every fixed-weight setting, for every seed."""
+
+    names: list[str]
+    grid: list[dict[str, float]]
+    seeds: list[int]
+    base: dict[str, Any]
+    specs: list[RunSpec] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.specs = [RunSpec(name, seed=seed, label=name, **self.base) for name in self.names for seed in self.seeds]
+        self.specs += [RunSpec("static", seed=seed, label=_grid_label(weights), balancer_options={"weights": weights},
+                               **self.base) for weights in self.grid for seed in self.seeds]
+
+    @property
+    def steps(self) -> int:
+        """Adam steps per run."""
+        return self.base["steps"]
+
+    def summary(self, title: str, pending: int) -> str:
+        """``title: N runs (...), S steps each; C cached, P to run``."""
+        settings = f" + {len(self.grid)} fixed-weight settings" if self.grid else ""
+        return (f"{title}: {len(self.specs)} runs ({len(self.names)} strategies{settings} x {len(self.seeds)} seeds), "
+                f"{self.steps} steps each; {len(self.specs) - pending} cached, {pending} to run")
+
+
+def _shared_settings(problem: str, problem_options: Mapping[str, Any] | None, steps: int, *, lr: float,
+                     lr_decay: float, lr_decay_every: int, batch_size: int, hidden: Sequence[int], device: str,
+                     eval_n: int | None, error_points: int) -> dict[str, Any]:
+    """The :class:`RunSpec` fields every run of the sweep shares (:data:`SHARED_FIELDS`)."""
+    return dict(problem=problem, problem_options=dict(problem_options or {}), steps=steps, lr=float(lr),
                 lr_decay=float(lr_decay), lr_decay_every=int(lr_decay_every), batch_size=int(batch_size),
                 hidden=tuple(int(h) for h in hidden), device=device, eval_n=eval_n,
                 history_every=max(1, steps // 200), diagnose_every=0, error_every=max(1, steps // int(error_points)))
-    specs = [RunSpec(name, seed=seed, label=name, **base) for name in names for seed in seed_list]
-    grid = best_static_grid(built.term_names, best_static_values, best_static_max) if best_static else []
-    specs += [RunSpec("static", seed=seed, label=_grid_label(weights), balancer_options={"weights": weights}, **base)
-              for weights in grid for seed in seed_list]
-    if engine == "submitit" and executor is None and importlib.util.find_spec("submitit") is None:
-        raise SweepError("engine='submitit' needs submitit: pip install 'lossbalance[cluster]'")
+
+
+def _config(base: Mapping[str, Any], problem: str) -> dict[str, Any]:
+    """The configuration recorded in ``sweep.json``: the shared settings and the problem's source hash."""
     config = {key: _plain(value) for key, value in base.items()}
     config["problem_source"] = _source_digest(problem)
-    cache = _Cache(Path(out), config) if out is not None else None   # raises on another configuration
+    return config
 
-    results: list[RunResult | None] = [cache.load(spec) if cache else None for spec in specs]
-    pending = [i for i, r in enumerate(results) if r is None]
-    print(f"{built.name or problem}: {len(specs)} runs ({len(names)} strategies"
-          f"{f' + {len(grid)} fixed-weight settings' if grid else ''} x {len(seed_list)} seeds), {steps} steps each; "
-          f"{len(specs) - len(pending)} cached, {len(pending)} to run", file=stdout, flush=True)
-    timing: dict[str, Any] = {}
-    if pending:
-        todo = [specs[i] for i in pending]
 
-        def finished(j: int, result: RunResult) -> None:
-            results[pending[j]] = result
-            if cache is not None and result.ok:
-                cache.save(todo[j], result)
+def _cached_results(cache: _Cache | None, specs: Sequence[RunSpec]) -> list[RunResult | None]:
+    """The cached result of every spec; ``None``: still to run (or no cache)."""
+    return [cache.load(spec) if cache else None for spec in specs]
 
-        tick = time.perf_counter()
-        if engine == "submitit":
-            _run_submitit(todo, executor, Path(out) if out is not None else None, finished, stdout)
-            slots = len(todo)
-        else:
-            slots = min(len(todo), os.cpu_count() or 1) if workers is None else min(workers, len(todo))
-            run_many(todo, workers=slots, progress=progress, on_error="record", on_result=finished)
-        wall = time.perf_counter() - tick
-        fresh = [results[i] for i in pending]
-        busy = sum(r.run_time for r in fresh)  # type: ignore[union-attr]
-        per_process: dict[Any, float] = {}
-        for r in fresh:
-            per_process[r.pid] = per_process.get(r.pid, 0.0) + r.run_time  # type: ignore[union-attr]
-        busiest = max(per_process.values(), default=0.0)
-        timing = {"wall": wall, "runs": busy, "processes": slots, "busiest_process": busiest,
-                  "overhead": (wall / busiest - 1.0) if busiest > 0 and engine == "processes" else None,
-                  "utilisation": busy / (wall * slots) if wall > 0 else None}
+
+def _run_pending(specs: Sequence[RunSpec], results: list[RunResult | None], pending: Sequence[int],
+                 cache: _Cache | None, *, engine: str, executor: Any, out: str | os.PathLike | None,
+                 workers: int | None, progress: str, stdout: TextIO) -> dict[str, Any]:
+    """Run ``specs[i]`` for every ``i`` in ``pending`` into ``results[i]``, caching each success as it
+    comes; returns the timing of :attr:`SweepTable.timing`."""
+    todo = [specs[i] for i in pending]
+
+    def finished(j: int, result: RunResult) -> None:
+        results[pending[j]] = result
+        if cache is not None and result.ok:
+            cache.save(todo[j], result)
+
+    tick = time.perf_counter()
+    if engine == "submitit":
+        _run_submitit(todo, executor, Path(out) if out is not None else None, finished, stdout)
+        slots = len(todo)
+    else:
+        slots = min(len(todo), os.cpu_count() or 1) if workers is None else min(workers, len(todo))
+        run_many(todo, workers=slots, progress=progress, on_error="record", on_result=finished)
+    wall = time.perf_counter() - tick
+    return _timing([results[i] for i in pending], wall, slots, engine)  # type: ignore[arg-type]
+
+
+def _timing(fresh: Sequence[RunResult], wall: float, slots: int, engine: str) -> dict[str, Any]:
+    """The sweep's wall time against its runs' own times (see :class:`SweepTable`)."""
+    busy = sum(r.run_time for r in fresh)
+    per_process: dict[Any, float] = {}
+    for r in fresh:
+        per_process[r.pid] = per_process.get(r.pid, 0.0) + r.run_time
+    busiest = max(per_process.values(), default=0.0)
+    return {"wall": wall, "runs": busy, "processes": slots, "busiest_process": busiest,
+            "overhead": (wall / busiest - 1.0) if busiest > 0 and engine == "processes" else None,
+            "utilisation": busy / (wall * slots) if wall > 0 else None}
+
+
+def _table(problem: str, built: Any, plan: _Plan, results: Sequence[RunResult | None], *,
+           config: dict[str, Any], timing: dict[str, Any], ran: int) -> SweepTable:
+    """The :class:`SweepTable` of the finished runs (``ran`` of them trained here, the rest cached)."""
     done = [r for r in results if r is not None]
-    table = SweepTable(problem=built.name or problem, metric=getattr(built, "error_metric", "rel_l2"),
-                       rows=_rows(names, grid, done, steps), results=done, config=config,
-                       ran=len(pending), cached=len(specs) - len(pending), timing=timing,
-                       published=published_for(problem) if problem in PROBLEMS else [])
+    return SweepTable(problem=built.name or problem, metric=getattr(built, "error_metric", "rel_l2"),
+                      rows=_rows(plan.names, plan.grid, done, plan.steps), results=done, config=config,
+                      ran=ran, cached=len(plan.specs) - ran, timing=timing,
+                      published=published_for(problem) if problem in PROBLEMS else [])
+
+
+def _print_table(table: SweepTable, stdout: TextIO) -> None:
+    """The table, then (when runs ran) the sweep's wall time, utilisation and overhead."""
     print(file=stdout)
     print(table, file=stdout)
+    timing = table.timing
     if timing:
         over = timing["overhead"]
         print(f"\nsweep wall time {timing['wall']:.1f} s for {timing['runs']:.1f} s of runs on "
               f"{timing['processes']} process(es), {100 * timing['utilisation']:.0f} % busy"
               + (f"; overhead {100 * over:.1f} % over the busiest process's runs" if over is not None else ""),
               file=stdout)
-    if out is not None:
-        table.files += [table.to_csv(Path(out) / "results.csv"), table.to_json(Path(out) / "results.json")]
-        if plots:
-            table.files += _figures(table, Path(out), stdout)
-        for path in table.files:
-            print(f"wrote {path}", file=stdout)
-    stdout.flush()
-    return table
+
+
+def _write_files(table: SweepTable, out: Path, plots: bool, stdout: TextIO) -> None:
+    """``results.csv``, ``results.json`` and (``plots``) the figures into ``out``, listed in ``table.files``."""
+    table.files += [table.to_csv(out / "results.csv"), table.to_json(out / "results.json")]
+    if plots:
+        table.files += _figures(table, out, stdout)
+    for path in table.files:
+        print(f"wrote {path}", file=stdout)
 
 
 def best_static_grid(terms: Sequence[str], values: Sequence[float] = (1.0, 10.0, 100.0),
@@ -336,6 +411,24 @@ def _seeds(seeds: int | Sequence[int]) -> list[int]:
     if not out:
         raise SweepError("need at least 1 seed, got an empty list")
     return out
+
+
+def _check_options(steps: int, engine: str, workers: int | None, error_points: int) -> None:
+    """Refuse a budget below 1 step, an unknown engine, fewer than 1 worker or error point."""
+    if int(steps) < 1:
+        raise SweepError(f"the budget must be at least 1 step, got steps={steps}")
+    if engine not in ("processes", "submitit"):
+        raise SweepError(f"engine must be 'processes' or 'submitit', got {engine!r}")
+    if workers is not None and workers < 1:
+        raise SweepError(f"workers must be >= 1, got {workers}")
+    if int(error_points) < 1:
+        raise SweepError(f"error_points must be >= 1, got {error_points}")
+
+
+def _check_engine(engine: str, executor: Any) -> None:
+    """Refuse ``engine="submitit"`` without an executor when submitit is not installed."""
+    if engine == "submitit" and executor is None and importlib.util.find_spec("submitit") is None:
+        raise SweepError("engine='submitit' needs submitit: pip install 'lossbalance[cluster]'")
 
 
 def _build_problem(problem: str, options: Mapping[str, Any] | None, device: str) -> Any:
@@ -476,41 +569,60 @@ def _run_submitit(specs: Sequence[RunSpec], executor: Any, out: Path | None, fin
 # ---------------------------------------------------------------------------------- rows
 def _rows(names: Sequence[str], grid: Sequence[Mapping[str, float]], results: Sequence[RunResult],
           steps: int) -> list[dict[str, Any]]:
+    """One row per strategy, then (with a grid) the ``best_static`` row; time ratios against static's."""
     by_label: dict[str, list[RunResult]] = {}
     for result in results:
         by_label.setdefault(result.label, []).append(result)
     rows = [_row(name, by_label.get(name, []), steps) for name in names]
     if grid:
-        tried = [_row(_grid_label(w), by_label.get(_grid_label(w), []), steps) for w in grid]
-        finite = [row for row in tried if row["error_mean"] is not None and math.isfinite(row["error_mean"])]
-        best = dict(min(finite, key=lambda row: row["error_mean"]) if finite else tried[0])
-        best["setting"], best["strategy"] = best["strategy"], BEST_STATIC
-        best["grid"] = [{"weights": w, "error_mean": row["error_mean"], "error_std": row["error_std"]}
-                        for w, row in zip(grid, tried)]
-        rows.append(best)
+        rows.append(_best_static_row(grid, by_label, steps))
     static = rows[0]["time_per_step"]
     for row in rows:
         row["time_ratio"] = (row["time_per_step"] / static) if static and row["time_per_step"] else None
     return rows
 
 
+def _best_static_row(grid: Sequence[Mapping[str, float]], by_label: Mapping[str, Sequence[RunResult]],
+                     steps: int) -> dict[str, Any]:
+    """The row of the setting with the lowest finite mean error (else the first), as ``best_static``,
+    with its ``"setting"`` and the ``"grid"`` of every setting tried."""
+    tried = [_row(_grid_label(w), by_label.get(_grid_label(w), []), steps) for w in grid]
+    finite = [row for row in tried if row["error_mean"] is not None and math.isfinite(row["error_mean"])]
+    best = dict(min(finite, key=lambda row: row["error_mean"]) if finite else tried[0])
+    best["setting"], best["strategy"] = best["strategy"], BEST_STATIC
+    best["grid"] = [{"weights": w, "error_mean": row["error_mean"], "error_std": row["error_std"]}
+                    for w, row in zip(grid, tried)]
+    return best
+
+
 def _row(label: str, runs: Sequence[RunResult], steps: int) -> dict[str, Any]:
+    """Errors, mean final weights and times over the finished runs of ``label`` (by seed), and failures."""
     ok = sorted((r for r in runs if r.ok), key=lambda r: r.seed)
     errors = [r.error for r in ok]
-    terms = list(dict.fromkeys(k for r in ok for k in r.weights))
     return {
         "strategy": label,
         "runs": len(runs),
         "failed": len(runs) - len(ok),
         "seeds": [r.seed for r in ok],
         "errors": errors,
-        "error_mean": statistics.fmean(errors) if errors else None,
+        "error_mean": _mean(errors),
         "error_std": statistics.stdev(errors) if len(errors) > 1 else 0.0,
-        "weights": {t: statistics.fmean(r.weights[t] for r in ok if t in r.weights) for t in terms},
-        "wall_time": statistics.fmean(r.wall_time for r in ok) if ok else None,
-        "time_per_step": statistics.fmean(r.wall_time / max(steps, 1) for r in ok) if ok else None,
+        "weights": _mean_weights(ok),
+        "wall_time": _mean([r.wall_time for r in ok]),
+        "time_per_step": _mean([r.wall_time / max(steps, 1) for r in ok]),
         "failures": [_first_line(r.failure) for r in runs if not r.ok],
     }
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    """The mean; ``None`` for no values."""
+    return statistics.fmean(values) if values else None
+
+
+def _mean_weights(runs: Sequence[RunResult]) -> dict[str, float]:
+    """Every term's final weight, mean over the runs that have it."""
+    terms = dict.fromkeys(k for r in runs for k in r.weights)
+    return {t: statistics.fmean(r.weights[t] for r in runs if t in r.weights) for t in terms}
 
 
 def _first_line(failure: str | None) -> str:
@@ -530,55 +642,70 @@ def _figures(table: SweepTable, out: Path, stdout: TextIO) -> list[Path]:
     if importlib.util.find_spec("matplotlib") is None:
         print("no figures: matplotlib is not installed (pip install 'lossbalance[plots]')", file=stdout)
         return []
+    groups = _groups(table)
+    paths = [_error_figure(table, groups, out / "error_vs_step.png")]
+    terms = list(dict.fromkeys(t for runs in groups.values() for r in runs for h in r.history for t in h["weights"]))
+    if terms:
+        paths.append(_weights_figure(table, groups, terms, out / "weights_vs_step.png"))
+    return paths
+
+
+def _error_figure(table: SweepTable, groups: Mapping[str, Sequence[RunResult]], path: Path) -> Path:
+    """Every group's error against the step, and the published values of the table's metric."""
     from matplotlib.figure import Figure
 
-    groups = _groups(table)
-    paths = []
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.subplots()
     for label, runs in groups.items():
-        curves = [r.error_history for r in runs if r.error_history]
-        steps, mean, low, high = _band(curves)
-        if steps:
-            line, = ax.plot(steps, mean, label=label, linewidth=1.3)
-            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        _plot_band(ax, label, [r.error_history for r in runs if r.error_history], linewidth=1.3)
     for entry in table.published:
         if entry.get("value") is not None and entry.get("metric") == table.metric:
             ax.axhline(entry["value"], color="k", linestyle="--", linewidth=0.9,
                        label=f"published {entry['value']:.1e} ({entry['source'].split(',')[0]}, {entry['figure']})")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
+    _log_axes(ax)
     ax.set_ylabel(f"{table.metric_label} error")
-    ax.grid(True, alpha=0.3)
     ax.legend(fontsize="x-small")
     fig.suptitle(f"{table.problem}: error vs step (mean over seeds, band: min-max)")
-    paths.append(out / "error_vs_step.png")
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(path, dpi=120)
+    return path
 
-    terms = list(dict.fromkeys(t for runs in groups.values() for r in runs for h in r.history for t in h["weights"]))
-    if terms:
-        cols = min(len(terms), 3)
-        rows = math.ceil(len(terms) / cols)
-        fig = Figure(figsize=(4.2 * cols, 3.2 * rows), layout="constrained")
-        axes = fig.subplots(rows, cols, squeeze=False)
-        for ax, term in zip(axes.flat, terms):
-            for label, runs in groups.items():
-                curves = [[[h["step"], h["weights"][term]] for h in r.history if term in h["weights"]] for r in runs]
-                steps, mean, low, high = _band([c for c in curves if c])
-                if steps:
-                    line, = ax.plot(steps, mean, label=label, linewidth=1.2)
-                    ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-            ax.set_yscale("log")
-            ax.set_title(term)
-            ax.set_xlabel("step")
-            ax.grid(True, alpha=0.3)
-        for ax in list(axes.flat)[len(terms):]:
-            ax.set_visible(False)
-        axes.flat[0].legend(fontsize="x-small")
-        fig.suptitle(f"{table.problem}: weights vs step (mean over seeds, band: min-max)")
-        paths.append(out / "weights_vs_step.png")
-        fig.savefig(paths[-1], dpi=120)
-    return paths
+
+def _weights_figure(table: SweepTable, groups: Mapping[str, Sequence[RunResult]], terms: Sequence[str],
+                    path: Path) -> Path:
+    """One panel per term: every group's weight of it against the step."""
+    from matplotlib.figure import Figure
+
+    cols = min(len(terms), 3)
+    rows = math.ceil(len(terms) / cols)
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax, term in zip(axes.flat, terms):
+        for label, runs in groups.items():
+            curves = [[[h["step"], h["weights"][term]] for h in r.history if term in h["weights"]] for r in runs]
+            _plot_band(ax, label, [c for c in curves if c], linewidth=1.2)
+        _log_axes(ax)
+        ax.set_title(term)
+    for ax in list(axes.flat)[len(terms):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize="x-small")
+    fig.suptitle(f"{table.problem}: weights vs step (mean over seeds, band: min-max)")
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _plot_band(ax: Any, label: str, curves: Sequence[Sequence[Sequence[float]]], linewidth: float) -> None:
+    """The mean of ``curves`` as a line, their min-max as a band of its colour (nothing without steps)."""
+    steps, mean, low, high = _band(curves)
+    if steps:
+        line, = ax.plot(steps, mean, label=label, linewidth=linewidth)
+        ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+
+
+def _log_axes(ax: Any) -> None:
+    """A log y axis over the step, with a light grid."""
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.grid(True, alpha=0.3)
 
 
 def _groups(table: SweepTable) -> dict[str, list[RunResult]]:
