@@ -167,35 +167,12 @@ def balance(
     The balancer is built on the parameters DeepXDE's optimizer holds (the network and the
     ``external_trainable_variables``), without an optimizer: DeepXDE steps its own.
     """
-    dde = _deepxde()
-    if not isinstance(model, dde.Model):
-        raise TypeError(f"balance() takes a deepxde.Model, got {type(model).__name__}")
-    if model.opt is None or model.train_step is None:
-        raise RuntimeError("this DeepXDE model is not compiled: call model.compile(...) before balance(model, ...)")
-    if model.opt_name == "NNCG":
-        raise NotImplementedError("NNCG differentiates the loss twice; lossbalance supports DeepXDE's first-order optimizers and L-BFGS")
-    if isinstance(names, str):
-        raise TypeError(f"names must be a list of term names, got the string {names!r}")
+    _check_compiled(model, names)
     names = None if names is None else list(names)
     previous: _Adapter | None = getattr(model, _ATTRIBUTE, None)
     if previous is not None:
         previous.uninstall()  # a second balance() of the same compile: wrap DeepXDE's closures, not ours
-
-    loss_weights = model.loss_weights
-    if loss_weights is not None:
-        loss_weights = [float(w) for w in loss_weights]
-        if names is None:
-            names = default_names(len(loss_weights), getattr(model.data, "bcs", None))
-        if len(loss_weights) != len(names):
-            raise ValueError(f"compile(loss_weights=...) has {len(loss_weights)} entries for the {len(names)} terms {names}")
-    if "weights" not in options:
-        if loss_weights is not None:
-            options["weights"] = dict(zip(names, loss_weights))
-        elif previous is not None and previous.balancer.weights:
-            carried = previous.balancer.weights
-            if names is None or set(names) == set(carried):
-                options["weights"] = carried
-                names = names or list(carried)
+    names = _initial_weights(model, names, previous, options)
     if names is not None and "terms" not in options:
         options["terms"] = names
     if model.opt_name in _LBFGS:
@@ -210,6 +187,41 @@ def balance(
     _wrap_losses(model.data)
     _wrap_checkpoints(model)
     return balancer
+
+
+def _check_compiled(model: Any, names: Any) -> None:
+    """A compiled DeepXDE model on a supported optimizer, and names that are a list."""
+    dde = _deepxde()
+    if not isinstance(model, dde.Model):
+        raise TypeError(f"balance() takes a deepxde.Model, got {type(model).__name__}")
+    if model.opt is None or model.train_step is None:
+        raise RuntimeError("this DeepXDE model is not compiled: call model.compile(...) before balance(model, ...)")
+    if model.opt_name == "NNCG":
+        raise NotImplementedError("NNCG differentiates the loss twice; lossbalance supports DeepXDE's first-order optimizers and L-BFGS")
+    if isinstance(names, str):
+        raise TypeError(f"names must be a list of term names, got the string {names!r}")
+
+
+def _initial_weights(model: Any, names: list[str] | None, previous: "_Adapter | None", options: dict) -> list[str] | None:
+    """Put the initial weights into ``options`` (``weights=``, else ``compile(loss_weights=)``,
+    else a previous balancer's learned weights); returns the term names (``None``: not known yet)."""
+    loss_weights = model.loss_weights
+    if loss_weights is not None:
+        loss_weights = [float(w) for w in loss_weights]
+        if names is None:
+            names = default_names(len(loss_weights), getattr(model.data, "bcs", None))
+        if len(loss_weights) != len(names):
+            raise ValueError(f"compile(loss_weights=...) has {len(loss_weights)} entries for the {len(names)} terms {names}")
+    if "weights" in options:
+        return names
+    if loss_weights is not None:
+        options["weights"] = dict(zip(names, loss_weights))
+    elif previous is not None and previous.balancer.weights:
+        carried = previous.balancer.weights
+        if names is None or set(names) == set(carried):
+            options["weights"] = carried
+            names = names or list(carried)
+    return names
 
 
 def _wrap_checkpoints(model: Any) -> None:
