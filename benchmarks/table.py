@@ -67,7 +67,7 @@ def _records(data: dict) -> list[dict]:
         info = bench.get("extra_info") or {}
         if "suite" not in info:
             continue
-        if info["suite"] != "memory" and "paired_ratio" not in info:
+        if info["suite"] not in ("memory", "lightning") and "paired_ratio" not in info:
             raise SystemExit(f"{bench.get('name')}: no paired_ratio in this JSON (written before the bracketed "
                              "timing of benchmarks/conftest.py): run the suite again")
         out.append({**info, "rounds": bench["stats"].get("rounds"), "name": bench.get("name")})
@@ -175,6 +175,32 @@ def closure_table(records: list[dict]) -> str:
             + rst_table(["optimizer", "weights", "plain ms", "ratio", "target"], table))
 
 
+LOSS_PATH = {  # variant: column label
+    "loss_lra_every1": "loss().backward() LRA/1", "backward_lra_every1": "backward() LRA/1",
+    "step_lra_every1": "step() LRA/1", "loss_lra_every10": "loss() LRA/10", "loss_static": "loss() static",
+}
+
+
+def loss_path_table(records: list[dict]) -> str:
+    """``loss().backward()`` against ``backward()`` and ``step()`` (``test_integrations``), and the
+    Lightning automatic-optimisation step against a plain Lightning step."""
+    by_workload: dict[str, dict[str, float]] = {}
+    for r in records:
+        if r["suite"] == "loss_path":
+            by_workload.setdefault(r["workload"], {})[r["variant"]] = r["paired_ratio"]
+    parts = []
+    if by_workload:
+        rows = [[WORKLOAD_LABELS.get(w, w)] + [_fmt(row.get(v)) for v in LOSS_PATH] for w, row in by_workload.items()]
+        parts.append("The balanced loss for frameworks (ratios to the plain step, same run)\n\n"
+                     + rst_table(["workload", *LOSS_PATH.values()], rows))
+    lightning = [r for r in records if r["suite"] == "lightning"]
+    for r in lightning:
+        parts.append(f"Lightning automatic optimisation, ``training_step`` returning ``balancer.loss(losses)`` (LRA every "
+                     f"step, 1-32-32-1 Poisson, batch 64): {r['balanced_step'] * 1e3:.2f} ms against "
+                     f"{r['plain_step'] * 1e3:.2f} ms for a plain Lightning step (ratio {r['ratio']:.2f}).")
+    return "\n\n".join(parts)
+
+
 def memory_section(records: list[dict], measure_now: bool) -> str:
     import memory
 
@@ -217,7 +243,8 @@ def render(data: dict, *, measure_memory: bool = False) -> str:
     records = _records(data)
     overhead, ratios = overhead_table(records)
     sections = [header(data, records), overhead, targets_table(ratios), scale_tables(records),
-                combiner_table(records), closure_table(records), memory_section(records, measure_memory)]
+                combiner_table(records), closure_table(records), loss_path_table(records),
+                memory_section(records, measure_memory)]
     return "\n\n".join(s for s in sections if s) + "\n"
 
 
