@@ -887,7 +887,7 @@ class LossBalancer:
         combiner's state: ``{}`` except for stateful ones such as ``"mconfig"``); ``pointwise``
         (per term of ``pointwise=``: the causal ``eps_index``, the RBA ``ids`` and ``lambdas``). States of
         lossbalance 0.1.0 (no ``format``) load too, and states without ``frozen``/``combiner``
-        keep the balancer's own.
+        keep the balancer's own (so do terms missing from ``pointwise``).
         """
         return {
             "format": STATE_FORMAT,
