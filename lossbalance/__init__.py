@@ -3,6 +3,7 @@ from .balancer import LossBalancer
 from .combine import ConFIG, PCGrad, WeightedSum, available_combiners
 from .config import ConfigError, available_presets
 from .gradients import GradientEngine, GradStats
+from .pointwise import RBA, Causal, Residual
 from .scope import constant_call
 from .strategies import (
     DWA, FAMO, GradNorm, GradNormRatio, LRAnnealing, ReLoBRaLo, SoftAdapt, Static, StepRecord, Strategy,
@@ -15,5 +16,5 @@ __all__ = [
     "LossBalancer", "GradientEngine", "GradStats", "StepRecord", "Strategy", "register",
     "available_strategies", "available_combiners", "static_from", "available_presets", "ConfigError", "constant_call",
     "DWA", "FAMO", "GradNorm", "GradNormRatio", "LRAnnealing", "ReLoBRaLo", "SoftAdapt", "Static", "UncertaintyWeighting",
-    "ConFIG", "PCGrad", "WeightedSum", "__version__",
+    "ConFIG", "PCGrad", "WeightedSum", "Residual", "Causal", "RBA", "__version__",
 ]

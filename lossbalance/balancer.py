@@ -16,6 +16,7 @@ from .config import export_config, parse_config
 from .distributed import make_reduction
 from .gradients import Backward, Direction, GradientEngine
 from .options import PLAIN_NAMES, option_problems
+from .pointwise import Pointwise, Reduced
 from .precision import make_precision
 from .reporting import LastStep, StepLog
 from .snapshot import restore_snapshot, take_snapshot
@@ -64,6 +65,7 @@ class _Undo(NamedTuple):
     last: LastStep | None
     rows: int
     combiner: Any = None  # a stateful combiner's checkpoint ("mconfig")
+    pointwise: Any = None  # the pointwise weightings' state (replaced, never changed in place, on commit)
 
 
 class _Skip(Exception):
@@ -117,6 +119,10 @@ class LossBalancer:
             ``"first"`` (its first appearance; gradient steps check every time anyway, for free)
             or ``"always"`` (a walk of the autograd graph per term and step, also on plain steps).
         seed: seed of the balancer's own random generator (saved in ``state_dict``).
+        pointwise: ``{term: Causal(...) | RBA(...)}``: pointwise weights of terms passed as
+            :class:`~lossbalance.Residual` (per-point losses), reduced to a scalar before the
+            strategy sees them; their state is saved in ``state_dict``. See
+            :mod:`lossbalance.pointwise`.
     """
 
     def __init__(
@@ -145,6 +151,7 @@ class LossBalancer:
         scaler: torch.amp.GradScaler | None = None,
         distributed: bool | None = None,
         process_group: Any = None,
+        pointwise: Mapping[str, Any] | None = None,
     ):
         _check_plain_options(locals(), terms)
         self.optimizer, self._own_groups = _optimizer_and_groups(optimizer)
@@ -164,6 +171,9 @@ class LossBalancer:
         self._precision = make_precision(scaler)
         self._hooks: dict[int, Callable[["LossBalancer"], None]] = OrderedDict()
         self._scope_params = {name: list(params) for name, params in (scope or {}).items()}
+        self._pointwise = Pointwise(pointwise)
+        self._reduced: Reduced | None = None  # this call's pointwise figures and pending state
+        self._advance_pointwise = True  # this call advances the pointwise state (not a closure's re-evaluation)
         self._install_engine(self._balanced_params())
         self._install_combiner(combine)
         self._declare_terms(terms, weights, min_weight, max_weight, optional)
@@ -331,6 +341,8 @@ class LossBalancer:
         surrogate loss instead). Returns the weighted total or the surrogate (``None``: skipped
         for non-finite values) and what undoes the call."""
         self._refresh_parameters()
+        self._reduced = None
+        self._advance_pointwise = may_update
         batch = self._take(losses)
         plan = self._plan(may_update, checks_later=into == "grad")
         undo = self._undo_point(plan)
@@ -353,13 +365,28 @@ class LossBalancer:
             self._undo(undo)
             raise
         if may_update:
-            self._log.record(self._step, LastStep(batch.names, values, weights, stats))
+            figures = self._commit_pointwise()
+            self._log.record(self._step, LastStep(batch.names, values, weights, stats, figures))
             self._step += 1
         return result, undo
 
+    def _reduce_pointwise(self, losses: Losses) -> Losses:
+        """Phase 1a: every :class:`~lossbalance.Residual` reduced to a scalar after its pointwise
+        weighting (checked first; its new state is kept pending until the call succeeds)."""
+        self._reduced = self._pointwise.reduce(losses, self._advance_pointwise)
+        return self._reduced.losses
+
+    def _commit_pointwise(self) -> dict[str, dict[str, Any]] | None:
+        """After a successful call: the pointwise state advances; returns its figures for ``stats``."""
+        reduced, self._reduced = self._reduced, None
+        if reduced is None or not reduced.figures:
+            return None
+        self._pointwise.commit(reduced.state)
+        return reduced.figures
+
     def _take(self, losses: Losses) -> _Batch:
         """Phase 1: the terms, validated, as plain 0-dim tensors in canonical order."""
-        losses = _plain_tensors(losses)
+        losses = _plain_tensors(self._reduce_pointwise(losses))
         check_losses(losses, self._engine.device)
         keys = tuple(losses)
         names = self._terms.resolve(keys, self._scopes)
@@ -536,6 +563,7 @@ class LossBalancer:
             self._step, self._updates, self._skipped, self._terms.weights.clone(), tuple(self._terms.names),
             self.strategy.state_dict() if full else None, self.generator.get_state() if full else None,
             self._log.last, len(self._log.rows), combiner=self.combiner.checkpoint() if self._momentum else None,
+            pointwise=self._pointwise.state,
         )
 
     def _undo(self, undo: _Undo) -> None:
@@ -549,6 +577,8 @@ class LossBalancer:
         if undo.combiner is not None:
             self.combiner.rollback(undo.combiner)
         self._step, self._updates, self._skipped = undo.step, undo.updates, undo.skipped
+        if undo.pointwise is not None:
+            self._pointwise.state = undo.pointwise
         self._log.last = undo.last
         while len(self._log.rows) > undo.rows:
             self._log.forget_last_row()
@@ -658,7 +688,7 @@ class LossBalancer:
         observe = self._observer()
         if not isinstance(losses, Mapping):
             raise TypeError(f"observe() takes the dict of loss terms, got {type(losses).__name__}")
-        losses = _plain_tensors(losses)
+        losses = _plain_tensors(self._pointwise.reduce(losses, False).losses)
         names = tuple(n for n in self._terms.names if n in losses)
         if not names:
             return
@@ -856,9 +886,10 @@ class LossBalancer:
         ``step``, ``updates``, ``skipped`` (counters); ``strategy_name``, ``strategy`` (the
         strategy's state); ``generator`` (the random generator's state); ``scaler`` (the
         GradScaler's state or ``None``); ``frozen`` (:meth:`freeze`); ``combiner`` (the
-        combiner's state: ``{}`` except for stateful ones such as ``"mconfig"``). States of
+        combiner's state: ``{}`` except for stateful ones such as ``"mconfig"``); ``pointwise``
+        (per term of ``pointwise=``: the causal ``eps_index``, the RBA ``ids`` and ``lambdas``). States of
         lossbalance 0.1.0 (no ``format``) load too, and states without ``frozen``/``combiner``
-        keep the balancer's own.
+        keep the balancer's own (so do terms missing from ``pointwise``).
         """
         return {
             "format": STATE_FORMAT,
@@ -873,6 +904,7 @@ class LossBalancer:
             "scaler": self._precision.state_dict(),
             "frozen": self.frozen,
             "combiner": self.combiner.state_dict(),
+            "pointwise": self._pointwise.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -900,6 +932,8 @@ class LossBalancer:
         if "frozen" in state:
             self.frozen = bool(state["frozen"])
         self._terms.commit(checked["terms"])
+        if checked["pointwise"] is not None:
+            self._pointwise.commit(checked["pointwise"])
         self._step, self._updates, self._skipped = checked["counters"]
         self.generator.set_state(checked["generator"])
         self._checked = set()
@@ -929,7 +963,10 @@ class LossBalancer:
             counters = (int(state["step"]), int(state["updates"]), int(state.get("skipped", 0)))
         except (TypeError, ValueError) as error:
             raise ValueError(f"corrupt state: the step counters are not integers ({error})") from error
-        return {"terms": self._terms.checked_state(state), "counters": counters, "generator": generator}
+        return {
+            "terms": self._terms.checked_state(state), "counters": counters, "generator": generator,
+            "pointwise": self._pointwise.checked_state(state.get("pointwise")),
+        }
 
     def __repr__(self) -> str:
         return (

@@ -22,6 +22,7 @@ class LastStep(NamedTuple):
     values: Tensor
     weights: Tensor
     stats: GradStats | None
+    pointwise: dict[str, dict[str, Any]] | None = None  # {term: {figure: 0-dim tensor or float}} (Residual terms)
 
 
 class Diagnosed(NamedTuple):
@@ -82,12 +83,16 @@ class StepLog:
     def stats(self) -> dict[str, dict[str, float]]:
         if self.last is None:
             return {}
-        names, values, weights, grads = self.last
+        names, values, weights, grads, pointwise = self.last
         columns = {"loss": values, "weight": weights}
         if grads is not None:
             columns.update(grad_mean=grads.mean_abs(), grad_max=grads.max_abs_over(), grad_norm=grads.norm())
         table = {key: col.tolist() for key, col in columns.items()}
-        return {name: {key: table[key][i] for key in table} for i, name in enumerate(names)}
+        stats = {name: {key: table[key][i] for key in table} for i, name in enumerate(names)}
+        for name, figures in (pointwise or {}).items():  # e.g. causal_min, rba_max
+            if name in stats:
+                stats[name].update({key: float(v) for key, v in figures.items()})
+        return stats
 
     def diagnostics(self) -> dict[str, Any] | None:
         if self.diagnosed is None:

@@ -90,7 +90,7 @@ def check_losses(losses: Any, device: torch.device) -> None:
         if loss.numel() != 1:
             raise ValueError(
                 f"loss term {name!r} has shape {tuple(loss.shape)}; expected a scalar: reduce it, "
-                "e.g. with .mean() or .sum()"
+                "e.g. with .mean() or .sum(), or pass per-point losses as lossbalance.Residual(values, ...)"
             )
         if not loss.is_floating_point():
             raise TypeError(f"loss term {name!r} has dtype {loss.dtype}; expected a floating-point scalar")
