@@ -104,19 +104,8 @@ class Causal:
         cumulative: Literal["exclusive", "inclusive"] = "exclusive", delta: float = 0.99,
         t_range: tuple[float, float] | None = None,
     ):
-        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
-            raise ValueError(f"Causal(chunks=...) is a positive integer, got {chunks!r}")
-        schedule = [eps] if isinstance(eps, (int, float)) else list(eps)
-        if not schedule or not all(isinstance(e, (int, float)) and math.isfinite(e) and e >= 0 for e in schedule):
-            raise ValueError(f"Causal(eps=...) is a finite float >= 0 or a non-empty list of them, got {eps!r}")
-        if split not in ("count", "time"):
-            raise ValueError(f"Causal(split=...) is 'count' (equal-count groups sorted by t) or 'time' (a time grid), got {split!r}")
-        if cumulative not in ("exclusive", "inclusive"):
-            raise ValueError(f"Causal(cumulative=...) is 'exclusive' or 'inclusive', got {cumulative!r}")
-        if not 0 < delta < 1:
-            raise ValueError(f"Causal(delta=...) is in (0, 1), got {delta!r}")
-        if t_range is not None and (len(t_range) != 2 or not t_range[0] < t_range[1]):
-            raise ValueError(f"Causal(t_range=...) is (t_min, t_max) with t_min < t_max, got {t_range!r}")
+        schedule = _causal_schedule(chunks, eps)
+        _check_causal_variant(split, cumulative, delta, t_range)
         self.chunks, self.eps, self.split, self.cumulative = chunks, [float(e) for e in schedule], split, cumulative
         self.delta, self.t_range = float(delta), t_range
 
@@ -340,9 +329,34 @@ class Pointwise:
         return checked
 
 
+def _causal_schedule(chunks: Any, eps: Any) -> list[float]:
+    """``eps`` as a list (one value or the annealing schedule), ``chunks`` checked."""
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+        raise ValueError(f"Causal(chunks=...) is a positive integer, got {chunks!r}")
+    schedule = [eps] if isinstance(eps, (int, float)) else list(eps)
+    if not schedule or not all(isinstance(e, (int, float)) and math.isfinite(e) and e >= 0 for e in schedule):
+        raise ValueError(f"Causal(eps=...) is a finite float >= 0 or a non-empty list of them, got {eps!r}")
+    return schedule
+
+
+def _check_causal_variant(split: Any, cumulative: Any, delta: Any, t_range: Any) -> None:
+    if split not in ("count", "time"):
+        raise ValueError(f"Causal(split=...) is 'count' (equal-count groups sorted by t) or 'time' (a time grid), got {split!r}")
+    if cumulative not in ("exclusive", "inclusive"):
+        raise ValueError(f"Causal(cumulative=...) is 'exclusive' or 'inclusive', got {cumulative!r}")
+    if not 0 < delta < 1:
+        raise ValueError(f"Causal(delta=...) is in (0, 1), got {delta!r}")
+    if t_range is not None and (len(t_range) != 2 or not t_range[0] < t_range[1]):
+        raise ValueError(f"Causal(t_range=...) is (t_min, t_max) with t_min < t_max, got {t_range!r}")
+
+
 def _checked(name: str, term: Residual) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The Residual's tensors as plain tensors, their shapes checked (errors name the term)."""
-    values = term.values
+    values = _checked_values(name, term.values)
+    return values, _checked_companion(name, "t", term.t, values), _checked_companion(name, "ids", term.ids, values)
+
+
+def _checked_values(name: str, values: Any) -> Tensor:
     if not isinstance(values, Tensor) or not values.is_floating_point():
         raise TypeError(f"loss term {name!r}: Residual values must be a floating-point tensor, got "
                         f"{type(values).__name__ if not isinstance(values, Tensor) else values.dtype}")
@@ -350,20 +364,21 @@ def _checked(name: str, term: Residual) -> tuple[Tensor, Tensor | None, Tensor |
     if values.dim() != 1 or values.numel() == 0:
         raise ValueError(f"loss term {name!r}: Residual values must be 1-D, one entry per point, got shape "
                          f"{tuple(values.shape)} (flatten them, e.g. r.reshape(-1))")
-    out = [values]
-    for label, x in (("t", term.t), ("ids", term.ids)):
-        if x is None:
-            out.append(None)
-            continue
-        if not isinstance(x, Tensor):
-            raise TypeError(f"loss term {name!r}: Residual {label} must be a tensor, got {type(x).__name__}")
-        x = x.as_subclass(Tensor).detach()
-        if x.dim() != 1 or x.shape[0] != values.shape[0]:
-            raise ValueError(f"loss term {name!r}: Residual {label} has shape {tuple(x.shape)}, the values "
-                             f"{tuple(values.shape)}: give one {label} per point")
-        if label == "ids" and (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool):
-            raise TypeError(f"loss term {name!r}: Residual ids must be integers, got {x.dtype}")
-        if x.device != values.device:
-            raise ValueError(f"loss term {name!r}: Residual {label} is on {x.device}, its values on {values.device}")
-        out.append(x.long() if label == "ids" else x)
-    return out[0], out[1], out[2]
+    return values
+
+
+def _checked_companion(name: str, label: str, x: Any, values: Tensor) -> Tensor | None:
+    """``t`` or ``ids``: one per point, on the values' device (ids as integers)."""
+    if x is None:
+        return None
+    if not isinstance(x, Tensor):
+        raise TypeError(f"loss term {name!r}: Residual {label} must be a tensor, got {type(x).__name__}")
+    x = x.as_subclass(Tensor).detach()
+    if x.dim() != 1 or x.shape[0] != values.shape[0]:
+        raise ValueError(f"loss term {name!r}: Residual {label} has shape {tuple(x.shape)}, the values "
+                         f"{tuple(values.shape)}: give one {label} per point")
+    if label == "ids" and (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool):
+        raise TypeError(f"loss term {name!r}: Residual ids must be integers, got {x.dtype}")
+    if x.device != values.device:
+        raise ValueError(f"loss term {name!r}: Residual {label} is on {x.device}, its values on {values.device}")
+    return x.long() if label == "ids" else x
