@@ -198,7 +198,7 @@ def floor(w: Workload) -> Callable[[], object]:
     last, so that its graph is not retained), which is what any method that needs each term's
     full gradient pays. On shared graphs it is about K backward passes of the shared part.
     """
-    from lossbalance.validation import graph_size
+    from lossbalance.graph import graph_size
 
     opt, params = w.optimizer, w.params
     order: list[str] = []
