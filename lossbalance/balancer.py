@@ -42,6 +42,7 @@ class _Batch(NamedTuple):
     values: Tensor
     scopes: list[frozenset[int] | None]
     stale: frozenset[str]
+    pointwise: Reduced  # the Residual terms' reduction: figures and the pending pointwise state
 
 
 class _Plan(NamedTuple):
@@ -172,8 +173,6 @@ class LossBalancer:
         self._hooks: dict[int, Callable[["LossBalancer"], None]] = OrderedDict()
         self._scope_params = {name: list(params) for name, params in (scope or {}).items()}
         self._pointwise = Pointwise(pointwise)
-        self._reduced: Reduced | None = None  # this call's pointwise figures and pending state
-        self._advance_pointwise = True  # this call advances the pointwise state (not a closure's re-evaluation)
         self._install_engine(self._balanced_params())
         self._install_combiner(combine)
         self._declare_terms(terms, weights, min_weight, max_weight, optional)
@@ -341,9 +340,7 @@ class LossBalancer:
         surrogate loss instead). Returns the weighted total or the surrogate (``None``: skipped
         for non-finite values) and what undoes the call."""
         self._refresh_parameters()
-        self._reduced = None
-        self._advance_pointwise = may_update
-        batch = self._take(losses)
+        batch = self._take(losses, advance=may_update)
         plan = self._plan(may_update, checks_later=into == "grad")
         undo = self._undo_point(plan)
         try:
@@ -365,28 +362,24 @@ class LossBalancer:
             self._undo(undo)
             raise
         if may_update:
-            figures = self._commit_pointwise()
+            figures = self._commit_pointwise(batch.pointwise)
             self._log.record(self._step, LastStep(batch.names, values, weights, stats, figures))
             self._step += 1
         return result, undo
 
-    def _reduce_pointwise(self, losses: Losses) -> Losses:
-        """Phase 1a: every :class:`~lossbalance.Residual` reduced to a scalar after its pointwise
-        weighting (checked first; its new state is kept pending until the call succeeds)."""
-        self._reduced = self._pointwise.reduce(losses, self._advance_pointwise)
-        return self._reduced.losses
-
-    def _commit_pointwise(self) -> dict[str, dict[str, Any]] | None:
+    def _commit_pointwise(self, reduced: Reduced) -> dict[str, dict[str, Any]] | None:
         """After a successful call: the pointwise state advances; returns its figures for ``stats``."""
-        reduced, self._reduced = self._reduced, None
-        if reduced is None or not reduced.figures:
+        if not reduced.figures:
             return None
         self._pointwise.commit(reduced.state)
         return reduced.figures
 
-    def _take(self, losses: Losses) -> _Batch:
-        """Phase 1: the terms, validated, as plain 0-dim tensors in canonical order."""
-        losses = _plain_tensors(self._reduce_pointwise(losses))
+    def _take(self, losses: Losses, *, advance: bool) -> _Batch:
+        """Phase 1: the terms, validated, as plain 0-dim tensors in canonical order; every
+        :class:`~lossbalance.Residual` reduced to a scalar after its pointwise weighting (its new
+        state, with ``advance``, pending until the call succeeds)."""
+        reduced = self._pointwise.reduce(losses, advance)
+        losses = _plain_tensors(reduced.losses)
         check_losses(losses, self._engine.device)
         keys = tuple(losses)
         names = self._terms.resolve(keys, self._scopes)
@@ -397,7 +390,7 @@ class LossBalancer:
         self._previous = {n: weakref.ref(losses[n]) for n in names}
         values = torch.stack(list(terms.values())).detach().to(self._terms.weights.dtype)
         names, terms, values = self._agree(names, terms, values)
-        batch = _Batch(names, list(terms.values()), values, [self._scopes.get(n) for n in names], stale)
+        batch = _Batch(names, list(terms.values()), values, [self._scopes.get(n) for n in names], stale, reduced)
         self.strategy.validate_terms(names)
         self._inspect(batch)
         return batch
