@@ -41,6 +41,16 @@ def _rss_now() -> int:
 
 
 def _rss_peak() -> int:
+    """This process's RSS high-water mark in bytes: Linux's ``VmHWM`` (its own, reset by exec),
+    not ``ru_maxrss``, which a child inherits from the process it was forked from (a large pytest
+    process would set every child's peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # kB on Linux, bytes on macOS
 
