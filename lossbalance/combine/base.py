@@ -1,12 +1,13 @@
 """The combiner protocol, the wrapper for plain functions, the registry and :func:`make_combiner`."""
 from __future__ import annotations
 
-import difflib
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, TypeVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor
+
+from ..registry import Registry, did_you_mean
 
 __all__ = ["Combiner", "CallableCombiner", "register", "available_combiners", "make_combiner"]
 
@@ -60,12 +61,6 @@ def check_direction(out: Any, grads: Tensor, source: str) -> None:
         raise ValueError(f"{source} returned {got}, expected a ({grads.shape[1]},) vector")
 
 
-def did_you_mean(word: str, known: list[str]) -> str:
-    """``" Did you mean 'x'?"`` with the closest of ``known``, or ``""``."""
-    close = difflib.get_close_matches(word, known, n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
-
-
 class CallableCombiner(Combiner):
     """Wraps a plain function ``f(grads: (K, P) Tensor) -> (P,) Tensor`` as a combiner."""
 
@@ -89,21 +84,13 @@ class CallableCombiner(Combiner):
         return out
 
 
-_COMBINERS: dict[str, type[Combiner]] = {}
-C = TypeVar("C", bound=type[Combiner])
-
-
-def register(cls: C) -> C:
-    """Class decorator: make ``cls`` known to :func:`make_combiner` under ``cls.name``."""
-    if not cls.name or cls.name in _COMBINERS:
-        raise ValueError(f"combiner name {cls.name!r} is empty or taken")
-    _COMBINERS[cls.name] = cls
-    return cls
+_COMBINERS = Registry("combiner")
+register = _COMBINERS.register  # class decorator: make a combiner known to make_combiner under its name
 
 
 def available_combiners() -> list[str]:
     """The short names :func:`make_combiner` knows."""
-    return sorted(_COMBINERS)
+    return _COMBINERS.names()
 
 
 def make_combiner(spec: str | Combiner | Callable[[Tensor], Tensor] = "sum", /, **options: Any) -> Combiner:

@@ -7,7 +7,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .base import Combiner, check_direction, check_grads, did_you_mean, register
+from ..registry import did_you_mean
+from .base import Combiner, check_direction, check_grads, register
 
 __all__ = ["TorchJD"]
 

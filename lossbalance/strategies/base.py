@@ -1,7 +1,6 @@
 """The strategy protocol, the record a strategy sees, and the registry of short names."""
 from __future__ import annotations
 
-import difflib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
@@ -9,6 +8,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import Tensor
 
+from ..registry import Registry, did_you_mean
 from ..stats import GradStats
 
 __all__ = ["StepRecord", "Strategy", "register", "available_strategies", "make_strategy"]
@@ -71,20 +71,13 @@ class Strategy(ABC):
         return f"{type(self).__name__}({args})"
 
 
-_REGISTRY: dict[str, type[Strategy]] = {}
-
-
-def register(cls: type[Strategy]) -> type[Strategy]:
-    """Class decorator: make ``cls`` available under ``cls.name``."""
-    if not cls.name or cls.name in _REGISTRY:
-        raise ValueError(f"strategy name {cls.name!r} is empty or taken")
-    _REGISTRY[cls.name] = cls
-    return cls
+_REGISTRY = Registry("strategy")
+register = _REGISTRY.register  # class decorator: make a strategy available under its name
 
 
 def available_strategies() -> list[str]:
     """The registered short names."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def make_strategy(strategy: str | Strategy, **options: Any) -> Strategy:
@@ -96,7 +89,6 @@ def make_strategy(strategy: str | Strategy, **options: Any) -> Strategy:
     if not isinstance(strategy, str):
         raise TypeError(f"strategy must be a short name or a Strategy object, got {type(strategy).__name__}")
     if strategy not in _REGISTRY:
-        close = difflib.get_close_matches(strategy.lower(), _REGISTRY, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(strategy.lower(), list(_REGISTRY))
         raise ValueError(f"unknown strategy {strategy!r}.{hint} Known: {', '.join(available_strategies())}")
     return _REGISTRY[strategy](**options)
