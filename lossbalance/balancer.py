@@ -19,7 +19,7 @@ from .options import PLAIN_NAMES, option_problems
 from .pointwise import Pointwise, Reduced
 from .precision import make_precision
 from .reporting import LastStep, StepLog
-from .snapshot import restore_snapshot, take_snapshot
+from .snapshot import reevaluates, restore_snapshot, take_snapshot
 from .stats import GradStats
 from .strategies.base import StepRecord, Strategy, make_strategy
 from .strategies.static import Static
@@ -719,7 +719,7 @@ class LossBalancer:
         self._check_line_search()  # the optimizer's settings may have changed since __init__
         self._refresh_parameters()
         params = self._engine.params
-        snapshot = take_snapshot(self.optimizer, params, self._engine.owns)  # the optimizer moves the parameters
+        snapshot = take_snapshot(self.optimizer, params, self._engine.owns) if reevaluates(self.optimizer) else None
         undo = self._undo_point(None)
         with torch.enable_grad():
             first, _ = self._balance(self._call(closure), True)

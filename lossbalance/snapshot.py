@@ -2,8 +2,10 @@
 
 ``step(closure=...)`` lets the optimizer move the parameters before the closure has had its
 last word (L-BFGS re-evaluates it); when a re-evaluation raises, or is non-finite under
-``nonfinite="skip"``, the whole call is undone. The snapshot costs one copy of the parameters,
-not a deep copy of the optimizer's state:
+``nonfinite="skip"``, the whole call is undone. An optimizer that cannot re-evaluate
+(:func:`reevaluates`: every ``torch.optim`` optimizer but L-BFGS with ``max_iter > 1`` or a line
+search) needs no snapshot and gets none. Otherwise the snapshot copies the parameters, not the
+optimizer's state:
 
 - the optimizer's state is copied *structurally*: dicts and lists are copied, tensors are kept
   by reference. Tensors that sit directly in a parameter's state (Adam's moments, L-BFGS's
@@ -20,7 +22,19 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["ClosureSnapshot", "take_snapshot", "restore_snapshot"]
+__all__ = ["ClosureSnapshot", "reevaluates", "take_snapshot", "restore_snapshot"]
+
+
+def reevaluates(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step(closure)`` may call the closure again after it has changed the
+    parameters or its state, so that a failing re-evaluation needs the snapshot to be undone.
+
+    ``torch.optim``'s optimizers call the closure once, before they change anything, except
+    ``LBFGS`` with ``max_iter > 1`` or a line search; an optimizer from elsewhere may do anything.
+    """
+    if isinstance(optimizer, torch.optim.LBFGS):
+        return any(g["max_iter"] > 1 or g["line_search_fn"] is not None for g in optimizer.param_groups)
+    return not type(optimizer).__module__.startswith("torch.optim")
 
 
 class ClosureSnapshot(NamedTuple):
@@ -43,8 +57,11 @@ def take_snapshot(
     return ClosureSnapshot(values, grads, state, versions)
 
 
-def restore_snapshot(snapshot: ClosureSnapshot, optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> None:
-    """Put the parameters, their ``.grad`` and the optimizer's state back as they were."""
+def restore_snapshot(snapshot: ClosureSnapshot | None, optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> None:
+    """Put the parameters, their ``.grad`` and the optimizer's state back as they were (``None``:
+    no snapshot was needed, see :func:`reevaluates`; what the optimizer did stays, as in PyTorch)."""
+    if snapshot is None:
+        return
     with torch.no_grad():
         for p, value, grad in zip(params, snapshot.values, snapshot.grads):
             p.copy_(value)

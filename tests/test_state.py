@@ -123,3 +123,28 @@ def test_the_closure_snapshot_keeps_the_lbfgs_history_by_reference():
     restored = next(iter(optimizer.state.values()))
     assert len(restored["old_dirs"]) == len(history)
     assert all(a is b for a, b in zip(restored["old_dirs"], history))
+
+
+@pytest.mark.parametrize(("options", "needed"), [
+    (dict(max_iter=1), False), (dict(max_iter=4), True), (dict(max_iter=1, line_search_fn="strong_wolfe"), True),
+])
+def test_a_closure_step_snapshots_only_when_the_optimizer_can_re_evaluate(monkeypatch, options, needed):
+    """L-BFGS with one iteration and no line search calls the closure once, before it changes
+    anything: no snapshot (no parameter copy); with re-evaluations the snapshot is taken."""
+    import lossbalance.balancer as B
+    from lossbalance.snapshot import take_snapshot
+
+    taken = []
+
+    def counting(*args):
+        taken.append(1)
+        return take_snapshot(*args)
+
+    monkeypatch.setattr(B, "take_snapshot", counting)
+    problem = PINN1D(seed=2)
+    balancer = LossBalancer(torch.optim.LBFGS(problem.model.parameters(), **options), LRAnnealing("pde"))
+    balancer.step(closure=problem.losses)
+    assert bool(taken) == needed
+    adam = LossBalancer(torch.optim.Adam(problem.model.parameters()), LRAnnealing("pde"))
+    adam.step(closure=problem.losses)  # torch.optim's others evaluate the closure once, first
+    assert len(taken) == int(needed)
