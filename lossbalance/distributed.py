@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Reduction", "SingleProcess", "ProcessGroupMean", "make_reduction"]
+__all__ = ["Reduction", "ProcessGroupMean", "make_reduction"]
 
 
 class Reduction:
@@ -63,8 +63,6 @@ class Reduction:
     def value_label(self) -> str:
         return "loss value (averaged over processes)" if self.active else "loss value"
 
-
-SingleProcess = Reduction
 
 
 class ProcessGroupMean(Reduction):
@@ -119,7 +117,7 @@ def make_reduction(distributed: bool | None, group: Any) -> Reduction:
     if distributed is None:
         distributed = active
     if not distributed:
-        return SingleProcess()
+        return Reduction()
     if not active:
         raise ValueError("distributed=True needs an initialised torch.distributed process group")
     return ProcessGroupMean(group)

@@ -130,9 +130,6 @@ class TermTable:
         self._indexed = (names, index)
         return index
 
-    def new_names(self, names: Iterable[str]) -> list[str]:
-        return [n for n in names if n not in self.names]
-
     # ------------------------------------------------------------------ weights
     def sanitize(self, new: Tensor, old: Tensor, index: Tensor) -> Tensor:
         """Bound the strategy's weights; a non-finite or non-positive weight keeps its old value."""
