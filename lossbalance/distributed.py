@@ -64,7 +64,6 @@ class Reduction:
         return "loss value (averaged over processes)" if self.active else "loss value"
 
 
-
 class ProcessGroupMean(Reduction):
     """The mean over the processes of ``group`` (``None``: the default group)."""
 
