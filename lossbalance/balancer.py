@@ -13,6 +13,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .combine import Combiner, WeightedSum, make_combiner
 from .config import export_config, parse_config
+from .deferred import DeferredChecks, Finding
 from .distributed import make_reduction
 from .gradients import Backward, Direction, GradientEngine
 from .options import PLAIN_NAMES, option_problems
@@ -51,6 +52,7 @@ class _Plan(NamedTuple):
     update: bool  # update the weights
     per_term: bool  # differentiate each term separately
     early: bool  # the values are checked before the graph is used (else with the backward)
+    defer: bool = False  # check_every > 1: the verdict stays on the device (lossbalance.deferred)
 
 
 class _Undo(NamedTuple):
@@ -61,7 +63,7 @@ class _Undo(NamedTuple):
     skipped: int
     weights: Tensor
     names: tuple[str, ...]
-    strategy: dict[str, Any] | None
+    strategy: Any  # the strategy's checkpoint (None: not taken)
     generator: Tensor | None
     last: LastStep | None
     rows: int
@@ -71,6 +73,22 @@ class _Undo(NamedTuple):
 
 class _Skip(Exception):
     """A non-finite value under ``nonfinite="skip"``: the call is undone and counted as skipped."""
+
+
+class _Rollback(_Skip):
+    """A deferred read found a non-finite call: every call since the rollback point is undone."""
+
+    def __init__(self, finding: Finding):
+        super().__init__(finding)
+        self.finding = finding
+
+
+class _Point(NamedTuple):
+    """The rollback point of the deferred checks: the balancer, the parameters and the optimizer."""
+
+    undo: _Undo
+    snapshot: Any
+    params: list[Tensor]
 
 
 class LossBalancer:
@@ -116,6 +134,11 @@ class LossBalancer:
             (one collective call per step). Default: on when ``torch.distributed`` is initialised
             with more than one process.
         history: keep the last n steps' weights and losses (0: none).
+        check_every: 1 (default): every call checks its values and gradients for NaN/Inf before
+            anything changes (one host sync per plain step). ``N > 1``: calls without a weight
+            update make no host sync; the verdict is kept on the device and read at every update
+            and every N-th call; a non-finite call found then undoes every call since the last
+            clean read (parameters and optimizer state included), see :mod:`lossbalance.deferred`.
         check_paths: when to check that each term's graph reaches the parameters it may train:
             ``"first"`` (its first appearance; gradient steps check every time anyway, for free)
             or ``"always"`` (a walk of the autograd graph per term and step, also on plain steps).
@@ -147,6 +170,7 @@ class LossBalancer:
         grad_mode: Literal["loop", "batched"] = "loop",
         nonfinite: Literal["raise", "skip"] = "raise",
         history: int = 0,
+        check_every: int = 1,
         check_paths: Literal["first", "always"] = "first",
         seed: int = 0,
         scaler: torch.amp.GradScaler | None = None,
@@ -185,6 +209,24 @@ class LossBalancer:
         self._skipped = 0
         self._previous: dict[str, weakref.ref] = {}  # last call's term tensors: to name a stale one
         self._log = StepLog(history)
+        self.check_every = check_every
+        self._deferred = self._deferred_checks(check_every)
+
+    def _deferred_checks(self, every: int) -> DeferredChecks | None:
+        """``check_every > 1``: the deferred checks (they undo optimizer steps: they need it)."""
+        if every == 1:
+            return None
+        if self.optimizer is None:
+            raise ValueError(
+                f"check_every={every} undoes the optimizer's steps since the last check when it finds a NaN/Inf: "
+                "build the balancer from the optimizer, or keep check_every=1"
+            )
+        if self._precision.scaled:
+            raise ValueError(
+                f"check_every={every} cannot be used with scaler=: GradScaler.step reads its overflow flag on every "
+                "step anyway; keep check_every=1"
+            )
+        return DeferredChecks(every)
 
     def _install_combiner(self, combine: str | Combiner | Callable[[Tensor], Tensor]) -> None:
         self.combiner = make_combiner(combine)
@@ -335,13 +377,16 @@ class LossBalancer:
             return False
         return (self._step - self.warmup) % self.update_every == 0
 
-    def _balance(self, losses: Losses, may_update: bool, *, into: str = "grad") -> tuple[Tensor | None, _Undo]:
+    def _balance(
+        self, losses: Losses, may_update: bool, *, into: str = "grad", deferrable: bool = True
+    ) -> tuple[Tensor | None, _Undo]:
         """Validate, update the weights when due, write ``.grad`` (``into="loss"``: return the
         surrogate loss instead). Returns the weighted total or the surrogate (``None``: skipped
-        for non-finite values) and what undoes the call."""
+        for non-finite values) and what undoes the call. ``deferrable``: may this call's checks
+        wait (``check_every > 1``; not for an L-BFGS closure)."""
         self._refresh_parameters()
         batch = self._take(losses, advance=may_update)
-        plan = self._plan(may_update, checks_later=into == "grad")
+        plan = self._plan(may_update, checks_later=into == "grad", deferrable=deferrable)
         undo = self._undo_point(plan)
         try:
             self._check_values(batch.names, batch.values, plan.early, "local")
@@ -353,10 +398,14 @@ class LossBalancer:
                 values = self._write_grad(batch, scaled, values, weights, stats, plan)
                 result = torch.dot(weights, values)
             else:
-                result, values = self._surrogate(batch, scaled, values, weights, stats)
-        except _Skip:
+                result, values = self._surrogate(batch, scaled, values, weights, stats, plan)
+            if self._deferred is not None:
+                self._settle(batch.names, plan, undo)
+        except _Skip as skip:
             self._undo(undo)
             self._skipped += 1
+            if isinstance(skip, _Rollback):
+                self._roll_back(skip.finding, undo)
             return None, undo
         except BaseException:
             self._undo(undo)
@@ -421,11 +470,14 @@ class LossBalancer:
         later = sorted((self._terms.optional | set(names)) - registered - set(new))
         return self._terms.names + new + later
 
-    def _plan(self, may_update: bool, checks_later: bool = True) -> _Plan:
-        """Phase 2: update the weights? differentiate each term? check the values first?"""
+    def _plan(self, may_update: bool, checks_later: bool = True, deferrable: bool = True) -> _Plan:
+        """Phase 2: update the weights? differentiate each term? check the values first (or
+        defer the checks)?"""
         update = may_update and self._due()
         diagnose = may_update and self.diagnose_every > 0 and self._step % self.diagnose_every == 0
         per_term = (update and self.strategy.needs_gradients) or self._combines or diagnose
+        if self._deferred is not None and deferrable:
+            return _Plan(update, per_term, early=False, defer=True)
         # the strategy, the per-term gradients and the scaler need finite values before they use the
         # graph; a plain step checks them with the gradients of its one backward (one host sync)
         early = per_term or update or (self._precision.scaled and not self._reduction.active)
@@ -439,11 +491,15 @@ class LossBalancer:
         if not plan.per_term:
             if plan.update and self._reduction.active:  # a loss-value strategy needs the averaged values
                 self._reduction.mean_(batch.values)
-                self._check_values(batch.names, batch.values, True, "averaged")
+                self._verify_values(batch.names, batch.values, plan, "averaged")
             return None, batch.values, plan.update
         self._log.diagnosed = None  # its gradients live in the buffer this call overwrites
         stats, values = self._engine.measure(batch.names, scaled, batch.scopes, batch.values, stale=batch.stale)
         stats = self._precision.unscale(stats)
+        if plan.defer:
+            self._deferred.note_values(values)
+            self._deferred.note_statistics(stats.max_abs)
+            return stats, values, plan.update
         self._check_values(batch.names, values, True, "averaged")
         if bool(torch.isfinite(stats.max_abs).all()):
             return stats, values, plan.update
@@ -452,14 +508,14 @@ class LossBalancer:
         self._require_finite(batch.names, stats.max_abs.amax(1), "gradient entry (max |g|)")
         return stats, values, plan.update
 
-    def _update_weights(self, batch: _Batch, values: Tensor, index: Tensor, stats: GradStats | None, update: bool) -> Tensor:
+    def _update_weights(self, batch: _Batch, values: Tensor, index: Tensor | None, stats: GradStats | None, update: bool) -> Tensor:
         """Phase 4: the strategy's new weights for the present terms (bounded), when due."""
-        weights = self._terms.weights[index]
+        weights = self._terms.present(index)
         if not update:
             return weights
         record = StepRecord(batch.names, values, weights, self._step, self._updates, stats, self.generator)
         weights = self._terms.sanitize(self.strategy.update(record), weights, index)
-        self._terms.weights[index] = weights
+        self._terms.set_present(index, weights)
         self._updates += 1
         return weights
 
@@ -473,7 +529,7 @@ class LossBalancer:
         elif stats is not None and self._engine.keeps_gradients:
             self._engine.write_kept(weights, self._direction(weights, stats) if self._combines else None)
         else:
-            result = self._weighted_gradient(batch, scaled, values, weights, check_values=not plan.early)
+            result = self._weighted_gradient(batch, scaled, values, weights, check_values=not plan.early, defer=plan.defer)
             self._engine.write(result.direction)
             values = result.values
         for p in self._unbalanced:  # what zero_grad() would leave on parameters nobody balances now
@@ -481,16 +537,16 @@ class LossBalancer:
         return values
 
     def _surrogate(
-        self, batch: _Batch, scaled: list[Tensor], values: Tensor, weights: Tensor, stats: GradStats | None
+        self, batch: _Batch, scaled: list[Tensor], values: Tensor, weights: Tensor, stats: GradStats | None, plan: _Plan
     ) -> tuple[Tensor, Tensor]:
         """Phase 5 of :meth:`loss`: the step's gradient as fresh tensors, and a scalar whose value
         is the weighted total and whose backward accumulates exactly that gradient (O(P))."""
         if self._momentum:
-            direction, values = self._one_term_direction(batch, scaled, values, weights, _Plan(True, False, True))
+            direction, values = self._one_term_direction(batch, scaled, values, weights, plan._replace(early=True))
         elif stats is not None and self._engine.keeps_gradients:
             direction = self._engine.kept_direction(weights, self._direction(weights, stats) if self._combines else None)
         else:
-            result = self._weighted_gradient(batch, scaled, values, weights, check_values=False)
+            result = self._weighted_gradient(batch, scaled, values, weights, check_values=False, defer=plan.defer)
             direction, values = result.direction, result.values
         params = self._engine.params + self._engine.others
         total = torch.dot(weights, values)
@@ -502,7 +558,9 @@ class LossBalancer:
         """Phase 5 with ``combine="mconfig"``: one backward of the term whose turn it is, then the
         combiner's step from its momenta. Returns the direction and the (averaged) values."""
         i = self.combiner.pick(batch.names)
-        result = self._weighted_gradient(batch, scaled, values, weights, check_values=not plan.early, only=i)
+        result = self._weighted_gradient(
+            batch, scaled, values, weights, check_values=not plan.early, defer=plan.defer, only=i
+        )
         layout = self._engine.layout
         flat = torch.cat([(z if g is None else g).reshape(-1) for g, z in zip(result.direction.grads, layout.zeros)])
         step = self.combiner.step(batch.names, i, flat, weights)
@@ -514,16 +572,20 @@ class LossBalancer:
         return self.combiner(weighted, generator=self.generator)
 
     def _weighted_gradient(self, batch: _Batch, scaled: list[Tensor], values: Tensor, weights: Tensor, *,
-                           check_values: bool, only: int | None = None) -> Backward:
+                           check_values: bool, defer: bool = False, only: int | None = None) -> Backward:
         """One backward of the weighted sum (``.grad`` untouched; ``only``: of that term alone,
-        unweighted); a non-finite part raises or skips."""
+        unweighted); a non-finite part raises or skips (``defer``: goes into the deferred verdict)."""
         names, terms, seeds, scopes = batch.names, scaled, weights, batch.scopes
         if only is not None:
             names, terms, seeds, scopes = names[only : only + 1], [terms[only]], weights.new_ones(1), [scopes[only]]
         result = self._engine.backward(
             names, terms, seeds, scopes, values,
-            check_grads=not self._precision.scaled, check_values=check_values, stale=batch.stale,
+            check_grads=not (self._precision.scaled or defer), check_values=check_values and not defer, stale=batch.stale,
         )
+        if defer:
+            self._deferred.note_values(result.values)
+            self._deferred.note_gradients(result.direction.grads + result.direction.others)
+            return result
         if result.failed == "values":
             self._require_finite(batch.names, result.values, self._reduction.value_label())
         if result.failed == "gradients":
@@ -535,6 +597,62 @@ class LossBalancer:
         """The loss values, checked at ``stage`` when ``wanted`` (the reduction says which stage)."""
         if wanted and self._reduction.checks(stage):
             self._require_finite(names, values, self._reduction.value_label())
+
+    def _verify_values(self, names: tuple[str, ...], values: Tensor, plan: _Plan, stage: str) -> None:
+        """The loss values at ``stage``: checked now, or into the deferred verdict."""
+        if not plan.defer:
+            self._check_values(names, values, True, stage)
+        elif self._reduction.checks(stage):
+            self._deferred.note_values(values)
+
+    def _settle(self, names: tuple[str, ...], plan: _Plan, undo: _Undo) -> None:
+        """The deferred checks at the end of a call: fold its verdict (device ops) and, when due,
+        read the pending one (one host sync; :mod:`lossbalance.deferred`). A clean read makes the
+        start of this call the rollback point; a non-finite one raises :class:`_Rollback`."""
+        deferred = self._deferred
+        if not plan.defer or deferred.other_terms(names):
+            self._read(undo)  # what is pending from earlier calls, first
+        if plan.defer:
+            due = deferred.due(plan.update)
+            deferred.fold(names, self._step)
+            if due:
+                self._read(undo)
+        if deferred.point is None:
+            deferred.point = self._point(undo)
+
+    def _read(self, undo: _Undo) -> None:
+        pending = self._deferred.pending
+        finding = self._deferred.read()
+        if finding is not None:
+            raise _Rollback(finding)
+        if pending:
+            self._deferred.point = self._point(undo)
+
+    def _point(self, undo: _Undo) -> _Point:
+        """A rollback point at the start of this call (the parameters and the optimizer's state
+        are as they were then: a call changes neither before the optimizer's step)."""
+        params = list(self._engine.params)
+        return _Point(undo, take_snapshot(self.optimizer, params, self._engine.owns), params)
+
+    def _roll_back(self, finding: Finding, undo: _Undo) -> None:
+        """A deferred read found a non-finite call: undo every call since the rollback point
+        (the balancer, the parameters, the optimizer's state), then raise or count them skipped."""
+        point = self._deferred.point
+        self._deferred.point = None  # the next call makes a new one
+        undone = undo.step - point.undo.step + undo.skipped - point.undo.skipped + 1
+        self._undo(point.undo)
+        restore_snapshot(point.snapshot, self.optimizer, point.params)
+        for p in point.params:
+            p.grad = None
+        what = f"loss value for term(s) {list(finding.terms)}" if finding.terms else "gradient of the weighted sum"
+        if self.nonfinite == "raise":
+            raise ValueError(
+                f"non-finite {what} at step {finding.step} (check_every={self.check_every}: found at step "
+                f"{undo.step}); the {undone} call(s) since step {point.undo.step} were undone: the parameters, the "
+                "optimizer's state and the balancer are as they were then. Pass nonfinite='skip' to skip such "
+                "steps, or look for a log/sqrt/division of zero in that term"
+            ) from None
+        self._skipped = point.undo.skipped + undone
 
     def _require_finite(self, names: tuple[str, ...], values: Tensor, what: str) -> None:
         """Raise naming the non-finite terms, or (``nonfinite="skip"``) skip the call."""
@@ -553,20 +671,22 @@ class LossBalancer:
         """What :meth:`_undo` needs (``plan=None``: everything, for a closure step)."""
         full = plan is None or plan.update
         return _Undo(
-            self._step, self._updates, self._skipped, self._terms.weights.clone(), tuple(self._terms.names),
-            self.strategy.state_dict() if full else None, self.generator.get_state() if full else None,
+            self._step, self._updates, self._skipped, self._terms.weights, tuple(self._terms.names),
+            self.strategy.checkpoint() if full else None, self.generator.get_state() if full else None,
             self._log.last, len(self._log.rows), combiner=self.combiner.checkpoint() if self._momentum else None,
             pointwise=self._pointwise.state,
         )
 
     def _undo(self, undo: _Undo) -> None:
         """Put the balancer back as it was at ``undo`` (terms first seen since then are forgotten)."""
+        if self._deferred is not None:
+            self._deferred.forget_call()
         for name in [n for n in self._terms.names if n not in undo.names]:
             self.remove_term(name)
         if undo.strategy is not None:
-            self.strategy.load_state_dict(undo.strategy)
+            self.strategy.rollback(undo.strategy)
             self.generator.set_state(undo.generator)
-        self._terms.weights = undo.weights.clone()
+        self._terms.weights = undo.weights  # never changed in place (TermTable.set_present)
         if undo.combiner is not None:
             self.combiner.rollback(undo.combiner)
         self._step, self._updates, self._skipped = undo.step, undo.updates, undo.skipped
@@ -722,7 +842,7 @@ class LossBalancer:
         snapshot = take_snapshot(self.optimizer, params, self._engine.owns) if reevaluates(self.optimizer) else None
         undo = self._undo_point(None)
         with torch.enable_grad():
-            first, _ = self._balance(self._call(closure), True)
+            first, _ = self._balance(self._call(closure), True, deferrable=False)
         if first is None:
             return self._nan()
         pending, failed = [first], []
@@ -731,7 +851,7 @@ class LossBalancer:
             if pending:
                 return pending.pop()
             with torch.enable_grad():
-                total, _ = self._balance(self._call(closure), False)
+                total, _ = self._balance(self._call(closure), False, deferrable=False)
             if total is None:
                 failed.append(True)
                 return self._nan()

@@ -30,7 +30,7 @@ from .stats import GradStats
 from .graph import GraphFacts
 from .validation import explain_autograd_error, no_path_error, warn_user
 
-__all__ = ["GradStats", "GradientEngine", "Measured", "Backward", "Direction", "MEMORY_MODES", "all_finite"]
+__all__ = ["GradStats", "GradientEngine", "Measured", "Backward", "Direction", "MEMORY_MODES", "all_finite", "nonfinite_flag"]
 
 MEMORY_MODES = ("keep", "lean")
 
@@ -498,22 +498,24 @@ def _nonfinite_part(grads: Sequence[Tensor | None], values: Tensor | None) -> Li
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:
-    """Whether every entry of ``tensors`` is finite, with one host sync.
+    """Whether every entry of ``tensors`` is finite, with one host sync."""
+    return not bool(nonfinite_flag(tensors))
 
-    One fused call: the kernel ``GradScaler`` uses (multiplying by 1 in place, which leaves the
-    values as they are). Where it cannot run (memory overlap, e.g. an expanded gradient, or no
-    kernel for the device) the per-tensor sums are checked instead: NaN and Inf survive a sum;
-    a sum that overflows on finite entries is re-checked entry by entry.
+
+def nonfinite_flag(tensors: Sequence[Tensor]) -> Tensor:
+    """A () bool tensor on the tensors' device: whether any entry of ``tensors`` is NaN/Inf (no sync).
+
+    One fused call where it can run: the kernel ``GradScaler`` uses (multiplying by 1 in place,
+    which leaves the values as they are); else (memory overlap, e.g. an expanded gradient, or no
+    kernel for the device) one ``isfinite().all()`` per tensor.
     """
-    found = torch.zeros(1, dtype=torch.float32, device=tensors[0].device)
+    dense = [t._values() if t.is_sparse else t for t in tensors]  # a sparse gradient: its stored entries
+    found = torch.zeros(1, dtype=torch.float32, device=dense[0].device)
     try:
-        torch._amp_foreach_non_finite_check_and_unscale_(list(tensors), found, torch.ones_like(found))
-        return not bool(found)
+        torch._amp_foreach_non_finite_check_and_unscale_(dense, found, torch.ones_like(found))
+        return found.reshape(()) > 0
     except (RuntimeError, NotImplementedError):
-        pass
-    if bool(torch.stack([t.sum() for t in tensors]).sum().isfinite()):
-        return True
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+        return ~torch.stack([torch.isfinite(t).all() for t in dense]).all()
 
 
 def _culprit(names: Sequence[str], losses: Sequence[Tensor], inputs: Sequence[Tensor], stale: Collection[str]) -> str:

@@ -114,6 +114,7 @@ PLAIN_OPTIONS: tuple[Option, ...] = (
     _choice("grad_mode", "loop", "loop", "batched"),
     _choice("nonfinite", "raise", "raise", "skip"),
     _count("history", 0, minimum=0),
+    _count("check_every", 1, minimum=1),
     _choice("check_paths", "first", "first", "always"),
     Option("seed", 0, int, "an integer"),
 )

@@ -119,26 +119,38 @@ class TermTable:
         self._active = Active(keys, names)
         return names
 
-    def index(self, names: tuple[str, ...]) -> Tensor:
-        """Register the terms of ``names`` not declared yet; the indices of ``names`` in the weights."""
+    def index(self, names: tuple[str, ...]) -> Tensor | None:
+        """Register the terms of ``names`` not declared yet; the indices of ``names`` in the
+        weights (``None``: all the declared terms, in their order)."""
         if self._indexed is not None and self._indexed[0] == names:
             return self._indexed[1]
         for name in names:
             if name not in self.names:
                 self.add(name)
-        index = torch.tensor([self.names.index(n) for n in names], device=self.weights.device)
+        every = list(names) == self.names
+        index = None if every else torch.tensor([self.names.index(n) for n in names], device=self.weights.device)
         self._indexed = (names, index)
         return index
 
+    def present(self, index: Tensor | None) -> Tensor:
+        """The weights of the terms at ``index`` (from :meth:`index`)."""
+        return self.weights if index is None else self.weights[index]
+
+    def set_present(self, index: Tensor | None, weights: Tensor) -> None:
+        """New weights for the terms at ``index``: a new tensor, never a change in place (so
+        that a reference to the old one is a snapshot)."""
+        self.weights = weights if index is None else self.weights.index_put((index,), weights)
+
     # ------------------------------------------------------------------ weights
-    def sanitize(self, new: Tensor, old: Tensor, index: Tensor) -> Tensor:
+    def sanitize(self, new: Tensor, old: Tensor, index: Tensor | None) -> Tensor:
         """Bound the strategy's weights; a non-finite or non-positive weight keeps its old value."""
         limits = torch.finfo(old.dtype)
         new = new.to(torch.float64)
         new = torch.where(torch.isfinite(new) & (new > 0), new, old).clamp(limits.tiny, limits.max).to(old.dtype)
         if not self.bounded:
             return new
-        return torch.minimum(torch.maximum(new, self.lower[index]), self.upper[index])
+        lower, upper = (self.lower, self.upper) if index is None else (self.lower[index], self.upper[index])
+        return torch.minimum(torch.maximum(new, lower), upper)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
         """Move the weights and bounds (the parameters moved)."""

@@ -62,6 +62,16 @@ class Strategy(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def checkpoint(self) -> Any:
+        """What :meth:`rollback` needs to undo the next update (the balancer takes one before an
+        update that may still fail). Default: :meth:`state_dict`; a strategy whose updates
+        replace its tensors instead of changing them in place may return something cheaper."""
+        return self.state_dict()
+
+    def rollback(self, checkpoint: Any) -> None:
+        """Go back to the state :meth:`checkpoint` returned."""
+        self.load_state_dict(checkpoint)
+
     def options(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this strategy."""
         return {}

@@ -44,6 +44,11 @@ class LossTables:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.tables = {table: {name: value.clone() for name, value in state[table].items()} for table in self.tables}
 
+    def shallow(self) -> dict[str, dict[str, Tensor]]:
+        """The tables as they are, without copying the tensors (:meth:`put` replaces a value,
+        never changes one in place, so this is a snapshot)."""
+        return {table: dict(values) for table, values in self.tables.items()}
+
 
 class RemembersLosses(Strategy):
     """A loss-value strategy whose whole state is the loss values it remembers in ``_history``."""
@@ -55,3 +60,9 @@ class RemembersLosses(Strategy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._history.load_state_dict(state)
+
+    def checkpoint(self) -> dict[str, dict[str, Tensor]]:
+        return self._history.shallow()
+
+    def rollback(self, checkpoint: dict[str, dict[str, Tensor]]) -> None:
+        self._history.tables = {table: dict(values) for table, values in checkpoint.items()}
