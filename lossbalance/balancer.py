@@ -389,6 +389,8 @@ class LossBalancer:
         plan = self._plan(may_update, checks_later=into == "grad", deferrable=deferrable)
         undo = self._undo_point(plan)
         try:
+            if self._deferred is not None and not plan.defer:
+                self._read(undo)  # a call that checks at once: what earlier calls left pending, first
             self._check_values(batch.names, batch.values, plan.early, "local")
             scaled = self._precision.scale(batch.terms, batch.values)
             stats, values, update = self._measure(batch, scaled, plan)
@@ -399,8 +401,8 @@ class LossBalancer:
                 result = torch.dot(weights, values)
             else:
                 result, values = self._surrogate(batch, scaled, values, weights, stats, plan)
-            if self._deferred is not None:
-                self._settle(batch.names, plan, undo)
+            if plan.defer:
+                self._settle(batch.names, plan.update, undo)
         except _Skip as skip:
             self._undo(undo)
             self._skipped += 1
@@ -470,18 +472,26 @@ class LossBalancer:
         later = sorted((self._terms.optional | set(names)) - registered - set(new))
         return self._terms.names + new + later
 
+    def _per_term(self, may_update: bool, update: bool) -> bool:
+        """Whether this call differentiates each term: the strategy's update needs it, a
+        combiner, or the diagnostics are due."""
+        diagnose = may_update and self.diagnose_every > 0 and self._step % self.diagnose_every == 0
+        return (update and self.strategy.needs_gradients) or self._combines or diagnose
+
     def _plan(self, may_update: bool, checks_later: bool = True, deferrable: bool = True) -> _Plan:
         """Phase 2: update the weights? differentiate each term? check the values first (or
         defer the checks)?"""
         update = may_update and self._due()
-        diagnose = may_update and self.diagnose_every > 0 and self._step % self.diagnose_every == 0
-        per_term = (update and self.strategy.needs_gradients) or self._combines or diagnose
+        per_term = self._per_term(may_update, update)
         if self._deferred is not None and deferrable:
             return _Plan(update, per_term, early=False, defer=True)
         # the strategy, the per-term gradients and the scaler need finite values before they use the
         # graph; a plain step checks them with the gradients of its one backward (one host sync)
-        early = per_term or update or (self._precision.scaled and not self._reduction.active)
-        return _Plan(update, per_term, early or not checks_later)
+        early = per_term or update or self._scaled_locally() or not checks_later
+        return _Plan(update, per_term, early)
+
+    def _scaled_locally(self) -> bool:
+        return self._precision.scaled and not self._reduction.active
 
     def _measure(self, batch: _Batch, scaled: list[Tensor], plan: _Plan) -> tuple[GradStats | None, Tensor, bool]:
         """Phase 3: the per-term gradients' statistics when planned (values averaged when distributed).
@@ -605,27 +615,26 @@ class LossBalancer:
         elif self._reduction.checks(stage):
             self._deferred.note_values(values)
 
-    def _settle(self, names: tuple[str, ...], plan: _Plan, undo: _Undo) -> None:
+    def _settle(self, names: tuple[str, ...], update: bool, undo: _Undo) -> None:
         """The deferred checks at the end of a call: fold its verdict (device ops) and, when due,
         read the pending one (one host sync; :mod:`lossbalance.deferred`). A clean read makes the
         start of this call the rollback point; a non-finite one raises :class:`_Rollback`."""
         deferred = self._deferred
-        if not plan.defer or deferred.other_terms(names):
-            self._read(undo)  # what is pending from earlier calls, first
-        if plan.defer:
-            due = deferred.due(plan.update)
-            deferred.fold(names, self._step)
-            if due:
-                self._read(undo)
-        if deferred.point is None:
+        if deferred.point is None:  # the first call (or the first after a rollback)
             deferred.point = self._point(undo)
+        if deferred.other_terms(names):
+            self._read(undo)  # what earlier calls with other terms left pending, first
+        due = deferred.due(update)
+        deferred.fold(names, self._step)
+        if due:
+            self._read(undo)
 
     def _read(self, undo: _Undo) -> None:
         pending = self._deferred.pending
         finding = self._deferred.read()
         if finding is not None:
             raise _Rollback(finding)
-        if pending:
+        if pending and (self._deferred.point is None or self._deferred.point.undo is not undo):
             self._deferred.point = self._point(undo)
 
     def _point(self, undo: _Undo) -> _Point:
