@@ -145,7 +145,8 @@ class TermTable:
     def sanitize(self, new: Tensor, old: Tensor, index: Tensor | None) -> Tensor:
         """Bound the strategy's weights; a non-finite or non-positive weight keeps its old value."""
         limits = torch.finfo(old.dtype)
-        new = new.to(torch.float64)
+        if new.dtype != old.dtype:  # in float64 first: a value beyond the weights' range clamps to their max
+            new = new.to(torch.float64)
         new = torch.where(torch.isfinite(new) & (new > 0), new, old).clamp(limits.tiny, limits.max).to(old.dtype)
         if not self.bounded:
             return new

@@ -10,7 +10,7 @@ __all__ = ["safe_ratio", "safe_softmax"]
 
 
 def safe_softmax(logits: Tensor, scale: float) -> Tensor:
-    """``scale * softmax(logits)``, finite and strictly positive for any input.
+    """``scale * softmax(logits)`` over the last dimension, finite and strictly positive for any input.
 
     Shared by the loss-value strategies (``relobralo``, ``softadapt``, ``dwa``). The logits are
     made finite first (NaN -> 0, +-inf and anything beyond ``+-finfo.max / 4`` clamped to that
@@ -24,9 +24,9 @@ def safe_softmax(logits: Tensor, scale: float) -> Tensor:
     info = torch.finfo(logits.dtype)
     bound = info.max / 4
     z = torch.nan_to_num(logits, nan=0.0, posinf=bound, neginf=-bound).clamp(-bound, bound)
-    z = (z - z.max()).clamp_min(math.log(info.tiny))
+    z = (z - z.amax(-1, keepdim=True)).clamp_min(math.log(info.tiny))
     e = z.exp()
-    return (e * (scale / e.sum())).clamp_min(info.tiny)
+    return (e * (scale / e.sum(-1, keepdim=True))).clamp_min(info.tiny)
 
 
 def safe_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:

@@ -121,7 +121,17 @@ class ReLoBRaLo(RemembersLosses):
         }
 
     def _balance(self, losses: Tensor, reference: Tensor, k: int) -> Tensor:
+        """``bal(t, t')`` for each row of ``reference`` (``L(t')``: (k,) or (rows, k))."""
         return safe_softmax(safe_ratio(losses, self.tau * reference + self.eps), k)
+
+    def _mixing(self, fresh: list[bool], like: Tensor) -> tuple[Tensor | float, Tensor | float]:
+        """``alpha`` and ``1 - alpha`` per term: 0 and 1 for a term at its second update under
+        the "authors" schedule (``fresh``), plain numbers when no term is."""
+        if not any(fresh):
+            return self.alpha, 1 - self.alpha
+        mask = torch.tensor(fresh, device=like.device)
+        alpha = like.new_full((len(fresh),), self.alpha).masked_fill(mask, 0.0)
+        return alpha, like.new_full((len(fresh),), 1 - self.alpha).masked_fill(mask, 1.0)  # 1 - alpha, rounded once
 
     def update(self, record: StepRecord) -> Tensor:
         generator = record.generator
@@ -135,14 +145,14 @@ class ReLoBRaLo(RemembersLosses):
             held = self._history["initial"]
             # "authors": a term at its second update has no L(0) yet; alpha is 0 for it, and its
             # current loss stands in for L(0) in the lookback softmax of the others
-            fresh = torch.tensor([names[i] not in held for i in old], device=losses.device)
+            fresh = [names[i] not in held for i in old]
             initial = torch.stack([held.get(names[i], current[j]) for j, i in enumerate(old)])
             previous = self._history.stack("previous", names, old)
             k = len(old)
-            alpha = current.new_full((k,), self.alpha).masked_fill(fresh, 0.0)
-            beta = current.new_full((k,), 1 - self.alpha).masked_fill(fresh, 1.0)  # 1 - alpha, rounded once
-            lookback = rho * weights[select] + (1 - rho) * self._balance(current, initial, k)
-            weights[select] = alpha * lookback + beta * self._balance(current, previous, k)
+            # bal(t, 0) and bal(t, t-1) as the two rows of one softmax
+            lookback, recent = self._balance(current, torch.stack([initial, previous]), k).unbind()
+            alpha, beta = self._mixing(fresh, current)
+            weights[select] = alpha * (rho * weights[select] + (1 - rho) * lookback) + beta * recent
         if self.schedule == "paper":
             self._history.put("initial", names, losses, first_only=True)
         elif old:
