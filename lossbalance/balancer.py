@@ -42,8 +42,22 @@ class _Batch(NamedTuple):
     terms: list[Tensor]
     values: Tensor
     scopes: list[frozenset[int] | None]
-    stale: frozenset[str]
+    stale: "_StaleTerms"
     pointwise: Reduced  # the Residual terms' reduction: figures and the pending pointwise state
+
+
+class _StaleTerms:
+    """The terms of a call that are the very tensors of the previous call (built on an earlier
+    step, their graph freed): looked up only when an error is explained (``name in stale``)."""
+
+    __slots__ = ("_previous", "_losses")
+
+    def __init__(self, previous: Mapping[str, weakref.ref], losses: Mapping[str, Tensor]):
+        self._previous, self._losses = previous, losses
+
+    def __contains__(self, name: object) -> bool:
+        ref = self._previous.get(name)  # type: ignore[call-overload]
+        return ref is not None and name in self._losses and ref() is self._losses[name]
 
 
 class _Plan(NamedTuple):
@@ -339,6 +353,8 @@ class LossBalancer:
         """Walk each term's graph at its first appearance (and, with ``check_paths="always"``,
         check its path to the parameters on every call): a path to what it may train, no
         reentrant checkpoint; the engine learns its size, compiled parts and unbalanced leaves."""
+        if self.check_paths == "first" and self._checked.issuperset(batch.names):
+            return
         for name, term, scope in zip(batch.names, batch.terms, batch.scopes):
             if not term.requires_grad:
                 continue  # held by another rank only (a zero here)
@@ -437,7 +453,7 @@ class LossBalancer:
         if not self._terms.names:
             names = self._reduction.canonical(names)
         terms = {n: losses[n] if losses[n].dim() == 0 else losses[n].reshape(()) for n in names}
-        stale = frozenset(n for n in names if (ref := self._previous.get(n)) is not None and ref() is losses[n])
+        stale = _StaleTerms(self._previous, losses)
         self._previous = {n: weakref.ref(losses[n]) for n in names}
         values = torch.stack(list(terms.values())).detach().to(self._terms.weights.dtype)
         names, terms, values = self._agree(names, terms, values)
