@@ -1115,12 +1115,26 @@ class LossBalancer:
 
 def surrogate_loss(total: Tensor, params: list[Tensor], grads: list[Tensor | None]) -> Tensor:
     """A scalar with the value of ``total`` whose backward accumulates ``grads`` into ``params``
-    (``None``: the parameter is left out, its ``.grad`` untouched)."""
+    (``None``: the parameter is left out, its ``.grad`` untouched), scaled by the gradient that
+    reaches it (a framework's loss scaling, ``1 / accumulation steps``): one autograd node,
+    whose backward is one product per parameter tensor."""
     pairs = [(p, g.detach()) for p, g in zip(params, grads) if g is not None]
     if not pairs:
         return total.detach().requires_grad_()
-    s = torch.stack([(p * g).sum(dtype=total.dtype) for p, g in pairs]).sum()
-    return total.detach() + (s - s.detach())
+    return _Surrogate.apply(total.detach(), [g for _, g in pairs], *(p for p, _ in pairs))
+
+
+class _Surrogate(torch.autograd.Function):
+    """``forward(total, grads, *params) = total``; ``d/d params = grads`` (times the incoming gradient)."""
+
+    @staticmethod
+    def forward(ctx, total: Tensor, grads: list[Tensor], *params: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.grads = grads
+        return total.clone()
+
+    @staticmethod
+    def backward(ctx, upstream: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        return (None, None, *(g * upstream.to(g.dtype) for g in ctx.grads))
 
 
 def _plain_tensors(losses: Losses) -> Losses:
