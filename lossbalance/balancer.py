@@ -15,6 +15,7 @@ from .combine import Combiner, WeightedSum, make_combiner
 from .config import export_config, parse_config
 from .distributed import make_reduction
 from .gradients import Backward, Direction, GradientEngine
+from .ntk import measure as measure_traces
 from .options import PLAIN_NAMES, option_problems
 from .pointwise import Pointwise, Reduced
 from .precision import make_precision
@@ -457,11 +458,20 @@ class LossBalancer:
         weights = self._terms.weights[index]
         if not update:
             return weights
-        record = StepRecord(batch.names, values, weights, self._step, self._updates, stats, self.generator)
+        record = StepRecord(batch.names, values, weights, self._step, self._updates, stats, self.generator,
+                            self._traces(batch))
         weights = self._terms.sanitize(self.strategy.update(record), weights, index)
         self._terms.weights[index] = weights
         self._updates += 1
         return weights
+
+    def _traces(self, batch: _Batch) -> Tensor | None:
+        """Phase 4a: the terms' NTK traces for a strategy that asks for them (:mod:`lossbalance.ntk`;
+        their figures reach ``stats`` with the batch's pointwise figures)."""
+        if not self.strategy.needs_traces:
+            return None
+        return measure_traces(self.strategy.trace_options, batch.names, batch.pointwise, self._pointwise,
+                              self._engine.params, batch.scopes, self.generator, self._reduction)
 
     def _write_grad(
         self, batch: _Batch, scaled: list[Tensor], values: Tensor, weights: Tensor, stats: GradStats | None, plan: _Plan
