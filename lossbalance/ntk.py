@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .pointwise import RBA, Causal, Pointwise, Reduced, Residual, _checked
 
-__all__ = ["TraceOptions", "Trace", "measure", "exact_trace", "hutchinson_trace"]
+__all__ = ["Trace", "TraceOptions", "exact_trace", "hutchinson_trace", "measure"]
 
 
 class TraceOptions(NamedTuple):
@@ -94,6 +94,16 @@ def hutchinson_trace(r: Tensor, c: Tensor, params: Sequence[Tensor], probes: int
     return Trace(q.mean(), stderr)
 
 
+def _term_trace(options: TraceOptions, name: str, r: Tensor, t: Tensor | None, pointwise: Pointwise,
+                params: Sequence[Tensor], scope: frozenset[int] | None, generator: torch.Generator) -> Trace:
+    """One term's statistic over the parameters of its scope."""
+    c = _coefficients(r, t, pointwise.weightings.get(name), pointwise.state.get(name), options.points)
+    mine = [p for p in params if scope is None or id(p) in scope]
+    if options.trace == "exact":
+        return exact_trace(r, c, mine, options.chunk)
+    return hutchinson_trace(r, c, mine, options.probes, options.chunk, generator)
+
+
 def _coefficients(r: Tensor, t: Tensor | None, weighting: Any, state: Any, points: str) -> Tensor:
     """The per-point coefficients ``c_p`` (see the module docstring)."""
     if isinstance(weighting, Causal):
@@ -116,7 +126,7 @@ def _residual(name: str, given: Any, pointwise: Pointwise) -> tuple[Tensor, Tens
             f"strategy 'ntk' needs the residuals r_i of loss term {name!r}, got Residual(kind='loss') (per-point "
             "losses r_i**2): pass Residual(r, kind='residual')"
         )
-    if isinstance(pointwise.weightings.get(name), RBA):
+    if getattr(pointwise.weightings.get(name), "kind", None) == RBA.kind:
         raise ValueError(f"strategy 'ntk' on loss term {name!r}, which has RBA weights: NTK weights combine with "
                          "Causal weights only (jaxpi); drop one of them")
     values, t, _ = _checked(name, given)
@@ -132,20 +142,10 @@ def measure(options: TraceOptions, names: Sequence[str], reduced: Reduced, point
     A term another process holds (absent here) counts 0 here."""
     given: Mapping[str, Any] = reduced.given or {}
     inputs = {n: _residual(n, given[n], pointwise) for n in names if n in given}
-    traces = []
-    for name, scope in zip(names, scopes):
-        if name not in inputs:
-            traces.append(Trace(torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)))
-            continue
-        r, t = inputs[name]
-        c = _coefficients(r, t, pointwise.weightings.get(name), pointwise.state.get(name), options.points)
-        mine = [p for p in params if scope is None or id(p) in scope]
-        if options.trace == "exact":
-            traces.append(exact_trace(r, c, mine, options.chunk))
-        else:
-            traces.append(hutchinson_trace(r, c, mine, options.probes, options.chunk, generator))
-    device = params[0].device
-    values = torch.stack([tr.value.to(device) for tr in traces])
+    zero = Trace(torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64))
+    traces = [zero if name not in inputs else _term_trace(options, name, *inputs[name], pointwise, params, scope, generator)
+              for name, scope in zip(names, scopes)]
+    values = torch.stack([tr.value.to(params[0].device) for tr in traces])
     reduction.mean_(values)
     for name, value, tr in zip(names, values.unbind(), traces):
         reduced.figures.setdefault(name, {}).update(ntk_trace=value, ntk_trace_se=tr.stderr)

@@ -78,23 +78,17 @@ class NTKWeighting(Strategy):
         _check_choice("points", points, ("sum", "mean"))
         _check_choice("normalize", normalize, ("sum", "mean"))
         _check_choice("trace", trace, ("exact", "hutchinson"))
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 < alpha <= 1.0:
-            raise ValueError(f"alpha (weight of the new value in the EMA) must be in (0, 1], got {alpha!r}")
-        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0.0 <= eps < float("inf"):
-            raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
-        for label, value in (("chunk", chunk), ("probes", probes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{label} must be a positive integer, got {value!r}")
+        _check_numbers(alpha, eps, chunk, probes)
         self.normalize, self.alpha, self.eps = normalize, float(alpha), float(eps)
         self.trace_options = TraceOptions(points, trace, chunk, probes)
 
     @classmethod
-    def ntk2022(cls, **options: Any) -> "NTKWeighting":
+    def ntk2022(cls, **options: Any) -> NTKWeighting:
         """The paper: ``lambda_i = sum_j tr K_j / tr K_i``, no EMA (pair with ``update_every=100``)."""
         return cls(**{"points": "sum", "normalize": "sum", "alpha": 1.0, "eps": 0.0, **options})
 
     @classmethod
-    def jaxpi(cls, **options: Any) -> "NTKWeighting":
+    def jaxpi(cls, **options: Any) -> NTKWeighting:
         """jaxpi: ``mean_j m_j / (m_i + 1e-5 mean_j m_j)`` of the diagonals' means ``m``, EMA 0.1
         (pair with ``update_every=1000``)."""
         return cls(**{"points": "mean", "normalize": "mean", "alpha": 0.1, "eps": 1e-5, **options})
@@ -115,6 +109,24 @@ class NTKWeighting(Strategy):
         moved = ((1 - self.alpha) * weights.to(torch.float64) + self.alpha * target)
         usable = (s > 0) & torch.isfinite(s) & torch.isfinite(moved) & (moved > 0)
         return torch.where(usable, moved.to(weights.dtype), weights)
+
+
+def _check_numbers(alpha: Any, eps: Any, chunk: Any, probes: Any) -> None:
+    def real(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    def count(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+    checks = {
+        "alpha": (alpha, real(alpha) and 0.0 < alpha <= 1.0, "(the weight of the new value in the EMA) is in (0, 1]"),
+        "eps": (eps, real(eps) and 0.0 <= eps < float("inf"), "is finite and >= 0"),
+        "chunk": (chunk, count(chunk), "is a positive integer"),
+        "probes": (probes, count(probes), "is a positive integer"),
+    }
+    for label, (value, ok, what) in checks.items():
+        if not ok:
+            raise ValueError(f"NTKWeighting({label}=...) {what}, got {value!r}")
 
 
 def _check_choice(label: str, value: Any, choices: tuple[str, ...]) -> None:
