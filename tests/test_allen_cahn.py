@@ -172,3 +172,17 @@ def test_trains_with_causal_weights() -> None:
     for step in range(2):
         balancer.step(problem.losses(model, problem.sample(32, torch.Generator().manual_seed(step))))
     assert 0 < balancer.stats["pde"]["causal_min"] <= 1
+
+
+@pytest.mark.parametrize("name", ["wave", "klein_gordon"])
+def test_second_order_problems_offer_residual_terms(name) -> None:
+    """residuals=True: the same terms as Residual(r, kind="residual"), whose mean square is the scalar term."""
+    problem, plain = make_problem(name, residuals=True, dtype=F64), make_problem(name, dtype=F64)
+    model = problem.make_model((8,), generator=torch.Generator().manual_seed(0))
+    batch = problem.sample(16, torch.Generator().manual_seed(1))
+    terms, scalars = problem.losses(model, batch), plain.losses(model, batch)
+    assert tuple(terms) == tuple(scalars) == problem.term_names
+    for key, term in terms.items():
+        assert isinstance(term, Residual) and term.kind == "residual" and term.values.shape == (16,)
+        assert torch.allclose(term.values.square().mean(), scalars[key], rtol=1e-12)
+    assert torch.equal(terms["pde"].t, batch["pde"][:, 0]) and terms["ic"].t is None
