@@ -347,9 +347,10 @@ class LossBalancer:
         try:
             self._check_values(batch.names, batch.values, plan.early, "local")
             scaled = self._precision.scale(batch.terms, batch.values)
+            traces = self._traces(batch, plan)
             stats, values, update = self._measure(batch, scaled, plan)
             index = self._terms.index(batch.names)
-            weights = self._update_weights(batch, values, index, stats, update)
+            weights = self._update_weights(batch, values, index, stats, update, traces)
             if into == "grad":
                 values = self._write_grad(batch, scaled, values, weights, stats, plan)
                 result = torch.dot(weights, values)
@@ -453,22 +454,23 @@ class LossBalancer:
         self._require_finite(batch.names, stats.max_abs.amax(1), "gradient entry (max |g|)")
         return stats, values, plan.update
 
-    def _update_weights(self, batch: _Batch, values: Tensor, index: Tensor, stats: GradStats | None, update: bool) -> Tensor:
+    def _update_weights(self, batch: _Batch, values: Tensor, index: Tensor, stats: GradStats | None, update: bool,
+                        traces: Tensor | None = None) -> Tensor:
         """Phase 4: the strategy's new weights for the present terms (bounded), when due."""
         weights = self._terms.weights[index]
         if not update:
             return weights
-        record = StepRecord(batch.names, values, weights, self._step, self._updates, stats, self.generator,
-                            self._traces(batch))
+        record = StepRecord(batch.names, values, weights, self._step, self._updates, stats, self.generator, traces)
         weights = self._terms.sanitize(self.strategy.update(record), weights, index)
         self._terms.weights[index] = weights
         self._updates += 1
         return weights
 
-    def _traces(self, batch: _Batch) -> Tensor | None:
-        """Phase 4a: the terms' NTK traces for a strategy that asks for them (:mod:`lossbalance.ntk`;
-        their figures reach ``stats`` with the batch's pointwise figures)."""
-        if not self.strategy.needs_traces:
+    def _traces(self, batch: _Batch, plan: _Plan) -> Tensor | None:
+        """Phase 2b, before the per-term gradients free the graph: on update steps, the terms' NTK
+        traces for a strategy that asks for them (:mod:`lossbalance.ntk`; their figures reach
+        ``stats`` with the batch's pointwise figures)."""
+        if not (plan.update and self.strategy.needs_traces):
             return None
         return measure_traces(self.strategy.trace_options, batch.names, batch.pointwise, self._pointwise,
                               self._engine.params, batch.scopes, self.generator, self._reduction)
