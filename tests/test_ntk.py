@@ -257,3 +257,13 @@ def test_options_round_trip() -> None:
     strategy = NTKWeighting.jaxpi(trace="hutchinson", probes=8, chunk=4)
     assert NTKWeighting(**strategy.options()).options() == strategy.options()
     assert strategy.options()["eps"] == 1e-5 and strategy.options()["probes"] == 8
+
+
+@pytest.mark.parametrize("options", [{"diagnose_every": 1}, {"combine": "pcgrad"}, {"memory": "lean", "diagnose_every": 0}])
+def test_traces_with_per_term_gradients_on_the_same_step(options) -> None:
+    """The traces are taken before the per-term gradients (which may free the graph)."""
+    problem = Residuals()
+    balancer = LossBalancer(torch.optim.Adam(problem.model.parameters(), 1e-3), "ntk", **options)
+    for _ in range(2):
+        balancer.step(problem.losses())
+    assert balancer.stats["pde"]["ntk_trace"] > 0
