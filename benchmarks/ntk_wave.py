@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from lossbalance import LossBalancer, NTKWeighting
+from lossbalance import NTKWeighting
 from lossbalance.demo.runner import train
 from lossbalance.ntk import exact_trace, hutchinson_trace
 from lossbalance.problems import Wave1D

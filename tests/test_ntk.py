@@ -267,3 +267,21 @@ def test_traces_with_per_term_gradients_on_the_same_step(options) -> None:
     for _ in range(2):
         balancer.step(problem.losses())
     assert balancer.stats["pde"]["ntk_trace"] > 0
+
+
+def test_no_host_reads_on_the_update_path() -> None:
+    """Meta tensors hold no data: any .item()/float()/bool() of a tensor in the traces or the
+    weights would raise (device-agnostic, no host syncs)."""
+    generator = torch.Generator()
+    layer = torch.nn.Linear(2, 1).to("meta")
+    r = layer(torch.ones(10, 2, device="meta")).reshape(-1)
+    c = torch.ones(10, device="meta")
+    params = list(layer.parameters())
+    for trace in (exact_trace(r, c, params, 3), hutchinson_trace(r, c, params, 4, 3, generator)):
+        assert trace.value.device.type == "meta" and trace.stderr.device.type == "meta"
+    for strategy in (NTKWeighting(), NTKWeighting.jaxpi()):
+        for names in (("a", "b"), ("a", "b", "c")):
+            k = len(names)
+            traces = torch.ones(k, device="meta", dtype=F64)
+            rec = StepRecord(names, torch.ones(k, device="meta"), torch.ones(k, device="meta"), 0, 0, None, generator, traces)
+            assert strategy.update(rec).device.type == "meta"
