@@ -47,6 +47,9 @@ class NTKWeighting(Strategy):
     on ``main`` has no ``eps``), ``update_every=1000``, config preset ``jaxpi_ntk``). jaxpi's
     Allen-Cahn pairs it with causal weights: ``pointwise={"pde": Causal(chunks=32, eps=1.0)}``.
     The EMA starts from the balancer's initial weights (1 by default, as jaxpi's ``init_weights``).
+    Timing differs from jaxpi as for :class:`~lossbalance.strategies.GradNormRatio`: jaxpi's ``train.py`` takes the step and
+    then (``step % update_every_steps == 0``) updates the weights at the new parameters, acting from
+    the next step; here the weights come from the current step's residuals and act on that step.
 
     What peers call NTK weighting and is not this trace: PhysicsNeMo-Sym's "NTK" aggregator
     weights by ``||grad_theta sqrt(|L_i|)||`` (the gradient norm of the root of the term's loss
