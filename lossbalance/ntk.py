@@ -18,10 +18,13 @@ Two ways to compute ``s`` (``trace=``):
 
 - ``"exact"``: ``s = sum_p ||grad_theta (sqrt(c_p) r_p)||^2`` from the per-point gradients, ``chunk``
   points at a time (one batched backward per chunk, ``torch.autograd.grad(..., is_grads_batched=True)``
-  with one-hot seeds: memory ``chunk x P`` for ``P`` parameters).
+  with one-hot seeds). The balancer holds the batch's graph, not a per-point function, so every
+  seed runs back through the whole batch: the cost is about ``N`` backward passes of the term
+  (``N`` its points), the memory ``chunk`` times one backward's plus ``chunk x P`` (``P``
+  parameters). For large batches use ``"hutchinson"``.
 - ``"hutchinson"``: ``s = E_v ||grad_theta (v^T diag(sqrt(c)) r)||^2`` with Rademacher ``v``
   (``E[v v^T] = I``, so the estimate is unbiased: Hutchinson 1990), averaged over ``probes``
-  independent ``v`` (batched backwards, ``chunk`` probes at a time; no ``N x P`` Jacobian). Its
+  independent ``v`` (about ``probes`` backward passes, ``chunk`` probes at a time; no ``N x P`` Jacobian). Its
   standard error is the sample standard deviation over the probes divided by ``sqrt(probes)``.
   The probes come from the balancer's generator (saved in its state: a resumed run draws the
   same ones).
