@@ -130,21 +130,23 @@ def test_balancer_weights_from_naive_traces(points) -> None:
         assert balancer.stats[name]["ntk_trace_se"] == 0.0
 
 
-def test_causal_weights_enter_as_jaxpi_combines_them() -> None:
+@pytest.mark.parametrize("points", ["mean", "sum"])
+def test_causal_weights_enter_as_jaxpi_combines_them(points) -> None:
     """jaxpi compute_diag_ntk: sort by t, diagonal reshaped (chunks, -1), mean per chunk, times the
-    causal weights, then (compute_weights) the mean; here 12 points in 4 chunks of 3."""
+    causal weights, then (compute_weights) the mean; here 12 points in 4 chunks of 3. "sum": the
+    diagonal weighted by each point's causal weight, summed (12 times the mean here)."""
     problem = Residuals(dtype=F64)
     params = list(problem.model.parameters())
     eps = 0.5
-    balancer = LossBalancer(torch.optim.SGD(params, lr=0.0), NTKWeighting(points="mean", normalize="mean"),
+    balancer = LossBalancer(torch.optim.SGD(params, lr=0.0), NTKWeighting(points=points, normalize="mean"),
                             pointwise={"pde": Causal(chunks=4, eps=eps)})
     r = problem.residuals()
     order = torch.argsort(problem.x.reshape(-1))
     chunk_diag = naive_diagonal(r["pde"], params)[order].reshape(4, 3).mean(1)
     chunk_loss = r["pde"].detach()[order].square().reshape(4, 3).mean(1)
     w = torch.exp(-eps * torch.cat([torch.zeros(1, dtype=F64), torch.cumsum(chunk_loss, 0)[:-1]]))
-    s_pde = (chunk_diag * w).mean()
-    s_bc = naive_diagonal(r["bc"], params).mean()
+    s_pde = (chunk_diag * w).mean() * (12 if points == "sum" else 1)
+    s_bc = naive_diagonal(r["bc"], params).sum() / (1 if points == "sum" else 2)
     balancer.step(problem.losses())
     mean = (s_pde + s_bc) / 2
     assert balancer.stats["pde"]["ntk_trace"] == pytest.approx(float(s_pde), rel=1e-12)
