@@ -6,7 +6,7 @@ from .gradients import GradientEngine, GradStats
 from .pointwise import RBA, Causal, Residual
 from .scope import constant_call
 from .strategies import (
-    DWA, FAMO, GradNorm, GradNormRatio, LRAnnealing, ReLoBRaLo, SoftAdapt, Static, StepRecord, Strategy,
+    DWA, FAMO, GradNorm, GradNormRatio, LRAnnealing, NTKWeighting, ReLoBRaLo, SoftAdapt, Static, StepRecord, Strategy,
     UncertaintyWeighting, available_strategies, register, static_from,
 )
 
@@ -15,6 +15,6 @@ __version__ = "0.1.0"
 __all__ = [
     "LossBalancer", "GradientEngine", "GradStats", "StepRecord", "Strategy", "register",
     "available_strategies", "available_combiners", "static_from", "available_presets", "ConfigError", "constant_call",
-    "DWA", "FAMO", "GradNorm", "GradNormRatio", "LRAnnealing", "ReLoBRaLo", "SoftAdapt", "Static", "UncertaintyWeighting",
+    "DWA", "FAMO", "GradNorm", "GradNormRatio", "LRAnnealing", "NTKWeighting", "ReLoBRaLo", "SoftAdapt", "Static", "UncertaintyWeighting",
     "ConFIG", "PCGrad", "WeightedSum", "Residual", "Causal", "RBA", "__version__",
 ]

@@ -16,6 +16,7 @@ from .config import export_config, parse_config
 from .deferred import DeferredChecks, Finding
 from .distributed import make_reduction
 from .gradients import Backward, Direction, GradientEngine
+from .ntk import measure as measure_traces
 from .options import PLAIN_NAMES, option_problems
 from .pointwise import Pointwise, Reduced
 from .precision import make_precision
@@ -363,13 +364,17 @@ class LossBalancer:
                 if self.check_paths == "always" and not reaches(term, targets):
                     raise no_path_error(name, scoped=scope is not None)
                 continue
-            facts = graph_facts(term, self._param_ids)
-            if facts.leaves.isdisjoint(targets):
-                raise no_path_error(name, scoped=scope is not None)
-            if facts.reentrant:
-                raise reentrant_checkpoint_error(name)
-            self._engine.note(name, facts)
+            self._first_look(name, term, targets, scoped=scope is not None)
         self._checked.update(batch.names)
+
+    def _first_look(self, name: str, term: Tensor, targets: frozenset[int], *, scoped: bool) -> None:
+        """A term's first appearance: one walk of its graph (path, reentrant checkpoints, facts)."""
+        facts = graph_facts(term, self._param_ids)
+        if facts.leaves.isdisjoint(targets):
+            raise no_path_error(name, scoped=scoped)
+        if facts.reentrant:
+            raise reentrant_checkpoint_error(name)
+        self._engine.note(name, facts)
 
     # ------------------------------------------------------------------ adapting or not
     def freeze(self) -> None:
@@ -409,9 +414,10 @@ class LossBalancer:
                 self._read(undo)  # a call that checks at once: what earlier calls left pending, first
             self._check_values(batch.names, batch.values, plan.early, "local")
             scaled = self._precision.scale(batch.terms, batch.values)
+            traces = self._traces(batch, plan)
             stats, values, update = self._measure(batch, scaled, plan)
             index = self._terms.index(batch.names)
-            weights = self._update_weights(batch, values, index, stats, update)
+            weights = self._update_weights(batch, values, index, stats, update, traces)
             if into == "grad":
                 values = self._write_grad(batch, scaled, values, weights, stats, plan)
                 result = torch.dot(weights, values)
@@ -534,16 +540,26 @@ class LossBalancer:
         self._require_finite(batch.names, stats.max_abs.amax(1), "gradient entry (max |g|)")
         return stats, values, plan.update
 
-    def _update_weights(self, batch: _Batch, values: Tensor, index: Tensor | None, stats: GradStats | None, update: bool) -> Tensor:
+    def _update_weights(self, batch: _Batch, values: Tensor, index: Tensor | None, stats: GradStats | None,
+                        update: bool, traces: Tensor | None = None) -> Tensor:
         """Phase 4: the strategy's new weights for the present terms (bounded), when due."""
         weights = self._terms.present(index)
         if not update:
             return weights
-        record = StepRecord(batch.names, values, weights, self._step, self._updates, stats, self.generator)
+        record = StepRecord(batch.names, values, weights, self._step, self._updates, stats, self.generator, traces)
         weights = self._terms.sanitize(self.strategy.update(record), weights, index)
         self._terms.set_present(index, weights)
         self._updates += 1
         return weights
+
+    def _traces(self, batch: _Batch, plan: _Plan) -> Tensor | None:
+        """Phase 2b, before the per-term gradients free the graph: on update steps, the terms' NTK
+        traces for a strategy that asks for them (:mod:`lossbalance.ntk`; their figures reach
+        ``stats`` with the batch's pointwise figures)."""
+        if not (plan.update and self.strategy.needs_traces):
+            return None
+        return measure_traces(self.strategy.trace_options, batch.names, batch.pointwise, self._pointwise,
+                              self._engine.params, batch.scopes, self.generator, self._reduction)
 
     def _write_grad(
         self, batch: _Batch, scaled: list[Tensor], values: Tensor, weights: Tensor, stats: GradStats | None, plan: _Plan

@@ -85,6 +85,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         "strategy_options": {"normalize": "mean", "alpha": 0.1, "eps": 1e-5},
         "update_every": 1000,
     },
+    # Wang, Yu & Perdikaris 2022 (NTK), Algorithm 1: lambda_i = sum_j tr K_j / tr K_i, no EMA,
+    # updated every 100 steps (the loss terms must be Residual(r, kind="residual")).
+    "ntk2022": {
+        "strategy": "ntk",
+        "strategy_options": {"points": "sum", "normalize": "sum", "alpha": 1.0, "eps": 0.0},
+        "update_every": 100,
+    },
+    # jaxpi weighting.scheme = "ntk" (pirate branch, jaxpi/models.py compute_weights): means of the
+    # diagonals, mean_j m_j / (m_i + 1e-5 mean_j m_j), momentum 0.9 on the old weight, every 1000 steps.
+    "jaxpi_ntk": {
+        "strategy": "ntk",
+        "strategy_options": {"points": "mean", "normalize": "mean", "alpha": 0.1, "eps": 1e-5},
+        "update_every": 1000,
+    },
     # Bischof & Kraus 2021 (arXiv 2110.09813), the authors' code (rbischof/relative_balancing,
     # src/train.py and src/update_rules.py): --alpha .999, --T 1., --rho 1. (Bernoulli mean: no
     # random lookback unless set), 1e-12 inside the ratio. The paper tunes these per problem.

@@ -139,20 +139,31 @@ class Causal:
         span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
         return ((t - lo) / span * m).floor().clamp(0, m - 1).long()
 
-    def reduce(self, losses: Tensor, t: Tensor, state: Mapping[str, Any], update: bool):
-        """The term's value, the figures for ``stats`` and the state after this step."""
+    def _chunks(self, losses: Tensor, t: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Every point's chunk, the chunks' point counts and mean losses ``L_k``, their weights ``w_k``."""
         m = self.chunks
         chunk = self.chunk_index(t.detach())
         counts = torch.zeros(m, dtype=losses.dtype, device=losses.device).index_add_(0, chunk, torch.ones_like(losses))
         sums = torch.zeros(m, dtype=losses.dtype, device=losses.device).index_add(0, chunk, losses)
-        present = counts > 0
         chunk_loss = sums / counts.clamp(min=1)
-        index = state["eps_index"]
-        eps = self.eps[index]
         seen = torch.cumsum(chunk_loss.detach(), 0)
         if self.cumulative == "exclusive":
             seen = seen - chunk_loss.detach()
-        w = torch.exp(-eps * seen)
+        return chunk, counts, chunk_loss, torch.exp(-eps * seen)
+
+    def point_weights(self, losses: Tensor, t: Tensor, state: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+        """Per point ``p`` (detached): its chunk's weight ``w_k(p)`` and its share ``1 / (M' n_k(p))``
+        of the term's value (``M'`` non-empty chunks, ``n_k`` points in chunk k), so that the value
+        is ``sum_p w_k(p) share_p l_p`` (used by the ``ntk`` strategy)."""
+        chunk, counts, _, w = self._chunks(losses.detach(), t, self.eps[state["eps_index"]])
+        return w[chunk], 1.0 / (counts[chunk] * (counts > 0).sum())
+
+    def reduce(self, losses: Tensor, t: Tensor, state: Mapping[str, Any], update: bool):
+        """The term's value, the figures for ``stats`` and the state after this step."""
+        index = state["eps_index"]
+        eps = self.eps[index]
+        _, counts, chunk_loss, w = self._chunks(losses, t, eps)
+        present = counts > 0
         value = (w * chunk_loss).sum() / present.sum()
         w_min = torch.where(present, w, torch.full_like(w, math.inf)).min()
         done = index == len(self.eps) - 1
@@ -249,11 +260,13 @@ Weighting = Causal | RBA
 
 
 class Reduced(NamedTuple):
-    """One call's pointwise terms, reduced: the plain loss dict, the figures and the pending state."""
+    """One call's pointwise terms, reduced: the plain loss dict, the figures, the pending state
+    and the loss dict as given (its :class:`Residual` terms, for the ``ntk`` strategy)."""
 
     losses: dict[str, Any]
     figures: dict[str, dict[str, Any]]
     state: dict[str, dict[str, Any]]
+    given: Any = None
 
 
 class Pointwise:
@@ -281,7 +294,7 @@ class Pointwise:
                     "scalar: pass its per-point values, lossbalance.Residual(values, t=..., ids=...)"
                 )
         if not any(isinstance(v, Residual) for v in losses.values()):
-            return Reduced(losses, {}, {})
+            return Reduced(losses, {}, {}, losses)
         out, figures, state = dict(losses), {}, {}
         for name, term in losses.items():
             if not isinstance(term, Residual):
@@ -300,7 +313,7 @@ class Pointwise:
                 out[name], figures[name], state[name] = weighting.reduce(per_point, t, self.state[name], update)
             else:
                 out[name], figures[name], state[name] = weighting.reduce(values, ids, self.state[name], update)
-        return Reduced(out, figures, state)
+        return Reduced(out, figures, state, losses)
 
     def commit(self, state: Mapping[str, dict[str, Any]]) -> None:
         self.state = {**self.state, **state}

@@ -97,6 +97,10 @@ SOURCES = {
     "bischof2021": ("relobralo", 1, dict(alpha=0.999, expected_rho=1.0, tau=1.0, eps=1e-12)),
     # Cranial-XIX/FAMO famo.py: FAMO(gamma=0.01, w_lr=0.025), D = losses - min_losses + 1e-8.
     "liu2023": ("famo", 1, dict(lr=0.025, weight_decay=0.01, eps=1e-8)),
+    # Wang, Yu & Perdikaris 2022, Algorithm 1: sum_j tr K_j / tr K_i, no EMA, every 100 steps.
+    "ntk2022": ("ntk", 100, dict(points="sum", normalize="sum", alpha=1.0, eps=0.0)),
+    # jaxpi (pirate branch) models.py compute_weights: mean_ntk / (m_i + 1e-5 mean_ntk), momentum 0.9, every 1000.
+    "jaxpi_ntk": ("ntk", 1000, dict(points="mean", normalize="mean", alpha=0.1, eps=1e-5)),
 }
 
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from lossbalance.problems import (
     MLP,
+    AllenCahn1D,
     PROBLEMS,
     Burgers1D,
     Helmholtz2D,
@@ -58,7 +59,7 @@ def factory(request):
 # ----------------------------------------------------------------------------- registry
 def test_registry() -> None:
     assert PROBLEMS == {"helmholtz": Helmholtz2D, "burgers": Burgers1D, "poisson": Poisson1D,
-                        "wave": Wave1D, "klein_gordon": KleinGordon1D}
+                        "wave": Wave1D, "klein_gordon": KleinGordon1D, "allen_cahn": AllenCahn1D}
     for name, cls in PROBLEMS.items():
         assert cls.name == name
         assert issubclass(cls, Problem)

@@ -1,4 +1,4 @@
-"""Small reference PINN problems: 2-D Helmholtz, 1-D Burgers, 1-D Poisson, 1-D wave, Klein-Gordon.
+"""Small reference PINN problems: 2-D Helmholtz, 1-D Burgers, 1-D Poisson, 1-D wave, Klein-Gordon, Allen-Cahn.
 
 Each problem implements the :class:`Problem` protocol (``make_model``, ``sample``,
 ``losses``, ``exact``, ``relative_l2``); :class:`MLP` is the shared tanh network with
@@ -17,6 +17,7 @@ import os
 import sys
 from typing import Any, Callable
 
+from .allen_cahn import AllenCahn1D
 from .base import MLP, Problem, gradient
 from .burgers import Burgers1D
 from .helmholtz import Helmholtz2D
@@ -27,6 +28,7 @@ from .wave import Wave1D
 __all__ = [
     "MLP",
     "PROBLEMS",
+    "AllenCahn1D",
     "Burgers1D",
     "Helmholtz2D",
     "KleinGordon1D",
@@ -46,6 +48,7 @@ PROBLEMS: dict[str, type[Problem]] = {
     "poisson": Poisson1D,
     "wave": Wave1D,
     "klein_gordon": KleinGordon1D,
+    "allen_cahn": AllenCahn1D,
 }
 
 #: the methods a problem object needs (the :class:`Problem` protocol the runner uses)

@@ -30,8 +30,9 @@ class KleinGordon1D(SecondOrderInTime):
     name = "klein_gordon"
 
     def __init__(self, alpha: float = -1.0, beta: float = 0.0, gamma: float = 1.0, k: int = 3, *,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
-        super().__init__(device=device, dtype=dtype)
+                 residuals: bool = False, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(residuals=residuals, device=device, dtype=dtype)
         self.alpha, self.beta, self.gamma, self.k = float(alpha), float(beta), float(gamma), int(k)
 
     def exact(self, x: Tensor) -> Tensor:

@@ -5,6 +5,9 @@ Inputs are ``(t, x)`` columns (time first). Loss terms: ``"pde"`` (MSE of the re
 rest) and ``"bc"`` (MSE of ``u - u*`` on ``x = 0`` and ``x = 1``). ``sample`` draws ``batch_size``
 points per set: uniform interior points, ``(0, x)`` with uniform ``x`` (shared by ``"ic"`` and
 ``"ic_t"``) and ``(t, 0)`` / ``(t, 1)`` alternating. Evaluation: an ``n x n`` grid (``t``-major).
+``residuals=True``: every term as a :class:`~lossbalance.Residual` of kind ``"residual"`` (the
+per-point residuals whose mean square is the MSE above; ``"pde"`` with the times ``t=``), for
+pointwise weights and the ``ntk`` strategy.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..pointwise import Residual
 from .base import Problem, gradient
 
 __all__ = ["SecondOrderInTime"]
@@ -26,8 +30,10 @@ class SecondOrderInTime(Problem):
     input_dim = 2
     default_eval_n = 100
 
-    def __init__(self, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, *, residuals: bool = False, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__((0.0, 0.0), (1.0, 1.0), device=device, dtype=dtype)
+        self.residuals = bool(residuals)
 
     @property
     def term_names(self) -> tuple[str, ...]:
@@ -51,12 +57,16 @@ class SecondOrderInTime(Problem):
         if not keep_graph:
             u_ic, u_t = u_ic.detach(), u_t.detach()
         xb = batch["bc"]
-        return {
-            "pde": self.residual(model, batch["pde"]).square().mean(),
-            "ic": (u_ic - self.exact(x_ic.detach()).reshape(-1)).square().mean(),
-            "ic_t": u_t.square().mean(),
-            "bc": (self._outputs(model, xb) - self.exact(xb).reshape(-1)).square().mean(),
+        r = {
+            "pde": self.residual(model, batch["pde"]),
+            "ic": u_ic - self.exact(x_ic.detach()).reshape(-1),
+            "ic_t": u_t,
+            "bc": self._outputs(model, xb) - self.exact(xb).reshape(-1),
         }
+        if self.residuals:
+            t = {"pde": batch["pde"][:, 0].detach()}
+            return {name: Residual(v, t=t.get(name), kind="residual") for name, v in r.items()}
+        return {name: v.square().mean() for name, v in r.items()}
 
     def evaluation_points(self, n: int | None = None) -> Tensor:
         """``n x n`` grid on ``[0, 1]^2`` (``t``-major)."""

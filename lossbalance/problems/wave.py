@@ -28,9 +28,9 @@ class Wave1D(SecondOrderInTime):
 
     name = "wave"
 
-    def __init__(self, c: float = 2.0, a: float = 4.0, *, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
-        super().__init__(device=device, dtype=dtype)
+    def __init__(self, c: float = 2.0, a: float = 4.0, *, residuals: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(residuals=residuals, device=device, dtype=dtype)
         self.c = float(c)
         self.a = float(a)
 

@@ -22,7 +22,9 @@ class StepRecord:
     detached values; ``weights`` (K,) their current weights; ``step``: the balancer's step
     counter (0 on the first step); ``update``: how many updates came before this one;
     ``grads``: per-term gradient statistics (``None`` for strategies that need none);
-    ``generator``: the balancer's random generator (the only source of randomness allowed).
+    ``generator``: the balancer's random generator (the only source of randomness allowed);
+    ``traces``: (K,) the terms' NTK statistics for strategies with ``needs_traces``
+    (:mod:`lossbalance.ntk`), ``None`` otherwise.
     """
 
     names: tuple[str, ...]
@@ -32,13 +34,16 @@ class StepRecord:
     update: int
     grads: GradStats | None
     generator: torch.Generator
+    traces: Tensor | None = None
 
 
 class Strategy(ABC):
     """A weighting strategy: turns a :class:`StepRecord` into new weights.
 
     A strategy owns its state and serialises it; it never touches ``.grad`` or the optimizer.
-    Subclasses set ``name`` (the registry's short name), ``needs_gradients``, and ``fixed`` when
+    Subclasses set ``name`` (the registry's short name), ``needs_gradients``, ``needs_traces``
+    (the NTK traces of the residual terms in ``record.traces``, with ``trace_options``, a
+    :class:`lossbalance.ntk.TraceOptions`), and ``fixed`` when
     ``update`` would always return the current weights (the balancer then never calls it).
     Optionally ``observe(names, losses)``: the detached loss values after the model's step, which
     ``LossBalancer.observe`` / ``step(after=)`` pass on (used by ``famo``).
@@ -46,6 +51,7 @@ class Strategy(ABC):
 
     name: ClassVar[str] = ""
     needs_gradients: ClassVar[bool] = False
+    needs_traces: ClassVar[bool] = False
     fixed: ClassVar[bool] = False
 
     def validate_terms(self, names: Sequence[str]) -> None:
