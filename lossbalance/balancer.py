@@ -757,7 +757,7 @@ class LossBalancer:
         self._run_hooks()
         return total
 
-    def loss(self, losses: Losses) -> Tensor:
+    def loss(self, losses: Losses, *, reevaluation: bool = False) -> Tensor:
         """Everything :meth:`backward` does except writing ``.grad``: a scalar to call
         ``.backward()`` on, for frameworks that own the backward and the optimizer step
         (Lightning's automatic optimisation, DeepXDE, PINA, PhysicsNeMo-style aggregators).
@@ -771,16 +771,22 @@ class LossBalancer:
         framework's loss scaling) scales the gradient. A step skipped for non-finite values
         (``nonfinite="skip"``) returns NaN, whose backward adds nothing. Under a ``scaler=`` it
         raises: the framework scales the returned loss itself. Runs the step hooks.
+
+        ``reevaluation=True``: the same step evaluated again (the closure of a framework's L-BFGS,
+        called several times per step): the weights are held, and neither the step counter, the
+        pointwise state, the history nor the hooks advance, as for the re-evaluations of
+        :meth:`step` with ``closure=``; its values and gradients are checked at once.
         """
         if self._precision.scaled:
             raise TypeError(
                 "loss() cannot be used with scaler=: the framework that calls .backward() on the returned "
                 "loss scales it; build the balancer without scaler= (for float16, use bf16 or the framework's scaler)"
             )
-        total, _ = self._balance(losses, True, into="loss")
+        total, _ = self._balance(losses, not reevaluation, into="loss", deferrable=not reevaluation)
         if total is None:
             return self._nan().requires_grad_()
-        self._run_hooks()
+        if not reevaluation:
+            self._run_hooks()
         return total
 
     def step(

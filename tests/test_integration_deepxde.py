@@ -71,11 +71,19 @@ def test_adam_balances_then_lbfgs_continues_with_the_learned_weights(capsys):
     assert lbfgs is not balancer and lbfgs is balancer_of(model)
     assert lbfgs.weights == weights and lbfgs.frozen  # carried over, held fixed for the line search
     dde.optimizers.set_LBFGS_options(maxiter=40)
+    calls, train_step = [], model.train_step
+
+    def counted(*args):
+        calls.append(1)
+        return train_step(*args)
+
+    model.train_step = counted
     try:
         model.train(verbose=0)
     finally:
         dde.optimizers.set_LBFGS_options()
-    assert lbfgs.step_count > 0 and lbfgs.weights == weights
+    # one balancer step per train_step; the closure's re-evaluations are not steps
+    assert lbfgs.step_count == len(calls) > 0 and lbfgs.weights == weights
     assert error(model) < adam_error
 
 

@@ -166,3 +166,35 @@ def test_what_is_not_parameters_is_refused_with_the_fix():
         LossBalancer(PINN1D().model, "lra")
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         LossBalancer([1, 2], "lra")
+
+
+def test_a_reevaluation_holds_the_weights_and_does_not_advance_the_step():
+    """``loss(..., reevaluation=True)``: the same step evaluated again (a framework's L-BFGS closure)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    x = torch.linspace(0, 1, 8)[:, None]
+
+    def terms():
+        u = model(x)
+        return {"pde": (u - x).pow(2).mean(), "bc": 10 * u[0].pow(2).sum()}
+
+    hooked = []
+    balancer = LossBalancer(model.parameters(), "relobralo", history=10)
+    balancer.register_step_hook(lambda b: hooked.append(b.step_count))
+    balancer.loss(terms()).backward()
+    balancer.loss(terms()).backward()  # the second call updates the weights (relobralo has history now)
+    weights, count, rows = balancer.weights, balancer.step_count, len(balancer.history)
+    for p in model.parameters():
+        p.grad = None
+    total = balancer.loss(terms(), reevaluation=True)
+    total.backward()
+    again = [p.grad.clone() for p in model.parameters()]
+    assert balancer.weights == weights and balancer.step_count == count and len(balancer.history) == rows
+    assert hooked == [1, 2]
+    # the same gradient as backward() with the held weights
+    reference = LossBalancer(model.parameters(), "static", weights=weights)
+    reference.backward(terms())
+    for g, p in zip(again, model.parameters()):
+        torch.testing.assert_close(g, p.grad)
+    expected = sum(weights[n] * v for n, v in terms().items())
+    torch.testing.assert_close(total.detach(), expected.detach())

@@ -33,11 +33,12 @@ instances:
   ``save`` offers no hook, so the wrapper reads the file it wrote, adds the entry and writes it
   again (twice the writing; a PINN's checkpoint is small).
 
-L-BFGS: DeepXDE's L-BFGS evaluates the closure several times per ``train_step``; each evaluation
-is one ``balancer.loss`` call (and counts as a balancer step). ``balance`` defaults to
-``frozen=True`` for ``"L-BFGS"``/``"L-BFGS-B"``: the weights stay as learned, a fixed objective
-for the line search. With ``frozen=False`` the weights are updated (when due) on the first
-evaluation of each ``train_step`` only. NNCG (second order through the loss) is not supported.
+L-BFGS: DeepXDE's L-BFGS evaluates the closure several times per ``train_step``; the first
+evaluation is one balancer step, the others are ``balancer.loss(..., reevaluation=True)`` (the
+weights held, the step counter not advanced). ``balance`` defaults to ``frozen=True`` for
+``"L-BFGS"``/``"L-BFGS-B"``: the weights stay as learned, a fixed objective for the line search.
+With ``frozen=False`` the weights are updated (when due) on the first evaluation of each
+``train_step`` only. NNCG (second order through the loss) is not supported.
 """
 from __future__ import annotations
 
@@ -105,14 +106,9 @@ class _Adapter:
 
     def balanced(self, terms: Sequence[Tensor]) -> Tensor:
         names = self.resolve_names(len(terms))
-        frozen = self.balancer.frozen
-        if self.lbfgs and self.evaluations > 0:
-            self.balancer.frozen = True  # L-BFGS re-evaluations: at most one update per train_step
+        again = self.lbfgs and self.evaluations > 0  # L-BFGS re-evaluations: one balancer step per train_step
         self.evaluations += 1
-        try:
-            return self.balancer.loss(dict(zip(names, terms)))
-        finally:
-            self.balancer.frozen = frozen
+        return self.balancer.loss(dict(zip(names, terms)), reevaluation=again)
 
     def resolve_names(self, n_terms: int) -> list[str]:
         if self.names is None:
