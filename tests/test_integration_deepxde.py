@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -54,7 +55,10 @@ def test_adam_balances_then_lbfgs_continues_with_the_learned_weights(capsys):
     model.compile("adam", lr=1e-2)
     balancer = balance(model, "lra", update_every=10, history=500)
     start = error(model)
-    model.train(iterations=300, display_every=100, verbose=0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="LRAnnealing")  # the reference is DeepXDE's pde term, silently
+        model.train(iterations=300, display_every=100, verbose=0)
+    assert balancer.strategy.reference == "pde"
     assert balancer.step_count == 300  # one call per iteration: DeepXDE's evaluations do not step it
     assert list(balancer.weights) == ["pde", "bc0", "bc1"]
     weights = balancer.weights

@@ -106,6 +106,8 @@ class _Adapter:
 
     def balanced(self, terms: Sequence[Tensor]) -> Tensor:
         names = self.resolve_names(len(terms))
+        if getattr(self.balancer.strategy, "reference", "") is None:  # LRA: DeepXDE lists the PDE residual first
+            self.balancer.strategy.reference = names[0]
         again = self.lbfgs and self.evaluations > 0  # L-BFGS re-evaluations: one balancer step per train_step
         self.evaluations += 1
         return self.balancer.loss(dict(zip(names, terms)), reevaluation=again)
@@ -160,6 +162,8 @@ def balance(
     Initial weights, first found: ``weights=`` in ``options``; the ``loss_weights`` given to this
     ``compile``; the weights of the balancer a previous ``balance(model)`` attached (the learned
     weights carry over, e.g. from Adam to L-BFGS). For L-BFGS, ``frozen`` defaults to ``True``.
+    A strategy with a reference term and none given (``"lra"``) takes DeepXDE's first term, the
+    PDE residual (``pde``/``pde0``), without the warning a plain ``LossBalancer`` gives.
     The balancer is built on the parameters DeepXDE's optimizer holds (the network and the
     ``external_trainable_variables``), without an optimizer: DeepXDE steps its own.
     """
