@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from .combine import Combiner, WeightedSum, make_combiner
-from .config import export_config, parse_config
+from .config import export_config, parse_config, pointwise_config
 from .deferred import DeferredChecks, Finding
 from .distributed import make_reduction
 from .gradients import Backward, Direction, GradientEngine
@@ -1034,6 +1034,8 @@ class LossBalancer:
             settings["terms"] = list(self._terms.names)
         if self._terms.optional:
             settings["optional"] = sorted(self._terms.optional)
+        if self._pointwise.weightings:
+            settings["pointwise"] = pointwise_config(self._pointwise.weightings)
         return export_config(settings, self._scope_params, self._probe, model)
 
     # ------------------------------------------------------------------ state

@@ -120,7 +120,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 _STRUCTURED_KEYS = (
     "preset", "strategy", "strategy_options", "weights", "min_weight", "max_weight", "terms", "optional",
-    "scope", "probe", "combine", "combine_options",
+    "scope", "probe", "combine", "combine_options", "pointwise",
 )
 _KEYS = sorted({*_STRUCTURED_KEYS, *PLAIN_NAMES})
 
@@ -294,6 +294,45 @@ def _combiner(merged: dict[str, Any], kwargs: dict[str, Any], problems: list[str
             problems.append(f"combine: {error}")
 
 
+def _pointwise_kinds() -> dict[str, type]:
+    """``{kind: class}`` of the pointwise weightings (:mod:`lossbalance.pointwise`: ``causal``, ``rba``, ...)."""
+    from . import pointwise
+
+    return {
+        cls.__dict__["kind"]: cls for cls in vars(pointwise).values()
+        if isinstance(cls, type) and isinstance(cls.__dict__.get("kind"), str)
+    }
+
+
+def pointwise_config(weightings: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{term: {"kind": ..., <constructor options>}}`` of the balancer's pointwise weightings
+    (every constructor argument is kept as an attribute of the same name)."""
+    def options(w: Any) -> dict[str, Any]:
+        names = [n for n in inspect.signature(type(w)).parameters]
+        return {n: list(v) if isinstance(v, tuple) else v for n in names if (v := getattr(w, n)) is not None}
+
+    return {term: {"kind": w.kind, **options(w)} for term, w in weightings.items()}
+
+
+def _pointwise(merged: dict[str, Any], kwargs: dict[str, Any], problems: list[str]) -> None:
+    spec = merged.get("pointwise")
+    if spec is None:
+        return
+    if not isinstance(spec, Mapping):
+        problems.append(f"pointwise must be a table {{term: {{kind: causal|rba|..., options}}}}, got {type(spec).__name__}")
+        return
+    kinds, built = _pointwise_kinds(), {}
+    for term, entry in spec.items():
+        kind = entry.get("kind") if isinstance(entry, Mapping) else None
+        if kind not in kinds:
+            problems.append(f"pointwise.{term}.kind must be one of {sorted(kinds)}, got {kind!r}")
+            continue
+        options = {k: v for k, v in entry.items() if k != "kind"}
+        if _check_options(f"pointwise.{term}", kinds[kind], options, problems):
+            built[term] = _build(f"pointwise.{term}", kinds[kind], options, problems)
+    kwargs["pointwise"] = built
+
+
 def _scope(spec: Any, model: nn.Module, kwargs: dict[str, Any], problems: list[str]) -> None:
     if not isinstance(spec, Mapping):
         problems.append(f"scope must be a table {{term: [prefixes]}}, got {type(spec).__name__}")
@@ -336,7 +375,7 @@ def parse_config(config: Mapping[str, Any], *, model: nn.Module | None = None) -
     problems = _unknown_keys(config)
     merged = _merge_preset(config, problems)
     kwargs: dict[str, Any] = {}
-    for group in (_plain_options, _weight_tables, _term_lists, _strategy, _combiner):
+    for group in (_plain_options, _weight_tables, _term_lists, _strategy, _combiner, _pointwise):
         group(merged, kwargs, problems)
     _parameter_sets(merged, model, kwargs, problems)
     if problems:

@@ -343,3 +343,40 @@ def test_an_lbfgs_step_advances_the_pointwise_state_once():
     torch.testing.assert_close(total, expected, rtol=1e-12, atol=0)
     state = balancer.state_dict()["pointwise"]["bc"]
     torch.testing.assert_close(state["lambdas"], torch.tensor([lam[i] for i in sorted(lam)], dtype=torch.float64))
+
+
+def test_pointwise_weightings_travel_through_config_and_yaml():
+    """config() exports pointwise=, from_config() rebuilds it (it was silently dropped before)."""
+    import yaml
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    points = torch.rand(32, 2)
+    ids = torch.arange(32)
+
+    def terms():
+        r = model(points)[:, 0] - points[:, 0]
+        return {"pde": Residual(r, t=points[:, 1], ids=ids, kind="residual"), "bc": model(points[:4]).pow(2).mean()}
+
+    pointwise = {"pde": Causal(chunks=4, eps=[1.0, 10.0], split="time", t_range=(0.0, 1.0))}
+    first = LossBalancer(torch.optim.SGD(model.parameters(), lr=1e-2), "relobralo", pointwise=pointwise)
+    config = yaml.safe_load(yaml.safe_dump(first.config()))
+    assert config["pointwise"] == {"pde": {"kind": "causal", "chunks": 4, "eps": [1.0, 10.0], "split": "time",
+                                           "cumulative": "exclusive", "delta": 0.99, "t_range": [0.0, 1.0]}}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    totals = [float(first.step(terms())) for _ in range(3)]
+    model.load_state_dict(state)
+    again = LossBalancer.from_config(torch.optim.SGD(model.parameters(), lr=1e-2), config)
+    assert [float(again.step(terms())) for _ in range(3)] == totals
+    rba = LossBalancer(torch.optim.SGD(model.parameters(), lr=1e-2), "static", pointwise={"pde": RBA(gamma=0.99)})
+    assert rba.config()["pointwise"] == {"pde": {"kind": "rba", "gamma": 0.99, "eta": 1e-3, "init": 0.0}}
+
+
+def test_a_bad_pointwise_config_names_the_term_and_the_choices():
+    from lossbalance.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as error:
+        parse_config({"pointwise": {"pde": {"kind": "casual"}, "bc": {"kind": "rba", "gama": 1.0}}})
+    text = str(error.value)
+    assert "pointwise.pde.kind must be one of ['causal', 'rba'" in text
+    assert "unknown pointwise.bc option 'gama' (did you mean 'gamma'?)" in text
