@@ -1,0 +1,314 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``): per-term gradients of sharded parameters.
+
+Why the plain engine cannot be used. ``fully_shard`` replaces each parameter by a sharded
+``DTensor`` (``Shard(0)``: rank r holds rows ``r*c : (r+1)*c`` of dim 0, ``c = ceil(n / world)``,
+so a shard may be empty) and the optimizer holds those. The forward does not compute with them:
+a pre-forward hook all-gathers each module's shards into a separate leaf, the *unsharded*
+parameter (``FSDPParam._unsharded_param``, created at the first forward and kept), and swaps it
+into the module; a post-backward hook reduce-scatters ``unsharded.grad`` into the sharded
+``.grad`` (the mean over the ranks) and frees the gathered storage. So the graph of a loss never
+reaches the optimizer's parameters: ``torch.autograd.grad(loss, sharded_params)`` raises "One of
+the differentiated Tensors appears to not have been used in the graph", and the gradients
+w.r.t. the unsharded leaves are this rank's full, unreduced ones (no hook reduces them).
+
+What this engine does instead. Each term is differentiated with
+``torch.autograd.backward(loss, inputs=<the unsharded leaves>, retain_graph=True)``: FSDP's own
+hooks fire (the pre-backward all-gather again when the forward resharded, so ``retain_graph``
+works across the K calls with ``reshard_after_forward``), its reduce-scatter leaves the term's
+gradient, averaged over the ranks, as this rank's shard in the sharded ``.grad``, which is copied
+into row i of a ``(K, P_local)`` buffer and cleared (``inputs=`` keeps every other leaf's
+``.grad``, e.g. of inputs that require grad, untouched; the parameters' own ``.grad`` is restored
+if anything fails). The statistics are taken per shard and summed over the ranks (max |g|: the
+max) in one all-reduce of the ``(K, T)`` tables with the loss values, one of their maxima; the
+totals are those of the full averaged gradients, identical on every rank, so every rank computes
+the same weights. The step's gradient ``sum_i w_i g_i`` is combined shard by shard and written as
+sharded ``DTensor`` ``.grad`` (views into one buffer): no further backward. A plain step is one
+FSDP backward of the weighted sum (seeded with the weights), its finiteness agreed in one
+all-reduce with the loss values.
+
+Every rank must run every backward (FSDP's collectives): an ``optional`` term that this rank
+lacks is differentiated as zero times another term. The unsharded leaves are private to FSDP2
+(``FSDPParam``, reached through ``torch.distributed._composable_state``); this module is the only
+place that reads them and refuses what it cannot map (:func:`make_engine`).
+
+Supported: every parameter of the optimizer sharded by ``fully_shard`` on a 1-D mesh,
+``memory="keep"``, no ``probe``, ``grad_mode="loop"``, ``combine="sum"``, no ``scope=``,
+``diagnose_every``, ``scaler`` or L-BFGS; other leaves the terms reach must be balanced too.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Collection, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .distributed import Reduction
+from .gradients import Backward, Direction, GradientEngine, GradStats, Measured
+from .graph import GraphFacts
+from .validation import explain_autograd_error, no_path_error
+
+__all__ = ["ShardedEngine", "make_engine", "graph_ids", "check_sharded"]
+
+FIX = "train it wrapped in DistributedDataParallel instead (the supported distributed path)"
+
+
+def _dtensor_type() -> type | None:
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def make_engine(params: Sequence[Tensor], **options: Any) -> GradientEngine | "ShardedEngine":
+    """The engine for ``params``: :class:`ShardedEngine` when they are FSDP2-sharded DTensors,
+    else the plain :class:`~lossbalance.gradients.GradientEngine` (``options``: its keywords)."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not any(isinstance(p, dtensor) for p in params):
+        return GradientEngine(params, **options)
+    return ShardedEngine(params, **options)
+
+
+def graph_ids(engine: GradientEngine | "ShardedEngine", params: Sequence[Tensor]) -> frozenset[int]:
+    """The ids of the leaves through which the terms' graphs reach ``params``: the parameters
+    themselves, and for an FSDP2 model the unsharded parameters its forward computes with."""
+    ids = frozenset(map(id, params))
+    return ids | engine.unsharded_ids if isinstance(engine, ShardedEngine) else ids
+
+
+def check_sharded(engine: GradientEngine | "ShardedEngine", options: Mapping[str, bool]) -> None:
+    """Refuse the options the sharded engine does not support (``options``: name -> given)."""
+    given = [name for name, on in options.items() if on]
+    if isinstance(engine, ShardedEngine) and given:
+        raise ValueError(
+            f"{', '.join(given)} cannot be used with an FSDP2 (fully_shard) model: they need the full per-term "
+            f"gradients or per-parameter scopes, and each rank holds shards. Drop {'them' if len(given) > 1 else 'it'}, "
+            f"or {FIX}"
+        )
+
+
+def _fsdp_params() -> dict[int, Any]:
+    """``id(sharded parameter) -> FSDPParam`` over every live ``fully_shard`` state."""
+    from torch.distributed._composable_state import _module_state_mapping
+
+    found = {}
+    for ref in list(_module_state_mapping.values()):
+        for group in getattr(ref(), "_fsdp_param_groups", None) or ():
+            for fsdp_param in group.fsdp_params:
+                found[id(fsdp_param.sharded_param)] = fsdp_param
+    return found
+
+
+def _describe(param: Tensor) -> str:
+    return f"of shape {tuple(param.shape)}"
+
+
+class ShardedEngine:
+    """Per-term gradients of FSDP2-sharded parameters, reduced over the shards (module docstring).
+
+    The interface of :class:`~lossbalance.gradients.GradientEngine` that the balancer drives;
+    ``params``: the optimizer's sharded parameters (``DTensor``, ``Shard(0)`` on a 1-D mesh).
+    """
+
+    keeps_gradients = True
+
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        *,
+        memory: str = "keep",
+        probe: Any = None,
+        reduction: Reduction | None = None,
+        grad_mode: str = "loop",
+    ):
+        # (reduction: the balancer's, for its own collectives; this engine reduces over the mesh)
+        for name, value, wanted in (("memory", memory, "keep"), ("grad_mode", grad_mode, "loop"), ("probe", probe, None)):
+            if value != wanted:
+                raise ValueError(f"{name}={value!r} cannot be used with an FSDP2 (fully_shard) model: use "
+                                 f"{name}={wanted!r}, or {FIX}")
+        self._fsdp = _fsdp_of(params)
+        self.params = list(params)
+        first = self.params[0]
+        self.mesh, self.placements = first.device_mesh, first.placements
+        self.group = self.mesh.get_group()
+        self.world = self.mesh.size()
+        local = [p.to_local() for p in self.params]
+        self.device, self.dtype = local[0].device, local[0].dtype
+        self._sizes = [t.numel() for t in local]
+        self._shapes = [t.shape for t in local]
+        self._twins = [getattr(f, "_unsharded_param", None) for f in self._fsdp]  # after the first forward
+        wide = torch.promote_types(self.dtype, torch.float64)
+        self._numel = torch.tensor([p.numel() for p in self.params], dtype=wide, device=self.device)
+        self._matrix = torch.tensor([p.dim() >= 2 for p in self.params], device=self.device)
+        self._combined = torch.empty(sum(self._sizes), dtype=self.dtype, device=self.device)
+        self._buffer: Tensor | None = None
+        self._reached = [False] * len(self.params)
+        self.retain_always = False
+        self.others: list[Tensor] = []
+
+    def __repr__(self) -> str:
+        return f"ShardedEngine({len(self.params)} sharded tensors over {self.world} ranks, {self.dtype}, {self.device})"
+
+    # ------------------------------------------------------------------ what it holds
+    @property
+    def unsharded_ids(self) -> frozenset[int]:
+        return frozenset(id(t) for t in self._twins if t is not None)
+
+    def holds(self, params: Sequence[Tensor]) -> bool:
+        """Built for exactly ``params``, with FSDP's unsharded parameters known and unchanged
+        (before the first forward they do not exist: the balancer rebuilds the engine once)."""
+        same = len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
+        return same and all(t is not None and t is getattr(f, "_unsharded_param", None) for t, f in zip(self._twins, self._fsdp))
+
+    def owns(self, grad: Tensor) -> bool:
+        return False
+
+    def note(self, name: str, facts: GraphFacts) -> None:
+        """Learn what the graph of term ``name`` holds; a leaf it reaches that is not balanced
+        cannot be given its share (the per-term backward passes are FSDP's)."""
+        if facts.others:
+            raise ValueError(
+                f"loss term {name!r} reaches {len(facts.others)} parameter(s) that the balancer does not balance "
+                f"(the first {_describe(facts.others[0])}); with an FSDP2 (fully_shard) model every parameter the "
+                "terms train must be in the balancer's optimizer (and sharded)"
+            )
+        self.retain_always = self.retain_always or facts.compiled
+
+    # ------------------------------------------------------------------ per-term gradients
+    def measure(self, names, losses, scopes, values: Tensor, *, stale: Collection[str] = ()) -> Measured:
+        """Each term's averaged gradient, shard by shard, into row i; the statistics summed over
+        the ranks with the averaged loss values (identical on every rank)."""
+        buffer = self._rows(len(losses))
+        reached = [False] * len(self.params)
+        with _grads_kept(self.params):
+            for i, loss in enumerate(losses):
+                retain = self.retain_always or i < len(losses) - 1
+                self._fsdp_backward(names[i], [self._differentiable(loss, losses)], None, retain, stale)
+                for j, (p, row) in enumerate(zip(self.params, self._views(buffer[i]))):
+                    if p.grad is None:
+                        row.zero_()
+                    else:
+                        row.copy_(p.grad.to_local())
+                        reached[j] = True
+                        p.grad = None
+        if not any(reached):
+            raise no_path_error(names[0], scoped=False)
+        self._reached = reached
+        return self._statistics(buffer, values)
+
+    def _differentiable(self, loss: Tensor, losses: Sequence[Tensor]) -> Tensor:
+        """``loss``, or (an optional term another rank holds) zero times a term of this rank,
+        so that this rank joins FSDP's collectives of that backward too."""
+        if loss.requires_grad:
+            return loss
+        held = next((other for other in losses if other.requires_grad), None)
+        if held is None:
+            raise ValueError("with an FSDP2 (fully_shard) model every rank must hold at least one term per step")
+        return held * 0
+
+    def _fsdp_backward(self, name: str, losses: list[Tensor], seeds: list[Tensor] | None, retain: bool, stale) -> None:
+        try:
+            torch.autograd.backward(losses, grad_tensors=seeds, inputs=list(self._twins), retain_graph=retain)
+        except RuntimeError as error:
+            raise explain_autograd_error(name, error, stale=name in stale) from error
+
+    def _rows(self, k: int) -> Tensor:
+        if self._buffer is None or self._buffer.shape[0] != k:
+            self._buffer = torch.empty(k, sum(self._sizes), dtype=self.dtype, device=self.device)
+        return self._buffer
+
+    def _views(self, flat: Tensor) -> list[Tensor]:
+        return [v.view(shape) for v, shape in zip(flat.split(self._sizes), self._shapes)]
+
+    def _statistics(self, rows: Tensor, values: Tensor) -> Measured:
+        """Per tensor, sum |g| and sum g^2 (summed over the ranks, with the values averaged) and
+        max |g| (the max over the ranks): two all-reduces of (K, T) tables."""
+        wide = self._numel.dtype
+        parts = [part.abs() for part in rows.split(self._sizes, dim=1)]
+        sum_abs = torch.stack([part.sum(1, dtype=wide) for part in parts], 1)
+        sum_sq = torch.stack([torch.linalg.vector_norm(part, dim=1, dtype=wide).square() for part in parts], 1)
+        empty = rows.new_zeros(rows.shape[0], dtype=wide)
+        max_abs = torch.stack([part.amax(1).to(wide) if part.shape[1] else empty for part in parts], 1)
+        k, t = sum_abs.shape
+        packed = torch.cat([sum_abs.flatten(), sum_sq.flatten(), values.to(wide) / self.world])
+        torch.distributed.all_reduce(packed, group=self.group)
+        torch.distributed.all_reduce(max_abs, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        sum_abs, sum_sq = packed[: k * t].view(k, t), packed[k * t : 2 * k * t].view(k, t)
+        max_abs = torch.where(sum_abs.isfinite(), max_abs, sum_abs)  # a NaN survives the sum, not the max
+        scope = torch.ones(k, t, dtype=torch.bool, device=self.device)
+        stats = GradStats(sum_abs, max_abs, sum_sq, self._numel, self._matrix, scope, None)
+        return Measured(stats, packed[2 * k * t :].to(values.dtype))
+
+    # ------------------------------------------------------------------ the step's gradient
+    def write_kept(self, weights: Tensor, direction: Tensor | None = None) -> None:
+        """Sharded ``.grad = sum_i w_i g_i`` from the kept shards (``None`` where no term reached);
+        views into one buffer, rewritten by the next call."""
+        assert direction is None and self._buffer is not None  # check_sharded refuses combiners
+        torch.mv(self._buffer.T, weights.to(self.dtype), out=self._combined)
+        for p, view, hit in zip(self.params, self._views(self._combined), self._reached):
+            p.grad = self._sharded(view, p) if hit else None
+
+    def kept_direction(self, weights: Tensor, direction: Tensor | None = None) -> Direction:
+        raise ValueError(f"balancer.loss() cannot be used with an FSDP2 (fully_shard) model: call "
+                         f"balancer.step(losses) or balancer.backward(losses), or {FIX}")
+
+    def _sharded(self, local: Tensor, param: Tensor) -> Tensor:
+        dtensor = _dtensor_type()
+        return dtensor.from_local(local, self.mesh, self.placements, run_check=False, shape=param.shape,
+                                  stride=param.stride())
+
+    def write(self, direction: Direction) -> None:
+        for p, g in zip(self.params, direction.grads):
+            p.grad = g
+
+    def backward(self, names, losses, weights: Tensor, scopes, values: Tensor, *, check_grads: bool = False,
+                 check_values: bool = False, stale: Collection[str] = ()) -> Backward:
+        """One FSDP backward of ``sum_i w_i L_i`` (``.grad`` untouched: the sharded, averaged
+        gradient is returned); the values averaged and the finiteness agreed in one all-reduce."""
+        held = [i for i, loss in enumerate(losses) if loss.requires_grad]
+        terms = [losses[i] for i in held] or [self._differentiable(losses[0], losses)]
+        seeds = [weights[i] for i in held] or [weights.new_ones(())]
+        with _grads_kept(self.params):
+            self._fsdp_backward(names[held[0]] if held else names[0], terms, seeds, self.retain_always, stale)
+            grads = [p.grad for p in self.params]
+        locals_ = [g.to_local() for g in grads if g is not None] if check_grads else []
+        bad = sum((~t.isfinite()).sum() for t in locals_) if locals_ else values.new_zeros(())
+        packed = torch.cat([values.to(torch.float64) / self.world, bad.reshape(1).to(torch.float64)])
+        torch.distributed.all_reduce(packed, group=self.group)
+        averaged = packed[:-1].to(values.dtype)
+        failed = None
+        if check_values and not bool(averaged.isfinite().all()):
+            failed = "values"
+        elif check_grads and bool(packed[-1] != 0):
+            failed = "gradients"
+        return Backward(averaged, failed, Direction(grads, []))
+
+
+@contextlib.contextmanager
+def _grads_kept(params: Sequence[Tensor]) -> Iterator[None]:
+    """Clear the parameters' ``.grad`` for FSDP to reduce into, and put it back afterwards."""
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+
+
+def _fsdp_of(params: Sequence[Tensor]) -> list[Any]:
+    """The ``FSDPParam`` of each parameter; a clear error for anything that is not FSDP2 on one mesh."""
+    dtensor, found = _dtensor_type(), _fsdp_params()
+    for p in params:
+        if not isinstance(p, dtensor) or id(p) not in found:
+            what = "a DTensor that fully_shard does not manage (tensor parallel?)" if isinstance(p, dtensor) else "not sharded"
+            raise ValueError(
+                f"a balanced parameter {_describe(p)} is {what}, next to FSDP2-sharded ones: balance only the "
+                f"parameters of one fully_shard model (every module sharded), or {FIX}"
+            )
+    first = params[0]
+    if first.device_mesh.ndim != 1 or any(p.device_mesh != first.device_mesh for p in params):
+        raise ValueError(f"the FSDP2 parameters must share one 1-D device mesh (HSDP is not supported): {FIX}")
+    return [found[id(p)] for p in params]

@@ -1,0 +1,113 @@
+"""FSDP2 (fully_shard): two gloo processes, each holding half the points and half of every
+parameter, equal one process with the unsharded model on all the points."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from lossbalance import LossBalancer, LRAnnealing
+
+fsdp = pytest.importorskip("torch.distributed.fsdp")
+if not hasattr(fsdp, "fully_shard"):
+    pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)", allow_module_level=True)
+
+STEPS = 8
+CASES = {  # name: (balancer options, fully_shard's reshard_after_forward)
+    "lra": (dict(update_every=1), True),
+    "lra_every_3_no_reshard": (dict(update_every=3), False),
+    "static": (dict(strategy="static", weights={"fit": 1.0, "small": 4.0}), True),
+    "relobralo": (dict(strategy="relobralo"), True),
+}
+REFUSED = {  # options an FSDP2 model cannot be balanced with: the words of the error
+    "lean": (dict(memory="lean"), "memory='lean'"),
+    "pcgrad": (dict(combine="pcgrad"), "combine='pcgrad'"),
+    "diagnose": (dict(diagnose_every=5), "diagnose_every="),
+}
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
+
+
+def data():
+    x = torch.rand(32, 2, generator=torch.Generator().manual_seed(1))
+    return x, torch.sin(3 * x[:, :1]) + x[:, 1:]
+
+
+def losses(model, x, y):
+    u = model(x)
+    return {"fit": (u - y).pow(2).mean(), "small": 0.1 * u.pow(2).mean()}  # means over the points: mean of the halves = whole
+
+
+def balancer_for(model, case):
+    options = dict(CASES[case][0] if case in CASES else REFUSED[case][0])
+    strategy = options.pop("strategy", None) or LRAnnealing("fit")
+    return LossBalancer(torch.optim.Adam(model.parameters(), lr=1e-2), strategy, **options)
+
+
+def train(case, model, x, y):
+    balancer = balancer_for(model, case)
+    for _ in range(STEPS):
+        balancer.step(losses(model, x, y))
+    return balancer
+
+
+def shard(model, reshard):
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fsdp.fully_shard(layer, reshard_after_forward=reshard)
+    return fsdp.fully_shard(model)
+
+
+def worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        x, y = data()
+        results = {}
+        for case, (_, reshard) in CASES.items():
+            model = shard(mlp(), reshard)
+            balancer = train(case, model, x[rank::world], y[rank::world])
+            results[case] = {"weights": balancer.weights, "params": [p.full_tensor() for p in model.parameters()],
+                             "grads": [None if p.grad is None else type(p.grad).__name__ for p in model.parameters()]}
+        for case in REFUSED:
+            try:
+                balancer_for(shard(mlp(), True), case)
+            except ValueError as error:
+                results[case] = str(error)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_sharded_ranks_match_one_unsharded_process(case, two_ranks):
+    ranks = [r[case] for r in two_ranks]
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # identical, not just close
+    for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
+        assert torch.equal(a, b)
+    assert set(ranks[0]["grads"]) == {"DTensor"}  # the step's gradient is written sharded
+    model = mlp()
+    balancer = train(case, model, *data())
+    for a, b in zip(model.parameters(), ranks[0]["params"]):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-5, atol=1e-6)
+    assert balancer.weights == pytest.approx(ranks[0]["weights"], rel=1e-5)
+    if case != "static":
+        assert ranks[0]["weights"] != balancer_for(mlp(), case).weights  # the weights did adapt
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_what_needs_the_full_gradients_is_refused_with_the_fix(case, two_ranks):
+    for rank in two_ranks:
+        assert REFUSED[case][1] in rank[case] and "FSDP2" in rank[case] and "DistributedDataParallel" in rank[case]
