@@ -38,7 +38,8 @@ Supported: every parameter of the optimizer sharded by ``fully_shard`` on a 1-D 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -48,7 +49,7 @@ from .gradients import Backward, Direction, GradientEngine, GradStats, Measured
 from .graph import GraphFacts
 from .validation import explain_autograd_error, no_path_error
 
-__all__ = ["ShardedEngine", "make_engine", "graph_ids", "check_sharded"]
+__all__ = ["ShardedEngine", "check_sharded", "graph_ids", "make_engine"]
 
 FIX = "train it wrapped in DistributedDataParallel instead (the supported distributed path)"
 
@@ -61,7 +62,7 @@ def _dtensor_type() -> type | None:
     return DTensor
 
 
-def make_engine(params: Sequence[Tensor], **options: Any) -> GradientEngine | "ShardedEngine":
+def make_engine(params: Sequence[Tensor], **options: Any) -> GradientEngine | ShardedEngine:
     """The engine for ``params``: :class:`ShardedEngine` when they are FSDP2-sharded DTensors,
     else the plain :class:`~lossbalance.gradients.GradientEngine` (``options``: its keywords)."""
     dtensor = _dtensor_type()
@@ -70,14 +71,14 @@ def make_engine(params: Sequence[Tensor], **options: Any) -> GradientEngine | "S
     return ShardedEngine(params, **options)
 
 
-def graph_ids(engine: GradientEngine | "ShardedEngine", params: Sequence[Tensor]) -> frozenset[int]:
+def graph_ids(engine: GradientEngine | ShardedEngine, params: Sequence[Tensor]) -> frozenset[int]:
     """The ids of the leaves through which the terms' graphs reach ``params``: the parameters
     themselves, and for an FSDP2 model the unsharded parameters its forward computes with."""
     ids = frozenset(map(id, params))
     return ids | engine.unsharded_ids if isinstance(engine, ShardedEngine) else ids
 
 
-def check_sharded(engine: GradientEngine | "ShardedEngine", options: Mapping[str, bool]) -> None:
+def check_sharded(engine: GradientEngine | ShardedEngine, options: Mapping[str, bool]) -> None:
     """Refuse the options the sharded engine does not support (``options``: name -> given)."""
     given = [name for name, on in options.items() if on]
     if isinstance(engine, ShardedEngine) and given:
@@ -202,10 +203,8 @@ class ShardedEngine:
         so that this rank joins FSDP's collectives of that backward too."""
         if loss.requires_grad:
             return loss
-        held = next((other for other in losses if other.requires_grad), None)
-        if held is None:
-            raise ValueError("with an FSDP2 (fully_shard) model every rank must hold at least one term per step")
-        return held * 0
+        held = [other for other in losses if other.requires_grad] or _no_term_here()
+        return held[0] * 0
 
     def _fsdp_backward(self, name: str, losses: list[Tensor], seeds: list[Tensor] | None, retain: bool, stale) -> None:
         try:
@@ -266,23 +265,33 @@ class ShardedEngine:
                  check_values: bool = False, stale: Collection[str] = ()) -> Backward:
         """One FSDP backward of ``sum_i w_i L_i`` (``.grad`` untouched: the sharded, averaged
         gradient is returned); the values averaged and the finiteness agreed in one all-reduce."""
-        held = [i for i, loss in enumerate(losses) if loss.requires_grad]
-        terms = [losses[i] for i in held] or [self._differentiable(losses[0], losses)]
-        seeds = [weights[i] for i in held] or [weights.new_ones(())]
+        held = [i for i, loss in enumerate(losses) if loss.requires_grad] or _no_term_here()
         with _grads_kept(self.params):
-            self._fsdp_backward(names[held[0]] if held else names[0], terms, seeds, self.retain_always, stale)
+            self._fsdp_backward(names[held[0]], [losses[i] for i in held], [weights[i] for i in held],
+                                self.retain_always, stale)
             grads = [p.grad for p in self.params]
-        locals_ = [g.to_local() for g in grads if g is not None] if check_grads else []
-        bad = sum((~t.isfinite()).sum() for t in locals_) if locals_ else values.new_zeros(())
+        averaged, bad = self._agreed(values, grads if check_grads else [])
+        return Backward(averaged, _failed(averaged if check_values else None, bad), Direction(grads, []))
+
+    def _agreed(self, values: Tensor, checked: list[Tensor | None]) -> tuple[Tensor, bool]:
+        """The values averaged over the ranks, and whether any rank's ``checked`` shards hold a NaN/Inf."""
+        counts = [(~g.to_local().isfinite()).sum() for g in checked if g is not None]
+        bad = torch.stack(counts).sum() if counts else values.new_zeros(())
         packed = torch.cat([values.to(torch.float64) / self.world, bad.reshape(1).to(torch.float64)])
         torch.distributed.all_reduce(packed, group=self.group)
-        averaged = packed[:-1].to(values.dtype)
-        failed = None
-        if check_values and not bool(averaged.isfinite().all()):
-            failed = "values"
-        elif check_grads and bool(packed[-1] != 0):
-            failed = "gradients"
-        return Backward(averaged, failed, Direction(grads, []))
+        return packed[:-1].to(values.dtype), bool(packed[-1] != 0)
+
+
+def _failed(values: Tensor | None, bad: bool) -> str | None:
+    """What a plain step found non-finite: the (averaged) ``values`` if given, else the gradients."""
+    if values is not None and not bool(values.isfinite().all()):
+        return "values"
+    return "gradients" if bad else None
+
+
+def _no_term_here() -> list[int]:
+    raise ValueError("with an FSDP2 (fully_shard) model every rank must hold at least one term per step "
+                     "(FSDP's collectives run in each backward)")
 
 
 @contextlib.contextmanager

@@ -16,15 +16,20 @@ if not hasattr(fsdp, "fully_shard"):
 
 STEPS = 8
 CASES = {  # name: (balancer options, fully_shard's reshard_after_forward)
-    "lra": (dict(update_every=1), True),
-    "lra_every_3_no_reshard": (dict(update_every=3), False),
-    "static": (dict(strategy="static", weights={"fit": 1.0, "small": 4.0}), True),
-    "relobralo": (dict(strategy="relobralo"), True),
+    "lra": ({"update_every": 1}, True),
+    "lra_every_3_no_reshard": ({"update_every": 3}, False),
+    "static": ({"strategy": "static", "weights": {"fit": 1.0, "small": 4.0}}, True),
+    "relobralo": ({"strategy": "relobralo"}, True),
 }
 REFUSED = {  # options an FSDP2 model cannot be balanced with: the words of the error
-    "lean": (dict(memory="lean"), "memory='lean'"),
-    "pcgrad": (dict(combine="pcgrad"), "combine='pcgrad'"),
-    "diagnose": (dict(diagnose_every=5), "diagnose_every="),
+    "lean": ({"memory": "lean"}, "memory='lean'"),
+    "pcgrad": ({"combine": "pcgrad"}, "combine='pcgrad'"),
+    "diagnose": ({"diagnose_every": 5}, "diagnose_every="),
+}
+REFUSED_AT_THE_STEP = {  # what only the first step can tell: the words of the error
+    "loss()": "balancer.loss() cannot be used",
+    "mixed": "is not sharded, next to FSDP2-sharded ones",
+    "unbalanced": "reaches 2 parameter(s) that the balancer does not balance",
 }
 
 
@@ -63,6 +68,29 @@ def shard(model, reshard):
     return fsdp.fully_shard(model)
 
 
+def optional_run(model, rank, x, y):
+    """Rank 1 never holds "small" (declared optional): its gradient is averaged over both ranks."""
+    balancer = LossBalancer(torch.optim.Adam(model.parameters(), lr=1e-2), LRAnnealing("fit"),
+                            terms=["fit"], optional=["small"])
+    for _ in range(STEPS):
+        terms = losses(model, x, y)
+        if rank == 1:
+            del terms["small"]
+        balancer.step(terms)
+    return {"weights": balancer.weights, "params": [getattr(p, "full_tensor", p.detach)() for p in model.parameters()]}
+
+
+def refused_at_the_step(case, x, y):
+    model = shard(mlp(), True)
+    params = list(model.parameters())
+    if case == "mixed":
+        params.append(nn.Parameter(torch.zeros(3)))
+    if case == "unbalanced":
+        params = params[:-2]  # the last layer is trained by nobody here
+    balancer = LossBalancer(torch.optim.Adam(params, lr=1e-2), LRAnnealing("fit"))
+    return balancer.loss(losses(model, x, y)) if case == "loss()" else balancer.step(losses(model, x, y))
+
+
 def worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -74,9 +102,11 @@ def worker(rank, world, init_file, out_dir):
             balancer = train(case, model, x[rank::world], y[rank::world])
             results[case] = {"weights": balancer.weights, "params": [p.full_tensor() for p in model.parameters()],
                              "grads": [None if p.grad is None else type(p.grad).__name__ for p in model.parameters()]}
-        for case in REFUSED:
+        half = x[rank::world], y[rank::world]
+        results["optional"] = [optional_run(shard(mlp(), True), rank, *half), optional_run(mlp(), rank, *half)]
+        for case in [*REFUSED, *REFUSED_AT_THE_STEP]:
             try:
-                balancer_for(shard(mlp(), True), case)
+                balancer_for(shard(mlp(), True), case) if case in REFUSED else refused_at_the_step(case, *half)
             except ValueError as error:
                 results[case] = str(error)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -111,3 +141,17 @@ def test_two_sharded_ranks_match_one_unsharded_process(case, two_ranks):
 def test_what_needs_the_full_gradients_is_refused_with_the_fix(case, two_ranks):
     for rank in two_ranks:
         assert REFUSED[case][1] in rank[case] and "FSDP2" in rank[case] and "DistributedDataParallel" in rank[case]
+
+
+def test_an_optional_term_one_rank_lacks_matches_the_unsharded_distributed_path(two_ranks):
+    (sharded, plain), (sharded_1, _) = (r["optional"] for r in two_ranks)
+    assert sharded["weights"] == sharded_1["weights"]
+    assert sharded["weights"] == pytest.approx(plain["weights"], rel=1e-5)
+    for a, b in zip(sharded["params"], plain["params"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", list(REFUSED_AT_THE_STEP))
+def test_what_the_sharded_engine_cannot_do_is_refused_on_every_rank(case, two_ranks):
+    for rank in two_ranks:
+        assert REFUSED_AT_THE_STEP[case] in rank[case]
