@@ -7,8 +7,8 @@ a pre-forward hook all-gathers each module's shards into a separate leaf, the *u
 parameter (``FSDPParam._unsharded_param``, created at the first forward and kept), and swaps it
 into the module; a post-backward hook reduce-scatters ``unsharded.grad`` into the sharded
 ``.grad`` (the mean over the ranks) and frees the gathered storage. So the graph of a loss never
-reaches the optimizer's parameters: ``torch.autograd.grad(loss, sharded_params)`` raises "One of
-the differentiated Tensors appears to not have been used in the graph", and the gradients
+reaches the optimizer's parameters: ``torch.autograd.grad(loss, sharded_params)`` raises "The
+differentiated Tensor at index 0 appears to not have been used in the graph", and the gradients
 w.r.t. the unsharded leaves are this rank's full, unreduced ones (no hook reduces them).
 
 What this engine does instead. Each term is differentiated with
@@ -47,7 +47,7 @@ from torch import Tensor
 from .distributed import Reduction
 from .gradients import Backward, Direction, GradientEngine, GradStats, Measured
 from .graph import GraphFacts
-from .validation import explain_autograd_error, no_path_error
+from .validation import explain_autograd_error, no_path_error, warn_user
 
 __all__ = ["ShardedEngine", "check_sharded", "graph_ids", "make_engine"]
 
@@ -145,6 +145,8 @@ class ShardedEngine:
         self._combined = torch.empty(sum(self._sizes), dtype=self.dtype, device=self.device)
         self._buffer: Tensor | None = None
         self._reached = [False] * len(self.params)
+        self._split = False  # plain steps: one backward per term (the joint one failed)
+        self._unreduced: Tensor | None = None  # the parameter FSDP last left partly unreduced
         self.retain_always = False
         self.others: list[Tensor] = []
 
@@ -185,7 +187,7 @@ class ShardedEngine:
         with _grads_kept(self.params):
             for i, loss in enumerate(losses):
                 retain = self.retain_always or i < len(losses) - 1
-                self._fsdp_backward(names[i], [self._differentiable(loss, losses)], None, retain, stale)
+                self._term_backward(names[i], self._differentiable(loss, losses), None, retain, stale)
                 for j, (p, row) in enumerate(zip(self.params, self._views(buffer[i]))):
                     if p.grad is None:
                         row.zero_()
@@ -206,11 +208,32 @@ class ShardedEngine:
         held = [other for other in losses if other.requires_grad] or _no_term_here()
         return held[0] * 0
 
-    def _fsdp_backward(self, name: str, losses: list[Tensor], seeds: list[Tensor] | None, retain: bool, stale) -> None:
+    def _fsdp_backward(self, name: str, losses: list[Tensor], seeds: list[Tensor] | None, retain: bool, stale) -> bool:
+        """One backward through FSDP's hooks into the sharded ``.grad``; False when FSDP left part
+        of a gradient unreduced (then cleared): its post-backward hook reduces a module's
+        gradient when the backward reaches the module's inputs, and a graph that reaches its
+        weights again later (input derivatives, several forward passes) adds the rest after that."""
+        for twin in self._twins:
+            twin.grad = None
         try:
             torch.autograd.backward(losses, grad_tensors=seeds, inputs=list(self._twins), retain_graph=retain)
         except RuntimeError as error:
             raise explain_autograd_error(name, error, stale=name in stale) from error
+        left = [j for j, twin in enumerate(self._twins) if twin.grad is not None]
+        for j in left:
+            self._twins[j].grad = None
+        self._unreduced = self.params[left[0]] if left else None
+        return not left
+
+    def _term_backward(self, name: str, loss: Tensor, seed: Tensor | None, retain: bool, stale) -> None:
+        """One term's backward; a gradient FSDP cannot reduce in it raises on every rank."""
+        if not self._fsdp_backward(name, [loss], None if seed is None else [seed], retain, stale):
+            raise ValueError(
+                f"FSDP2 reduced the gradient of a parameter {_describe(self._unreduced)} before the backward of "
+                f"loss term {name!r} had reached it all, and left the rest unreduced: its post-backward hook runs "
+                "when the backward reaches the module's inputs, and this term's graph reaches the module's weights "
+                f"again after that (e.g. through a derivative w.r.t. the inputs and a second forward pass). {FIX}"
+            )
 
     def _rows(self, k: int) -> Tensor:
         if self._buffer is None or self._buffer.shape[0] != k:
@@ -267,11 +290,26 @@ class ShardedEngine:
         gradient is returned); the values averaged and the finiteness agreed in one all-reduce."""
         held = [i for i, loss in enumerate(losses) if loss.requires_grad] or _no_term_here()
         with _grads_kept(self.params):
-            self._fsdp_backward(names[held[0]], [losses[i] for i in held], [weights[i] for i in held],
-                                self.retain_always, stale)
+            self._weighted_backward([names[i] for i in held], [losses[i] for i in held], [weights[i] for i in held],
+                                    stale)
             grads = [p.grad for p in self.params]
         averaged, bad = self._agreed(values, grads if check_grads else [])
         return Backward(averaged, _failed(averaged if check_values else None, bad), Direction(grads, []))
+
+    def _weighted_backward(self, names: list[str], losses: list[Tensor], seeds: list[Tensor], stale) -> None:
+        """``sum_i w_i L_i`` into the sharded ``.grad``: one backward, or (when FSDP cannot reduce
+        the joint graph, see :meth:`_fsdp_backward`) one per term, for good, FSDP accumulating."""
+        if not self._split:
+            if self._fsdp_backward(names[0], losses, seeds, True, stale):
+                return
+            self._split = True
+            warn_user(f"FSDP2 left part of the gradient of a parameter {_describe(self._unreduced)} unreduced in one "
+                      "backward of the weighted sum of the terms; the steps without per-term gradients now run one "
+                      "backward per term")
+            for p in self.params:
+                p.grad = None
+        for i, (name, loss, seed) in enumerate(zip(names, losses, seeds)):
+            self._term_backward(name, loss, seed, self.retain_always or i < len(losses) - 1, stale)
 
     def _agreed(self, values: Tensor, checked: list[Tensor | None]) -> tuple[Tensor, bool]:
         """The values averaged over the ranks, and whether any rank's ``checked`` shards hold a NaN/Inf."""

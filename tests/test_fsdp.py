@@ -30,6 +30,7 @@ REFUSED_AT_THE_STEP = {  # what only the first step can tell: the words of the e
     "loss()": "balancer.loss() cannot be used",
     "mixed": "is not sharded, next to FSDP2-sharded ones",
     "unbalanced": "reaches 2 parameter(s) that the balancer does not balance",
+    "unreducible": "FSDP2 reduced the gradient of a parameter of shape (1, 16) before the backward of loss term 'joint'",
 }
 
 
@@ -80,8 +81,20 @@ def optional_run(model, rank, x, y):
     return {"weights": balancer.weights, "params": [getattr(p, "full_tensor", p.detach)() for p in model.parameters()]}
 
 
+def unreducible_terms(model, x):
+    """A term built from an input derivative and a second forward pass: FSDP2's post-backward hook
+    reduces the last layer's gradient before this term's backward has reached it all."""
+    x = x.clone().requires_grad_(True)
+    u = model(x)
+    (du,) = torch.autograd.grad(u.sum(), x, create_graph=True)
+    return {"joint": du.pow(2).mean() + model(x.detach() + 1).pow(2).mean(), "fit": u.pow(2).mean()}
+
+
 def refused_at_the_step(case, x, y):
-    model = shard(mlp(), True)
+    model = shard(mlp(), reshard=case != "unreducible")
+    if case == "unreducible":
+        model.set_reshard_after_backward(False)  # (else the derivative's backward frees the weights)
+        return LossBalancer(torch.optim.Adam(model.parameters(), lr=1e-2), "lra").step(unreducible_terms(model, x))
     params = list(model.parameters())
     if case == "mixed":
         params.append(nn.Parameter(torch.zeros(3)))
