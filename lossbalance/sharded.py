@@ -17,14 +17,20 @@ hooks fire (the pre-backward all-gather again when the forward resharded, so ``r
 works across the K calls with ``reshard_after_forward``), its reduce-scatter leaves the term's
 gradient, averaged over the ranks, as this rank's shard in the sharded ``.grad``, which is copied
 into row i of a ``(K, P_local)`` buffer and cleared (``inputs=`` keeps every other leaf's
-``.grad``, e.g. of inputs that require grad, untouched; the parameters' own ``.grad`` is restored
-if anything fails). The statistics are taken per shard and summed over the ranks (max |g|: the
-max) in one all-reduce of the ``(K, T)`` tables with the loss values, one of their maxima; the
-totals are those of the full averaged gradients, identical on every rank, so every rank computes
-the same weights. The step's gradient ``sum_i w_i g_i`` is combined shard by shard and written as
-sharded ``DTensor`` ``.grad`` (views into one buffer): no further backward. A plain step is one
-FSDP backward of the weighted sum (seeded with the weights), its finiteness agreed in one
-all-reduce with the loss values.
+``.grad``, e.g. of inputs that require grad, untouched; the parameters' own ``.grad`` is put
+back afterwards). The statistics are taken per shard and reduced over the ranks in two
+all-reduces of the ``(K, T)`` tables: the sums of |g| and g^2 with the loss values, and the
+maxima of |g|. The totals are those of the full averaged gradients, identical on every rank, so
+every rank computes the same weights. The step's gradient ``sum_i w_i g_i`` is combined shard by
+shard and written as sharded ``DTensor`` ``.grad`` (views into one buffer): no further backward.
+A plain step is one FSDP backward of the weighted sum (seeded with the weights), its finiteness
+agreed in one all-reduce with the loss values.
+
+FSDP reduces a module's gradient when the backward reaches the module's inputs; a graph that
+reaches the module's weights again after that (input derivatives, several forward passes) adds
+the rest to the unsharded ``.grad``, where nothing reduces it. Every backward here checks for
+that: one term's raises a ``ValueError`` naming it; a plain step's (the joint graph of all the
+terms, retained for this) falls back to one backward per term, for good, with a warning.
 
 Every rank must run every backward (FSDP's collectives): an ``optional`` term that this rank
 lacks is differentiated as zero times another term. The unsharded leaves are private to FSDP2
@@ -55,10 +61,13 @@ FIX = "train it wrapped in DistributedDataParallel instead (the supported distri
 
 
 def _dtensor_type() -> type | None:
-    if not torch.distributed.is_available():
+    """``DTensor`` where sharded parameters can exist (an initialised process group, torch >= 2.5)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return None
-    from torch.distributed.tensor import DTensor
-
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return None
     return DTensor
 
 
