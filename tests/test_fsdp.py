@@ -26,11 +26,13 @@ REFUSED = {  # options an FSDP2 model cannot be balanced with: the words of the 
     "pcgrad": ({"combine": "pcgrad"}, "combine='pcgrad'"),
     "diagnose": ({"diagnose_every": 5}, "diagnose_every="),
 }
-REFUSED_AT_THE_STEP = {  # what only the first step can tell: the words of the error
+REFUSED_AT_THE_STEP = {  # what only the first step can tell (on both ranks): the words of the error
     "loss()": "balancer.loss() cannot be used",
     "mixed": "is not sharded, next to FSDP2-sharded ones",
     "unbalanced": "reaches 2 parameter(s) that the balancer does not balance",
     "unreducible": "FSDP2 reduced the gradient of a parameter of shape (1, 16) before the backward of loss term 'joint'",
+    "nan on rank 0, lra": "non-finite loss value (averaged over processes) for term(s) 'fit' = nan",
+    "nan on rank 0, static": "non-finite loss value (averaged over processes) for term(s) 'fit' = nan",
 }
 
 
@@ -91,17 +93,24 @@ def unreducible_terms(model, x):
 
 
 def refused_at_the_step(case, x, y):
+    """The error of the first step, and whether the sharded parameters and their .grad are untouched."""
     model = shard(mlp(), reshard=case != "unreducible")
+    params = list(model.parameters())
+    before = [p.detach().full_tensor() for p in params]
+    terms = unreducible_terms(model, x) if case == "unreducible" else losses(model, x, y)
     if case == "unreducible":
         model.set_reshard_after_backward(False)  # (else the derivative's backward frees the weights)
-        return LossBalancer(torch.optim.Adam(model.parameters(), lr=1e-2), "lra").step(unreducible_terms(model, x))
-    params = list(model.parameters())
-    if case == "mixed":
-        params.append(nn.Parameter(torch.zeros(3)))
-    if case == "unbalanced":
-        params = params[:-2]  # the last layer is trained by nobody here
-    balancer = LossBalancer(torch.optim.Adam(params, lr=1e-2), LRAnnealing("fit"))
-    return balancer.loss(losses(model, x, y)) if case == "loss()" else balancer.step(losses(model, x, y))
+    if case.startswith("nan") and dist.get_rank() == 0:
+        terms["fit"] = terms["fit"] * float("nan")
+    extra = {"mixed": [nn.Parameter(torch.zeros(3))], "unbalanced": []}.get(case, params[-2:])
+    strategy = "static" if "static" in case else LRAnnealing("fit")
+    try:  # unbalanced: the last layer is trained by nobody; mixed: a plain parameter next to the shards
+        balancer = LossBalancer(torch.optim.Adam(params[:-2] + extra, lr=1e-2), strategy)
+        balancer.loss(terms) if case == "loss()" else balancer.step(terms)
+    except ValueError as error:
+        untouched = all(p.grad is None and torch.equal(p.detach().full_tensor(), b) for p, b in zip(params, before))
+        return {"error": str(error), "untouched": untouched}
+    return {"error": "none"}
 
 
 def worker(rank, world, init_file, out_dir):
@@ -117,11 +126,13 @@ def worker(rank, world, init_file, out_dir):
                              "grads": [None if p.grad is None else type(p.grad).__name__ for p in model.parameters()]}
         half = x[rank::world], y[rank::world]
         results["optional"] = [optional_run(shard(mlp(), True), rank, *half), optional_run(mlp(), rank, *half)]
-        for case in [*REFUSED, *REFUSED_AT_THE_STEP]:
+        for case in REFUSED:
             try:
-                balancer_for(shard(mlp(), True), case) if case in REFUSED else refused_at_the_step(case, *half)
+                balancer_for(shard(mlp(), True), case)
             except ValueError as error:
                 results[case] = str(error)
+        for case in REFUSED_AT_THE_STEP:
+            results[case] = refused_at_the_step(case, *half)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -167,4 +178,5 @@ def test_an_optional_term_one_rank_lacks_matches_the_unsharded_distributed_path(
 @pytest.mark.parametrize("case", list(REFUSED_AT_THE_STEP))
 def test_what_the_sharded_engine_cannot_do_is_refused_on_every_rank(case, two_ranks):
     for rank in two_ranks:
-        assert REFUSED_AT_THE_STEP[case] in rank[case]
+        assert REFUSED_AT_THE_STEP[case] in rank[case]["error"]
+        assert rank[case]["untouched"]  # raised before anything changed: parameters and .grad
