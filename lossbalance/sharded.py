@@ -92,9 +92,9 @@ def check_sharded(engine: GradientEngine | ShardedEngine, options: Mapping[str, 
     given = [name for name, on in options.items() if on]
     if isinstance(engine, ShardedEngine) and given:
         raise ValueError(
-            f"{', '.join(given)} cannot be used with an FSDP2 (fully_shard) model: they need the full per-term "
-            f"gradients or per-parameter scopes, and each rank holds shards. Drop {'them' if len(given) > 1 else 'it'}, "
-            f"or {FIX}"
+            f"{', '.join(given)}: not supported with an FSDP2 (fully_shard) model, whose ranks hold shards of the "
+            f"per-term gradients (lossbalance.sharded says what is supported). Drop "
+            f"{'them' if len(given) > 1 else 'it'}, or {FIX}"
         )
 
 
@@ -118,7 +118,8 @@ class ShardedEngine:
     """Per-term gradients of FSDP2-sharded parameters, reduced over the shards (module docstring).
 
     The interface of :class:`~lossbalance.gradients.GradientEngine` that the balancer drives;
-    ``params``: the optimizer's sharded parameters (``DTensor``, ``Shard(0)`` on a 1-D mesh).
+    ``params``: the optimizer's sharded parameters (``DTensor`` on one 1-D mesh; ``fully_shard``
+    shards dim 0 unless given a ``shard_placement_fn``: any placement works, the statistics are sums).
     """
 
     keeps_gradients = True
@@ -140,9 +141,7 @@ class ShardedEngine:
         self._fsdp = _fsdp_of(params)
         self.params = list(params)
         first = self.params[0]
-        self.mesh, self.placements = first.device_mesh, first.placements
-        self.group = self.mesh.get_group()
-        self.world = self.mesh.size()
+        self.group, self.world = first.device_mesh.get_group(), first.device_mesh.size()
         local = [p.to_local() for p in self.params]
         self.device, self.dtype = local[0].device, local[0].dtype
         self._sizes = [t.numel() for t in local]
@@ -286,7 +285,7 @@ class ShardedEngine:
 
     def _sharded(self, local: Tensor, param: Tensor) -> Tensor:
         dtensor = _dtensor_type()
-        return dtensor.from_local(local, self.mesh, self.placements, run_check=False, shape=param.shape,
+        return dtensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=param.shape,
                                   stride=param.stride())
 
     def write(self, direction: Direction) -> None:
