@@ -15,8 +15,9 @@ if not hasattr(fsdp, "fully_shard"):
     pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)", allow_module_level=True)
 
 STEPS = 8
-CASES = {  # name: (balancer options, fully_shard's reshard_after_forward)
+CASES = {  # name: (balancer options, fully_shard's reshard_after_forward; "last dim": sharded on the last dim)
     "lra": ({"update_every": 1}, True),
+    "lra_last_dim": ({"update_every": 2}, "last dim"),
     "lra_every_3_no_reshard": ({"update_every": 3}, False),
     "static": ({"strategy": "static", "weights": {"fit": 1.0, "small": 4.0}}, True),
     "relobralo": ({"strategy": "relobralo"}, True),
@@ -65,9 +66,12 @@ def train(case, model, x, y):
 
 
 def shard(model, reshard):
+    from torch.distributed.tensor import Shard
+
+    placement = {"shard_placement_fn": lambda p: Shard(p.dim() - 1)} if reshard == "last dim" else {}
     for layer in model:
         if isinstance(layer, nn.Linear):
-            fsdp.fully_shard(layer, reshard_after_forward=reshard)
+            fsdp.fully_shard(layer, reshard_after_forward=bool(reshard), **placement)
     return fsdp.fully_shard(model)
 
 
@@ -123,7 +127,8 @@ def worker(rank, world, init_file, out_dir):
             model = shard(mlp(), reshard)
             balancer = train(case, model, x[rank::world], y[rank::world])
             results[case] = {"weights": balancer.weights, "params": [p.full_tensor() for p in model.parameters()],
-                             "grads": [None if p.grad is None else type(p.grad).__name__ for p in model.parameters()]}
+                             "grads": [None if p.grad is None else type(p.grad).__name__ for p in model.parameters()],
+                             "placements": {str(p.placements) for p in model.parameters()}}
         half = x[rank::world], y[rank::world]
         results["optional"] = [optional_run(shard(mlp(), True), rank, *half), optional_run(mlp(), rank, *half)]
         for case in REFUSED:
@@ -152,6 +157,7 @@ def test_two_sharded_ranks_match_one_unsharded_process(case, two_ranks):
     for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
         assert torch.equal(a, b)
     assert set(ranks[0]["grads"]) == {"DTensor"}  # the step's gradient is written sharded
+    assert ranks[0]["placements"] == ({"(Shard(dim=1),)", "(Shard(dim=0),)"} if case == "lra_last_dim" else {"(Shard(dim=0),)"})
     model = mlp()
     balancer = train(case, model, *data())
     for a, b in zip(model.parameters(), ranks[0]["params"]):
