@@ -15,12 +15,13 @@ from .combine import Combiner, WeightedSum, make_combiner
 from .config import export_config, parse_config, pointwise_config
 from .deferred import DeferredChecks, Finding
 from .distributed import make_reduction
-from .gradients import Backward, Direction, GradientEngine
+from .gradients import Backward, Direction
 from .ntk import measure as measure_traces
 from .options import PLAIN_NAMES, option_problems
 from .pointwise import Pointwise, Reduced
 from .precision import make_precision
 from .reporting import LastStep, StepLog
+from .sharded import check_sharded, graph_ids, make_engine
 from .snapshot import reevaluates, restore_snapshot, take_snapshot
 from .stats import GradStats
 from .strategies.base import StepRecord, Strategy, make_strategy
@@ -219,6 +220,11 @@ class LossBalancer:
         if self._momentum:
             self._check_one_term_per_step()
         self._check_line_search()
+        check_sharded(self._engine, {f"combine={combine!r}": not isinstance(self.combiner, WeightedSum),
+                                     "diagnose_every=": bool(diagnose_every), "scope=": bool(scope),
+                                     "scaler=": self._precision.scaled, "L-BFGS": self._needs_closure,
+                                     "check_every > 1": check_every > 1,
+                                     f"strategy {self.strategy.name!r} (NTK traces)": self.strategy.needs_traces})
         self._step = 0
         self._updates = 0
         self._skipped = 0
@@ -284,11 +290,11 @@ class LossBalancer:
 
     def _install_engine(self, params: list[Tensor]) -> None:
         """Build the engine and the scopes for ``params``; nothing is replaced unless both succeed."""
-        engine = GradientEngine(
+        engine = make_engine(
             params, memory=self.memory, probe=self._probe, reduction=self._reduction, grad_mode=self.grad_mode
         )
         scopes = _resolve_scopes(self._scope_params, frozenset(map(id, params)))
-        self._engine, self._scopes, self._param_ids = engine, scopes, frozenset(map(id, params))
+        self._engine, self._scopes, self._param_ids = engine, scopes, graph_ids(engine, params)
         self._checked: set[str] = set()  # terms whose graph the new engine has seen
         self._unbalanced = [p for g in self.param_groups for p in g["params"] if not p.requires_grad]
 

@@ -24,6 +24,7 @@ ARGS = {
     "gradient_penalty": ["--steps", "30", "--eval-n", "500"],
     "lightning_module": ["--steps", "30"],
     "deepxde_poisson": ["--steps", "200", "--lbfgs-steps", "20"],
+    "fsdp2": ["--steps", "12"],
 }
 
 
@@ -97,6 +98,14 @@ def test_example_runs(name, capsys):
         assert result["logged"]["weight/pde"] == 1.0 and math.isfinite(result["logged"]["loss/pde"])
         assert result["after"]["pde"] < result["before"]["pde"]
         assert "30 steps (automatic optimisation)" in out
+        return
+    if name == "fsdp2":
+        first, second = result["ranks"]
+        assert "appears to not have been used in the graph" in first["autograd.grad"]
+        assert "out of bounds for storage of size 0" in first["input derivatives"]
+        assert first["weights"] == second["weights"] and first["weights"]["bc"] != 1.0
+        assert first["weights"] == pytest.approx(result["reference"], rel=1e-5) and result["gap"] < 1e-5
+        assert "largest parameter difference" in out
         return
     if name == "deepxde_poisson":
         assert result["skipped"] is False and result["adam"].step_count == 200
