@@ -33,6 +33,8 @@ COLUMNS = {
     "lra_every10": ("LRA/10", "the same, update_every=10"),
     "static": ("static", 'loss-value strategy: "static" (no per-term gradients)'),
     "relobralo": ("ReLoBRaLo", 'loss-value strategy: "relobralo"'),
+    "static_deferred": ("static/d", "static with check_every=1000: no host sync on plain steps (the flags stay on the device)"),
+    "lra10_deferred": ("LRA/10/d", "LRA/10 with check_every=1000 (one host read per update)"),
     "probe_every1": ("probe/1", "LRA/1 with probe= the last layer's parameters"),
     "lean_every1": ("lean/1", 'LRA/1 with memory="lean"'),
     "scope_every1": ("scope/1", "LRA/1 with scope=: every term but the reference trains all but the first layer"),

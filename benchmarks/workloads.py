@@ -248,7 +248,7 @@ def naive(w: Workload) -> Callable[[], object]:
 
 
 def balancer(w: Workload, strategy: str = "lra", *, update_every: int = 1, memory: str = "keep",
-             probe: bool = False, scope: bool = False) -> Callable[[], object]:
+             probe: bool = False, scope: bool = False, check_every: int = 1) -> Callable[[], object]:
     """``LossBalancer(opt, strategy, ...).step(losses)``.
 
     ``strategy="lra"``: ``LRAnnealing(reference=<first term>)``. ``probe``: statistics on the last
@@ -259,7 +259,7 @@ def balancer(w: Workload, strategy: str = "lra", *, update_every: int = 1, memor
     from lossbalance.strategies import make_strategy
 
     strat = LRAnnealing(reference=w.reference) if strategy == "lra" else make_strategy(strategy)
-    kwargs: dict = dict(update_every=update_every, memory=memory, weights=w.weights)
+    kwargs: dict = dict(update_every=update_every, memory=memory, weights=w.weights, check_every=check_every)
     if probe:
         kwargs["probe"] = w.last_layer
     if scope:
@@ -334,6 +334,8 @@ VARIANTS: dict[str, tuple[Callable[..., Callable[[], object]], dict]] = {
     "lra_every10": (balancer, dict(update_every=10)),
     "static": (balancer, dict(strategy="static")),
     "relobralo": (balancer, dict(strategy="relobralo")),
+    "static_deferred": (balancer, dict(strategy="static", check_every=1000)),
+    "lra10_deferred": (balancer, dict(update_every=10, check_every=1000)),
     "probe_every1": (balancer, dict(update_every=1, probe=True)),
     "lean_every1": (balancer, dict(update_every=1, memory="lean")),
     "scope_every1": (balancer, dict(update_every=1, scope=True)),
