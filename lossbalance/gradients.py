@@ -499,21 +499,32 @@ def _nonfinite_part(grads: Sequence[Tensor | None], values: Tensor | None) -> Li
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:
     """Whether every entry of ``tensors`` is finite, with one host sync."""
-    return not bool(nonfinite_flag(tensors))
+    return not bool(_found_nonfinite(tensors))
 
 
 def nonfinite_flag(tensors: Sequence[Tensor]) -> Tensor:
-    """A () bool tensor on the tensors' device: whether any entry of ``tensors`` is NaN/Inf (no sync).
+    """A () bool tensor on the tensors' device: whether any entry of ``tensors`` is NaN/Inf (no sync)."""
+    return _found_nonfinite(tensors).reshape(()) > 0
+
+
+_ONE: dict[torch.device, Tensor] = {}  # the unit scale of the fused check, per device (only read)
+
+
+def _found_nonfinite(tensors: Sequence[Tensor]) -> Tensor:
+    """A one-element tensor, nonzero iff an entry of ``tensors`` is NaN/Inf (no sync).
 
     One fused call where it can run: the kernel ``GradScaler`` uses (multiplying by 1 in place,
     which leaves the values as they are); else (memory overlap, e.g. an expanded gradient, or no
     kernel for the device) one ``isfinite().all()`` per tensor.
     """
     dense = [t._values() if t.is_sparse else t for t in tensors]  # a sparse gradient: its stored entries
-    found = torch.zeros(1, dtype=torch.float32, device=dense[0].device)
+    device = dense[0].device
+    found = torch.zeros(1, dtype=torch.float32, device=device)
+    if device not in _ONE:
+        _ONE[device] = torch.ones(1, dtype=torch.float32, device=device)
     try:
-        torch._amp_foreach_non_finite_check_and_unscale_(dense, found, torch.ones_like(found))
-        return found.reshape(()) > 0
+        torch._amp_foreach_non_finite_check_and_unscale_(dense, found, _ONE[device])
+        return found
     except (RuntimeError, NotImplementedError):
         return ~torch.stack([torch.isfinite(t).all() for t in dense]).all()
 
