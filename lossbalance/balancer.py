@@ -1105,6 +1105,7 @@ class LossBalancer:
         self._step, self._updates, self._skipped = checked["counters"]
         self.generator.set_state(checked["generator"])
         self._checked = set()
+        self._deferred = self._deferred_checks(self.check_every)  # what was pending belongs to the old run
 
     def _checked_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
         """The parts of ``state`` that can be checked without touching anything."""

@@ -267,3 +267,20 @@ def test_check_every_travels_through_config():
     assert config["check_every"] == 7
     again = LossBalancer.from_config(torch.optim.SGD(model.parameters(), lr=1e-3), config)
     assert again.check_every == 7
+
+
+def test_loading_a_state_forgets_what_was_pending():
+    model, losses = _problem()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    balancer = LossBalancer(opt, "static", check_every=5)
+    balancer.step(losses())
+    saved = balancer.state_dict()
+    params = [p.detach().clone() for p in model.parameters()]
+    balancer.step(losses("value"))  # pending, not read yet (2 calls of 5)
+    with torch.no_grad():
+        for p, value in zip(model.parameters(), params):
+            p.copy_(value)
+    balancer.load_state_dict(saved)
+    # the resumed run reads after its own 5th call: clean, nothing of the old NaN is reported
+    totals = [balancer.step(losses()) for _ in range(7)]
+    assert all(torch.isfinite(t) for t in totals) and balancer.skipped == 0
