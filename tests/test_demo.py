@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -93,9 +95,10 @@ def test_train_history_schedule_and_seeding():
     assert a.portable().model is None and a.portable().balancer is None
 
 
-def test_processes_side_by_side_match_in_process_runs():
+@pytest.mark.parametrize("start_method", [None, "spawn"])
+def test_processes_side_by_side_match_in_process_runs(start_method):
     specs = [RunSpec(name, steps=6, eval_n=8, history_every=2) for name in ("static", "lra")]
-    parallel = run_many(specs, workers=2, progress="none")
+    parallel = run_many(specs, workers=2, progress="none", start_method=start_method)
     sequential = run_many(specs, workers=1, progress="none")
     assert [r.label for r in parallel] == ["static", "lra"]
     for p, s in zip(parallel, sequential):
@@ -110,6 +113,30 @@ def test_processes_side_by_side_match_in_process_runs():
             assert a["cosine"][0][1] == pytest.approx(b["cosine"][0][1], rel=1e-4, abs=1e-6)
     table = format_table(parallel)
     assert table.splitlines()[2].startswith("static") and table.splitlines()[3].startswith("lra")
+
+
+def test_workers_fork_where_safe_and_spawn_elsewhere(monkeypatch):
+    from lossbalance.demo.parallel import _start_method
+    from lossbalance.problems import Poisson1D
+
+    cpu = [RunSpec("static", problem="poisson", steps=2, hidden=(4,))] * 2
+    expected = "fork" if sys.platform == "linux" else "spawn"
+    assert _start_method(cpu, None) == expected
+    assert _start_method([*cpu, RunSpec("static", device="cuda:0")], None) == "spawn"   # CUDA never forks
+    assert _start_method(cpu, "spawn") == "spawn"
+    with pytest.raises(ValueError, match="start_method must be one of"):
+        _start_method(cpu, "thread")
+    with pytest.raises(ValueError, match="start_method must be one of"):
+        run_many(cpu, workers=2, progress="none", start_method="thread")
+    # a forked worker sees this process's state (torch and the problem already imported), a spawned
+    # one starts afresh: the evaluation grid set here reaches the forked runs only
+    monkeypatch.setattr(Poisson1D, "default_eval_n", 7)
+    spawned = run_many(cpu, workers=2, progress="none", start_method="spawn")
+    assert [len(r.points) for r in spawned] == [1001, 1001]
+    if expected == "fork":
+        forked = run_many(cpu, workers=2, progress="none")
+        assert [len(r.points) for r in forked] == [7, 7] and len({r.pid for r in forked}) == 2
+        assert all(r.pid != os.getpid() for r in forked)
 
 
 def test_a_failing_run_is_reported():
