@@ -59,7 +59,7 @@ PUBLISHED: dict[str, list[dict[str, Any]]] = {
     "kovasznay": [{
         "source": "Jin, Cai, Li & Karniadakis, J. Comput. Phys. 426 (2021) 109951, arXiv:2006.04178 (NSFnets)",
         "figure": "Kovasznay flow, VP-NSFnet",
-        "method": "PINN, Re = 40 on [-0.5, 1] x [-0.5, 1.5], velocity on the boundary; Adam then L-BFGS",
+        "method": "PINN, Re = 40 on [-0.5, 1] x [-0.5, 1.5], velocity on the boundary (network and budget not confirmed)",
         "metric": "rel_l2",
         "value": None,
         "note": "not confirmed: the paper's table (errors of u, v, p separately) was not at hand; DeepXDE's "
