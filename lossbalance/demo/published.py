@@ -50,7 +50,8 @@ PUBLISHED: dict[str, list[dict[str, Any]]] = {
     "klein_gordon": [{
         "source": "Wang, Teng & Perdikaris, SIAM J. Sci. Comput. 43 (2021) A3055, arXiv:2001.04536",
         "figure": "Klein-Gordon example (fixed weights vs. learning-rate annealing)",
-        "method": "PINN with fixed weights and with LRA; [2, 50, 50, 50, 50, 50, 1] tanh, Adam, 40 000 steps, batch 128",
+        "method": "PINN with fixed weights and with LRA; [2, 50, 50, 50, 50, 50, 1] tanh, Adam, 40 000 steps, "
+                  "batch 128",
         "metric": "rel_l2",
         "value": None,
         "note": "not confirmed: the paper's table was not at hand and the authors' code "
@@ -59,7 +60,8 @@ PUBLISHED: dict[str, list[dict[str, Any]]] = {
     "kovasznay": [{
         "source": "Jin, Cai, Li & Karniadakis, J. Comput. Phys. 426 (2021) 109951, arXiv:2006.04178 (NSFnets)",
         "figure": "Kovasznay flow, VP-NSFnet",
-        "method": "PINN, Re = 40 on [-0.5, 1] x [-0.5, 1.5], velocity on the boundary (network and budget not confirmed)",
+        "method": "PINN, Re = 40 on [-0.5, 1] x [-0.5, 1.5], velocity on the boundary "
+                  "(network and budget not confirmed)",
         "metric": "rel_l2",
         "value": None,
         "note": "not confirmed: the paper's table (errors of u, v, p separately) was not at hand; DeepXDE's "
