@@ -160,6 +160,17 @@ def test_plain_progress_lines(capsys):
     assert len(lines) == 10 and lines[-1].strip().startswith("[static] step 10/10")
 
 
+def test_lra_by_name_references_the_problems_first_term():
+    from lossbalance.demo import strategy_settings
+
+    lra, every = strategy_settings("lra", terms=("momentum_x", "bc"))
+    assert (lra.reference, every) == ("momentum_x", 10)
+    assert strategy_settings("lra", {"reference": "bc"}, terms=("momentum_x", "bc"))[0].reference == "bc"
+    run = train("kovasznay", "lra", steps=11, hidden=(4,), eval_n=4, history_every=5)
+    assert run.weights["momentum_x"] == 1.0 and run.weights["bc"] != 1.0     # the reference keeps 1
+    assert len(run.abs_error) == len(run.points) == 16                       # one value per point
+
+
 def test_train_takes_objects_and_balancer_options():
     from lossbalance.problems import Poisson1D
     from lossbalance.strategies.lra import LRAnnealing
