@@ -95,10 +95,9 @@ def test_train_history_schedule_and_seeding():
     assert a.portable().model is None and a.portable().balancer is None
 
 
-@pytest.mark.parametrize("start_method", [None, "spawn"])
-def test_processes_side_by_side_match_in_process_runs(start_method):
+def test_processes_side_by_side_match_in_process_runs():
     specs = [RunSpec(name, steps=6, eval_n=8, history_every=2) for name in ("static", "lra")]
-    parallel = run_many(specs, workers=2, progress="none", start_method=start_method)
+    parallel = run_many(specs, workers=2, progress="none")
     sequential = run_many(specs, workers=1, progress="none")
     assert [r.label for r in parallel] == ["static", "lra"]
     for p, s in zip(parallel, sequential):
@@ -130,9 +129,11 @@ def test_workers_fork_where_safe_and_spawn_elsewhere(monkeypatch):
         run_many(cpu, workers=2, progress="none", start_method="thread")
     # a forked worker sees this process's state (torch and the problem already imported), a spawned
     # one starts afresh: the evaluation grid set here reaches the forked runs only
+    here = run_many(cpu, workers=1, progress="none")
     monkeypatch.setattr(Poisson1D, "default_eval_n", 7)
     spawned = run_many(cpu, workers=2, progress="none", start_method="spawn")
     assert [len(r.points) for r in spawned] == [1001, 1001]
+    assert [r.error for r in spawned] == pytest.approx([r.error for r in here], rel=1e-5)   # as in-process
     if expected == "fork":
         forked = run_many(cpu, workers=2, progress="none")
         assert [len(r.points) for r in forked] == [7, 7] and len({r.pid for r in forked}) == 2
