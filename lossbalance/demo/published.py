@@ -64,7 +64,7 @@ PUBLISHED: dict[str, list[dict[str, Any]]] = {
                   "(network and budget not confirmed)",
         "metric": "rel_l2",
         "value": None,
-        "note": "not confirmed: the paper's table (errors of u, v, p separately) was not at hand; DeepXDE's "
+        "note": "not confirmed: the paper's text was not at hand; DeepXDE's "
                 "examples/pinn_forward/Kovasznay_flow.py (Re = 20, [2] + 4 x [50] + [3] tanh, 2601 domain and "
                 "400 boundary points, Adam 1e-3 30 000 steps then L-BFGS) prints its errors without storing them",
     }],
