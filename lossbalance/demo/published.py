@@ -26,7 +26,7 @@ PUBLISHED: dict[str, list[dict[str, Any]]] = {
         "method": "PINN with fixed weights and with LRA; [2, 50, 50, 50, 1] tanh, Adam, 40 000 steps, batch 128",
         "metric": "rel_l2",
         "value": None,
-        "note": "not confirmed: the paper's table was not at hand and the authors' code "
+        "note": "not confirmed: the paper's numbers were not at hand and the authors' code "
                 "(PredictiveIntelligenceLab/GradientPathologiesPINNs, Helmholtz/Helmholtz2D.py) prints the "
                 "error without storing it; our own reproduction: README, Results",
     }],
@@ -45,7 +45,7 @@ PUBLISHED: dict[str, list[dict[str, Any]]] = {
         "method": "PINN with fixed unit weights, same network and budget",
         "metric": "rel_l2",
         "value": None,
-        "note": "not confirmed: the paper's figure was not at hand and the notebook keeps only the NTK run",
+        "note": "not confirmed: the paper's numbers were not at hand and the notebook keeps only the NTK run",
     }],
     "klein_gordon": [{
         "source": "Wang, Teng & Perdikaris, SIAM J. Sci. Comput. 43 (2021) A3055, arXiv:2001.04536",
@@ -54,7 +54,7 @@ PUBLISHED: dict[str, list[dict[str, Any]]] = {
                   "batch 128",
         "metric": "rel_l2",
         "value": None,
-        "note": "not confirmed: the paper's table was not at hand and the authors' code "
+        "note": "not confirmed: the paper's numbers were not at hand and the authors' code "
                 "(GradientPathologiesPINNs, Klein Gordon/Klein_Gordon.py) prints the error without storing it",
     }],
     "kovasznay": [{
