@@ -92,6 +92,22 @@ def test_cli_writes_the_figures(capsys, tmp_path):
     assert "published: 6.7e-04" in text and "Raissi" in text
 
 
+def test_cli_compares_on_kovasznay_flow(capsys, tmp_path):
+    """A three-output problem whose first term is not "pde": LRA takes it as the reference."""
+    assert cli(["compare", "--problem", "kovasznay", "--strategies", "lra", "--seeds", "1", "--steps", "3",
+                "--hidden", "8", "--eval-n", "8", "--workers", "1", "--progress", "none", "--no-plots",
+                "--out", str(tmp_path / "kovasznay")]) == 0
+    text = capsys.readouterr().out
+    rows = {line.split("|")[0].strip(): [c.strip() for c in line.split("|")] for line in text.splitlines()
+            if line.startswith(("static ", "lra "))}
+    assert rows["static"][3] == "momentum_x=1, momentum_y=1, continuity=1, bc=1"
+    lra = dict(item.split("=") for item in rows["lra"][3].split(", "))
+    assert list(lra) == ["momentum_x", "momentum_y", "continuity", "bc"] and lra["momentum_x"] == "1"
+    assert any(float(lra[k]) != 1.0 for k in ("momentum_y", "continuity", "bc"))   # the others rescaled
+    assert all(math.isfinite(float(row[1].split(" ± ")[0])) for row in rows.values())
+    assert "published:" in text and "NSFnets" in text
+
+
 def test_python_api_table_and_files(tmp_path):
     table = compare_strategies(strategies=["lra"], seeds=[3, 5], workers=1, out=None, **TINY)
     assert [row["strategy"] for row in table.rows] == ["static", "lra"]

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -112,6 +114,32 @@ def test_processes_side_by_side_match_in_process_runs():
     assert table.splitlines()[2].startswith("static") and table.splitlines()[3].startswith("lra")
 
 
+def test_workers_fork_where_safe_and_spawn_elsewhere(monkeypatch):
+    from lossbalance.demo.parallel import _start_method
+    from lossbalance.problems import Poisson1D
+
+    cpu = [RunSpec("static", problem="poisson", steps=2, hidden=(4,))] * 2
+    expected = "fork" if sys.platform == "linux" else "spawn"
+    assert _start_method(cpu, None) == expected
+    assert _start_method([*cpu, RunSpec("static", device="cuda:0")], None) == "spawn"   # CUDA never forks
+    assert _start_method(cpu, "spawn") == "spawn"
+    with pytest.raises(ValueError, match="start_method must be one of"):
+        _start_method(cpu, "thread")
+    with pytest.raises(ValueError, match="start_method must be one of"):
+        run_many(cpu, workers=2, progress="none", start_method="thread")
+    # a forked worker sees this process's state (torch and the problem already imported), a spawned
+    # one starts afresh: the evaluation grid set here reaches the forked runs only
+    here = run_many(cpu, workers=1, progress="none")
+    monkeypatch.setattr(Poisson1D, "default_eval_n", 7)
+    spawned = run_many(cpu, workers=2, progress="none", start_method="spawn")
+    assert [len(r.points) for r in spawned] == [1001, 1001]
+    assert [r.error for r in spawned] == pytest.approx([r.error for r in here], rel=1e-5)   # as in-process
+    if expected == "fork":
+        forked = run_many(cpu, workers=2, progress="none")
+        assert [len(r.points) for r in forked] == [7, 7] and len({r.pid for r in forked}) == 2
+        assert all(r.pid != os.getpid() for r in forked)
+
+
 def test_a_failing_run_is_reported():
     # names are checked before any process starts
     with pytest.raises(ValueError, match="run 'x': unknown problem 'nope'"):
@@ -131,6 +159,17 @@ def test_plain_progress_lines(capsys):
     run_many([RunSpec("static", steps=10, eval_n=8)], workers=1, progress="print", stream=stream)
     lines = [line for line in stream.getvalue().splitlines() if line.strip()]
     assert len(lines) == 10 and lines[-1].strip().startswith("[static] step 10/10")
+
+
+def test_lra_by_name_references_the_problems_first_term():
+    from lossbalance.demo import strategy_settings
+
+    lra, every = strategy_settings("lra", terms=("momentum_x", "bc"))
+    assert (lra.reference, every) == ("momentum_x", 10)
+    assert strategy_settings("lra", {"reference": "bc"}, terms=("momentum_x", "bc"))[0].reference == "bc"
+    run = train("kovasznay", "lra", steps=11, hidden=(4,), eval_n=4, history_every=5)
+    assert run.weights["momentum_x"] == 1.0 and run.weights["bc"] != 1.0     # the reference keeps 1
+    assert len(run.abs_error) == len(run.points) == 16                       # one value per point
 
 
 def test_train_takes_objects_and_balancer_options():

@@ -16,6 +16,7 @@ from lossbalance.problems import (
     Burgers1D,
     Helmholtz2D,
     KleinGordon1D,
+    Kovasznay2D,
     Poisson1D,
     Problem,
     Wave1D,
@@ -48,6 +49,7 @@ CASES = [
     ("poisson", lambda **kw: Poisson1D(**kw)),
     ("wave", lambda **kw: Wave1D(**kw)),
     ("klein_gordon", lambda **kw: KleinGordon1D(**kw)),
+    ("kovasznay", lambda **kw: Kovasznay2D(**kw)),
 ]
 
 
@@ -59,7 +61,8 @@ def factory(request):
 # ----------------------------------------------------------------------------- registry
 def test_registry() -> None:
     assert PROBLEMS == {"helmholtz": Helmholtz2D, "burgers": Burgers1D, "poisson": Poisson1D,
-                        "wave": Wave1D, "klein_gordon": KleinGordon1D, "allen_cahn": AllenCahn1D}
+                        "wave": Wave1D, "klein_gordon": KleinGordon1D, "allen_cahn": AllenCahn1D,
+                        "kovasznay": Kovasznay2D}
     for name, cls in PROBLEMS.items():
         assert cls.name == name
         assert issubclass(cls, Problem)
@@ -80,6 +83,7 @@ def test_term_names() -> None:
     )
     assert Burgers1D().term_names == ("pde", "ic", "bc")
     assert Poisson1D().term_names == ("pde", "bc")
+    assert Kovasznay2D().term_names == ("momentum_x", "momentum_y", "continuity", "bc")
 
 
 # ------------------------------------------------------------------------- exact = zero
@@ -225,6 +229,13 @@ def test_sample_points_lie_where_they_should(seed: int, n: int, case) -> None:
         assert batch["ic"].shape == batch["bc"].shape == (n, 2)
         assert (batch["ic"][:, 0] == 0).all()
         assert (batch["bc"][0::2, 1] == 0).all() and (batch["bc"][1::2, 1] == 1).all()
+    elif isinstance(problem, Kovasznay2D):
+        bc = batch["bc"]
+        assert bc.shape == batch["outlet"].shape == (n, 2) and (batch["outlet"][:, 0] == 1).all()
+        on_edge = (bc[:, 0] == lo[0]) | (bc[:, 0] == hi[0]) | (bc[:, 1] == lo[1]) | (bc[:, 1] == hi[1])
+        assert on_edge.all()
+        assert (bc[0::4, 0] == lo[0]).all() and (bc[1::4, 0] == hi[0]).all()      # left, right,
+        assert (bc[2::4, 1] == lo[1]).all() and (bc[3::4, 1] == hi[1]).all()      # bottom, top
     else:
         torch.testing.assert_close(batch["bc"], torch.tensor([[0.0], [1.0]]))
 
@@ -282,13 +293,13 @@ def test_model_init_reproducible(factory) -> None:
     m1 = problem.make_model(generator=gen(3))
     m2 = problem.make_model(generator=gen(3))
     m3 = problem.make_model(generator=gen(4))
-    assert m1.layers == (problem.input_dim, 50, 50, 50, 1)
+    assert m1.layers == (problem.input_dim, 50, 50, 50, problem.output_dim)
     s1, s2, s3 = m1.state_dict(), m2.state_dict(), m3.state_dict()
     assert s1.keys() == s2.keys()
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
     assert not torch.equal(s1["linears.0.weight"], s3["linears.0.weight"])
     x = problem.sample(10, gen(0))["pde"]
-    assert m1(x).shape == (10, 1)
+    assert m1(x).shape == (10, problem.output_dim) == problem.exact(x).shape
     torch.testing.assert_close(m1(x), m2(x))
 
 
@@ -433,3 +444,53 @@ def test_problems_from_module_paths(tmp_path) -> None:
         make_problem("no_such_module_xyz:P")
     with pytest.raises(ProblemError, match="has no attribute 'mak'.*Did you mean 'make'"):
         make_problem(f"{path}:mak")
+
+
+# ------------------------------------------------------------------------------ Kovasznay
+@settings(max_examples=10, deadline=None)
+@given(re=st.floats(1.0, 200.0), seed=st.integers(0, 2**31 - 1))
+def test_kovasznay_exact_solution_satisfies_navier_stokes_to_round_off(re: float, seed: int) -> None:
+    problem = Kovasznay2D(re=re, dtype=F64)
+    x = problem.sample(64, gen(seed))["pde"]
+    residual = problem.residual(problem.exact, x)        # the problem's own autograd residual
+    assert residual.shape == (64, 3)
+    assert residual.abs().max().item() < 1e-11
+    # the terms the residual balances are O(1): this is a cancellation, not small terms
+    assert problem.exact(x).abs().max().item() > 0.5
+
+
+def test_kovasznay_solution_and_residual_components() -> None:
+    problem = Kovasznay2D(dtype=F64)
+    assert problem.lam == pytest.approx(-0.9637405, abs=1e-7) and problem.output_dim == 3
+    pts = torch.tensor([[0.0, 0.0], [0.5, 0.25], [1.0, 1.5]], dtype=F64)
+    lam = problem.lam
+    expected = [[0.0, 0.0, 0.0],
+                [1 - math.exp(lam / 2) * math.cos(math.pi / 2), lam / (2 * math.pi) * math.exp(lam / 2),
+                 (1 - math.exp(lam)) / 2],
+                [1 - math.exp(lam) * math.cos(3 * math.pi), 0.0, (1 - math.exp(2 * lam)) / 2]]
+    torch.testing.assert_close(problem.exact(pts), torch.tensor(expected, dtype=F64), atol=1e-14, rtol=0)
+    # Re = 20's flow under Re = 40: still divergence-free, but not a solution of the momentum equations
+    other = Kovasznay2D(re=20.0, dtype=F64)
+    residual = problem.residual(other.exact, problem.sample(64, gen(0))["pde"])
+    assert residual[:, 2].abs().max().item() < 1e-12
+    assert residual[:, 0].square().mean().item() > 1e-3 and residual[:, 1].square().mean().item() > 1e-4
+
+
+@settings(max_examples=10, deadline=None)
+@given(shift=st.floats(-2.0, 2.0), seed=st.integers(0, 1000))
+def test_kovasznay_outlet_pins_the_pressure(shift: float, seed: int) -> None:
+    """p + c solves the equations as well: only the outlet's pressure term sees the constant."""
+    problem = Kovasznay2D(dtype=F64)
+
+    def shifted(x: torch.Tensor) -> torch.Tensor:
+        return problem.exact(x) + torch.tensor([0.0, 0.0, shift], dtype=F64)
+
+    losses = problem.losses(shifted, problem.sample(32, gen(seed)))
+    assert max(losses[k].item() for k in ("momentum_x", "momentum_y", "continuity")) < 1e-20
+    assert losses["bc"].item() == pytest.approx(shift**2, rel=1e-12, abs=1e-24)
+
+
+def test_kovasznay_rejects_a_bad_reynolds_number() -> None:
+    for re in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="re must be positive"):
+            Kovasznay2D(re=re)

@@ -15,15 +15,19 @@ from ..problems import Problem, make_problem
 from ..strategies import Strategy, make_strategy
 
 __all__ = [
-    "STRATEGY_DEFAULTS", "DEMO_STEPS", "DEMO_DECAY_EVERY", "ProgressFn", "RunResult", "RunSpec",
+    "FIRST_TERM", "STRATEGY_DEFAULTS", "DEMO_STEPS", "DEMO_DECAY_EVERY", "ProgressFn", "RunResult", "RunSpec",
     "strategy_settings", "train", "run_spec", "failed_result",
 ]
+
+#: In :data:`STRATEGY_DEFAULTS`, stands for the problem's first term (the PDE residual by the
+#: :class:`~lossbalance.problems.Problem` convention: ``"pde"``, or Kovasznay's ``"momentum_x"``).
+FIRST_TERM = "<the problem's first term>"
 
 #: Per-strategy settings used when a strategy is given by name: constructor options and the
 #: balancer's ``update_every``. Strategies not listed here get their defaults and update every step.
 STRATEGY_DEFAULTS: dict[str, dict[str, Any]] = {
     # Wang, Teng & Perdikaris (2021): the PDE residual is the reference; update every 10 steps.
-    "lra": {"options": {"reference": "pde"}, "update_every": 10},
+    "lra": {"options": {"reference": FIRST_TERM}, "update_every": 10},
 }
 
 #: The demo's default budget (see :mod:`lossbalance.demo` for why).
@@ -119,11 +123,13 @@ class RunSpec:
 
 
 def strategy_settings(name: str, options: Mapping[str, Any] | None = None,
-                      update_every: int | None = None) -> tuple[Strategy, int]:
+                      update_every: int | None = None, terms: Sequence[str] | None = None) -> tuple[Strategy, int]:
     """The strategy object and ``update_every`` for a registered name (defaults from
-    :data:`STRATEGY_DEFAULTS`). Raises ``ValueError`` for an unknown name, listing the known ones."""
+    :data:`STRATEGY_DEFAULTS`; :data:`FIRST_TERM` becomes ``terms[0]``, or ``None`` without ``terms``).
+    Raises ``ValueError`` for an unknown name, listing the known ones."""
     defaults = STRATEGY_DEFAULTS.get(name, {})
     opts = dict(defaults.get("options", {}) if options is None else options)
+    opts.update({key: (terms[0] if terms else None) for key, value in opts.items() if value == FIRST_TERM})
     every = defaults.get("update_every", 1) if update_every is None else update_every
     return make_strategy(name, **opts), int(every)
 
@@ -185,7 +191,7 @@ def train(
     if error_every is not None and error_every < 1:
         raise ValueError(f"error_every must be >= 1, got {error_every}")
     problem = _problem_on(problem, device)
-    strategy_obj, every = _strategy_and_schedule(strategy, strategy_options, update_every)
+    strategy_obj, every = _strategy_and_schedule(strategy, strategy_options, update_every, problem.term_names)
     history_every = max(1, steps // 400) if history_every is None else int(history_every)
 
     generator = torch.Generator().manual_seed(seed)
@@ -235,10 +241,10 @@ def _problem_on(problem: Problem | str, device: str | torch.device | None) -> Pr
 
 
 def _strategy_and_schedule(strategy: str | Strategy, options: Mapping[str, Any] | None,
-                           update_every: int | None) -> tuple[Strategy, int]:
+                           update_every: int | None, terms: Sequence[str]) -> tuple[Strategy, int]:
     """The strategy object and its ``update_every`` (defaults from :data:`STRATEGY_DEFAULTS`)."""
     if isinstance(strategy, str):
-        return strategy_settings(strategy, options, update_every)
+        return strategy_settings(strategy, options, update_every, terms)
     if options:
         raise TypeError("strategy_options go with a strategy name, not a strategy object")
     if update_every is None:
@@ -322,13 +328,15 @@ def _error(problem: Problem, model: torch.nn.Module, eval_n: int | None) -> floa
 
 
 def _evaluate(problem: Problem, model: torch.nn.Module, eval_n: int | None) -> tuple[float, list[list[float]], list[float]]:
-    """The relative L2 error on the evaluation grid, the grid and ``|u - u*|`` on it (plain lists)."""
+    """The error on the evaluation grid, the grid and ``|u - u*|`` on it (plain lists; the Euclidean norm
+    over the outputs at each point for a model with several)."""
     model.eval()
     points, exact = problem.evaluation_data(eval_n)
     with torch.no_grad():
         pred = model(points).reshape(-1).to(exact.dtype)
     error = _score(problem, pred, exact)
-    return error, points.detach().cpu().tolist(), (pred - exact).abs().cpu().tolist()
+    per_point = (pred - exact).reshape(points.shape[0], -1).norm(dim=1)  # |u - u*|, a norm over several outputs
+    return error, points.detach().cpu().tolist(), per_point.cpu().tolist()
 
 
 def _default_label(strategy: str | Strategy, strategy_obj: Strategy) -> str:

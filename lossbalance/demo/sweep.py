@@ -160,7 +160,7 @@ def _aligned(lines: Sequence[Sequence[str]]) -> list[str]:
 
 def _published_line(entry: Mapping[str, Any]) -> str:
     """``published: value (method; source, figure)``."""
-    value = "not reported here" if entry.get("value") is None else f"{entry['value']:.1e}"
+    value = "not confirmed" if entry.get("value") is None else f"{entry['value']:.1e}"
     return f"published: {value} ({entry['method']}; {entry['source']}, {entry['figure']})"
 
 

@@ -1,4 +1,4 @@
-"""Small reference PINN problems: 2-D Helmholtz, 1-D Burgers, 1-D Poisson, 1-D wave, Klein-Gordon, Allen-Cahn.
+"""Small reference PINN problems: 2-D Helmholtz, 1-D Burgers, 1-D Poisson, 1-D wave, Klein-Gordon, Kovasznay, Allen-Cahn.
 
 Each problem implements the :class:`Problem` protocol (``make_model``, ``sample``,
 ``losses``, ``exact``, ``relative_l2``); :class:`MLP` is the shared tanh network with
@@ -22,6 +22,7 @@ from .base import MLP, Problem, gradient
 from .burgers import Burgers1D
 from .helmholtz import Helmholtz2D
 from .klein_gordon import KleinGordon1D
+from .kovasznay import Kovasznay2D
 from .poisson import Poisson1D
 from .wave import Wave1D
 
@@ -32,6 +33,7 @@ __all__ = [
     "Burgers1D",
     "Helmholtz2D",
     "KleinGordon1D",
+    "Kovasznay2D",
     "Poisson1D",
     "Problem",
     "ProblemError",
@@ -49,6 +51,7 @@ PROBLEMS: dict[str, type[Problem]] = {
     "wave": Wave1D,
     "klein_gordon": KleinGordon1D,
     "allen_cahn": AllenCahn1D,
+    "kovasznay": Kovasznay2D,
 }
 
 #: the methods a problem object needs (the :class:`Problem` protocol the runner uses)
