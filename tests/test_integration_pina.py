@@ -38,8 +38,8 @@ def solver_and_trainer(epochs: int, *, seed: int = 0, val_size: float = 0.0, **o
     model = FeedForward(input_dimensions=2, output_dimensions=1, layers=[16, 16])
     weighting = BalancedWeighting(LRAnnealing(reference="D"), update_every=2)
     solver = PINN(problem, model, weighting=weighting)
-    trainer = Trainer(solver, max_epochs=epochs, accelerator="cpu", enable_progress_bar=False,
-                      enable_model_summary=False, logger=False, enable_checkpointing=False, shuffle=False,
+    options = dict(dict(accelerator="cpu", logger=False, enable_checkpointing=False), **options)
+    trainer = Trainer(solver, max_epochs=epochs, enable_progress_bar=False, enable_model_summary=False, shuffle=False,
                       train_size=1.0 - val_size, val_size=val_size, callbacks=[LossBalancerCallback(weighting)],
                       **options)
     return solver, weighting, trainer

@@ -106,6 +106,7 @@ class LossBalancerCallback(pl.Callback):
     # ------------------------------------------------------------------ training
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         balancer = self.balancer(pl_module)
+        _require_distributed(balancer, getattr(trainer, "world_size", 1))
         if self._pending is not None:
             state, loaded = self._pending
             if loaded is not balancer:
@@ -141,6 +142,19 @@ class LossBalancerCallback(pl.Callback):
 
     def __repr__(self) -> str:  # noqa: D105
         return f"LossBalancerCallback({'pl_module.balancer' if self._given is None else self._given!r})"
+
+
+def _require_distributed(balancer: Any, world: int) -> None:
+    """Refuse a balancer that would balance each rank alone in a multi-process run: one built
+    before the process group existed (in ``__init__``, before ``Trainer.fit`` launched the ranks)."""
+    reduction = getattr(balancer, "_reduction", None)  # a BalancedWeighting builds its balancer later
+    if world > 1 and reduction is not None and not reduction.active:
+        raise RuntimeError(
+            f"the LossBalancer was built before torch.distributed was initialised, so each of the {world} "
+            "processes would balance its own data and the ranks' weights would differ. Build it once the "
+            "Trainer has started the processes: in configure_optimizers (self.balancer = LossBalancer("
+            "self.parameters(), ...)) or setup(), not in __init__"
+        )
 
 
 def _balancer_like(obj: Any) -> bool:
