@@ -8,17 +8,28 @@ what the test compares to ``OUT_DIR/rank<r>.pt``.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import tempfile
 import warnings
+from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-warnings.filterwarnings("ignore")
-torch.set_num_threads(1)
 
 DDP = dict(strategy="ddp", accelerator="cpu", devices=2)
 LIGHTNING_POINTS, LIGHTNING_BATCH = 128, 32  # per rank: 2 batches of 32, the union of a step: 64
+
+
+def run_two_ranks(case: str, timeout: float = 240) -> list[dict]:
+    """This script for ``case`` (2 CPU processes, gloo); what each rank saved. A hang fails the
+    calling test at ``timeout`` instead of blocking the suite."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    with tempfile.TemporaryDirectory() as out:
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), case, out], env=env, timeout=timeout,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
 def lightning_run(out_dir: str) -> None:
@@ -56,5 +67,8 @@ def save(out_dir: str, rank: int, balancer, module, global_step: int, **extra) -
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
     case, out = sys.argv[1], sys.argv[2]
     {"lightning": lightning_run, "pina": pina_run}[case](out)

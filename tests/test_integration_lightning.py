@@ -3,12 +3,9 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
-import subprocess
 import sys
 import types
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +13,7 @@ from torch import nn
 
 pl = pytest.importorskip("lightning.pytorch", reason="needs Lightning (optional): pip install 'lossbalance[lightning]'")
 
+from _ddp_frameworks import LIGHTNING_BATCH, LIGHTNING_POINTS, run_two_ranks  # noqa: E402
 from lossbalance import LossBalancer, LRAnnealing  # noqa: E402
 from lossbalance.integrations.lightning import LossBalancerCallback  # noqa: E402
 
@@ -157,25 +155,12 @@ def test_missing_lightning_says_how_to_install(monkeypatch):
         importlib.import_module("lossbalance.integrations.lightning")
 
 
-def run_two_ranks(case: str, out_dir, timeout: float = 240) -> list[dict]:
-    """``tests/_ddp_frameworks.py CASE`` under Lightning's ``strategy="ddp"`` (2 CPU processes, gloo);
-    a hang fails the test at ``timeout`` instead of blocking the suite."""
-    script = Path(__file__).with_name("_ddp_frameworks.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, str(script), case, str(out_dir)], env=env, timeout=timeout,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(2)]
-
-
-def test_ddp_two_ranks_have_identical_weights_equal_to_one_process_on_the_union(tmp_path):
+def test_ddp_two_ranks_have_identical_weights_equal_to_one_process_on_the_union():
     """Automatic optimisation under ``Trainer(strategy="ddp", devices=2)``: the balancer averages
     the per-term gradients over the ranks, the surrogate's backward accumulates that direction and
     DDP's reducer all-reduces ``.grad`` once more (a mean of equal tensors: unchanged). Rank r
     trains on points r, r+2, ... so a step's two batches are one process's batch of 64."""
-    from _ddp_frameworks import LIGHTNING_BATCH, LIGHTNING_POINTS
-
-    ranks = run_two_ranks("lightning", tmp_path)
+    ranks = run_two_ranks("lightning")
     assert all(r["distributed"] for r in ranks)
     assert ranks[0]["weights"] == ranks[1]["weights"] != WEIGHTS  # identical, and adapted
     assert ranks[0]["state"]["strategy"] == ranks[1]["state"]["strategy"]
@@ -219,6 +204,8 @@ def same_batches(batches: int = 4):
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=16, shuffle=False)
 
 
+@pytest.mark.filterwarnings("ignore:.*ended before the epoch ended:UserWarning")
+@pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint:UserWarning")
 def test_a_mid_epoch_checkpoint_resumes_the_balancer_bit_for_bit(tmp_path):
     """Saved by ``ModelCheckpoint(every_n_train_steps=3)`` in the middle of the first epoch: the
     restored balancer equals the saved one (step counter, weights, LRA's state), and with every

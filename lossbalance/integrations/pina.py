@@ -58,6 +58,13 @@ class BalancedWeighting(_weighting.BaseWeighting):
     """
 
     def __init__(self, strategy: str | Strategy = "lra", **options: Any):
+        if options.get("pointwise"):
+            raise ValueError(
+                "BalancedWeighting does not take pointwise=: PINA reduces each condition's residual to one "
+                "scalar before the weighting sees it, so per-point weights cannot apply here. Use PINA's "
+                "RBAPhysicsInformedSingleModelSolver or CausalPhysicsInformedSingleModelSolver for the "
+                "per-point weights; BalancedWeighting then balances their conditions"
+            )
         super().__init__(update_every_n_epochs=1, aggregator=self._aggregate)
         self.strategy = strategy
         self.options = options
