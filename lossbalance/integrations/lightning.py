@@ -26,8 +26,25 @@ divides the loss, hence the gradient; each micro-batch is one balancer step), LR
 
 Build the balancer from the module's parameters (no optimizer: Lightning steps its own) once
 they are on their device, e.g. in ``configure_optimizers`` (called after the Trainer moved the
-module) or in ``__init__`` when training on the CPU: the balancer keeps the device and dtype of
-the parameters it was built with. ``precision="16-mixed"`` scales the returned loss, hence the
+module) or in ``__init__`` when training on one CPU process: the balancer keeps the device and
+dtype of the parameters it was built with.
+
+DDP (``strategy="ddp"``): the balancer averages the per-term gradients over the ranks itself,
+so every rank computes the same weights; the surrogate's backward accumulates that averaged
+direction and DDP's reducer all-reduces ``.grad`` once more, a mean of equal tensors (unchanged,
+and no extra collective that could hang). Steps without a weight update are one backward of the
+weighted sum, averaged by DDP alone. The balancer must be built after the Trainer has started
+the processes (``configure_optimizers`` or ``setup``): one built in ``__init__`` (before
+``torch.distributed`` is initialised) would balance each rank alone, and the callback refuses it
+when training starts. As with plain DDP, a parameter that no term reaches needs
+``DDPStrategy(find_unused_parameters=True)``.
+
+Resume: the whole balancer state (weights, step counter, strategy state, generator) is restored
+from any checkpoint, at an epoch boundary or mid-epoch (``ModelCheckpoint(every_n_train_steps=)``).
+What data the rest of a resumed epoch sees is Lightning's: with a plain ``DataLoader`` (not
+resumable) Lightning 2.x continues the batch counter but restarts the loader, so a resume after
+batch 3 trains on batch 0 (with a warning); a resumable loader (``state_dict``/
+``load_state_dict``, e.g. ``torchdata``'s ``StatefulDataLoader``) continues where it stopped. ``precision="16-mixed"`` scales the returned loss, hence the
 gradient, and unscales it before the step; the balancer's own per-term gradients are taken
 unscaled (in float16 they may underflow): prefer ``bf16-mixed``. Manual optimisation works
 too (``self.manual_backward(self.balancer.loss(losses))``); the callback then still logs and
