@@ -19,6 +19,7 @@ import torch
 
 DDP = dict(strategy="ddp", accelerator="cpu", devices=2)
 LIGHTNING_POINTS, LIGHTNING_BATCH = 128, 32  # per rank: 2 batches of 32, the union of a step: 64
+LIGHTNING_OPTIONS = dict(max_epochs=2, gradient_clip_val=1.0, accumulate_grad_batches=2)  # DDP's no_sync micro-batches
 
 
 def run_two_ranks(case: str, timeout: float = 240) -> list[dict]:
@@ -46,7 +47,7 @@ def lightning_run(out_dir: str) -> None:
             return DataLoader(data, batch_size=LIGHTNING_BATCH, sampler=sampler)
 
     module = Halves(build_late=True)  # built in configure_optimizers, once the process group exists
-    fit = trainer(max_epochs=2, callbacks=[LossBalancerCallback()], gradient_clip_val=1.0, **DDP)
+    fit = trainer(callbacks=[LossBalancerCallback()], **LIGHTNING_OPTIONS, **DDP)
     fit.fit(module)
     save(out_dir, fit.global_rank, module.balancer, module, fit.global_step)
 

@@ -13,7 +13,7 @@ from torch import nn
 
 pl = pytest.importorskip("lightning.pytorch", reason="needs Lightning (optional): pip install 'lossbalance[lightning]'")
 
-from _ddp_frameworks import LIGHTNING_BATCH, LIGHTNING_POINTS, run_two_ranks  # noqa: E402
+from _ddp_frameworks import LIGHTNING_BATCH, LIGHTNING_OPTIONS, LIGHTNING_POINTS, run_two_ranks  # noqa: E402
 from lossbalance import LossBalancer, LRAnnealing  # noqa: E402
 from lossbalance.integrations.lightning import LossBalancerCallback  # noqa: E402
 
@@ -158,18 +158,18 @@ def test_missing_lightning_says_how_to_install(monkeypatch):
 def test_ddp_two_ranks_have_identical_weights_equal_to_one_process_on_the_union():
     """Automatic optimisation under ``Trainer(strategy="ddp", devices=2)``: the balancer averages
     the per-term gradients over the ranks, the surrogate's backward accumulates that direction and
-    DDP's reducer all-reduces ``.grad`` once more (a mean of equal tensors: unchanged). Rank r
-    trains on points r, r+2, ... so a step's two batches are one process's batch of 64."""
+    DDP's reducer all-reduces ``.grad`` once more (a mean of equal tensors: unchanged), also
+    after accumulating micro-batches under DDP's ``no_sync``. Rank r trains on points r, r+2, ...
+    so a step's two batches are one process's batch of 64."""
     ranks = run_two_ranks("lightning")
     assert all(r["distributed"] for r in ranks)
     assert ranks[0]["weights"] == ranks[1]["weights"] != WEIGHTS  # identical, and adapted
     assert ranks[0]["state"]["strategy"] == ranks[1]["state"]["strategy"]
     assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"]))
-    assert ranks[0]["global_step"] == ranks[0]["step_count"] == 4
+    assert ranks[0]["global_step"] == 2 and ranks[0]["step_count"] == 4  # 2 micro-batches per optimizer step
 
     single = PINN(build_late=True)
-    trainer(max_epochs=2, callbacks=[LossBalancerCallback()], gradient_clip_val=1.0).fit(
-        single, loader(LIGHTNING_POINTS, 2 * LIGHTNING_BATCH))
+    trainer(callbacks=[LossBalancerCallback()], **LIGHTNING_OPTIONS).fit(single, loader(LIGHTNING_POINTS, 2 * LIGHTNING_BATCH))
     assert single.balancer.weights == pytest.approx(ranks[0]["weights"], rel=1e-5)
     for a, b in zip(single.parameters(), ranks[0]["params"]):  # twice-averaged .grad would differ here
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
