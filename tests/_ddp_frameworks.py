@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-
 DDP = dict(strategy="ddp", accelerator="cpu", devices=2)
 LIGHTNING_POINTS, LIGHTNING_BATCH = 128, 32  # per rank: 2 batches of 32, the union of a step: 64
-LIGHTNING_OPTIONS = dict(max_epochs=2, gradient_clip_val=1.0, accumulate_grad_batches=2)  # DDP's no_sync micro-batches
+# with gradient accumulation: DDP's no_sync micro-batches
+LIGHTNING_OPTIONS = dict(max_epochs=2, gradient_clip_val=1.0, accumulate_grad_batches=2)
 
 
 def run_two_ranks(case: str, timeout: float = 240) -> list[dict]:
@@ -27,15 +27,16 @@ def run_two_ranks(case: str, timeout: float = 240) -> list[dict]:
     calling test at ``timeout`` instead of blocking the suite."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     with tempfile.TemporaryDirectory() as out:
-        done = subprocess.run([sys.executable, os.path.abspath(__file__), case, out], env=env, timeout=timeout,
-                              capture_output=True, text=True)
+        command = [sys.executable, os.path.abspath(__file__), case, out]
+        done = subprocess.run(command, env=env, timeout=timeout, check=False, capture_output=True, text=True)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
 def lightning_run(out_dir: str) -> None:
-    from torch.utils.data import DataLoader, DistributedSampler
     from test_integration_lightning import PINN, loader, trainer
+    from torch.utils.data import DataLoader, DistributedSampler
+
     from lossbalance.integrations.lightning import LossBalancerCallback
 
     class Halves(PINN):
@@ -55,7 +56,8 @@ def lightning_run(out_dir: str) -> None:
 def pina_run(out_dir: str) -> None:
     from test_integration_pina import solver_and_trainer
 
-    solver, weighting, trainer = solver_and_trainer(3, batch_size=16, **DDP)  # the whole set per batch fails under DDP in PINA 0.3
+    # a batch size: the whole set as one batch fails under DDP in PINA 0.3 (README, PINA)
+    solver, weighting, trainer = solver_and_trainer(3, batch_size=16, **DDP)
     trainer.train()
     save(out_dir, trainer.global_rank, weighting.balancer, solver, trainer.global_step,
          pina_weights=dict(solver.weighting.last_saved_weights()))

@@ -169,7 +169,8 @@ def test_ddp_two_ranks_have_identical_weights_equal_to_one_process_on_the_union(
     assert ranks[0]["global_step"] == 2 and ranks[0]["step_count"] == 4  # 2 micro-batches per optimizer step
 
     single = PINN(build_late=True)
-    trainer(callbacks=[LossBalancerCallback()], **LIGHTNING_OPTIONS).fit(single, loader(LIGHTNING_POINTS, 2 * LIGHTNING_BATCH))
+    union = loader(LIGHTNING_POINTS, 2 * LIGHTNING_BATCH)
+    trainer(callbacks=[LossBalancerCallback()], **LIGHTNING_OPTIONS).fit(single, union)
     assert single.balancer.weights == pytest.approx(ranks[0]["weights"], rel=1e-5)
     for a, b in zip(single.parameters(), ranks[0]["params"]):  # twice-averaged .grad would differ here
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -218,7 +219,8 @@ def test_a_mid_epoch_checkpoint_resumes_the_balancer_bit_for_bit(tmp_path):
         straight, same_batches())
     path = tmp_path / "epoch=0-step=3.ckpt"
     saved = torch.load(path, weights_only=False)
-    assert saved["lossbalance"]["step"] == 3 and saved["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == 0
+    assert saved["lossbalance"]["step"] == 3
+    assert saved["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == 0  # mid-epoch
 
     resumed, restored = PINN(seed=7), Snapshot()
     again = trainer(callbacks=[LossBalancerCallback(), restored], **options)

@@ -139,7 +139,8 @@ def test_rba_and_causal_solvers_compose_with_balanced_weighting(kind):
     for a, b in zip(parameters(alone), parameters(static)):
         assert torch.equal(a, b)
     if kind == "rba":
-        assert all(torch.equal(getattr(alone, f"weight_{c}"), getattr(static, f"weight_{c}")) for c in ("D", "boundary"))
+        for condition in ("D", "boundary"):  # RBA's attention buffers
+            assert torch.equal(getattr(alone, f"weight_{condition}"), getattr(static, f"weight_{condition}"))
         assert float(static.weight_D.min()) > 0  # PINA's attention weights were updated
 
     balanced, weighting, run = solver_and_trainer(4, **setup)

@@ -44,10 +44,12 @@ from any checkpoint, at an epoch boundary or mid-epoch (``ModelCheckpoint(every_
 What data the rest of a resumed epoch sees is Lightning's: with a plain ``DataLoader`` (not
 resumable) Lightning 2.x continues the batch counter but restarts the loader, so a resume after
 batch 3 trains on batch 0 (with a warning); a resumable loader (``state_dict``/
-``load_state_dict``, e.g. ``torchdata``'s ``StatefulDataLoader``) continues where it stopped. ``precision="16-mixed"`` scales the returned loss, hence the
-gradient, and unscales it before the step; the balancer's own per-term gradients are taken
-unscaled (in float16 they may underflow): prefer ``bf16-mixed``. Manual optimisation works
-too (``self.manual_backward(self.balancer.loss(losses))``); the callback then still logs and
+``load_state_dict``, e.g. ``torchdata``'s ``StatefulDataLoader``) continues where it stopped.
+
+``precision="16-mixed"`` scales the returned loss, hence the gradient, and unscales it before
+the step; the balancer's own per-term gradients are taken unscaled (in float16 they may
+underflow): prefer ``bf16-mixed``. Manual optimisation works too
+(``self.manual_backward(self.balancer.loss(losses))``); the callback then still logs and
 checkpoints.
 """
 from __future__ import annotations
