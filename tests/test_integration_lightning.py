@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import math
 import sys
+import types
 import warnings
 
 import pytest
@@ -12,6 +13,7 @@ from torch import nn
 
 pl = pytest.importorskip("lightning.pytorch", reason="needs Lightning (optional): pip install 'lossbalance[lightning]'")
 
+from _ddp_frameworks import LIGHTNING_BATCH, LIGHTNING_OPTIONS, LIGHTNING_POINTS, run_two_ranks  # noqa: E402
 from lossbalance import LossBalancer, LRAnnealing  # noqa: E402
 from lossbalance.integrations.lightning import LossBalancerCallback  # noqa: E402
 
@@ -151,3 +153,97 @@ def test_missing_lightning_says_how_to_install(monkeypatch):
     monkeypatch.delitem(sys.modules, "lossbalance.integrations.lightning")
     with pytest.raises(ImportError, match=r"pip install 'lossbalance\[lightning\]'"):
         importlib.import_module("lossbalance.integrations.lightning")
+
+
+def test_ddp_two_ranks_have_identical_weights_equal_to_one_process_on_the_union():
+    """Automatic optimisation under ``Trainer(strategy="ddp", devices=2)``: the balancer averages
+    the per-term gradients over the ranks, the surrogate's backward accumulates that direction and
+    DDP's reducer all-reduces ``.grad`` once more (a mean of equal tensors: unchanged), also
+    after accumulating micro-batches under DDP's ``no_sync``. Rank r trains on points r, r+2, ...
+    so a step's two batches are one process's batch of 64."""
+    ranks = run_two_ranks("lightning")
+    assert all(r["distributed"] for r in ranks)
+    assert ranks[0]["weights"] == ranks[1]["weights"] != WEIGHTS  # identical, and adapted
+    assert ranks[0]["state"]["strategy"] == ranks[1]["state"]["strategy"]
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"]))
+    assert ranks[0]["global_step"] == 2 and ranks[0]["step_count"] == 4  # 2 micro-batches per optimizer step
+
+    single = PINN(build_late=True)
+    union = loader(LIGHTNING_POINTS, 2 * LIGHTNING_BATCH)
+    trainer(callbacks=[LossBalancerCallback()], **LIGHTNING_OPTIONS).fit(single, union)
+    assert single.balancer.weights == pytest.approx(ranks[0]["weights"], rel=1e-5)
+    for a, b in zip(single.parameters(), ranks[0]["params"]):  # twice-averaged .grad would differ here
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_balancer_built_before_the_processes_started_is_refused():
+    """Built in ``__init__``, before ``Trainer.fit`` initialised torch.distributed, a balancer
+    would balance each rank alone: refused at the start of training, with the fix."""
+    module = PINN()
+    ddp_trainer = types.SimpleNamespace(world_size=2)
+    with pytest.raises(RuntimeError, match="built before torch.distributed was initialised.*configure_optimizers"):
+        LossBalancerCallback().on_train_start(ddp_trainer, module)
+    LossBalancerCallback().on_train_start(types.SimpleNamespace(world_size=1), module)  # one process: fine
+
+
+class Snapshot(pl.Callback):
+    """The balancer's state when training starts (after LossBalancerCallback restored it) and at the end."""
+
+    def __init__(self):
+        self.states = {}
+
+    def on_train_start(self, trainer, pl_module):
+        self.states["start"] = pl_module.balancer.state_dict()
+
+    def on_train_end(self, trainer, pl_module):
+        self.states["end"] = pl_module.balancer.state_dict()
+
+
+def same_batches(batches: int = 4):
+    """One epoch of ``batches`` identical batches: a run's data do not depend on where in the epoch it resumes."""
+    x = torch.rand(16, 1, generator=torch.Generator().manual_seed(1)).repeat(batches, 1)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=16, shuffle=False)
+
+
+@pytest.mark.filterwarnings("ignore:.*ended before the epoch ended:UserWarning")
+@pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint:UserWarning")
+def test_a_mid_epoch_checkpoint_resumes_the_balancer_bit_for_bit(tmp_path):
+    """Saved by ``ModelCheckpoint(every_n_train_steps=3)`` in the middle of the first epoch: the
+    restored balancer equals the saved one (step counter, weights, LRA's state), and with every
+    batch the same (so that Lightning's data position after a mid-epoch resume does not matter)
+    the resumed run ends bit for bit where the uninterrupted one does."""
+    options = dict(max_steps=8, gradient_clip_val=1.0)
+    saving = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    straight, end = PINN(), Snapshot()
+    trainer(callbacks=[LossBalancerCallback(), saving, end], enable_checkpointing=True, **options).fit(
+        straight, same_batches())
+    path = tmp_path / "epoch=0-step=3.ckpt"
+    saved = torch.load(path, weights_only=False)
+    assert saved["lossbalance"]["step"] == 3
+    assert saved["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == 0  # mid-epoch
+
+    resumed, restored = PINN(seed=7), Snapshot()
+    again = trainer(callbacks=[LossBalancerCallback(), restored], **options)
+    again.fit(resumed, same_batches(), ckpt_path=path)
+    assert_states_equal(restored.states["start"], saved["lossbalance"])
+    assert again.global_step == 8 and resumed.balancer.step_count == 8
+    assert_states_equal(restored.states["end"], end.states["end"])
+    assert resumed.balancer.weights == straight.balancer.weights != WEIGHTS
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def assert_states_equal(a, b) -> None:
+    """Two ``state_dict()``s equal exactly (tensors included, any nesting)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_states_equal(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_states_equal(x, y)
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    else:
+        assert a == b

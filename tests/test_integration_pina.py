@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import random
 import sys
 import warnings
 
@@ -12,9 +13,14 @@ pytest.importorskip("pina.weighting", reason="needs PINA (optional): pip install
 
 from pina import Trainer  # noqa: E402
 from pina.model import FeedForward  # noqa: E402
-from pina.problem.zoo import Poisson2DSquareProblem  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from pina.problem.zoo import AdvectionProblem, Poisson2DSquareProblem  # noqa: E402
+from pina.solver import CausalPhysicsInformedSingleModelSolver as CausalPINN  # noqa: E402
 from pina.solver import PhysicsInformedSingleModelSolver as PINN  # noqa: E402
+from pina.solver import RBAPhysicsInformedSingleModelSolver as RBAPINN  # noqa: E402
+from pina.weighting import ScalarWeighting  # noqa: E402
 
+from _ddp_frameworks import run_two_ranks  # noqa: E402
 from lossbalance import LRAnnealing  # noqa: E402
 from lossbalance.integrations.lightning import LossBalancerCallback  # noqa: E402
 from lossbalance.integrations.pina import BalancedWeighting  # noqa: E402
@@ -29,20 +35,46 @@ def quiet():
         yield
 
 
-def solver_and_trainer(epochs: int, *, seed: int = 0, val_size: float = 0.0, **options):
-    torch.manual_seed(0)  # the same points in every run
+def poisson():
+    """PINA's 2-D Poisson problem on 64 interior and 32 boundary points, the same in every run (the
+    boundary, a union of four sides, is sampled with Python's ``random``: seeded here too)."""
+    random.seed(0)
+    torch.manual_seed(0)
     problem = Poisson2DSquareProblem()
     problem.discretise_domain(64, "random", domains=["D"])
     problem.discretise_domain(32, "random", domains=["boundary"])
+    return problem
+
+
+def advection():
+    """PINA's 1-D advection problem (time-dependent: the causal solver's), 32 + 16 points."""
+    random.seed(0)
+    torch.manual_seed(0)
+    problem = AdvectionProblem()
+    problem.discretise_domain(32, "random", domains=["D"])
+    problem.discretise_domain(16, "random", domains=["t0"])
+    return problem
+
+
+def solver_and_trainer(epochs: int, *, seed: int = 0, val_size: float = 0.0, weighting="lra", solver=PINN,
+                       problem=poisson, solver_options=None, callbacks=(), **options):
+    """A PINA solver on ``problem()`` with ``weighting`` (``"lra"``: BalancedWeighting(LRA, every 2
+    steps); None: PINA's own) and its Trainer (one step per epoch: the whole set is one batch)."""
+    problem = problem()
     torch.manual_seed(seed)
     model = FeedForward(input_dimensions=2, output_dimensions=1, layers=[16, 16])
-    weighting = BalancedWeighting(LRAnnealing(reference="D"), update_every=2)
-    solver = PINN(problem, model, weighting=weighting)
-    trainer = Trainer(solver, max_epochs=epochs, accelerator="cpu", enable_progress_bar=False,
-                      enable_model_summary=False, logger=False, enable_checkpointing=False, shuffle=False,
-                      train_size=1.0 - val_size, val_size=val_size, callbacks=[LossBalancerCallback(weighting)],
-                      **options)
+    if weighting == "lra":
+        weighting = BalancedWeighting(LRAnnealing(reference="D"), update_every=2)
+    solver = solver(problem, model, weighting=weighting, **(solver_options or {}))
+    callbacks = [*callbacks, *([LossBalancerCallback(weighting)] if isinstance(weighting, BalancedWeighting) else [])]
+    options = dict(dict(accelerator="cpu", logger=False, enable_checkpointing=False), **options)
+    trainer = Trainer(solver, max_epochs=epochs, enable_progress_bar=False, enable_model_summary=False, shuffle=False,
+                      train_size=1.0 - val_size, val_size=val_size, callbacks=callbacks, **options)
     return solver, weighting, trainer
+
+
+def parameters(module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
 
 
 def test_a_pinn_solver_is_balanced_and_validation_does_not_step_it():
@@ -61,23 +93,82 @@ def test_a_pinn_solver_is_balanced_and_validation_does_not_step_it():
     assert history and history[0] < 200
 
 
-def test_the_balancer_state_goes_into_lightning_checkpoints_and_comes_back(tmp_path):
-    """Saved by the callback, loaded into the weighting before its balancer exists, applied when
-    the balancer is built at the first training step. (Not bit for bit: two identical PINA runs
-    already differ, so the comparison is with the saved state.)"""
-    _, first_weighting, first = solver_and_trainer(10)
+def test_a_resume_from_a_model_checkpoint_file_continues_bit_for_bit(tmp_path):
+    """A checkpoint written by Lightning's ModelCheckpoint during ``trainer.train()`` and resumed
+    with ``trainer.train(ckpt_path=...)``: the callback stores the balancer's state, the weighting
+    holds it until its balancer is built at the first step, and the resumed run ends bit for bit
+    where the uninterrupted one does (PINA's own weightings keep their weights outside the
+    checkpoint: ``KeyError: 'boundary'`` on resume)."""
+    saving = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1)
+    straight, straight_weighting, first = solver_and_trainer(10, callbacks=[saving], enable_checkpointing=True)
     first.train()
-    path = tmp_path / "pina.ckpt"
-    first.save_checkpoint(path)
+    path = tmp_path / "epoch=4-step=5.ckpt"
     saved = torch.load(path, weights_only=False)["lossbalance"]
-    assert saved["step"] == 10 and saved["weights"].tolist() == list(first_weighting.weights.values())
+    assert saved["step"] == 5 and saved["weights"] is not None
 
-    _, weighting, again = solver_and_trainer(11, seed=3)
+    resumed, weighting, again = solver_and_trainer(10, seed=3)  # other initial parameters
+    assert weighting.balancer is None
     again.train(ckpt_path=str(path))
-    balancer = weighting.balancer
-    assert balancer.step_count == 11  # continued from the checkpoint's 10
-    # step 10 is an update step (update_every=2): its weight is LRA's average of the saved one and a new estimate
-    assert balancer.state_dict()["updates"] == saved["updates"] + 1
+    assert weighting.balancer.step_count == straight_weighting.balancer.step_count == 10
+    assert weighting.weights == straight_weighting.weights != {"D": 1.0, "boundary": 1.0}
+    assert weighting.balancer.state_dict()["strategy"] == straight_weighting.balancer.state_dict()["strategy"]
+    for a, b in zip(parameters(straight), parameters(resumed)):
+        assert torch.equal(a, b)
+
+
+POINTWISE_SOLVERS = {  # PINA's solvers with pointwise weights inside a condition's loss
+    "rba": (RBAPINN, poisson, {}),
+    "causal": (CausalPINN, advection, dict(n_steps=4, eps=1.0, regularized_conditions="D")),
+}
+
+
+@pytest.mark.parametrize("kind", list(POINTWISE_SOLVERS))
+def test_rba_and_causal_solvers_compose_with_balanced_weighting(kind):
+    """PINA's RBA and causal solvers weight the points (or time steps) inside each condition's
+    loss and hand the weighting one scalar per condition; BalancedWeighting weights those
+    scalars. No double weighting: a static balancer trains bit for bit like PINA's solver alone
+    (the pointwise weights applied once, each one updated once per step), and LRA adapts on top."""
+    solver, problem, options = POINTWISE_SOLVERS[kind]
+    setup = dict(solver=solver, problem=problem, solver_options=options)
+    weights = {"D": 1.0, "boundary" if kind == "rba" else "t0": 10.0}
+    alone, _, run = solver_and_trainer(4, weighting=ScalarWeighting(weights), **setup)
+    run.train()
+    static, _, run = solver_and_trainer(4, weighting=BalancedWeighting("static", weights=weights), **setup)
+    run.train()
+    assert static.weighting.balancer.step_count == 4
+    for a, b in zip(parameters(alone), parameters(static)):
+        assert torch.equal(a, b)
+    if kind == "rba":
+        for condition in ("D", "boundary"):  # RBA's attention buffers
+            assert torch.equal(getattr(alone, f"weight_{condition}"), getattr(static, f"weight_{condition}"))
+        assert float(static.weight_D.min()) > 0  # PINA's attention weights were updated
+
+    balanced, weighting, run = solver_and_trainer(4, **setup)
+    run.train()
+    other = next(c for c in weighting.weights if c != "D")
+    assert weighting.weights["D"] == 1.0 and weighting.weights[other] != 1.0
+    assert all(torch.isfinite(p).all() for p in balanced.parameters())
+
+
+def test_lossbalance_pointwise_weights_are_refused_with_the_pina_solver_to_use():
+    """PINA reduces each condition to a scalar before the weighting sees it, so lossbalance's own
+    per-point weights (``pointwise=``) could never apply: refused, naming PINA's solvers."""
+    from lossbalance.pointwise import RBA
+
+    with pytest.raises(ValueError, match="pointwise=.*RBAPhysicsInformedSingleModelSolver"):
+        BalancedWeighting("lra", pointwise={"D": RBA()})
+
+
+def test_ddp_two_ranks_have_identical_weights():
+    """``Trainer(solver, strategy="ddp", devices=2)`` (2 CPU processes, each with half the points
+    of every batch): the balancer averages over the ranks, so both hold the same weights and
+    parameters (PINA's own gradient-based weightings compute them per rank, and differ)."""
+    ranks = run_two_ranks("pina")
+    assert all(r["distributed"] for r in ranks)
+    assert ranks[0]["weights"] == ranks[1]["weights"] == ranks[0]["pina_weights"] == ranks[1]["pina_weights"]
+    assert ranks[0]["weights"]["boundary"] != 1.0
+    assert ranks[0]["step_count"] == ranks[0]["global_step"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"]))
 
 
 def test_missing_pina_says_how_to_install(monkeypatch):

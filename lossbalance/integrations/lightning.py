@@ -26,11 +26,30 @@ divides the loss, hence the gradient; each micro-batch is one balancer step), LR
 
 Build the balancer from the module's parameters (no optimizer: Lightning steps its own) once
 they are on their device, e.g. in ``configure_optimizers`` (called after the Trainer moved the
-module) or in ``__init__`` when training on the CPU: the balancer keeps the device and dtype of
-the parameters it was built with. ``precision="16-mixed"`` scales the returned loss, hence the
-gradient, and unscales it before the step; the balancer's own per-term gradients are taken
-unscaled (in float16 they may underflow): prefer ``bf16-mixed``. Manual optimisation works
-too (``self.manual_backward(self.balancer.loss(losses))``); the callback then still logs and
+module) or in ``__init__`` when training on one CPU process: the balancer keeps the device and
+dtype of the parameters it was built with.
+
+DDP (``strategy="ddp"``): the balancer averages the per-term gradients over the ranks itself,
+so every rank computes the same weights; the surrogate's backward accumulates that averaged
+direction and DDP's reducer all-reduces ``.grad`` once more, a mean of equal tensors (unchanged,
+and no extra collective that could hang). Steps without a weight update are one backward of the
+weighted sum, averaged by DDP alone. The balancer must be built after the Trainer has started
+the processes (``configure_optimizers`` or ``setup``): one built in ``__init__`` (before
+``torch.distributed`` is initialised) would balance each rank alone, and the callback refuses it
+when training starts. As with plain DDP, a parameter that no term reaches needs
+``DDPStrategy(find_unused_parameters=True)``.
+
+Resume: the whole balancer state (weights, step counter, strategy state, generator) is restored
+from any checkpoint, at an epoch boundary or mid-epoch (``ModelCheckpoint(every_n_train_steps=)``).
+What data the rest of a resumed epoch sees is Lightning's: with a plain ``DataLoader`` (not
+resumable) Lightning 2.x continues the batch counter but restarts the loader, so a resume after
+batch 3 trains on batch 0 (with a warning); a resumable loader (``state_dict``/
+``load_state_dict``, e.g. ``torchdata``'s ``StatefulDataLoader``) continues where it stopped.
+
+``precision="16-mixed"`` scales the returned loss, hence the gradient, and unscales it before
+the step; the balancer's own per-term gradients are taken unscaled (in float16 they may
+underflow): prefer ``bf16-mixed``. Manual optimisation works too
+(``self.manual_backward(self.balancer.loss(losses))``); the callback then still logs and
 checkpoints.
 """
 from __future__ import annotations
@@ -106,6 +125,7 @@ class LossBalancerCallback(pl.Callback):
     # ------------------------------------------------------------------ training
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         balancer = self.balancer(pl_module)
+        _require_distributed(balancer, getattr(trainer, "world_size", 1))
         if self._pending is not None:
             state, loaded = self._pending
             if loaded is not balancer:
@@ -141,6 +161,19 @@ class LossBalancerCallback(pl.Callback):
 
     def __repr__(self) -> str:  # noqa: D105
         return f"LossBalancerCallback({'pl_module.balancer' if self._given is None else self._given!r})"
+
+
+def _require_distributed(balancer: Any, world: int) -> None:
+    """Refuse a balancer that would balance each rank alone in a multi-process run: one built
+    before the process group existed (in ``__init__``, before ``Trainer.fit`` launched the ranks)."""
+    reduction = getattr(balancer, "_reduction", None)  # a BalancedWeighting builds its balancer later
+    if world > 1 and reduction is not None and not reduction.active:
+        raise RuntimeError(
+            f"the LossBalancer was built before torch.distributed was initialised, so each of the {world} "
+            "processes would balance its own data and the ranks' weights would differ. Build it once the "
+            "Trainer has started the processes: in configure_optimizers (self.balancer = LossBalancer("
+            "self.parameters(), ...)) or setup(), not in __init__"
+        )
 
 
 def _balancer_like(obj: Any) -> bool:

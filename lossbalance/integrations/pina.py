@@ -29,9 +29,28 @@ them on their device; ``LossBalancer`` keywords go to ``BalancedWeighting(strate
 balancer is built) let :class:`~lossbalance.integrations.lightning.LossBalancerCallback` store
 it in Lightning checkpoints and log ``weight/<condition>`` and ``loss/<condition>``.
 
-Tested with ``PINN`` (``PhysicsInformedSingleModelSolver``). Not tested: the causal, RBA,
-gradient-enhanced, self-adaptive and competitive solvers (they change the per-condition losses
-or train several models with manual optimisation), DDP, and a resumed ``trainer.train(ckpt_path=...)``.
+Solvers: tested with ``PhysicsInformedSingleModelSolver``, ``RBAPhysicsInformedSingleModelSolver``
+and ``CausalPhysicsInformedSingleModelSolver``. The RBA and causal solvers weight the points (or
+the time steps) inside a condition's loss and hand the weighting one scalar per condition, which
+the balancer weights: the two compose, nothing is weighted twice (with a static balancer the run
+equals PINA's ``ScalarWeighting`` of the same weights bit for bit). lossbalance's own per-point
+weights (``pointwise=``) cannot apply to PINA's scalars and are refused. Not tested: the
+gradient-enhanced, self-adaptive and competitive solvers (the last two train several models with
+manual optimisation).
+
+DDP (``Trainer(solver, strategy="ddp", devices=2, batch_size=...)``): the balancer is built at
+the first training step, after the processes started, so it averages over the ranks and every
+rank holds the same weights (PINA's own gradient-based weightings compute them per rank). PINA
+0.3 itself fails under DDP with the whole set as one batch (``batch_size=None``:
+``AttributeError: '_ConditionSubset' object has no attribute 'fetch_from_idx_list'``): give a
+``batch_size``.
+
+Resume: ``trainer.train(ckpt_path=...)`` from a checkpoint written by ``ModelCheckpoint`` or
+``trainer.save_checkpoint`` continues bit for bit. (PINA's own weightings keep their weights
+outside the checkpoint: a resume at an epoch where ``update_every_n_epochs`` does not update them
+raises ``KeyError: '<condition>'`` in ``BaseWeighting.aggregate``; ``BalancedWeighting`` updates
+on every step.) Two PINA runs are only reproducible with Python's ``random`` seeded as well as
+torch: PINA samples union domains (e.g. a square's boundary) with ``random.sample``.
 """
 from __future__ import annotations
 
@@ -58,6 +77,13 @@ class BalancedWeighting(_weighting.BaseWeighting):
     """
 
     def __init__(self, strategy: str | Strategy = "lra", **options: Any):
+        if options.get("pointwise"):
+            raise ValueError(
+                "BalancedWeighting does not take pointwise=: PINA reduces each condition's residual to one "
+                "scalar before the weighting sees it, so per-point weights cannot apply here. Use PINA's "
+                "RBAPhysicsInformedSingleModelSolver or CausalPhysicsInformedSingleModelSolver for the "
+                "per-point weights; BalancedWeighting then balances their conditions"
+            )
         super().__init__(update_every_n_epochs=1, aggregator=self._aggregate)
         self.strategy = strategy
         self.options = options
