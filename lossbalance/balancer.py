@@ -277,6 +277,12 @@ class LossBalancer:
         return self._log.keeps_history
 
     @property
+    def distributed(self) -> bool:
+        """Whether this balancer averages over processes (decided at construction: ``distributed=``,
+        or ``torch.distributed`` initialised with more than one process then)."""
+        return self._reduction.active
+
+    @property
     def scaler(self) -> torch.amp.GradScaler | None:
         """The ``GradScaler`` given as ``scaler=`` (``None`` when absent or disabled)."""
         return self._precision.scaler

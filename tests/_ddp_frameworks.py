@@ -66,7 +66,7 @@ def pina_run(out_dir: str) -> None:
 def save(out_dir: str, rank: int, balancer, module, global_step: int, **extra) -> None:
     torch.save({"weights": balancer.weights, "step_count": balancer.step_count, "global_step": global_step,
                 "state": balancer.state_dict(), "params": [p.detach().clone() for p in module.parameters()],
-                "distributed": balancer._reduction.active, **extra}, os.path.join(out_dir, f"rank{rank}.pt"))
+                "distributed": balancer.distributed, **extra}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 if __name__ == "__main__":

@@ -166,8 +166,8 @@ class LossBalancerCallback(pl.Callback):
 def _require_distributed(balancer: Any, world: int) -> None:
     """Refuse a balancer that would balance each rank alone in a multi-process run: one built
     before the process group existed (in ``__init__``, before ``Trainer.fit`` launched the ranks)."""
-    reduction = getattr(balancer, "_reduction", None)  # a BalancedWeighting builds its balancer later
-    if world > 1 and reduction is not None and not reduction.active:
+    distributed = getattr(balancer, "distributed", None)  # a BalancedWeighting builds its balancer later
+    if world > 1 and distributed is False:
         raise RuntimeError(
             f"the LossBalancer was built before torch.distributed was initialised, so each of the {world} "
             "processes would balance its own data and the ranks' weights would differ. Build it once the "
