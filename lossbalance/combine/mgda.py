@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .base import Combiner, check_grads, register
-from .numerics import compute_dtype, nonnegative_qp, normalized_gramian
+from .numerics import compute_dtype, nonnegative_qp, normalized_gramian, ridged
 
 __all__ = ["MGDA"]
 
@@ -49,12 +49,18 @@ class MGDA(Combiner):
     ``reg_eps``
         Ridge on the trace-normalised Gramian (default ``1e-12``, must be positive), see above.
     ``double``
-        Form the Gramian and the update in float64 (default) and return the input dtype.
+        Form the Gramian and the update in float64 and return the input dtype (default
+        ``False``: one matmul ``J J^T`` in the input dtype, at least float32, as torchjd; the
+        simplex problem is solved in float64 either way). A float32 Gramian of nearly dependent
+        rows can be indefinite by rounding (about ``1e-7 tr(G)``), more than the ridge: then the
+        ridge is raised until ``A`` is positive definite
+        (:func:`~lossbalance.combine.numerics.ridged`), which bounds ``||d - d*||`` by about
+        ``sqrt(1e-7) ||J||_F`` in the worst case (typically ``1e-7``, tested).
     """
 
     name = "mgda"
 
-    def __init__(self, *, reg_eps: float = 1e-12, double: bool = True):
+    def __init__(self, *, reg_eps: float = 1e-12, double: bool = False):
         if not (reg_eps > 0 and math.isfinite(reg_eps)):
             raise ValueError(f"reg_eps must be a positive number (the ridge that makes the QP strictly convex), got {reg_eps}")
         self.reg_eps = float(reg_eps)
@@ -75,7 +81,7 @@ class MGDA(Combiner):
         a = gram.to("cpu", torch.float64)
         if not bool(torch.isfinite(a).all()):
             return torch.full((k,), math.nan, dtype=torch.float64), basis, factors
-        beta = nonnegative_qp(a + self.reg_eps * torch.eye(k, dtype=torch.float64), -torch.ones(1, k, dtype=torch.float64))[0]
+        beta = nonnegative_qp(ridged(a, self.reg_eps), -torch.ones(1, k, dtype=torch.float64))[0]
         return beta / beta.sum(), basis, factors
 
     def __call__(self, grads: Tensor, /, *, generator: torch.Generator | None = None) -> Tensor:
