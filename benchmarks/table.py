@@ -39,6 +39,8 @@ COLUMNS = {
     "floor": ("floor", "K autograd.grad calls summed into .grad, nothing else: the least an exact per-term method pays"),
     "naive": ("naive", "K autograd.grad(retain_graph=True) then a full backward (PhysicsNeMo's LRA loop)"),
     "torchjd_mean": ("torchjd", "torchjd (Jacobian descent) with the Mean aggregator"),
+    "famo": ("FAMO", 'strategy "famo" (one backward of the weighted sum; target <= 1.10)'),
+    "mconfig": ("mconfig", 'combine="mconfig", static weights, SGD (one term\'s backward per step; target <= 1.10)'),
     "plain": ("noise", "the plain step paired with itself (far from 1.00: a noisy run)"),
 }
 TARGETS = {"disjoint": (1.10, 1.03), "heads": (1.25, 1.05), "residual": (2.3, 1.15)}
