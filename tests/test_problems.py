@@ -13,6 +13,7 @@ from lossbalance.problems import (
     MLP,
     PROBLEMS,
     Burgers1D,
+    BurgersConFIG,
     Helmholtz2D,
     KleinGordon1D,
     Poisson1D,
@@ -57,8 +58,8 @@ def factory(request):
 
 # ----------------------------------------------------------------------------- registry
 def test_registry() -> None:
-    assert PROBLEMS == {"helmholtz": Helmholtz2D, "burgers": Burgers1D, "poisson": Poisson1D,
-                        "wave": Wave1D, "klein_gordon": KleinGordon1D}
+    assert PROBLEMS == {"helmholtz": Helmholtz2D, "burgers": Burgers1D, "burgers_config": BurgersConFIG,
+                        "poisson": Poisson1D, "wave": Wave1D, "klein_gordon": KleinGordon1D}
     for name, cls in PROBLEMS.items():
         assert cls.name == name
         assert issubclass(cls, Problem)

@@ -18,7 +18,7 @@ import sys
 from typing import Any, Callable
 
 from .base import MLP, Problem, gradient
-from .burgers import Burgers1D
+from .burgers import Burgers1D, BurgersConFIG
 from .helmholtz import Helmholtz2D
 from .klein_gordon import KleinGordon1D
 from .poisson import Poisson1D
@@ -28,6 +28,7 @@ __all__ = [
     "MLP",
     "PROBLEMS",
     "Burgers1D",
+    "BurgersConFIG",
     "Helmholtz2D",
     "KleinGordon1D",
     "Poisson1D",
@@ -43,6 +44,7 @@ __all__ = [
 PROBLEMS: dict[str, type[Problem]] = {
     "helmholtz": Helmholtz2D,
     "burgers": Burgers1D,
+    "burgers_config": BurgersConFIG,  # ConFIG's Burgers notebook: fixed LHS points, test MSE
     "poisson": Poisson1D,
     "wave": Wave1D,
     "klein_gordon": KleinGordon1D,
