@@ -6,7 +6,6 @@ import math
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
