@@ -125,6 +125,27 @@ def targets_table(ratios: dict) -> str:
     return "Targets (ratios to the plain step)\n\n" + rst_table(head, rows) if rows else ""
 
 
+ONE_BACKWARD = {"famo": "FAMO", "mconfig": "mconfig"}  # issue 18: <= 1.10x the plain step on every workload
+ONE_BACKWARD_TARGET = 1.10
+
+
+def one_backward_table(ratios: dict) -> str:
+    """FAMO and momentum ConFIG against their target (they need no per-term gradients)."""
+    present = [v for v in ONE_BACKWARD if any(r.get(v) is not None for r in ratios.values())]
+    rows = []
+    for workload, r in ratios.items():
+        cells = []
+        for v in present:
+            value = r.get(v)
+            verdict = "" if value is None else (" ok" if value <= ONE_BACKWARD_TARGET else " MISSED")
+            cells.append(_fmt(value) + verdict)
+        rows.append([WORKLOAD_LABELS[workload], _fmt(r.get("static")), *cells])
+    if not present or not rows:
+        return ""
+    head = ["workload", "static", *(f"{ONE_BACKWARD[v]} (<= {ONE_BACKWARD_TARGET:g})" for v in present)]
+    return "Balancing at the cost of a plain step (ratios to the plain step)\n\n" + rst_table(head, rows)
+
+
 def _scale_rows(records, suite, key):
     return dict(sorted((r[key], r) for r in records if r["suite"] == suite))
 
@@ -244,7 +265,7 @@ def header(data: dict, records: list[dict]) -> str:
 def render(data: dict, *, measure_memory: bool = False) -> str:
     records = _records(data)
     overhead, ratios = overhead_table(records)
-    sections = [header(data, records), overhead, targets_table(ratios), scale_tables(records),
+    sections = [header(data, records), overhead, targets_table(ratios), one_backward_table(ratios), scale_tables(records),
                 combiner_table(records), closure_table(records), loss_path_table(records),
                 memory_section(records, measure_memory)]
     return "\n\n".join(s for s in sections if s) + "\n"
