@@ -61,7 +61,8 @@ def _trace_is_safe(trace: float, dtype: torch.dtype, p: int) -> bool:
 
 def normalized_gramian(grads: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, float]:
     """``(basis, factors, gram, trace)`` with ``g_i = factors_i * basis_i``, ``gram = G / tr(G)``
-    (float64) for the Gramian ``G = J J^T`` of the rows, and ``trace = tr(G)`` as a Python float.
+    (float64, on the CPU) for the Gramian ``G = J J^T`` of the rows, and ``trace = tr(G)`` as a
+    Python float.
 
     The Gramian is one matmul ``J J^T`` in ``dtype`` (float32 for float32 input unless
     ``double``: what torchjd does), converted to float64; the basis is the input in ``dtype`` and
@@ -74,14 +75,14 @@ def normalized_gramian(grads: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tenso
     non-finite ``gram``; a zero matrix gives ``gram = 0`` and ``trace = 0.0``.
     """
     basis = grads.to(dtype)
-    gram = (basis @ basis.mT).to(torch.float64)
+    gram = (basis @ basis.mT).to("cpu", torch.float64)  # K x K: the solvers run on the CPU (MPS has no float64)
     trace = float(gram.diagonal().sum())
     if _squares_fit(grads.dtype, dtype) or _trace_is_safe(trace, dtype, grads.shape[1]):
         return basis, basis.new_ones(grads.shape[0]), gram / (trace if trace > 0 else 1.0), trace
     basis, factors, ok = unit_rows(grads, dtype)
     top = float(factors.amax()) if factors.numel() else 0.0
-    relative = (factors / (top if 0 < top < math.inf else 1.0)).to(torch.float64)
-    gram = relative[:, None] * (basis @ basis.mT).to(torch.float64) * relative[None, :]
+    relative = (factors / (top if 0 < top < math.inf else 1.0)).to("cpu", torch.float64)
+    gram = relative[:, None] * (basis @ basis.mT).to("cpu", torch.float64) * relative[None, :]
     scaled_trace = float(gram.diagonal().sum())
     gram = gram / (scaled_trace if scaled_trace > 0 else 1.0)
     if not bool(ok.all()):
