@@ -345,6 +345,31 @@ VARIANTS: dict[str, tuple[Callable[..., Callable[[], object]], dict]] = {
 }
 
 
+# ---------------------------------------------------------------------------------------------
+# Balancing at the cost of a plain step (issue 18): FAMO and momentum ConFIG need no per-term
+# gradients through the shared graph (targets: <= 1.10x the plain step on every workload).
+def one_backward(w: Workload, strategy: str = "static", combine: str | None = None) -> Callable[[], object]:
+    """``LossBalancer(opt, strategy, combine=combine).step(losses)``: "famo" (one backward of the
+    weighted sum, the logits learn from the next step's losses) or ``combine="mconfig"`` (one
+    term's backward per step in turn, with the workloads' SGD: the documented pairing)."""
+    from lossbalance import LossBalancer
+
+    options: dict = {"weights": w.weights} if strategy == "static" else {}
+    if combine is not None:
+        options["combine"] = combine
+    lb = LossBalancer(w.optimizer, strategy, **options)
+
+    def step():
+        return lb.step(w.losses())
+
+    step.balancer = lb  # type: ignore[attr-defined]
+    return step
+
+
+VARIANTS["famo"] = (one_backward, {"strategy": "famo"})
+VARIANTS["mconfig"] = (one_backward, {"combine": "mconfig"})
+
+
 def variant(w: Workload, name: str) -> Callable[[], object]:
     factory, options = VARIANTS[name]
     return factory(w, **options)

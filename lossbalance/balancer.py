@@ -617,8 +617,9 @@ class LossBalancer:
         )
         layout = self._engine.layout
         flat = torch.cat([(z if g is None else g).reshape(-1) for g, z in zip(result.direction.grads, layout.zeros)])
-        step = self.combiner.step(batch.names, i, flat, weights)
-        return Direction(list(layout.views(step)), result.direction.others), result.values
+        step = self.combiner.step(batch.names, i, flat, weights, [g is not None for g in result.direction.grads])
+        hits = self.combiner.reached(batch.names, len(layout.zeros))
+        return Direction([v if hit else None for v, hit in zip(layout.views(step), hits)], result.direction.others), result.values
 
     def _direction(self, weights: Tensor, stats: GradStats) -> Tensor:
         assert stats.gradients is not None

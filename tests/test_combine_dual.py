@@ -133,7 +133,7 @@ def test_upgrad_matches_torchjd(g):
 @SETTINGS
 @given(matrices(dtypes=(torch.float32,)))
 def test_upgrad_matches_torchjd_float32(g):
-    # torchjd forms the Gramian in float32; here it is float64: agreement to float32 accuracy
+    # both form the Gramian in float32 (one matmul); the QP here is solved in float64
     torchjd = pytest.importorskip("torchjd.aggregation")
     ours = UPGrad()(g)
     assert ours.dtype == torch.float32
@@ -201,14 +201,51 @@ def test_upgrad_edge_cases():
 
 
 def test_upgrad_options_and_validation():
-    assert repr(UPGrad()) == "UPGrad(reg_eps=0.0001, norm_eps=0.0001, double=True)"
-    assert UPGrad(**UPGrad(reg_eps=1e-6).options()).options() == {"reg_eps": 1e-6, "norm_eps": 1e-4, "double": True}
+    assert repr(UPGrad()) == "UPGrad(reg_eps=0.0001, norm_eps=0.0001, double=False)"
+    assert UPGrad(**UPGrad(reg_eps=1e-6).options()).options() == {"reg_eps": 1e-6, "norm_eps": 1e-4, "double": False}
     with pytest.raises(ValueError, match="reg_eps must be a positive"):
         UPGrad(reg_eps=0.0)
     with pytest.raises(ValueError, match="norm_eps must be >= 0"):
         UPGrad(norm_eps=-1.0)
     g = torch.tensor([[1.0, 0.0], [-1.0, 1.0], [0.5, -2.0]])
-    torch.testing.assert_close(UPGrad(double=False)(g), UPGrad()(g), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(UPGrad(double=True)(g), UPGrad()(g), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The float32 Gramian of UPGrad and MGDA (one matmul, as torchjd) against float64 references
+
+
+@SETTINGS
+@given(matrices(dtypes=(torch.float32,)))
+def test_float32_gramian_matches_the_float64_naive_references(g):
+    exact = g.to(F64)  # the same numbers, every product exact in the references' float64
+    close(UPGrad(norm_eps=0.0)(g), naive_upgrad(exact, 1e-4), g, 1e-5)
+    if g.shape[0] <= 5:
+        close(MGDA()(g), naive_mgda(exact), g, 1e-5)
+
+
+@pytest.mark.parametrize("combiner", [UPGrad(norm_eps=0.0), MGDA()], ids=["upgrad", "mgda"])
+def test_float32_gramian_at_many_parameters(combiner):
+    # P = 200 000: the float32 sums of the Gramian against the float64 path (itself checked against
+    # the naive references above), ||d32 - d64|| relative to ||J||_F
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(8, 200_000, generator=gen)
+    g[1:] -= 0.5 * g[0]
+    g[2] *= 1e-2
+    ours, reference = combiner(g), combiner(g.to(F64))
+    assert ours.dtype == torch.float32
+    assert float(torch.linalg.vector_norm(ours.to(F64) - reference)) <= 1e-5 * float(torch.linalg.vector_norm(g.to(F64)))
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+@pytest.mark.parametrize("combiner", [UPGrad(norm_eps=0.0), MGDA()], ids=["upgrad", "mgda"])
+def test_float32_gramian_out_of_range_is_formed_from_scaled_rows(combiner, scale):
+    # the squares of 1e-30 underflow and those of 1e30 overflow in float32: the Gramian is formed
+    # again from unit rows, and both combiners are positively homogeneous in J
+    g = torch.tensor([[1.0, 0.0, 2.0], [-1.0, 1.0, 0.5], [0.5, -2.0, 1.0]])
+    out = combiner(g * scale)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.to(F64) / scale, combiner(g).to(F64), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,7 +333,7 @@ def test_mgda_edge_cases_and_options():
     bad = torch.ones(2, 3, dtype=F64)
     bad[1, 0] = float("inf")
     assert torch.isnan(MGDA()(bad)).all()
-    assert repr(MGDA()) == "MGDA(reg_eps=1e-12, double=True)"
+    assert repr(MGDA()) == "MGDA(reg_eps=1e-12, double=False)"
     with pytest.raises(ValueError, match="reg_eps"):
         MGDA(reg_eps=-1.0)
     assert set(available_combiners()) >= {"upgrad", "mgda", "dcgd"}

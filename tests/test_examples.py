@@ -17,6 +17,7 @@ QUIET = ["--workers", "1", "--progress", "none", "--eval-n", "12"]
 ARGS = {
     "helmholtz_wang2021": ["--steps", "12", "--seeds", "0", "--no-plots", *QUIET],
     "burgers": ["--steps", "12", "--no-plots", *QUIET],
+    "burgers_config": ["--steps", "6", "--seeds", "0", "--eval-every", "3"],
     "adam_then_lbfgs": ["--steps", "12", "--lbfgs-steps", "2", "--max-iter", "4", "--lbfgs-points", "32",
                         "--eval-n", "12"],
     "inverse_problem": ["--steps", "600"],
@@ -76,6 +77,13 @@ def test_example_runs(name, capsys):
         header = next(line for line in out.splitlines() if line.startswith("combine"))
         assert [c.strip() for c in header.split("|")] == [
             "combine", "loss a", "loss b", "conflict (last)", "conflicting steps", "wall time"]
+        return
+    if name == "burgers_config":
+        assert [(r["method"], r["seed"]) for r in result] == [("adam", 0), ("config", 0), ("mconfig", 0)]
+        for r in result:
+            assert [step for step, _ in r["history"]] == [0, 3, 6] and r["best"] <= r["final"]
+            assert math.isfinite(r["best"]) and r["best"] == min(e for _, e in r["history"])
+        assert "published" in out and "mconfig" in out
         return
     if name == "gradient_penalty":
         assert list(result) == [

@@ -201,3 +201,24 @@ def test_a_skipped_step_leaves_the_momenta_alone() -> None:
     for name in before["momenta"]:
         assert torch.equal(before["momenta"][name], after["momenta"][name])
     assert torch.equal(before["v"], after["v"])
+
+
+# ----------------------------------------------------------------------------- .grad where no term reaches
+def test_parameters_no_term_reaches_keep_grad_none() -> None:
+    """The library's contract (zeros would let AdamW's or SGD's weight decay move them). The output
+    bias, which the "pde" term does not reach but the boundary terms do, has no gradient on step 0
+    (only "pde" has a momentum) and one on every later step, "pde" steps included: the direction
+    comes from every term's momentum."""
+    model, losses = tiny_pinn(7)
+    unused = torch.nn.Parameter(torch.ones(3))
+    params = [*model.parameters(), unused]
+    balancer = LossBalancer(torch.optim.SGD(params, lr=1e-2, weight_decay=0.1), "static", combine="mconfig")
+    bias = list(model.parameters())[-1]
+    for step in range(7):
+        balancer.step(losses())
+        assert unused.grad is None, step
+        assert (bias.grad is not None) == (step > 0), step
+    assert torch.equal(unused.detach(), torch.ones(3))
+    balancer.zero_grad()
+    balancer.loss(losses()).backward()
+    assert unused.grad is None

@@ -49,11 +49,15 @@ Conventions shared by every combiner here:
 
 - The input is not modified and no autograd graph is recorded (combiners run under
   ``torch.no_grad()``); the output has the input's dtype and device.
-- PCGrad, ConFIG, UPGrad, MGDA and DCGD compute in float64 by default (``double=True``; float32 on devices without
+- PCGrad, ConFIG and DCGD compute in float64 by default (``double=True``; float32 on devices without
   float64 such as MPS) and cast the result back, so gradients from ``1e-30`` to ``1e30`` in
   float32 neither underflow nor overflow in the inner products. Float64 input (and float32 with
   ``double=False``) is divided row by row by its largest entry before the unit vectors are
   formed, which keeps even rows near the ends of the float64 exponent range finite.
+- UPGrad and MGDA form the Gramian ``J J^T`` as one matmul in the input dtype (``double=False``
+  by default, as torchjd: a float64 copy of a large float32 matrix cost more than the rest),
+  solve their K x K problem in float64, and form the Gramian again from scaled unit rows only
+  where the input-dtype one overflowed or underflowed: the same range as above.
 - A zero gradient (a term that does not reach the parameters, or a zero loss) never produces
   NaN: PCGrad does not project onto it, ConFIG ignores it.
 - Non-finite input gives non-finite output (as the plain sum would); nothing raises.

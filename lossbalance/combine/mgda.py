@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .base import Combiner, check_grads, register
-from .numerics import compute_dtype, nonnegative_qp, normalized_gramian
+from .numerics import compute_dtype, nonnegative_qp, normalized_gramian, ridged
 
 __all__ = ["MGDA"]
 
@@ -30,7 +30,8 @@ class MGDA(Combiner):
     Pareto-stationary point). ``d . g_j >= ||d||^2 >= 0`` for every row (the optimality
     condition), so it never conflicts with any term.
 
-    The simplex problem is solved exactly through the equivalent non-negative problem
+    The simplex problem is solved exactly (two rows: in closed form on the segment) through the
+    equivalent non-negative problem
     ``beta = argmin_{beta >= 0} beta^T A beta - 2 sum(beta)``, ``alpha = beta / sum(beta)``
     (both have the KKT conditions ``(A alpha)_j >= lambda`` with equality on the support), with
     ``A = G / tr(G) + reg_eps I`` positive definite, by the active-set method of
@@ -49,12 +50,18 @@ class MGDA(Combiner):
     ``reg_eps``
         Ridge on the trace-normalised Gramian (default ``1e-12``, must be positive), see above.
     ``double``
-        Form the Gramian and the update in float64 (default) and return the input dtype.
+        Form the Gramian and the update in float64 and return the input dtype (default
+        ``False``: one matmul ``J J^T`` in the input dtype, at least float32, as torchjd; the
+        simplex problem is solved in float64 either way). A float32 Gramian of nearly dependent
+        rows can be indefinite by rounding (about ``1e-7 tr(G)``), more than the ridge: then the
+        ridge is raised until ``A`` is positive definite
+        (:func:`~lossbalance.combine.numerics.ridged`), which bounds ``||d - d*||`` by about
+        ``sqrt(1e-7) ||J||_F`` in the worst case (typically ``1e-7``, tested).
     """
 
     name = "mgda"
 
-    def __init__(self, *, reg_eps: float = 1e-12, double: bool = True):
+    def __init__(self, *, reg_eps: float = 1e-12, double: bool = False):
         if not (reg_eps > 0 and math.isfinite(reg_eps)):
             raise ValueError(f"reg_eps must be a positive number (the ridge that makes the QP strictly convex), got {reg_eps}")
         self.reg_eps = float(reg_eps)
@@ -75,7 +82,10 @@ class MGDA(Combiner):
         a = gram.to("cpu", torch.float64)
         if not bool(torch.isfinite(a).all()):
             return torch.full((k,), math.nan, dtype=torch.float64), basis, factors
-        beta = nonnegative_qp(a + self.reg_eps * torch.eye(k, dtype=torch.float64), -torch.ones(1, k, dtype=torch.float64))[0]
+        a = ridged(a, self.reg_eps)
+        if k == 2:
+            return _segment(a), basis, factors
+        beta = nonnegative_qp(a, -torch.ones(1, k, dtype=torch.float64))[0]
         return beta / beta.sum(), basis, factors
 
     def __call__(self, grads: Tensor, /, *, generator: torch.Generator | None = None) -> Tensor:
@@ -86,3 +96,13 @@ class MGDA(Combiner):
                 return grads.new_zeros(p)
             alpha, basis, factors = self._solve(grads)
             return ((alpha.to(basis.device, basis.dtype) * factors) @ basis).to(grads.dtype)
+
+
+def _segment(a: Tensor) -> Tensor:
+    """The minimiser of ``alpha^T A alpha`` on the segment ``alpha = (t, 1 - t)``, ``t in [0, 1]``
+    (Sener & Koltun 2018, Algorithm 1): ``t = (A_22 - A_12) / (A_11 + A_22 - 2 A_12)`` clipped,
+    the denominator ``(e_1 - e_2)^T A (e_1 - e_2) > 0`` for a positive definite ``A``; on Python
+    floats (two terms need no active set)."""
+    (a11, a12), (_, a22) = a.tolist()
+    t = min(max((a22 - a12) / (a11 + a22 - 2.0 * a12), 0.0), 1.0)
+    return torch.tensor([t, 1.0 - t], dtype=torch.float64)

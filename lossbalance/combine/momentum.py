@@ -54,7 +54,10 @@ class MomentumConFIG(Combiner):
     all-gradients use of the operator.
 
     Options: ``beta1 = 0.9``, ``beta2 = 0.999``, ``eps = 1e-8`` (the authors' defaults).
-    ``state_dict`` holds the momenta, counts, ``mu``, ``v`` and ``s``: saved with the balancer's
+    Parameters that no present term's gradient reaches (when it was last differentiated) get
+    ``.grad = None``, as with every other combiner, not zeros (:meth:`reached`).
+
+    ``state_dict`` holds the momenta, counts, reach, ``mu``, ``v`` and ``s``: saved with the balancer's
     state, a resumed run continues bit for bit.
     """
 
@@ -75,6 +78,7 @@ class MomentumConFIG(Combiner):
         self.momenta: dict[str, Tensor] = {}
         self.counts: dict[str, int] = {}
         self.last: dict[str, int] = {}  # the tick at which each term was last differentiated
+        self.reach: dict[str, tuple[bool, ...]] = {}  # per term: the parameters its last gradient reached
         self.tick = 0
         self.steps = 0  # s: combined steps since every term had a momentum
         self._mu: Tensor | None = None
@@ -111,12 +115,30 @@ class MomentumConFIG(Combiner):
         v_hat = self._v / (1 - b2**self.steps)
         return g / (v_hat.sqrt() + self.eps)
 
-    def step(self, names: Sequence[str], index: int, grad: Tensor, weights: Tensor) -> Tensor:
+    def step(self, names: Sequence[str], index: int, grad: Tensor, weights: Tensor,
+             reached: Sequence[bool] | None = None) -> Tensor:
         """Term ``names[index]`` was differentiated (flat gradient ``grad``); return ``d``.
-        ``weights``: the (K,) weights of ``names``."""
+        ``weights``: the (K,) weights of ``names``; ``reached``: per parameter, whether the term's
+        gradient reached it (see :meth:`reached`)."""
         with torch.no_grad():
             self._remember(names[index], grad.detach())
+            if reached is not None:
+                self.reach[names[index]] = tuple(bool(hit) for hit in reached)
             return self._combined(names, weights.to(grad.dtype), grad)
+
+    def reached(self, names: Sequence[str], count: int) -> list[bool]:
+        """Per parameter (``count`` of them), whether the gradient of any term in ``names`` reached
+        it when last differentiated: ``d`` is zero elsewhere, and there the balancer leaves
+        ``.grad = None``, as for the other combiners (zeros would let weight decay move them). A
+        term never differentiated reaches nothing (it has no momentum); one with a momentum but no
+        record (a state saved before the record existed) counts as reaching every parameter."""
+        hits = [False] * count
+        for name in names:
+            if name in self.reach:
+                hits = [a or b for a, b in zip(hits, self.reach[name])]
+            elif name in self.momenta:
+                return [True] * count
+        return hits
 
     def __call__(self, grads: Tensor, /, *, generator: torch.Generator | None = None) -> Tensor:
         check_grads(grads)
@@ -129,17 +151,17 @@ class MomentumConFIG(Combiner):
     # ------------------------------------------------------------------ state
     def checkpoint(self) -> tuple:
         """A cheap snapshot for undoing a failed step (the tensors are never changed in place)."""
-        return (dict(self.momenta), dict(self.counts), dict(self.last), self.tick, self.steps, self._mu, self._v)
+        return (dict(self.momenta), dict(self.counts), dict(self.last), dict(self.reach), self.tick, self.steps, self._mu, self._v)
 
     def rollback(self, token: tuple) -> None:
-        momenta, counts, last, self.tick, self.steps, self._mu, self._v = token
-        self.momenta, self.counts, self.last = dict(momenta), dict(counts), dict(last)
+        momenta, counts, last, reach, self.tick, self.steps, self._mu, self._v = token
+        self.momenta, self.counts, self.last, self.reach = dict(momenta), dict(counts), dict(last), dict(reach)
 
     def state_dict(self) -> dict[str, Any]:
         clone = lambda t: None if t is None else t.clone()  # noqa: E731
         return {
             "momenta": {n: m.clone() for n, m in self.momenta.items()}, "counts": dict(self.counts),
-            "last": dict(self.last), "tick": self.tick, "steps": self.steps, "mu": clone(self._mu), "v": clone(self._v),
+            "last": dict(self.last), "reach": {n: list(r) for n, r in self.reach.items()}, "tick": self.tick, "steps": self.steps, "mu": clone(self._mu), "v": clone(self._v),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -149,5 +171,6 @@ class MomentumConFIG(Combiner):
         clone = lambda t: None if t is None else t.clone()  # noqa: E731
         self.momenta = {n: m.clone() for n, m in state["momenta"].items()}
         self.counts, self.last = dict(state["counts"]), dict(state["last"])
+        self.reach = {n: tuple(r) for n, r in state.get("reach", {}).items()}
         self.tick, self.steps = int(state["tick"]), int(state["steps"])
         self._mu, self._v = clone(state["mu"]), clone(state["v"])

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from .allen_cahn import AllenCahn1D
 from .base import MLP, Problem, gradient
-from .burgers import Burgers1D
+from .burgers import Burgers1D, BurgersConFIG
 from .helmholtz import Helmholtz2D
 from .klein_gordon import KleinGordon1D
 from .kovasznay import Kovasznay2D
@@ -31,6 +31,7 @@ __all__ = [
     "PROBLEMS",
     "AllenCahn1D",
     "Burgers1D",
+    "BurgersConFIG",
     "Helmholtz2D",
     "KleinGordon1D",
     "Kovasznay2D",
@@ -47,6 +48,7 @@ __all__ = [
 PROBLEMS: dict[str, type[Problem]] = {
     "helmholtz": Helmholtz2D,
     "burgers": Burgers1D,
+    "burgers_config": BurgersConFIG,  # ConFIG's Burgers notebook: fixed LHS points, test MSE
     "poisson": Poisson1D,
     "wave": Wave1D,
     "klein_gordon": KleinGordon1D,

@@ -18,9 +18,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .base import Problem, gradient
+from .base import MLP, Problem, gradient
 
-__all__ = ["Burgers1D"]
+__all__ = ["Burgers1D", "BurgersConFIG", "latin_hypercube"]
 
 _CHUNK = 2048  # points per block in the Cole-Hopf quadrature (block x nodes matrices)
 
@@ -160,3 +160,71 @@ class Burgers1D(Problem):
             "ic": (self._outputs(model, x_ic) - ic_target).square().mean(),
             "bc": self._outputs(model, batch["bc"]).square().mean(),
         }
+
+
+def latin_hypercube(n: int, lower: Tensor, upper: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """``n`` Latin-hypercube points in the box ``[lower, upper]`` (McKay, Beckman & Conover 1979):
+    every coordinate has exactly one point in each of its ``n`` equal strata, at a uniform
+    position inside the stratum, the strata of the coordinates paired by independent random
+    permutations. Shape ``(n, d)``, in the dtype and on the device of ``lower``."""
+    d = lower.numel()
+    draw = {"generator": generator, "device": generator.device if generator is not None else lower.device}
+    strata = torch.stack([torch.randperm(n, **draw) for _ in range(d)], dim=1).to(lower.device, lower.dtype)
+    jitter = torch.rand(n, d, dtype=lower.dtype, **draw).to(lower.device)
+    return lower + (upper - lower) * (strata + jitter) / n
+
+
+class BurgersConFIG(Burgers1D):
+    r"""Burgers' equation as set up in ConFIG's published Burgers notebook (fresh Latin-hypercube
+    points every step, MSE on the notebook's grid).
+
+    Liu, Chu & Thuerey, "ConFIG: Towards Conflict-free Training of Physics Informed Neural
+    Networks", ICLR 2025 (arXiv 2408.11104), ``docs/examples/pinn_burgers.ipynb`` of
+    tum-pbs/ConFIG (read): the PDE of :class:`Burgers1D` (``u_t + u u_x = (0.01/pi) u_xx``,
+    ``u(0, x) = -sin(pi x)``, ``u(t, +-1) = 0``). Every :meth:`sample` draws new Latin-hypercube
+    points, as the notebook's samplers do at every step: ``n_residual = 2000`` interior points,
+    ``n_initial = 50`` points ``(0, x)`` and ``n_boundary = 50`` points ``(t, +-1)`` (the first
+    half at ``x = -1``, the rest at ``x = +1``); ``batch_size`` is ignored. The error is the
+    **MSE** (``error_metric = "mse"``) against the Cole-Hopf reference on the notebook's grid,
+    100 ``t`` in ``[0, 1]`` times 256 ``x`` in ``[-1 + 1/256, 1 - 1/256]`` (the notebook compares
+    with a numerical simulation on that grid). ``make_model()`` builds the notebook's network:
+    2 -> 50, then 4 layers 50 -> 50, tanh, -> 1 (five hidden layers of 50), Xavier-normal
+    weights, biases 0.001, and no input normalisation.
+    """
+
+    name = "burgers_config"
+    error_metric = "mse"
+
+    def __init__(self, *, n_residual: int = 2000, n_initial: int = 50, n_boundary: int = 50,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(device=device, dtype=dtype)
+        self.counts = {"pde": int(n_residual), "ic": int(n_initial), "bc": int(n_boundary)}
+        for key, n in self.counts.items():
+            if n < 1:
+                raise ValueError(f"BurgersConFIG: need at least one {key!r} point, got {n}")
+
+    def make_model(self, hidden=(50, 50, 50, 50, 50), *, generator=None, activation=torch.tanh):  # type: ignore[override]
+        """The notebook's network (see the class docstring)."""
+        model = MLP((self.input_dim, *hidden, self.output_dim), activation=activation, generator=generator,
+                    device=self.device, dtype=self.dtype)
+        with torch.no_grad():
+            for linear in model.linears:
+                linear.bias.fill_(0.001)
+        return model
+
+    def _grid_axes(self, n: int | None) -> tuple[Tensor, Tensor]:
+        if n is not None:
+            return super()._grid_axes(n)
+        kw = {"dtype": self.dtype, "device": self.device}
+        return torch.linspace(0.0, 1.0, 100, **kw), torch.linspace(-1.0 + 1 / 256, 1.0 - 1 / 256, 256, **kw)
+
+    def sample(self, batch_size: int = 128, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """New Latin-hypercube points (``batch_size`` is ignored: the notebook's counts)."""
+        lo, hi = self.lower.cpu(), self.upper.cpu()
+        interior = latin_hypercube(self.counts["pde"], lo, hi, generator)
+        x0 = latin_hypercube(self.counts["ic"], lo[1:], hi[1:], generator)
+        n = self.counts["bc"]
+        tb = latin_hypercube(n, lo[:1], hi[:1], generator)
+        xb = torch.where(torch.arange(n) < n // 2, -1.0, 1.0).to(lo.dtype).unsqueeze(-1)
+        points = {"pde": interior, "ic": torch.cat((torch.zeros_like(x0), x0), -1), "bc": torch.cat((tb, xb), -1)}
+        return {key: value.to(self.device) for key, value in points.items()}
