@@ -199,7 +199,7 @@ class RBA:
         init: the multiplier of a new point (0).
     """
 
-    kind = "rba"
+    kind, label = "rba", "RBA"
 
     def __init__(self, gamma: float = 0.999, eta: float = 1e-3, *, init: float = 0.0):
         if not 0 <= gamma < 1:
@@ -222,7 +222,7 @@ class RBA:
                 f"loss term {name!r} has RBA weights, which scale the residuals r_i before squaring: pass "
                 "them as Residual(r, ids=ids, kind='residual') (not the per-point losses r**2)"
             )
-        _check_ids(name, residual, "RBA", "Residual(r, ids=ids, kind='residual')")
+        _check_ids(name, residual, self.label, "Residual(r, ids=ids, kind='residual')")
 
     def reduce(self, r: Tensor, ids: Tensor, state: Mapping[str, Any], update: bool):
         table = _IdTable(state, ids, r)
@@ -236,7 +236,7 @@ class RBA:
         return value, figures, {"kind": self.kind, **table.merged({"lambdas": lam})}
 
     def checked_state(self, name: str, state: Any) -> dict[str, Any]:
-        return {"kind": self.kind, **_checked_table(name, "RBA", state, floats=("lambdas",))}
+        return {"kind": self.kind, **_checked_table(name, self.label, state, floats=("lambdas",))}
 
 
 _MASKS = ("square", "identity", "sigmoid")
@@ -282,7 +282,7 @@ class SAPINN:
     weights are used unchanged.
     """
 
-    kind = "sa_pinn"
+    kind, label = "sa_pinn", "SA-PINN"
 
     def __init__(self, mask: Literal["square", "identity", "sigmoid"] = "square", *, init: float | str = "uniform",
                  scale: float = 1.0, lr: float = 5e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -304,8 +304,8 @@ class SAPINN:
                 "generator": torch.Generator().manual_seed(self.seed).get_state()}
 
     def check(self, name: str, residual: Residual) -> None:
-        _check_ids(name, residual, "SA-PINN", "Residual(values, ids=ids)")
-        _check_nonnegative(name, residual, "SA-PINN")
+        _check_ids(name, residual, self.label, "Residual(values, ids=ids)")
+        _check_nonnegative(name, residual, self.label)
 
     def masked(self, lam: Tensor) -> tuple[Tensor, Tensor]:
         """``m(lambda)`` and ``m'(lambda)``."""
@@ -358,7 +358,7 @@ class SAPINN:
         return {"lambdas": lam, "m": m, "v": v, "steps": steps}
 
     def checked_state(self, name: str, state: Any) -> dict[str, Any]:
-        checked = _checked_table(name, "SA-PINN", state, floats=("lambdas", "m", "v"), ints=("steps",))
+        checked = _checked_table(name, self.label, state, floats=("lambdas", "m", "v"), ints=("steps",))
         generator = state.get("generator")
         try:
             torch.Generator().set_state(generator)
@@ -395,7 +395,7 @@ class BRDR:
     Needs ``ids``; the state keeps every id seen (weights, ``e``, ``last_seen``) and the update count.
     """
 
-    kind = "brdr"
+    kind, label = "brdr", "BRDR"
 
     def __init__(self, beta_c: float = 0.999, beta_w: float = 0.999, *, max_gap: int = 10):
         for label, beta in (("beta_c", beta_c), ("beta_w", beta_w)):
@@ -413,8 +413,8 @@ class BRDR:
                 "r4": torch.zeros(0), "last_seen": torch.zeros(0, dtype=torch.long), "step": 0}
 
     def check(self, name: str, residual: Residual) -> None:
-        _check_ids(name, residual, "BRDR", "Residual(values, ids=ids)")
-        _check_nonnegative(name, residual, "BRDR")
+        _check_ids(name, residual, self.label, "Residual(values, ids=ids)")
+        _check_nonnegative(name, residual, self.label)
 
     def reduce(self, losses: Tensor, ids: Tensor, state: Mapping[str, Any], update: bool):
         table = _IdTable(state, ids, losses)
@@ -433,7 +433,7 @@ class BRDR:
         return (w * losses).mean(), _summary("brdr", w), {"kind": self.kind, **table.merged(rows), "step": step}
 
     def checked_state(self, name: str, state: Any) -> dict[str, Any]:
-        checked = _checked_table(name, "BRDR", state, floats=("weights", "r4"), ints=("last_seen",))
+        checked = _checked_table(name, self.label, state, floats=("weights", "r4"), ints=("last_seen",))
         step = state.get("step")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"corrupt state: the BRDR state of term {name!r} has step {step!r}, not an integer >= 0")

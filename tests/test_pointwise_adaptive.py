@@ -135,7 +135,7 @@ def test_sa_pinn_closed_form_gradient_is_autograds_and_the_ascent_never_lowers_a
     ids = torch.arange(len(rs))
     lam = torch.full((len(rs),), init, dtype=torch.float64, requires_grad=True)
     (expected,) = torch.autograd.grad((MASKS[mask](lam) * r**2).mean(), lam)
-    weight, slope = weighting.masked(lam.detach())
+    _, slope = weighting.masked(lam.detach())
     torch.testing.assert_close(slope * r**2 / len(rs), expected, rtol=1e-12, atol=1e-300)
     _, _, state = weighting.reduce(r**2, ids, weighting.initial_state(), True)
     assert bool((state["lambdas"] >= init).all())
@@ -232,7 +232,7 @@ def test_a_corrupt_saved_table_is_refused_and_changes_nothing(name):
     bad = copy.deepcopy(state)
     column = "lambdas" if name == "sa_pinn" else "weights"
     bad["pointwise"]["pde"][column] = bad["pointwise"]["pde"][column][:-1]
-    with pytest.raises(ValueError, match=f"corrupt state: the .* state of term 'pde'"):
+    with pytest.raises(ValueError, match="corrupt state: the .* state of term 'pde'"):
         balancer.load_state_dict(bad)
     _assert_same_state(balancer.state_dict()["pointwise"]["pde"], before["pde"])
 
