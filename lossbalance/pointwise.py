@@ -334,10 +334,10 @@ class SAPINN:
         the generator's state after the draws."""
         if self.init != "uniform":
             return self.init, generator_state
-        new = ~table.found
-        count = int(new.sum())
+        count = table.new_count
         if count == 0:
             return 0.0, generator_state
+        new = ~table.found
         generator = torch.Generator()
         generator.set_state(generator_state)
         draws = self.scale * torch.rand(count, generator=generator, dtype=torch.float64)
@@ -598,6 +598,7 @@ class _IdTable:
         n = self.known.numel()
         self.pos = torch.searchsorted(self.known, ids).clamp(max=max(n - 1, 0))
         self.found = self.known[self.pos] == ids if n else torch.zeros_like(ids, dtype=torch.bool)
+        self.new_count = int(ids.numel() - self.found.sum()) if n else ids.numel()  # one host read
 
     def column(self, key: str, fresh: Tensor | float) -> Tensor:
         """Column ``key`` for the batch's points: the stored row, ``fresh`` (a number or one value
@@ -605,12 +606,16 @@ class _IdTable:
         stored = self.state[key].to(self.like.device)
         if stored.is_floating_point():
             stored = stored.to(self.like.dtype)
+        if self.new_count == 0:
+            return stored[self.pos]
         fresh = torch.as_tensor(fresh, dtype=stored.dtype, device=stored.device).expand(self.ids.shape)
         return torch.where(self.found, stored[self.pos], fresh) if self.known.numel() else fresh.clone()
 
     def merged(self, rows: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The table with the batch's rows set to ``rows`` (new ids inserted in sorted order);
         the stored tensors are not changed."""
+        if self.new_count == 0:
+            return {"ids": self.known, **{key: self.state[key].to(row).index_put((self.pos,), row) for key, row in rows.items()}}
         new = ~self.found
         ids = torch.cat([self.known, self.ids[new]])
         order = torch.argsort(ids)
