@@ -1,6 +1,7 @@
 r"""Pointwise terms: per-point residual losses (:class:`Residual`), reduced to a scalar by the
-balancer after their pointwise weighting: causal weights (:class:`Causal`) or residual-based
-attention (:class:`RBA`).
+balancer after their pointwise weighting: causal weights (:class:`Causal`), residual-based
+attention (:class:`RBA`), self-adaptive weights (:class:`SAPINN`) or balanced residual decay
+rate weights (:class:`BRDR`).
 
 A term of the loss dict may be a :class:`Residual` instead of a scalar. The balancer reduces it
 to a scalar first (phase ``_pointwise`` of :meth:`LossBalancer._take`), so every strategy,
@@ -10,22 +11,25 @@ pointwise weighting of a term is declared once, on the balancer::
     balancer = LossBalancer(opt, "lra", pointwise={"pde": Causal(chunks=32, eps=[1e-2, 1e-1, 1, 10, 100])})
     balancer.step({"pde": Residual(r**2, t=t), "ic": ic_loss})
 
-and its state (the annealing index of :class:`Causal`, the per-point multipliers of
-:class:`RBA`) lives in the balancer's ``state_dict`` (resumed bit for bit). The state advances
-once per step (not on the re-evaluations of an L-BFGS closure) and only when the step succeeds:
-a failed or skipped step leaves it as it was.
+and its state (the annealing index of :class:`Causal`; the per-point tables of :class:`RBA`,
+:class:`SAPINN` and :class:`BRDR`, keyed by point id) lives in the balancer's ``state_dict``
+(resumed bit for bit). The state advances once per step (not on the re-evaluations of an L-BFGS
+closure) and only when the step succeeds: a failed or skipped step leaves it as it was (a new
+state is built, the stored one is never changed in place).
 
 ``values`` of a :class:`Residual`: with ``kind="loss"`` (default) the per-point losses
 ``l_i >= 0`` (e.g. ``r**2``); with ``kind="residual"`` the residuals ``r_i`` themselves, whose
 per-point loss is ``r_i**2``. :class:`RBA` needs ``kind="residual"`` (its multipliers scale
-``r_i`` before squaring, as in the paper).
+``r_i`` before squaring, as in the paper); :class:`SAPINN` and :class:`BRDR` weight the
+per-point losses and take either kind.
 
 Causal weights: the authors' repository states that the method is covered by a University of
 Pennsylvania patent; this implementation was written from the paper only. Check the licence
 terms that apply to your use.
 
-Distributed runs: the chunks, the causal weights and the RBA multipliers are per process (each
-process weights its own points).
+Distributed runs: the chunks, the causal weights and the per-point tables are per process (each
+process weights its own points; the tables are not averaged, and a checkpoint holds the calling
+process's tables).
 """
 from __future__ import annotations
 
