@@ -600,6 +600,10 @@ class _IdTable:
         self.state, self.ids, self.like = state, ids, like
         self.known = state["ids"].to(ids.device)
         n = self.known.numel()
+        self.same = n == ids.numel() and torch.equal(self.known, ids)  # the whole table, in its order
+        if self.same:
+            self.pos, self.found, self.new_count = None, None, 0
+            return
         self.pos = torch.searchsorted(self.known, ids).clamp(max=max(n - 1, 0))
         self.found = self.known[self.pos] == ids if n else torch.zeros_like(ids, dtype=torch.bool)
         self.new_count = int(ids.numel() - self.found.sum()) if n else ids.numel()  # one host read
@@ -611,13 +615,15 @@ class _IdTable:
         if stored.is_floating_point():
             stored = stored.to(self.like.dtype)
         if self.new_count == 0:
-            return stored[self.pos]
+            return stored if self.same else stored[self.pos]
         fresh = torch.as_tensor(fresh, dtype=stored.dtype, device=stored.device).expand(self.ids.shape)
         return torch.where(self.found, stored[self.pos], fresh) if self.known.numel() else fresh.clone()
 
     def merged(self, rows: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The table with the batch's rows set to ``rows`` (new ids inserted in sorted order);
         the stored tensors are not changed."""
+        if self.same:
+            return {"ids": self.known, **rows}
         if self.new_count == 0:
             return {"ids": self.known, **{key: self.state[key].to(row).index_put((self.pos,), row) for key, row in rows.items()}}
         new = ~self.found
@@ -640,7 +646,9 @@ def _check_ids(name: str, residual: Residual, method: str, usage: str) -> None:
     if residual.ids is None:
         raise ValueError(f"loss term {name!r} has {method} weights: pass stable point ids, {usage}")
     ids = residual.ids
-    if ids.numel() > 1 and bool((torch.sort(ids).values.diff() == 0).any()):
+    if ids.numel() < 2 or bool((ids.diff() > 0).all()):  # sorted and unique: no sort needed
+        return
+    if bool((torch.sort(ids).values.diff() == 0).any()):
         raise ValueError(f"loss term {name!r}: the point ids of its Residual repeat; each point needs its own id")
 
 
