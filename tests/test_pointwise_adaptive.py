@@ -180,6 +180,29 @@ def test_brdr_matches_a_naive_loop_through_gaps_and_new_points(kind):
     assert len(set(state["last_seen"].tolist())) > 1  # some points skipped steps: the gaps were exercised
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.lists(st.floats(0.01, 10), min_size=5, max_size=5), min_size=1, max_size=6), st.floats(0, 0.99))
+def test_brdr_full_batch_weights_keep_mean_one(history, beta_w):
+    """With every point in every batch (d_i = 1), mean_i w_i stays 1: the update moves it by
+    (1 - beta_w) (mean(irdr / mean irdr) - mean w) = (1 - beta_w) (1 - mean w)."""
+    weighting, ids = BRDR(beta_c=0.5, beta_w=beta_w), torch.arange(5)
+    state = weighting.initial_state()
+    for losses in history:
+        _, _, state = weighting.reduce(torch.tensor(losses, dtype=torch.float64), ids, state, True)
+        assert float(state["weights"].mean()) == pytest.approx(1.0, rel=1e-12)
+        assert bool((state["weights"] > 0).all())
+
+
+def test_brdr_up_weights_the_point_whose_residual_decays_slowest():
+    weighting, ids = BRDR(beta_c=0.9, beta_w=0.9), torch.arange(4)
+    state = weighting.initial_state()
+    for k in range(20):  # point 3 stays put, the others decay by 0.7 per step
+        losses = torch.tensor([0.7**k, 2 * 0.7**k, 0.5 * 0.7**k, 1.0], dtype=torch.float64)
+        _, _, state = weighting.reduce(losses, ids, state, True)
+    w = state["weights"]
+    assert float(w[3]) > 1.5 and bool((w[:3] < 1).all())
+
+
 # ---------------------------------------------------------------- checkpoints, for every id-keyed weighting
 WEIGHTINGS = {"sa_pinn": lambda: SAPINN(scale=10.0, lr=0.05), "brdr": lambda: BRDR(max_gap=4), "rba": lambda: RBA(eta=0.1)}
 
