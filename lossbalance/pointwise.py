@@ -195,30 +195,34 @@ class RBA:
     multipliers are kept per point id in the balancer's state, so they follow the points through
     shuffles; a point seen for the first time starts at ``init`` (0, as in the authors' code:
     the multipliers grow towards at most ``eta / (1 - gamma)`` = 1 with the defaults). The
-    state keeps every id seen (it grows with resampling). On calls that do not advance the state
+    state keeps every id seen unless ``forget_after`` is given. On calls that do not advance the state
     (the re-evaluations of an L-BFGS closure) the stored multipliers are used unchanged.
 
     Args:
         gamma: decay (0.999), eta: learning rate (1e-3): the authors' code.
         init: the multiplier of a new point (0).
+        forget_after: ``None`` (default): the table keeps every id seen (it grows with resampling);
+            ``n``: an id not seen in the last ``n`` steps is dropped from the state when a step
+            succeeds (seen again, it starts afresh as a new point).
     """
 
     kind, label = "rba", "RBA"
 
-    def __init__(self, gamma: float = 0.999, eta: float = 1e-3, *, init: float = 0.0):
+    def __init__(self, gamma: float = 0.999, eta: float = 1e-3, *, init: float = 0.0, forget_after: int | None = None):
         if not 0 <= gamma < 1:
             raise ValueError(f"RBA(gamma=...) is in [0, 1), got {gamma!r}")
         if not eta > 0 or not math.isfinite(eta):
             raise ValueError(f"RBA(eta=...) is a positive float, got {eta!r}")
         if not init >= 0 or not math.isfinite(init):
             raise ValueError(f"RBA(init=...) is a float >= 0, got {init!r}")
-        self.gamma, self.eta, self.init = float(gamma), float(eta), float(init)
+        _check_forget(self.label, forget_after)
+        self.gamma, self.eta, self.init, self.forget_after = float(gamma), float(eta), float(init), forget_after
 
     def __repr__(self) -> str:
         return f"RBA(gamma={self.gamma}, eta={self.eta}, init={self.init})"
 
     def initial_state(self) -> dict[str, Any]:
-        return {"kind": self.kind, "ids": torch.zeros(0, dtype=torch.long), "lambdas": torch.zeros(0)}
+        return {"kind": self.kind, **_empty_table(floats=("lambdas",))}
 
     def check(self, name: str, residual: Residual) -> None:
         if residual.kind != "residual":
@@ -237,10 +241,10 @@ class RBA:
         figures = _summary("rba", lam)
         if not update:
             return value, figures, state
-        return value, figures, {"kind": self.kind, **table.merged({"lambdas": lam})}
+        return value, figures, {"kind": self.kind, **_advanced(table, {"lambdas": lam}, state, self.forget_after)}
 
     def checked_state(self, name: str, state: Any) -> dict[str, Any]:
-        return {"kind": self.kind, **_checked_table(name, self.label, state, floats=("lambdas",))}
+        return {"kind": self.kind, **_checked_id_state(name, self.label, state, floats=("lambdas",))}
 
 
 _MASKS = ("square", "identity", "sigmoid")
@@ -277,11 +281,15 @@ class SAPINN:
             uses ``beta1 = 0.99``), ``eps = 1e-8`` (torch's; Keras' is 1e-7, added without bias correction).
         seed: seed of the weighting's own generator for the ``"uniform"`` draws. Its state is part
             of the pointwise state (``state_dict``), so a resumed run draws the same initial weights.
+        forget_after: ``None`` (default): the table keeps every id seen (it grows with resampling);
+            ``n``: an id not seen in the last ``n`` steps is dropped from the state when a step
+            succeeds (seen again, it starts afresh as a new point).
 
     Needs ``ids`` (the weights, Adam's moments and step counts are kept per point id in the
     balancer's state: they follow the points through shuffles and mini-batches; a point seen for
     the first time gets ``init``, drawn in ascending id order, so the same points in another order
-    get the same weights). The state keeps every id seen. ``kind="loss"`` values must be ``>= 0``.
+    get the same weights). The state keeps every id seen unless ``forget_after`` is given.
+    ``kind="loss"`` values must be ``>= 0``.
     On calls that do not advance the state (the re-evaluations of an L-BFGS closure) the stored
     weights are used unchanged.
     """
@@ -290,11 +298,13 @@ class SAPINN:
 
     def __init__(self, mask: Literal["square", "identity", "sigmoid"] = "square", *, init: float | str = "uniform",
                  scale: float = 1.0, lr: float = 5e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 seed: int = 0):
+                 seed: int = 0, forget_after: int | None = None):
         if mask not in _MASKS:
             raise ValueError(f"SAPINN(mask=...) is one of {_MASKS}, got {mask!r}")
         _check_sa_init(init, scale)
         _check_adam(lr, betas, eps)
+        _check_forget(self.label, forget_after)
+        self.forget_after = forget_after
         self.mask, self.init, self.scale = mask, init if init == "uniform" else float(init), float(scale)
         self.lr, self.betas, self.eps, self.seed = float(lr), (float(betas[0]), float(betas[1])), float(eps), int(seed)
 
@@ -302,9 +312,7 @@ class SAPINN:
         return f"SAPINN(mask={self.mask!r}, init={self.init!r}, scale={self.scale}, lr={self.lr}, betas={self.betas})"
 
     def initial_state(self) -> dict[str, Any]:
-        empty = torch.zeros(0)
-        return {"kind": self.kind, "ids": torch.zeros(0, dtype=torch.long), "lambdas": empty, "m": empty,
-                "v": empty, "steps": torch.zeros(0, dtype=torch.long),
+        return {"kind": self.kind, **_empty_table(floats=("lambdas", "m", "v"), ints=("steps",)),
                 "generator": torch.Generator().manual_seed(self.seed).get_state()}
 
     def check(self, name: str, residual: Residual) -> None:
@@ -331,7 +339,7 @@ class SAPINN:
             return value, figures, state
         g = slope * losses.detach() / losses.shape[0]
         rows = self._ascent(lam, g, table.column("m", 0.0), table.column("v", 0.0), table.column("steps", 0))
-        return value, figures, {"kind": self.kind, **table.merged(rows), "generator": generator}
+        return value, figures, {"kind": self.kind, **_advanced(table, rows, state, self.forget_after), "generator": generator}
 
     def _fresh(self, table: _IdTable, generator_state: Tensor) -> tuple[Tensor | float, Tensor]:
         """The initial weights of the batch's new ids (``scale * U(0,1)`` in ascending id order) and
@@ -362,7 +370,7 @@ class SAPINN:
         return {"lambdas": lam, "m": m, "v": v, "steps": steps}
 
     def checked_state(self, name: str, state: Any) -> dict[str, Any]:
-        checked = _checked_table(name, self.label, state, floats=("lambdas", "m", "v"), ints=("steps",))
+        checked = _checked_id_state(name, self.label, state, floats=("lambdas", "m", "v"), ints=("steps",))
         generator = state.get("generator")
         try:
             torch.Generator().set_state(generator)
@@ -395,26 +403,30 @@ class BRDR:
     Args:
         beta_c, beta_w: 0.999, 0.999 (the authors' defaults).
         max_gap: the cap of ``d_i`` (the authors: 10 times the batches per epoch; 10 for full batches).
+        forget_after: ``None`` (default): the table keeps every id seen (it grows with resampling);
+            ``n``: an id not seen in the last ``n`` steps is dropped from the state when a step
+            succeeds (seen again, it starts afresh as a new point).
 
-    Needs ``ids``; the state keeps every id seen (weights, ``e``, ``last_seen``) and the update count.
+    Needs ``ids``; the state keeps the ids seen (weights, ``e``, ``last_seen``; see ``forget_after``)
+    and the update count.
     """
 
     kind, label = "brdr", "BRDR"
 
-    def __init__(self, beta_c: float = 0.999, beta_w: float = 0.999, *, max_gap: int = 10):
+    def __init__(self, beta_c: float = 0.999, beta_w: float = 0.999, *, max_gap: int = 10, forget_after: int | None = None):
         for label, beta in (("beta_c", beta_c), ("beta_w", beta_w)):
             if not 0 <= beta < 1:
                 raise ValueError(f"BRDR({label}=...) is in [0, 1), got {beta!r}")
         if isinstance(max_gap, bool) or not isinstance(max_gap, int) or max_gap < 1:
             raise ValueError(f"BRDR(max_gap=...) is a positive integer, got {max_gap!r}")
-        self.beta_c, self.beta_w, self.max_gap = float(beta_c), float(beta_w), max_gap
+        _check_forget(self.label, forget_after)
+        self.beta_c, self.beta_w, self.max_gap, self.forget_after = float(beta_c), float(beta_w), max_gap, forget_after
 
     def __repr__(self) -> str:
         return f"BRDR(beta_c={self.beta_c}, beta_w={self.beta_w}, max_gap={self.max_gap})"
 
     def initial_state(self) -> dict[str, Any]:
-        return {"kind": self.kind, "ids": torch.zeros(0, dtype=torch.long), "weights": torch.zeros(0),
-                "r4": torch.zeros(0), "last_seen": torch.zeros(0, dtype=torch.long), "step": 0}
+        return {"kind": self.kind, **_empty_table(floats=("weights", "r4"))}
 
     def check(self, name: str, residual: Residual) -> None:
         _check_ids(name, residual, self.label, "Residual(values, ids=ids)")
@@ -433,15 +445,11 @@ class BRDR:
         irdr = l / ((r4 / (1 - self.beta_c**step)).sqrt() + 1e-14)
         balanced = irdr / irdr.mean().clamp(min=torch.finfo(l.dtype).tiny)
         w = w + (1 - torch.pow(l.new_tensor(self.beta_w), gap)) * (balanced - w)
-        rows = {"weights": w, "r4": r4, "last_seen": torch.full_like(gap, step)}
-        return (w * losses).mean(), _summary("brdr", w), {"kind": self.kind, **table.merged(rows), "step": step}
+        new_state = {"kind": self.kind, **_advanced(table, {"weights": w, "r4": r4}, state, self.forget_after)}
+        return (w * losses).mean(), _summary("brdr", w), new_state
 
     def checked_state(self, name: str, state: Any) -> dict[str, Any]:
-        checked = _checked_table(name, self.label, state, floats=("weights", "r4"), ints=("last_seen",))
-        step = state.get("step")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"corrupt state: the BRDR state of term {name!r} has step {step!r}, not an integer >= 0")
-        return {"kind": self.kind, **checked, "step": step}
+        return {"kind": self.kind, **_checked_id_state(name, self.label, state, floats=("weights", "r4"))}
 
 
 Weighting = Causal | RBA | SAPINN | BRDR
@@ -635,6 +643,39 @@ class _IdTable:
         for key, row in rows.items():
             out[key] = torch.cat([self.state[key].to(row), row[new]])[order].index_put(at, row)
         return out
+
+
+def _empty_table(*, floats: Sequence[str], ints: Sequence[str] = ()) -> dict[str, Any]:
+    """A per-id state with no ids yet: the columns, ``last_seen`` and the update count ``step``."""
+    empty = torch.zeros(0, dtype=torch.long)
+    return {"ids": empty, **{k: torch.zeros(0) for k in floats}, **{k: empty for k in ints}, "last_seen": empty, "step": 0}
+
+
+def _advanced(table: _IdTable, rows: Mapping[str, Tensor], state: Mapping[str, Any], forget_after: int | None) -> dict[str, Any]:
+    """The table after a successful step: the batch's ``rows``, seen at this step; with
+    ``forget_after``, the ids not seen in the last ``forget_after`` steps dropped."""
+    step = state["step"] + 1
+    seen = torch.full(table.ids.shape, step, dtype=torch.long, device=table.ids.device)
+    out = table.merged({**rows, "last_seen": seen})
+    if forget_after is not None and not table.same:
+        keep = step - out["last_seen"] < forget_after
+        if not bool(keep.all()):
+            out = {key: column[keep] for key, column in out.items()}
+    return {**out, "step": step}
+
+
+def _checked_id_state(name: str, method: str, state: Any, *, floats: Sequence[str], ints: Sequence[str] = ()) -> dict[str, Any]:
+    """A saved per-id state: its table (with ``last_seen``) and its update count."""
+    checked = _checked_table(name, method, state, floats=floats, ints=(*ints, "last_seen"))
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"corrupt state: the {method} state of term {name!r} has step {step!r}, not an integer >= 0")
+    return {**checked, "step": step}
+
+
+def _check_forget(method: str, forget_after: Any) -> None:
+    if forget_after is not None and (isinstance(forget_after, bool) or not isinstance(forget_after, int) or forget_after < 1):
+        raise ValueError(f"{method}(forget_after=...) is None (keep every id) or a positive integer, got {forget_after!r}")
 
 
 def _summary(prefix: str, x: Tensor) -> dict[str, Tensor]:

@@ -260,6 +260,46 @@ def test_a_corrupt_saved_table_is_refused_and_changes_nothing(name):
     _assert_same_state(balancer.state_dict()["pointwise"]["pde"], before["pde"])
 
 
+# ---------------------------------------------------------------- forget_after: ids not seen for n steps dropped
+FORGETTING = {"sa_pinn": lambda n: SAPINN(scale=10.0, forget_after=n), "brdr": lambda n: BRDR(forget_after=n),
+              "rba": lambda n: RBA(eta=0.1, forget_after=n)}
+COLUMNS = {"sa_pinn": ("lambdas", "m", "v", "steps"), "brdr": ("weights", "r4"), "rba": ("lambdas",)}
+
+
+@pytest.mark.parametrize("name", list(FORGETTING))
+@pytest.mark.parametrize("n", [1, 3])
+def test_forget_after_drops_the_ids_unseen_for_n_steps_and_nothing_else(name, n):
+    """A sliding window of ids (each id in two consecutive batches, never again): the table holds
+    the ids of the last n batches, with the rows of a twin that forgets nothing."""
+    a, b = Problem(), Problem()
+    forgetful = LossBalancer([a.w], "static", pointwise={"pde": FORGETTING[name](n)})
+    keeper = LossBalancer([b.w], "static", pointwise={"pde": FORGETTING[name](None)})
+    windows = [torch.arange(3 * s, 3 * s + 6) for s in range(7)]
+    for s, rows in enumerate(windows):
+        forgetful.backward({"pde": residual(a, rows, "residual")})
+        keeper.backward({"pde": residual(b, rows, "residual")})
+        kept, full = forgetful.state_dict()["pointwise"]["pde"], keeper.state_dict()["pointwise"]["pde"]
+        recent = sorted({int(i) for w in windows[max(0, s - n + 1): s + 1] for i in a.ids[w]})
+        assert kept["ids"].tolist() == recent and kept["step"] == full["step"] == s + 1
+        at = torch.searchsorted(full["ids"], kept["ids"])
+        for key in (*COLUMNS[name], "last_seen"):
+            assert torch.equal(kept[key], full[key][at]), key
+    assert len(full["ids"]) == 24 > len(kept["ids"])
+
+
+def test_a_forgotten_id_comes_back_as_a_new_point():
+    a, b = Problem(), Problem()
+    forgetful = LossBalancer([a.w], "static", pointwise={"pde": RBA(eta=0.1, forget_after=1)})
+    fresh = LossBalancer([b.w], "static", pointwise={"pde": RBA(eta=0.1)})
+    first, second = torch.arange(0, 10), torch.arange(10, 20)
+    for rows in (first, second, first):
+        forgetful.backward({"pde": residual(a, rows, "residual")})
+    fresh.backward({"pde": residual(b, first, "residual")})
+    kept, new = forgetful.state_dict()["pointwise"]["pde"], fresh.state_dict()["pointwise"]["pde"]
+    assert torch.equal(kept["ids"], new["ids"]) and torch.equal(kept["lambdas"], new["lambdas"])
+    assert kept["last_seen"].tolist() == [3] * 10
+
+
 # ---------------------------------------------------------------- wrong inputs change nothing
 def _wrong(problem, case):
     r = problem.r()
@@ -329,6 +369,7 @@ def test_a_skipped_step_and_lbfgs_reevaluations_leave_the_table_alone(name):
     lambda: SAPINN("cube"), lambda: SAPINN(init=-1.0), lambda: SAPINN(init="normal"), lambda: SAPINN(scale=0.0),
     lambda: SAPINN(lr=0.0), lambda: SAPINN(betas=(1.0, 0.9)), lambda: SAPINN(eps=0.0),
     lambda: BRDR(beta_c=1.0), lambda: BRDR(beta_w=-0.1), lambda: BRDR(max_gap=0),
+    lambda: SAPINN(forget_after=0), lambda: BRDR(forget_after=1.5), lambda: RBA(forget_after=True),
 ])
 def test_bad_options_are_refused_when_built(make):
     with pytest.raises(ValueError):
