@@ -281,6 +281,8 @@ class SAPINN:
             uses ``beta1 = 0.99``), ``eps = 1e-8`` (torch's; Keras' is 1e-7, added without bias correction).
         seed: seed of the weighting's own generator for the ``"uniform"`` draws. Its state is part
             of the pointwise state (``state_dict``), so a resumed run draws the same initial weights.
+            Distributed: each process has its own generator, seeded alike (``seed=rank`` for
+            independent draws on processes that hold different points).
         forget_after: ``None`` (default): the table keeps every id seen (it grows with resampling);
             ``n``: an id not seen in the last ``n`` steps is dropped from the state when a step
             succeeds (seen again, it starts afresh as a new point).
