@@ -226,6 +226,36 @@ def loss_path_table(records: list[dict]) -> str:
     return "\n\n".join(parts)
 
 
+POINTWISE = {  # variant: (label, target over the plain step or None)
+    "plain": ("plain step paired with itself (noise)", None),
+    "residual": ("balancer, Residual without weighting (its mean)", None),
+    "causal": ("Causal(chunks=32, eps=1)", 1.05),
+    "rba": ("RBA()", 1.05),
+    "sa_pinn": ("SAPINN() (its Adam ascent included)", None),
+    "brdr": ("BRDR()", None),
+}
+
+
+def pointwise_table(records: list[dict]) -> str:
+    """Pointwise weights on a PINN step against the plain step (``test_pointwise``)."""
+    rows_by_variant = {r["variant"]: r for r in records if r["suite"] == "pointwise"}
+    if not rows_by_variant:
+        return ""
+    table = []
+    for variant, (label, target) in POINTWISE.items():
+        r = rows_by_variant.get(variant)
+        if r is None:
+            continue
+        verdict = "" if target is None else f"<= {target:g} " + ("ok" if r["paired_ratio"] <= target else "MISSED")
+        table.append([label, _fmt(r["baseline_step"] * 1e3), _fmt(r["paired_ratio"]),
+                      f"{_fmt(r['paired_q1'])}-{_fmt(r['paired_q3'])}", verdict])
+    first = next(iter(rows_by_variant.values()))
+    return (f"Pointwise weights (Poisson residual on {first['points']} points with ids and t, a boundary MSE, "
+            f"MLP 2-50-50-50-1 tanh, {first['params']:,} parameters, SGD): a balancer step with the weighting "
+            "against the plain step ``(mean(r^2) + bc).backward()``, rounds of 10 steps.\n\n"
+            + rst_table(["pde term", "plain ms", "ratio", "quartiles", "target"], table))
+
+
 def memory_section(records: list[dict], measure_now: bool) -> str:
     import memory
 
@@ -268,7 +298,7 @@ def render(data: dict, *, measure_memory: bool = False) -> str:
     records = _records(data)
     overhead, ratios = overhead_table(records)
     sections = [header(data, records), overhead, targets_table(ratios), one_backward_table(ratios), scale_tables(records),
-                combiner_table(records), closure_table(records), loss_path_table(records),
+                combiner_table(records), closure_table(records), loss_path_table(records), pointwise_table(records),
                 memory_section(records, measure_memory)]
     return "\n\n".join(s for s in sections if s) + "\n"
 

@@ -3,7 +3,7 @@ from .balancer import LossBalancer
 from .combine import ConFIG, PCGrad, WeightedSum, available_combiners
 from .config import ConfigError, available_presets
 from .gradients import GradientEngine, GradStats
-from .pointwise import RBA, Causal, Residual
+from .pointwise import BRDR, RBA, SAPINN, Causal, Residual
 from .scope import constant_call
 from .strategies import (
     DWA, FAMO, GradNorm, GradNormRatio, LRAnnealing, NTKWeighting, ReLoBRaLo, SoftAdapt, Static, StepRecord, Strategy,
@@ -16,5 +16,5 @@ __all__ = [
     "LossBalancer", "GradientEngine", "GradStats", "StepRecord", "Strategy", "register",
     "available_strategies", "available_combiners", "static_from", "available_presets", "ConfigError", "constant_call",
     "DWA", "FAMO", "GradNorm", "GradNormRatio", "LRAnnealing", "NTKWeighting", "ReLoBRaLo", "SoftAdapt", "Static", "UncertaintyWeighting",
-    "ConFIG", "PCGrad", "WeightedSum", "Residual", "Causal", "RBA", "__version__",
+    "ConFIG", "PCGrad", "WeightedSum", "Residual", "Causal", "RBA", "SAPINN", "BRDR", "__version__",
 ]

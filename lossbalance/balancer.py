@@ -159,7 +159,7 @@ class LossBalancer:
             ``"first"`` (its first appearance; gradient steps check every time anyway, for free)
             or ``"always"`` (a walk of the autograd graph per term and step, also on plain steps).
         seed: seed of the balancer's own random generator (saved in ``state_dict``).
-        pointwise: ``{term: Causal(...) | RBA(...)}``: pointwise weights of terms passed as
+        pointwise: ``{term: Causal(...) | RBA(...) | SAPINN(...) | BRDR(...)}``: pointwise weights of terms passed as
             :class:`~lossbalance.Residual` (per-point losses), reduced to a scalar before the
             strategy sees them; their state is saved in ``state_dict``. See
             :mod:`lossbalance.pointwise`.
@@ -1062,7 +1062,7 @@ class LossBalancer:
         strategy's state); ``generator`` (the random generator's state); ``scaler`` (the
         GradScaler's state or ``None``); ``frozen`` (:meth:`freeze`); ``combiner`` (the
         combiner's state: ``{}`` except for stateful ones such as ``"mconfig"``); ``pointwise``
-        (per term of ``pointwise=``: the causal ``eps_index``, the RBA ``ids`` and ``lambdas``). States of
+        (per term of ``pointwise=``: the causal ``eps_index``; the per-point tables of RBA, SA-PINN and BRDR keyed by point id). States of
         lossbalance 0.1.0 (no ``format``) load too, and states without ``frozen``/``combiner``
         keep the balancer's own (so do terms missing from ``pointwise``).
         """

@@ -41,7 +41,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from .pointwise import RBA, Causal, Pointwise, Reduced, Residual, _checked
+from .pointwise import Causal, Pointwise, Reduced, Residual, _checked
 
 __all__ = ["Trace", "TraceOptions", "exact_trace", "hutchinson_trace", "measure"]
 
@@ -129,8 +129,9 @@ def _residual(name: str, given: Any, pointwise: Pointwise) -> tuple[Tensor, Tens
             f"strategy 'ntk' needs the residuals r_i of loss term {name!r}, got Residual(kind='loss') (per-point "
             "losses r_i**2): pass Residual(r, kind='residual')"
         )
-    if getattr(pointwise.weightings.get(name), "kind", None) == RBA.kind:
-        raise ValueError(f"strategy 'ntk' on loss term {name!r}, which has RBA weights: NTK weights combine with "
+    weighting = pointwise.weightings.get(name)
+    if weighting is not None and not isinstance(weighting, Causal):
+        raise ValueError(f"strategy 'ntk' on loss term {name!r}, which has {weighting.label} weights: NTK weights combine with "
                          "Causal weights only (jaxpi); drop one of them")
     values, t, _ = _checked(name, given)
     return values, t

@@ -1,6 +1,7 @@
 r"""Pointwise terms: per-point residual losses (:class:`Residual`), reduced to a scalar by the
-balancer after their pointwise weighting: causal weights (:class:`Causal`) or residual-based
-attention (:class:`RBA`).
+balancer after their pointwise weighting: causal weights (:class:`Causal`), residual-based
+attention (:class:`RBA`), self-adaptive weights (:class:`SAPINN`) or balanced residual decay
+rate weights (:class:`BRDR`).
 
 A term of the loss dict may be a :class:`Residual` instead of a scalar. The balancer reduces it
 to a scalar first (phase ``_pointwise`` of :meth:`LossBalancer._take`), so every strategy,
@@ -10,22 +11,25 @@ pointwise weighting of a term is declared once, on the balancer::
     balancer = LossBalancer(opt, "lra", pointwise={"pde": Causal(chunks=32, eps=[1e-2, 1e-1, 1, 10, 100])})
     balancer.step({"pde": Residual(r**2, t=t), "ic": ic_loss})
 
-and its state (the annealing index of :class:`Causal`, the per-point multipliers of
-:class:`RBA`) lives in the balancer's ``state_dict`` (resumed bit for bit). The state advances
-once per step (not on the re-evaluations of an L-BFGS closure) and only when the step succeeds:
-a failed or skipped step leaves it as it was.
+and its state (the annealing index of :class:`Causal`; the per-point tables of :class:`RBA`,
+:class:`SAPINN` and :class:`BRDR`, keyed by point id) lives in the balancer's ``state_dict``
+(resumed bit for bit). The state advances once per step (not on the re-evaluations of an L-BFGS
+closure) and only when the step succeeds: a failed or skipped step leaves it as it was (a new
+state is built, the stored one is never changed in place).
 
 ``values`` of a :class:`Residual`: with ``kind="loss"`` (default) the per-point losses
 ``l_i >= 0`` (e.g. ``r**2``); with ``kind="residual"`` the residuals ``r_i`` themselves, whose
 per-point loss is ``r_i**2``. :class:`RBA` needs ``kind="residual"`` (its multipliers scale
-``r_i`` before squaring, as in the paper).
+``r_i`` before squaring, as in the paper); :class:`SAPINN` and :class:`BRDR` weight the
+per-point losses and take either kind.
 
 Causal weights: the authors' repository states that the method is covered by a University of
 Pennsylvania patent; this implementation was written from the paper only. Check the licence
 terms that apply to your use.
 
-Distributed runs: the chunks, the causal weights and the RBA multipliers are per process (each
-process weights its own points).
+Distributed runs: the chunks, the causal weights and the per-point tables are per process (each
+process weights its own points; the tables are not averaged, and a checkpoint holds the calling
+process's tables).
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ from typing import Any, Literal, Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Residual", "Causal", "RBA", "Pointwise"]
+__all__ = ["Residual", "Causal", "RBA", "SAPINN", "BRDR", "Pointwise"]
 
 
 class Residual:
@@ -191,30 +195,34 @@ class RBA:
     multipliers are kept per point id in the balancer's state, so they follow the points through
     shuffles; a point seen for the first time starts at ``init`` (0, as in the authors' code:
     the multipliers grow towards at most ``eta / (1 - gamma)`` = 1 with the defaults). The
-    state keeps every id seen (it grows with resampling). On calls that do not advance the state
+    state keeps every id seen unless ``forget_after`` is given. On calls that do not advance the state
     (the re-evaluations of an L-BFGS closure) the stored multipliers are used unchanged.
 
     Args:
         gamma: decay (0.999), eta: learning rate (1e-3): the authors' code.
         init: the multiplier of a new point (0).
+        forget_after: ``None`` (default): the table keeps every id seen (it grows with resampling);
+            ``n``: an id not seen in the last ``n`` steps is dropped from the state when a step
+            succeeds (seen again, it starts afresh as a new point).
     """
 
-    kind = "rba"
+    kind, label = "rba", "RBA"
 
-    def __init__(self, gamma: float = 0.999, eta: float = 1e-3, *, init: float = 0.0):
+    def __init__(self, gamma: float = 0.999, eta: float = 1e-3, *, init: float = 0.0, forget_after: int | None = None):
         if not 0 <= gamma < 1:
             raise ValueError(f"RBA(gamma=...) is in [0, 1), got {gamma!r}")
         if not eta > 0 or not math.isfinite(eta):
             raise ValueError(f"RBA(eta=...) is a positive float, got {eta!r}")
         if not init >= 0 or not math.isfinite(init):
             raise ValueError(f"RBA(init=...) is a float >= 0, got {init!r}")
-        self.gamma, self.eta, self.init = float(gamma), float(eta), float(init)
+        _check_forget(self.label, forget_after)
+        self.gamma, self.eta, self.init, self.forget_after = float(gamma), float(eta), float(init), forget_after
 
     def __repr__(self) -> str:
         return f"RBA(gamma={self.gamma}, eta={self.eta}, init={self.init})"
 
     def initial_state(self) -> dict[str, Any]:
-        return {"kind": self.kind, "ids": torch.zeros(0, dtype=torch.long), "lambdas": torch.zeros(0)}
+        return {"kind": self.kind, **_empty_table(floats=("lambdas",))}
 
     def check(self, name: str, residual: Residual) -> None:
         if residual.kind != "residual":
@@ -222,41 +230,231 @@ class RBA:
                 f"loss term {name!r} has RBA weights, which scale the residuals r_i before squaring: pass "
                 "them as Residual(r, ids=ids, kind='residual') (not the per-point losses r**2)"
             )
-        if residual.ids is None:
-            raise ValueError(f"loss term {name!r} has RBA weights: pass stable point ids, Residual(r, ids=ids, kind='residual')")
-        ids = residual.ids
-        if ids.numel() > 1 and bool((torch.sort(ids).values.diff() == 0).any()):
-            raise ValueError(f"loss term {name!r}: the point ids of its Residual repeat; each point needs its own id")
+        _check_ids(name, residual, self.label, "Residual(r, ids=ids, kind='residual')")
 
     def reduce(self, r: Tensor, ids: Tensor, state: Mapping[str, Any], update: bool):
-        known, stored = state["ids"].to(ids.device), state["lambdas"].to(device=r.device, dtype=r.dtype)
-        pos = torch.searchsorted(known, ids).clamp(max=max(known.numel() - 1, 0))
-        found = known[pos] == ids if known.numel() else torch.zeros_like(ids, dtype=torch.bool)
-        old = torch.where(found, stored[pos] if known.numel() else r.new_zeros(r.shape), r.new_full(r.shape, self.init))
+        table = _IdTable(state, ids, r)
+        old = table.column("lambdas", self.init)
         a = r.detach().abs()
         lam = self.gamma * old + self.eta * a / a.max().clamp(min=torch.finfo(a.dtype).tiny) if update else old
         value = (lam * r).pow(2).mean()
-        figures = {"rba_mean": lam.mean(), "rba_max": lam.max()}
+        figures = _summary("rba", lam)
         if not update:
             return value, figures, state
-        new_ids = torch.cat([known, ids[~found]])
-        new_lam = torch.cat([stored, lam[~found]])
-        order = torch.argsort(new_ids)
-        new_ids, new_lam = new_ids[order], new_lam[order]
-        new_lam = new_lam.index_put((torch.searchsorted(new_ids, ids),), lam)
-        return value, figures, {"kind": self.kind, "ids": new_ids, "lambdas": new_lam}
+        return value, figures, {"kind": self.kind, **_advanced(table, {"lambdas": lam}, state, self.forget_after)}
 
     def checked_state(self, name: str, state: Any) -> dict[str, Any]:
-        ids = state.get("ids") if isinstance(state, Mapping) else None
-        lam = state.get("lambdas") if isinstance(state, Mapping) else None
-        ok = (isinstance(ids, Tensor) and isinstance(lam, Tensor) and ids.dim() == 1 and lam.dim() == 1
-              and ids.dtype == torch.long and lam.is_floating_point() and ids.shape == lam.shape)
-        if not ok or (ids.numel() > 1 and not bool((ids.diff() > 0).all())):
-            raise ValueError(f"corrupt state: the RBA state of term {name!r} is not sorted unique ids with one multiplier each")
-        return {"kind": self.kind, "ids": ids.clone(), "lambdas": lam.clone()}
+        return {"kind": self.kind, **_checked_id_state(name, self.label, state, floats=("lambdas",))}
 
 
-Weighting = Causal | RBA
+_MASKS = ("square", "identity", "sigmoid")
+
+
+class SAPINN:
+    r"""Self-adaptive weights (McClenny & Braga-Neto 2023, "Self-adaptive physics-informed neural
+    networks", J. Comput. Phys. 474, 111722): one trainable weight ``lambda_i`` per point, the
+    term's value ``mean_i m(lambda_i) l_i`` (``l_i`` the per-point loss, ``r_i**2`` for
+    ``kind="residual"``) with a mask function ``m``, and the weights trained to *maximise* it
+    (the paper's min-max problem ``min_w max_lambda L``) by their own Adam.
+
+    The ascent gradient is taken in closed form from the detached losses (no extra backward):
+    ``g_i = d value / d lambda_i = m'(lambda_i) l_i / N`` (``N`` points in the batch), and one
+    step of Adam (torch's update, ``maximize=True``: ``m_i <- b1 m_i + (1-b1) g_i``,
+    ``v_i <- b2 v_i + (1-b2) g_i^2``, ``lambda_i <- lambda_i + lr/(1-b1^k_i) * m_i / (sqrt(v_i)/sqrt(1-b2^k_i) + eps)``,
+    ``k_i`` the point's own step count) gives the weights of the next step. As in the authors'
+    code (one gradient tape for the network and the weights), a step's value and the network's
+    gradient use the weights as they were before that step's ascent; the ascent is committed
+    with the rest of the pointwise state once the step succeeds. Since ``m' > 0`` and ``l_i >= 0``,
+    ``g_i >= 0``: Adam only moves a weight up, so weights started at ``>= 0`` stay ``>= 0``.
+
+    Args:
+        mask: ``"square"`` (``m = lambda^2``, the authors' code: ``mean((lambda r)^2)``, and Chen
+            et al.'s re-implementation), ``"identity"`` (``m = lambda``, the paper's polynomial
+            mask with ``c = q = 1``) or ``"sigmoid"`` (``m = 1/(1+exp(-lambda))``, bounded; PINA's default).
+        init: a new point's weight: ``"uniform"`` (``scale * U(0,1)``, the paper's initialisation:
+            ``U(0,1)`` on the residual points and ``100 * U(0,1)`` on the initial condition of
+            Allen-Cahn, i.e. ``SAPINN(scale=100)`` on the ``ic`` term) or a float ``>= 0`` (constant:
+            ``100`` on the residual points of the authors' Burgers code).
+        scale: the factor of ``"uniform"``.
+        lr, betas, eps: the weights' Adam; ``lr = 5e-3`` (the authors' code, for the network and
+            the weights alike), ``betas = (0.9, 0.999)`` (their Burgers code; their Allen-Cahn code
+            uses ``beta1 = 0.99``), ``eps = 1e-8`` (torch's; Keras' is 1e-7, added without bias correction).
+        seed: seed of the weighting's own generator for the ``"uniform"`` draws. Its state is part
+            of the pointwise state (``state_dict``), so a resumed run draws the same initial weights.
+            Distributed: each process has its own generator, seeded alike (``seed=rank`` for
+            independent draws on processes that hold different points).
+        forget_after: ``None`` (default): the table keeps every id seen (it grows with resampling);
+            ``n``: an id not seen in the last ``n`` steps is dropped from the state when a step
+            succeeds (seen again, it starts afresh as a new point).
+
+    Needs ``ids`` (the weights, Adam's moments and step counts are kept per point id in the
+    balancer's state: they follow the points through shuffles and mini-batches; a point seen for
+    the first time gets ``init``, drawn in ascending id order, so the same points in another order
+    get the same weights). The state keeps every id seen unless ``forget_after`` is given.
+    ``kind="loss"`` values must be ``>= 0``.
+    On calls that do not advance the state (the re-evaluations of an L-BFGS closure) the stored
+    weights are used unchanged.
+    """
+
+    kind, label = "sa_pinn", "SA-PINN"
+
+    def __init__(self, mask: Literal["square", "identity", "sigmoid"] = "square", *, init: float | str = "uniform",
+                 scale: float = 1.0, lr: float = 5e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 seed: int = 0, forget_after: int | None = None):
+        if mask not in _MASKS:
+            raise ValueError(f"SAPINN(mask=...) is one of {_MASKS}, got {mask!r}")
+        _check_sa_init(init, scale)
+        _check_adam(lr, betas, eps)
+        _check_forget(self.label, forget_after)
+        self.forget_after = forget_after
+        self.mask, self.init, self.scale = mask, init if init == "uniform" else float(init), float(scale)
+        self.lr, self.betas, self.eps, self.seed = float(lr), (float(betas[0]), float(betas[1])), float(eps), int(seed)
+
+    def __repr__(self) -> str:
+        return f"SAPINN(mask={self.mask!r}, init={self.init!r}, scale={self.scale}, lr={self.lr}, betas={self.betas})"
+
+    def initial_state(self) -> dict[str, Any]:
+        return {"kind": self.kind, **_empty_table(floats=("lambdas", "m", "v"), ints=("steps",)),
+                "generator": torch.Generator().manual_seed(self.seed).get_state()}
+
+    def check(self, name: str, residual: Residual) -> None:
+        _check_ids(name, residual, self.label, "Residual(values, ids=ids)")
+        _check_nonnegative(name, residual, self.label)
+
+    def masked(self, lam: Tensor) -> tuple[Tensor, Tensor]:
+        """``m(lambda)`` and ``m'(lambda)``."""
+        if self.mask == "square":
+            return lam * lam, 2 * lam
+        if self.mask == "identity":
+            return lam, torch.ones_like(lam)
+        s = torch.sigmoid(lam)
+        return s, s * (1 - s)
+
+    def reduce(self, losses: Tensor, ids: Tensor, state: Mapping[str, Any], update: bool):
+        table = _IdTable(state, ids, losses)
+        fresh, generator = self._fresh(table, state["generator"])
+        lam = table.column("lambdas", fresh)
+        weight, slope = self.masked(lam)
+        value = (weight * losses).mean()
+        figures = _summary("sa_pinn", lam)
+        if not update:
+            return value, figures, state
+        g = slope * losses.detach() / losses.shape[0]
+        rows = self._ascent(lam, g, table.column("m", 0.0), table.column("v", 0.0), table.column("steps", 0))
+        return value, figures, {"kind": self.kind, **_advanced(table, rows, state, self.forget_after), "generator": generator}
+
+    def _fresh(self, table: _IdTable, generator_state: Tensor) -> tuple[Tensor | float, Tensor]:
+        """The initial weights of the batch's new ids (``scale * U(0,1)`` in ascending id order) and
+        the generator's state after the draws."""
+        if self.init != "uniform":
+            return self.init, generator_state
+        count = table.new_count
+        if count == 0:
+            return 0.0, generator_state
+        new = ~table.found
+        generator = torch.Generator()
+        generator.set_state(generator_state)
+        draws = self.scale * torch.rand(count, generator=generator, dtype=torch.float64)
+        ranked = torch.empty_like(draws).scatter_(0, torch.argsort(table.ids[new].cpu()), draws)
+        fresh = torch.zeros(table.ids.shape, dtype=table.like.dtype, device=table.like.device)
+        fresh[new] = ranked.to(fresh)
+        return fresh, generator.get_state()
+
+    def _ascent(self, lam: Tensor, g: Tensor, m: Tensor, v: Tensor, steps: Tensor) -> dict[str, Tensor]:
+        """One Adam step up the gradient ``g``, per point (torch.optim.Adam's arithmetic, ``maximize=True``)."""
+        b1, b2 = self.betas
+        steps = steps + 1
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        bias1 = 1 - torch.pow(lam.new_tensor(b1), steps)
+        bias2 = 1 - torch.pow(lam.new_tensor(b2), steps)
+        lam = lam + self.lr / bias1 * m / (v.sqrt() / bias2.sqrt() + self.eps)
+        return {"lambdas": lam, "m": m, "v": v, "steps": steps}
+
+    def checked_state(self, name: str, state: Any) -> dict[str, Any]:
+        checked = _checked_id_state(name, self.label, state, floats=("lambdas", "m", "v"), ints=("steps",))
+        generator = state.get("generator")
+        try:
+            torch.Generator().set_state(generator)
+        except (TypeError, RuntimeError) as error:
+            raise ValueError(f"corrupt state: the SA-PINN generator state of term {name!r} cannot be loaded ({error})") from error
+        return {"kind": self.kind, **checked, "generator": generator.clone()}
+
+
+class BRDR:
+    r"""Balanced residual decay rate weights (Chen, Howard & Stinis 2024/2025, "Self-adaptive
+    weights based on balanced residual decay rate for physics-informed neural networks and deep
+    operator networks", arXiv:2407.01613), as in the authors' code (``SAweight.BRDR``): per point,
+    with ``l_i`` the per-point loss (``r_i^2``) and ``k`` the term's update count,
+
+    ``e_i <- e_i + (1 - beta_c^d_i) (l_i^2 - e_i)`` (a moving average of ``r_i^4``),
+    ``irdr_i = l_i / (sqrt(e_i / (1 - beta_c^k)) + 1e-14)`` (the inverse residual decay rate),
+    ``w_i <- w_i + (1 - beta_w^d_i) (irdr_i / mean_j irdr_j - w_i)`` (stop-gradient), then the
+    term's value ``mean_i w_i l_i`` with the updated weights.
+
+    ``d_i = min(k - last_seen_i, max_gap)``: the steps since the point was last seen (1 for a
+    point of every batch), so a point that comes back after a while decays as if it had been
+    updated every step in between (the authors' ``last_seen``, capped at ``intervalMax`` = 10
+    epochs of mini-batches); a new point has ``last_seen = 0``, ``e = 0``, ``w = 1``.
+
+    Not the authors' in two ways: ``mean_j irdr_j`` is over the term's points (theirs pools every
+    BRDR term, i.e. also balances the terms, which here is the strategy's job), and their global
+    scale factor (``lamda``, updated from the total loss and the squared gradient norm, rescaling
+    the gradients: a step-size adaptation, not a pointwise weight) is left out.
+
+    Args:
+        beta_c, beta_w: 0.999, 0.999 (the authors' defaults).
+        max_gap: the cap of ``d_i`` (the authors: 10 times the batches per epoch; 10 for full batches).
+        forget_after: ``None`` (default): the table keeps every id seen (it grows with resampling);
+            ``n``: an id not seen in the last ``n`` steps is dropped from the state when a step
+            succeeds (seen again, it starts afresh as a new point).
+
+    Needs ``ids``; the state keeps the ids seen (weights, ``e``, ``last_seen``; see ``forget_after``)
+    and the update count.
+    """
+
+    kind, label = "brdr", "BRDR"
+
+    def __init__(self, beta_c: float = 0.999, beta_w: float = 0.999, *, max_gap: int = 10, forget_after: int | None = None):
+        for label, beta in (("beta_c", beta_c), ("beta_w", beta_w)):
+            if not 0 <= beta < 1:
+                raise ValueError(f"BRDR({label}=...) is in [0, 1), got {beta!r}")
+        if isinstance(max_gap, bool) or not isinstance(max_gap, int) or max_gap < 1:
+            raise ValueError(f"BRDR(max_gap=...) is a positive integer, got {max_gap!r}")
+        _check_forget(self.label, forget_after)
+        self.beta_c, self.beta_w, self.max_gap, self.forget_after = float(beta_c), float(beta_w), max_gap, forget_after
+
+    def __repr__(self) -> str:
+        return f"BRDR(beta_c={self.beta_c}, beta_w={self.beta_w}, max_gap={self.max_gap})"
+
+    def initial_state(self) -> dict[str, Any]:
+        return {"kind": self.kind, **_empty_table(floats=("weights", "r4"))}
+
+    def check(self, name: str, residual: Residual) -> None:
+        _check_ids(name, residual, self.label, "Residual(values, ids=ids)")
+        _check_nonnegative(name, residual, self.label)
+
+    def reduce(self, losses: Tensor, ids: Tensor, state: Mapping[str, Any], update: bool):
+        table = _IdTable(state, ids, losses)
+        w = table.column("weights", 1.0)
+        if not update:
+            return (w * losses).mean(), _summary("brdr", w), state
+        step = state["step"] + 1
+        gap = (step - table.column("last_seen", 0)).clamp(max=self.max_gap)
+        l = losses.detach()
+        r4 = table.column("r4", 0.0)
+        r4 = r4 + (1 - torch.pow(l.new_tensor(self.beta_c), gap)) * (l * l - r4)
+        irdr = l / ((r4 / (1 - self.beta_c**step)).sqrt() + 1e-14)
+        balanced = irdr / irdr.mean().clamp(min=torch.finfo(l.dtype).tiny)
+        w = w + (1 - torch.pow(l.new_tensor(self.beta_w), gap)) * (balanced - w)
+        new_state = {"kind": self.kind, **_advanced(table, {"weights": w, "r4": r4}, state, self.forget_after)}
+        return (w * losses).mean(), _summary("brdr", w), new_state
+
+    def checked_state(self, name: str, state: Any) -> dict[str, Any]:
+        return {"kind": self.kind, **_checked_id_state(name, self.label, state, floats=("weights", "r4"))}
+
+
+Weighting = Causal | RBA | SAPINN | BRDR
 
 
 class Reduced(NamedTuple):
@@ -270,15 +468,17 @@ class Reduced(NamedTuple):
 
 
 class Pointwise:
-    """The balancer's pointwise weightings ``{term: Causal | RBA}`` and their state."""
+    """The balancer's pointwise weightings ``{term: Causal | RBA | SAPINN | BRDR}`` and their state."""
 
     def __init__(self, weightings: Mapping[str, Weighting] | None):
         weightings = dict(weightings or {})
         for name, w in weightings.items():
             if not isinstance(name, str):
-                raise TypeError(f"pointwise= maps term names to Causal(...) or RBA(...); got the key {name!r}")
-            if not isinstance(w, (Causal, RBA)):
-                raise TypeError(f"pointwise[{name!r}] is a Causal(...) or RBA(...), got {type(w).__name__}")
+                raise TypeError(f"pointwise= maps term names to Causal(...), RBA(...), SAPINN(...) or BRDR(...); "
+                                f"got the key {name!r}")
+            if not isinstance(w, (Causal, RBA, SAPINN, BRDR)):
+                raise TypeError(f"pointwise[{name!r}] is a Causal(...), RBA(...), SAPINN(...) or BRDR(...), "
+                                f"got {type(w).__name__}")
         self.weightings = weightings
         self.state = {name: w.initial_state() for name, w in weightings.items()}
 
@@ -297,23 +497,28 @@ class Pointwise:
             return Reduced(losses, {}, {}, losses)
         out, figures, state = dict(losses), {}, {}
         for name, term in losses.items():
-            if not isinstance(term, Residual):
-                continue
-            values, t, ids = _checked(name, term)
-            weighting = self.weightings.get(name)
-            if weighting is None:
-                per_point = values.pow(2) if term.kind == "residual" else values
-                out[name] = per_point.mean() if term.reduction == "mean" else per_point.sum()
-                continue
-            if term.reduction != "mean":
-                raise ValueError(f"loss term {name!r} has pointwise weights, which define their own mean: use Residual(reduction='mean')")
-            weighting.check(name, term)
-            if isinstance(weighting, Causal):
-                per_point = values.pow(2) if term.kind == "residual" else values
-                out[name], figures[name], state[name] = weighting.reduce(per_point, t, self.state[name], update)
-            else:
-                out[name], figures[name], state[name] = weighting.reduce(values, ids, self.state[name], update)
+            if isinstance(term, Residual):
+                out[name], weighted = self._reduce_term(name, term, update)
+                if weighted is not None:
+                    figures[name], state[name] = weighted
         return Reduced(out, figures, state, losses)
+
+    def _reduce_term(self, name: str, term: Residual, update: bool):
+        """One Residual term: its value and, when it has a pointwise weighting, (figures, new state)."""
+        values, t, ids = _checked(name, term)
+        per_point = values.pow(2) if term.kind == "residual" else values
+        weighting = self.weightings.get(name)
+        if weighting is None:
+            return (per_point.mean() if term.reduction == "mean" else per_point.sum()), None
+        if term.reduction != "mean":
+            raise ValueError(f"loss term {name!r} has pointwise weights, which define their own mean: use Residual(reduction='mean')")
+        weighting.check(name, term)
+        if isinstance(weighting, Causal):
+            args = (per_point, t)
+        else:  # RBA scales the residuals; SA-PINN and BRDR weight the per-point losses
+            args = (values if isinstance(weighting, RBA) else per_point, ids)
+        value, figures, state = weighting.reduce(*args, self.state[name], update)
+        return value, (figures, state)
 
     def commit(self, state: Mapping[str, dict[str, Any]]) -> None:
         self.state = {**self.state, **state}
@@ -395,3 +600,141 @@ def _checked_companion(name: str, label: str, x: Any, values: Tensor) -> Tensor 
     if x.device != values.device:
         raise ValueError(f"loss term {name!r}: Residual {label} is on {x.device}, its values on {values.device}")
     return x.long() if label == "ids" else x
+
+
+class _IdTable:
+    """A term's per-point state (``state["ids"]``: sorted unique ids, one row of every column
+    each) looked up for a batch's ``ids``: the stored rows of the ids found, new ids marked."""
+
+    def __init__(self, state: Mapping[str, Any], ids: Tensor, like: Tensor):
+        self.state, self.ids, self.like = state, ids, like
+        self.known = state["ids"].to(ids.device)
+        n = self.known.numel()
+        self.same = n == ids.numel() and torch.equal(self.known, ids)  # the whole table, in its order
+        if self.same:
+            self.pos, self.found, self.new_count = None, None, 0
+            return
+        self.pos = torch.searchsorted(self.known, ids).clamp(max=max(n - 1, 0))
+        self.found = self.known[self.pos] == ids if n else torch.zeros_like(ids, dtype=torch.bool)
+        self.new_count = int(ids.numel() - self.found.sum()) if n else ids.numel()  # one host read
+
+    def column(self, key: str, fresh: Tensor | float) -> Tensor:
+        """Column ``key`` for the batch's points: the stored row, ``fresh`` (a number or one value
+        per point) for a new id. Float columns in the dtype of ``like``."""
+        stored = self.state[key].to(self.like.device)
+        if stored.is_floating_point():
+            stored = stored.to(self.like.dtype)
+        if self.new_count == 0:
+            return stored if self.same else stored[self.pos]
+        fresh = torch.as_tensor(fresh, dtype=stored.dtype, device=stored.device).expand(self.ids.shape)
+        return torch.where(self.found, stored[self.pos], fresh) if self.known.numel() else fresh.clone()
+
+    def merged(self, rows: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The table with the batch's rows set to ``rows`` (new ids inserted in sorted order);
+        the stored tensors are not changed."""
+        if self.same:
+            return {"ids": self.known, **rows}
+        if self.new_count == 0:
+            return {"ids": self.known, **{key: self.state[key].to(row).index_put((self.pos,), row) for key, row in rows.items()}}
+        new = ~self.found
+        ids = torch.cat([self.known, self.ids[new]])
+        order = torch.argsort(ids)
+        ids = ids[order]
+        at = (torch.searchsorted(ids, self.ids),)
+        out = {"ids": ids}
+        for key, row in rows.items():
+            out[key] = torch.cat([self.state[key].to(row), row[new]])[order].index_put(at, row)
+        return out
+
+
+def _empty_table(*, floats: Sequence[str], ints: Sequence[str] = ()) -> dict[str, Any]:
+    """A per-id state with no ids yet: the columns, ``last_seen`` and the update count ``step``."""
+    empty = torch.zeros(0, dtype=torch.long)
+    return {"ids": empty, **{k: torch.zeros(0) for k in floats}, **{k: empty for k in ints}, "last_seen": empty, "step": 0}
+
+
+def _advanced(table: _IdTable, rows: Mapping[str, Tensor], state: Mapping[str, Any], forget_after: int | None) -> dict[str, Any]:
+    """The table after a successful step: the batch's ``rows``, seen at this step; with
+    ``forget_after``, the ids not seen in the last ``forget_after`` steps dropped."""
+    step = state["step"] + 1
+    seen = torch.full(table.ids.shape, step, dtype=torch.long, device=table.ids.device)
+    out = table.merged({**rows, "last_seen": seen})
+    if forget_after is not None and not table.same:
+        keep = step - out["last_seen"] < forget_after
+        if not bool(keep.all()):
+            out = {key: column[keep] for key, column in out.items()}
+    return {**out, "step": step}
+
+
+def _checked_id_state(name: str, method: str, state: Any, *, floats: Sequence[str], ints: Sequence[str] = ()) -> dict[str, Any]:
+    """A saved per-id state: its table (with ``last_seen``) and its update count."""
+    checked = _checked_table(name, method, state, floats=floats, ints=(*ints, "last_seen"))
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"corrupt state: the {method} state of term {name!r} has step {step!r}, not an integer >= 0")
+    return {**checked, "step": step}
+
+
+def _check_forget(method: str, forget_after: Any) -> None:
+    if forget_after is not None and (isinstance(forget_after, bool) or not isinstance(forget_after, int) or forget_after < 1):
+        raise ValueError(f"{method}(forget_after=...) is None (keep every id) or a positive integer, got {forget_after!r}")
+
+
+def _summary(prefix: str, x: Tensor) -> dict[str, Tensor]:
+    """The batch's per-point weights for ``stats``: min, mean, max."""
+    return {f"{prefix}_min": x.min(), f"{prefix}_mean": x.mean(), f"{prefix}_max": x.max()}
+
+
+def _check_ids(name: str, residual: Residual, method: str, usage: str) -> None:
+    if residual.ids is None:
+        raise ValueError(f"loss term {name!r} has {method} weights: pass stable point ids, {usage}")
+    ids = residual.ids
+    if ids.numel() < 2 or bool((ids.diff() > 0).all()):  # sorted and unique: no sort needed
+        return
+    if bool((torch.sort(ids).values.diff() == 0).any()):
+        raise ValueError(f"loss term {name!r}: the point ids of its Residual repeat; each point needs its own id")
+
+
+def _check_nonnegative(name: str, residual: Residual, method: str) -> None:
+    """Per-point losses (``kind="loss"``) must be >= 0: the weights rise with them."""
+    if residual.kind == "loss" and bool((residual.values.detach() < 0).any()):
+        raise ValueError(f"loss term {name!r} has {method} weights and negative per-point losses: pass losses "
+                         "l_i >= 0 (e.g. r**2), or the residuals themselves with Residual(r, ids=ids, kind='residual')")
+
+
+def _checked_table(name: str, method: str, state: Any, *, floats: Sequence[str], ints: Sequence[str] = ()) -> dict[str, Tensor]:
+    """A saved per-point table: sorted unique long ``ids`` and one row per id in every column (cloned)."""
+    state = state if isinstance(state, Mapping) else {}
+    ids, columns = state.get("ids"), {key: state.get(key) for key in (*floats, *ints)}
+    if not _table_ok(ids, columns, floats, ints):
+        raise ValueError(f"corrupt state: the {method} state of term {name!r} is not sorted unique ids with one "
+                         f"row of {', '.join(columns)} each")
+    return {"ids": ids.clone(), **{key: c.clone() for key, c in columns.items()}}
+
+
+def _table_ok(ids: Any, columns: Mapping[str, Any], floats: Sequence[str], ints: Sequence[str]) -> bool:
+    tensors = [ids, *columns.values()]
+    if not all(isinstance(x, Tensor) for x in tensors) or ids.dim() != 1:
+        return False
+    if any(c.shape != ids.shape for c in columns.values()):
+        return False
+    dtypes = [ids.dtype == torch.long] + [columns[k].is_floating_point() for k in floats]
+    dtypes += [columns[k].dtype == torch.long for k in ints]
+    return all(dtypes) and (ids.numel() < 2 or bool((ids.diff() > 0).all()))
+
+
+def _check_sa_init(init: Any, scale: Any) -> None:
+    if init != "uniform" and (isinstance(init, (bool, str)) or not isinstance(init, (int, float))
+                              or not math.isfinite(init) or init < 0):
+        raise ValueError(f"SAPINN(init=...) is 'uniform' (scale * U(0,1)) or a float >= 0, got {init!r}")
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"SAPINN(scale=...) is a positive float, got {scale!r}")
+
+
+def _check_adam(lr: Any, betas: Any, eps: Any) -> None:
+    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"SAPINN(lr=...) is a positive float, got {lr!r}")
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise ValueError(f"SAPINN(betas=...) is two floats in [0, 1), got {betas!r}")
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"SAPINN(eps=...) is a positive float, got {eps!r}")

@@ -11,7 +11,7 @@ from _models import mlp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lossbalance import RBA, Causal, LossBalancer, NTKWeighting, Residual
+from lossbalance import BRDR, RBA, SAPINN, Causal, LossBalancer, NTKWeighting, Residual
 from lossbalance.ntk import exact_trace, hutchinson_trace
 from lossbalance.strategies.base import StepRecord
 
@@ -235,12 +235,13 @@ def test_bad_terms_name_the_term_and_change_nothing(bad, error, message) -> None
     balancer.step(problem.losses())  # and it goes on
 
 
-def test_rba_terms_refused() -> None:
+@pytest.mark.parametrize("weighting", [RBA(), SAPINN(), BRDR()], ids=["rba", "sa_pinn", "brdr"])
+def test_per_point_weights_other_than_causal_refused(weighting) -> None:
     problem = Residuals()
-    balancer = LossBalancer(torch.optim.Adam(problem.model.parameters(), 1e-2), "ntk", pointwise={"bc": RBA()})
+    balancer = LossBalancer(torch.optim.Adam(problem.model.parameters(), 1e-2), "ntk", pointwise={"bc": weighting})
     losses = problem.losses()
     losses["bc"] = Residual(losses["bc"].values, ids=torch.arange(2), kind="residual")
-    with pytest.raises(ValueError, match="'bc', which has RBA weights"):
+    with pytest.raises(ValueError, match=f"'bc', which has {weighting.label} weights"):
         balancer.step(losses)
     assert balancer.step_count == 0 and balancer.weights == {}  # the terms of a failed first step are forgotten
     assert torch.equal(balancer.state_dict()["pointwise"]["bc"]["ids"], torch.zeros(0, dtype=torch.long))

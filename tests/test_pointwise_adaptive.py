@@ -1,0 +1,376 @@
+"""Per-point weights kept per point id (issue 17): SA-PINN (McClenny & Braga-Neto 2023) and BRDR
+(Chen, Howard & Stinis 2024/25), each against a naive per-point loop (SA-PINN: one scalar
+parameter and one torch.optim.Adam(maximize=True) per point, its gradient by autograd); ids through
+shuffles, mini-batches and resampling; checkpoints resumed bit for bit; wrong inputs change nothing."""
+import copy
+import io
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lossbalance import BRDR, RBA, SAPINN, LossBalancer, LRAnnealing, Residual
+
+N = 30
+
+
+class Problem:
+    """A linear model on N points: residuals r = x @ w - y; point ids 200..200+N-1."""
+
+    def __init__(self, seed=0, n=N):
+        g = torch.Generator().manual_seed(seed)
+        self.w = torch.randn(3, generator=g, dtype=torch.float64).requires_grad_()
+        self.x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+        self.y = torch.randn(n, generator=g, dtype=torch.float64)
+        self.ids = torch.arange(200, 200 + n)
+
+    def r(self, rows=slice(None)):
+        return self.x[rows] @ self.w - self.y[rows]
+
+
+def batches(steps, seed=1, size=N - 10):
+    """Shuffled mini-batches of a growing pool (new ids appear on the way, some ids skip steps)."""
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        pool = min(N, size + 2 * step)
+        yield torch.randperm(pool, generator=g)[: size - (step % 3)]
+
+
+def residual(problem, rows, kind):
+    r = problem.r(rows)
+    return Residual(r if kind == "residual" else r**2, ids=problem.ids[rows], kind=kind)
+
+
+# ---------------------------------------------------------------- SA-PINN
+MASKS = {"square": lambda lam: lam**2, "identity": lambda lam: lam, "sigmoid": torch.sigmoid}
+
+
+class NaiveSAPINN:
+    """One scalar parameter and its own Adam (maximize=True) per point id; the value
+    mean_i m(lambda_i) l_i and its gradient by autograd, a step only for the batch's points."""
+
+    def __init__(self, mask, init, lr=5e-3, betas=(0.9, 0.999)):
+        self.mask, self.init, self.lr, self.betas = MASKS[mask], init, lr, betas
+        self.lam, self.opt = {}, {}
+
+    def value(self, losses, ids):
+        """The value with the weights before the ascent; then one Adam step per point of the batch."""
+        for i in map(int, ids):
+            if i not in self.lam:
+                self.lam[i] = torch.tensor(float(self.init(i)), dtype=torch.float64, requires_grad=True)
+                self.opt[i] = torch.optim.Adam([self.lam[i]], lr=self.lr, betas=self.betas, maximize=True)
+        n = len(ids)
+        weights = [self.mask(self.lam[int(i)].detach().clone()) for i in ids]
+        ascent = sum(self.mask(self.lam[int(i)]) * losses[k].detach() for k, i in enumerate(ids)) / n
+        for i in map(int, ids):
+            self.opt[i].zero_grad()
+        ascent.backward()
+        for i in map(int, ids):
+            self.opt[i].step()
+        return sum(weights[k] * losses[k] for k in range(n)) / n
+
+
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("kind", ["loss", "residual"])
+def test_sa_pinn_matches_a_naive_loop_over_points(mask, kind):
+    problem, twin = Problem(), Problem()
+    weighting = SAPINN(mask, init=0.5, lr=0.05, betas=(0.8, 0.9))
+    balancer = LossBalancer(torch.optim.SGD([problem.w], lr=0.05), "static", pointwise={"pde": weighting})
+    optimizer = torch.optim.SGD([twin.w], lr=0.05)
+    naive = NaiveSAPINN(mask, init=lambda i: 0.5, lr=0.05, betas=(0.8, 0.9))
+    for rows in batches(7):
+        total = balancer.step({"pde": residual(problem, rows, kind)})
+        optimizer.zero_grad()
+        reference = naive.value(twin.r(rows) ** 2, problem.ids[rows])
+        reference.backward()
+        optimizer.step()
+        torch.testing.assert_close(total, reference.detach(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(problem.w, twin.w, rtol=1e-12, atol=0)
+    state = balancer.state_dict()["pointwise"]["pde"]
+    assert state["ids"].tolist() == sorted(naive.lam)
+    expected = torch.stack([naive.lam[i].detach() for i in sorted(naive.lam)])
+    torch.testing.assert_close(state["lambdas"], expected, rtol=1e-12, atol=1e-15)
+    assert float(state["lambdas"].min()) > 0.5  # every point seen went up (the ascent), none down
+    assert int(state["steps"].max()) == 7 and int(state["steps"].min()) < 7  # per point: some skipped steps
+
+
+def test_sa_pinn_new_points_draw_scale_times_uniform_in_id_order():
+    problem = Problem()
+    balancer = LossBalancer([problem.w], "static", pointwise={"ic": SAPINN(scale=100.0, seed=5, lr=1e-12)})
+    generator, seen = torch.Generator().manual_seed(5), []
+    for rows in batches(4):
+        new = sorted(set(problem.ids[rows].tolist()) - set(seen))
+        draws = 100.0 * torch.rand(len(new), generator=generator, dtype=torch.float64)
+        balancer.backward({"ic": residual(problem, rows, "residual")})
+        state = balancer.state_dict()["pointwise"]["ic"]
+        for i, draw in zip(new, draws):
+            stored = state["lambdas"][state["ids"].tolist().index(i)]
+            torch.testing.assert_close(stored, draw, rtol=1e-9, atol=0)  # lr=1e-12: hardly moved
+        seen += new
+    assert 0 < float(state["lambdas"].min()) and float(state["lambdas"].max()) < 100
+
+
+def test_sa_pinn_the_same_points_in_another_order_get_the_same_weights():
+    a, b = Problem(), Problem()
+    ba = LossBalancer([a.w], "static", pointwise={"pde": SAPINN()})
+    bb = LossBalancer([b.w], "static", pointwise={"pde": SAPINN()})
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        perm = torch.randperm(N, generator=g)
+        ba.backward({"pde": Residual(a.r(), ids=a.ids, kind="residual")})
+        bb.backward({"pde": Residual(b.r(perm), ids=b.ids[perm], kind="residual")})
+        torch.testing.assert_close(a.w.grad, b.w.grad, rtol=1e-12, atol=1e-15)
+    sa, sb = ba.state_dict()["pointwise"]["pde"], bb.state_dict()["pointwise"]["pde"]
+    for key in ("ids", "lambdas", "m", "v", "steps", "generator"):
+        assert torch.equal(sa[key], sb[key]), key
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(-3, 3), min_size=1, max_size=8), st.sampled_from(list(MASKS)), st.floats(0, 5))
+def test_sa_pinn_closed_form_gradient_is_autograds_and_the_ascent_never_lowers_a_weight(rs, mask, init):
+    r = torch.tensor(rs, dtype=torch.float64)
+    weighting = SAPINN(mask, init=init)
+    ids = torch.arange(len(rs))
+    lam = torch.full((len(rs),), init, dtype=torch.float64, requires_grad=True)
+    (expected,) = torch.autograd.grad((MASKS[mask](lam) * r**2).mean(), lam)
+    _, slope = weighting.masked(lam.detach())
+    torch.testing.assert_close(slope * r**2 / len(rs), expected, rtol=1e-12, atol=1e-300)
+    _, _, state = weighting.reduce(r**2, ids, weighting.initial_state(), True)
+    assert bool((state["lambdas"] >= init).all())
+    moved = state["lambdas"] > init
+    assert bool(moved[expected > 1e-6].all()) and not bool(moved[expected == 0].any())  # up where its gradient is > 0
+
+
+# ---------------------------------------------------------------- BRDR
+def naive_brdr_step(table, losses, ids, step, beta_c=0.999, beta_w=0.999, max_gap=10):
+    """The authors' update on dicts {id: [e, w, last_seen]}: then mean(w_i l_i)."""
+    l = losses.detach()
+    rows = [table.get(int(i), [0.0, 1.0, 0]) for i in ids]
+    gaps = [min(step - row[2], max_gap) for row in rows]
+    e = [row[0] + (1 - beta_c**d) * (float(l[k]) ** 2 - row[0]) for k, (row, d) in enumerate(zip(rows, gaps))]
+    irdr = [float(l[k]) / (math.sqrt(e[k] / (1 - beta_c**step)) + 1e-14) for k in range(len(ids))]
+    mean = sum(irdr) / len(irdr)
+    w = [row[1] + (1 - beta_w**d) * (irdr[k] / mean - row[1]) for k, (row, d) in enumerate(zip(rows, gaps))]
+    for k, i in enumerate(map(int, ids)):
+        table[i] = [e[k], w[k], step]
+    return sum(w[k] * losses[k] for k in range(len(ids))) / len(ids)
+
+
+@pytest.mark.parametrize("kind", ["loss", "residual"])
+def test_brdr_matches_a_naive_loop_through_gaps_and_new_points(kind):
+    problem, twin = Problem(), Problem()
+    balancer = LossBalancer(torch.optim.SGD([problem.w], lr=0.05), "static",
+                            pointwise={"pde": BRDR(beta_c=0.9, beta_w=0.8, max_gap=3)})
+    optimizer = torch.optim.SGD([twin.w], lr=0.05)
+    table = {}
+    for step, rows in enumerate(batches(9), start=1):
+        total = balancer.step({"pde": residual(problem, rows, kind)})
+        optimizer.zero_grad()
+        reference = naive_brdr_step(table, twin.r(rows) ** 2, problem.ids[rows], step, 0.9, 0.8, 3)
+        reference.backward()
+        optimizer.step()
+        torch.testing.assert_close(total, reference.detach(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(problem.w, twin.w, rtol=1e-12, atol=0)
+    state = balancer.state_dict()["pointwise"]["pde"]
+    assert state["ids"].tolist() == sorted(table) and state["step"] == 9
+    torch.testing.assert_close(state["weights"], torch.tensor([table[i][1] for i in sorted(table)], dtype=torch.float64))
+    assert state["last_seen"].tolist() == [table[i][2] for i in sorted(table)]
+    assert len(set(state["last_seen"].tolist())) > 1  # some points skipped steps: the gaps were exercised
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.lists(st.floats(0.01, 10), min_size=5, max_size=5), min_size=1, max_size=6), st.floats(0, 0.99))
+def test_brdr_full_batch_weights_keep_mean_one(history, beta_w):
+    """With every point in every batch (d_i = 1), mean_i w_i stays 1: the update moves it by
+    (1 - beta_w) (mean(irdr / mean irdr) - mean w) = (1 - beta_w) (1 - mean w)."""
+    weighting, ids = BRDR(beta_c=0.5, beta_w=beta_w), torch.arange(5)
+    state = weighting.initial_state()
+    for losses in history:
+        _, _, state = weighting.reduce(torch.tensor(losses, dtype=torch.float64), ids, state, True)
+        assert float(state["weights"].mean()) == pytest.approx(1.0, rel=1e-12)
+        assert bool((state["weights"] > 0).all())
+
+
+def test_brdr_up_weights_the_point_whose_residual_decays_slowest():
+    weighting, ids = BRDR(beta_c=0.9, beta_w=0.9), torch.arange(4)
+    state = weighting.initial_state()
+    for k in range(20):  # point 3 stays put, the others decay by 0.7 per step
+        losses = torch.tensor([0.7**k, 2 * 0.7**k, 0.5 * 0.7**k, 1.0], dtype=torch.float64)
+        _, _, state = weighting.reduce(losses, ids, state, True)
+    w = state["weights"]
+    assert float(w[3]) > 1.5 and bool((w[:3] < 1).all())
+
+
+# ---------------------------------------------------------------- checkpoints, for every id-keyed weighting
+WEIGHTINGS = {"sa_pinn": lambda: SAPINN(scale=10.0, lr=0.05), "brdr": lambda: BRDR(max_gap=4), "rba": lambda: RBA(eta=0.1)}
+
+
+def _build(problem, make):
+    return LossBalancer(torch.optim.Adam([problem.w], lr=1e-2), LRAnnealing("data", include_bias=True), pointwise={"pde": make()})
+
+
+def _terms(problem, rows):
+    return {"pde": residual(problem, rows, "residual"), "data": (problem.w**2).sum()}
+
+
+def _assert_same_state(s1, s2):
+    assert s1.keys() == s2.keys()
+    for key, value in s1.items():
+        assert torch.equal(value, s2[key]) if torch.is_tensor(value) else value == s2[key], key
+
+
+@pytest.mark.parametrize("name", list(WEIGHTINGS))
+def test_a_checkpoint_resumes_per_point_weights_bit_for_bit(name):
+    straight, resumed = Problem(), Problem()
+    runs = list(batches(8))
+    b1 = _build(straight, WEIGHTINGS[name])
+    for rows in runs:
+        b1.step(_terms(straight, rows))
+    b2 = _build(resumed, WEIGHTINGS[name])
+    for rows in runs[:4]:
+        b2.step(_terms(resumed, rows))
+    buffer = io.BytesIO()
+    torch.save(b2.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = Problem()
+    with torch.no_grad():
+        fresh.w.copy_(resumed.w)
+    b3 = _build(fresh, WEIGHTINGS[name])
+    b3.load_state_dict(torch.load(buffer, weights_only=False))
+    for rows in runs[4:]:  # new ids still appear after the resume: SA-PINN draws from the restored generator
+        b3.step(_terms(fresh, rows))
+    assert torch.equal(fresh.w, straight.w)
+    _assert_same_state(b1.state_dict()["pointwise"]["pde"], b3.state_dict()["pointwise"]["pde"])
+
+
+@pytest.mark.parametrize("name", ["sa_pinn", "brdr"])
+def test_a_corrupt_saved_table_is_refused_and_changes_nothing(name):
+    problem = Problem()
+    balancer = _build(problem, WEIGHTINGS[name])
+    balancer.step(_terms(problem, slice(None)))
+    state = balancer.state_dict()
+    before = copy.deepcopy(state["pointwise"])
+    bad = copy.deepcopy(state)
+    column = "lambdas" if name == "sa_pinn" else "weights"
+    bad["pointwise"]["pde"][column] = bad["pointwise"]["pde"][column][:-1]
+    with pytest.raises(ValueError, match="corrupt state: the .* state of term 'pde'"):
+        balancer.load_state_dict(bad)
+    _assert_same_state(balancer.state_dict()["pointwise"]["pde"], before["pde"])
+
+
+# ---------------------------------------------------------------- forget_after: ids not seen for n steps dropped
+FORGETTING = {"sa_pinn": lambda n: SAPINN(scale=10.0, forget_after=n), "brdr": lambda n: BRDR(forget_after=n),
+              "rba": lambda n: RBA(eta=0.1, forget_after=n)}
+COLUMNS = {"sa_pinn": ("lambdas", "m", "v", "steps"), "brdr": ("weights", "r4"), "rba": ("lambdas",)}
+
+
+@pytest.mark.parametrize("name", list(FORGETTING))
+@pytest.mark.parametrize("n", [1, 3])
+def test_forget_after_drops_the_ids_unseen_for_n_steps_and_nothing_else(name, n):
+    """A sliding window of ids (each id in two consecutive batches, never again): the table holds
+    the ids of the last n batches, with the rows of a twin that forgets nothing."""
+    a, b = Problem(), Problem()
+    forgetful = LossBalancer([a.w], "static", pointwise={"pde": FORGETTING[name](n)})
+    keeper = LossBalancer([b.w], "static", pointwise={"pde": FORGETTING[name](None)})
+    windows = [torch.arange(3 * s, 3 * s + 6) for s in range(7)]
+    for s, rows in enumerate(windows):
+        forgetful.backward({"pde": residual(a, rows, "residual")})
+        keeper.backward({"pde": residual(b, rows, "residual")})
+        kept, full = forgetful.state_dict()["pointwise"]["pde"], keeper.state_dict()["pointwise"]["pde"]
+        recent = sorted({int(i) for w in windows[max(0, s - n + 1): s + 1] for i in a.ids[w]})
+        assert kept["ids"].tolist() == recent and kept["step"] == full["step"] == s + 1
+        at = torch.searchsorted(full["ids"], kept["ids"])
+        for key in (*COLUMNS[name], "last_seen"):
+            assert torch.equal(kept[key], full[key][at]), key
+    assert len(full["ids"]) == 24 > len(kept["ids"])
+
+
+def test_a_forgotten_id_comes_back_as_a_new_point():
+    a, b = Problem(), Problem()
+    forgetful = LossBalancer([a.w], "static", pointwise={"pde": RBA(eta=0.1, forget_after=1)})
+    fresh = LossBalancer([b.w], "static", pointwise={"pde": RBA(eta=0.1)})
+    first, second = torch.arange(0, 10), torch.arange(10, 20)
+    for rows in (first, second, first):
+        forgetful.backward({"pde": residual(a, rows, "residual")})
+    fresh.backward({"pde": residual(b, first, "residual")})
+    kept, new = forgetful.state_dict()["pointwise"]["pde"], fresh.state_dict()["pointwise"]["pde"]
+    assert torch.equal(kept["ids"], new["ids"]) and torch.equal(kept["lambdas"], new["lambdas"])
+    assert kept["last_seen"].tolist() == [3] * 10
+
+
+# ---------------------------------------------------------------- wrong inputs change nothing
+def _wrong(problem, case):
+    r = problem.r()
+    terms = _terms(problem, slice(None))
+    if case == "ids missing":
+        terms["pde"] = Residual(r, kind="residual")
+    elif case == "ids repeat":
+        terms["pde"] = Residual(r, ids=problem.ids.clamp(max=210), kind="residual")
+    elif case == "negative losses":  # kind="loss" given the residuals r_i instead of r_i**2
+        terms["pde"] = Residual(r, ids=problem.ids)
+    elif case == "scalar":
+        terms["pde"] = r.pow(2).mean()
+    elif case == "non-finite":
+        terms["pde"] = Residual(torch.where(problem.ids == 205, math.nan, r), ids=problem.ids, kind="residual")
+    return terms
+
+
+CASES = {
+    "ids missing": (ValueError, "'pde' has {} weights: pass stable point ids"),
+    "ids repeat": (ValueError, "'pde': the point ids of its Residual repeat"),
+    "negative losses": (ValueError, "'pde' has {} weights and negative per-point losses"),
+    "scalar": (TypeError, "'pde' has pointwise weights .* passed as a scalar"),
+    "non-finite": (ValueError, "non-finite loss value for term\\(s\\) 'pde'"),
+}
+
+
+@pytest.mark.parametrize("name", ["sa_pinn", "brdr"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_wrong_terms_raise_naming_the_term_and_change_nothing(name, case):
+    problem = Problem()
+    balancer = _build(problem, WEIGHTINGS[name])
+    for rows in batches(2):
+        balancer.step(_terms(problem, rows))
+    state, w = copy.deepcopy(balancer.state_dict()), problem.w.detach().clone()
+    error, message = CASES[case]
+    for _ in range(2):
+        with pytest.raises(error, match=message.format("SA-PINN" if name == "sa_pinn" else "BRDR")):
+            balancer.step(_wrong(problem, case))
+        after = balancer.state_dict()
+        assert after["step"] == state["step"] and torch.equal(after["weights"], state["weights"])
+        _assert_same_state(after["pointwise"]["pde"], state["pointwise"]["pde"])
+        assert torch.equal(problem.w.detach(), w)
+
+
+@pytest.mark.parametrize("name", ["sa_pinn", "brdr"])
+def test_a_skipped_step_and_lbfgs_reevaluations_leave_the_table_alone(name):
+    problem = Problem()
+    balancer = LossBalancer(torch.optim.Adam([problem.w], lr=1e-2), "static", nonfinite="skip",
+                            pointwise={"pde": WEIGHTINGS[name]()})
+    balancer.step(_terms(problem, slice(None)))
+    before = copy.deepcopy(balancer.state_dict()["pointwise"]["pde"])
+    assert math.isnan(balancer.step(_wrong(problem, "non-finite"))) and balancer.skipped == 1
+    _assert_same_state(balancer.state_dict()["pointwise"]["pde"], before)
+    lbfgs = LossBalancer(torch.optim.LBFGS([problem.w], lr=0.1, max_iter=4), "static", pointwise={"pde": WEIGHTINGS[name]()})
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return {"pde": Residual(problem.r(), ids=problem.ids, kind="residual")}
+
+    lbfgs.step(closure=closure)
+    state = lbfgs.state_dict()["pointwise"]["pde"]
+    assert len(calls) > 1 and (state["steps"].max() if name == "sa_pinn" else state["step"]) == 1  # one update
+
+
+@pytest.mark.parametrize("make", [
+    lambda: SAPINN("cube"), lambda: SAPINN(init=-1.0), lambda: SAPINN(init="normal"), lambda: SAPINN(scale=0.0),
+    lambda: SAPINN(lr=0.0), lambda: SAPINN(betas=(1.0, 0.9)), lambda: SAPINN(eps=0.0),
+    lambda: BRDR(beta_c=1.0), lambda: BRDR(beta_w=-0.1), lambda: BRDR(max_gap=0),
+    lambda: SAPINN(forget_after=0), lambda: BRDR(forget_after=1.5), lambda: RBA(forget_after=True),
+])
+def test_bad_options_are_refused_when_built(make):
+    with pytest.raises(ValueError):
+        make()
