@@ -21,15 +21,18 @@ LogFn = Callable[[dict[str, float], int], object]
 def balancer_metrics(balancer: "LossBalancer", step: int | None = None) -> dict[str, float]:
     """The last step's figures as one flat dict of Python floats.
 
-    ``weight/<term>``, ``loss/<term>`` (the unweighted term) for every term of the last step and,
-    when the last step computed the per-term gradients (``step`` is that step's index,
-    ``step_count - 1`` by default), ``grad_norm/<term>`` and ``conflict_fraction``.
+    ``weight/<term>``, ``loss/<term>`` (the unweighted term) for every term of the last step, the
+    term's other figures in ``stats`` as ``<figure>/<term>`` (the gradient statistics of a step
+    that computed them, a pointwise weighting's ``causal_min``, ``rba_min``/``_mean``/``_max``, ...,
+    the NTK traces) and, when the last step computed the per-term gradients (``step`` is that
+    step's index, ``step_count - 1`` by default), ``grad_norm/<term>`` and ``conflict_fraction``.
     """
     step = balancer.step_count - 1 if step is None else step
     metrics: dict[str, float] = {}
     for term, figures in balancer.stats.items():
-        metrics[f"weight/{term}"] = float(figures["weight"])
-        metrics[f"loss/{term}"] = float(figures["loss"])
+        for key, value in figures.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                metrics[f"{key}/{term}"] = float(value)
     diagnostics = balancer.diagnostics
     if diagnostics is not None and diagnostics["step"] == step:
         for term, norm in diagnostics["grad_norm"].items():

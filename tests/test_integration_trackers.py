@@ -37,7 +37,8 @@ def test_metrics_logger_logs_flat_floats_on_steps_0_n_2n():
     assert [s for s, _ in calls] == [0, 3, 6]
     for _, metrics in calls:
         assert set(metrics) == {"weight/fit", "weight/small", "loss/fit", "loss/small",
-                                "grad_norm/fit", "grad_norm/small", "conflict_fraction"}
+                                "grad_norm/fit", "grad_norm/small", "grad_mean/fit", "grad_mean/small",
+                                "grad_max/fit", "grad_max/small", "conflict_fraction"}
         assert all(type(v) is float and math.isfinite(v) for v in metrics.values())
     assert calls[-1][1]["weight/small"] == balancer.weights["small"]
     plain = LossBalancer(torch.optim.SGD(net.parameters(), lr=1e-2), "static")
@@ -127,3 +128,21 @@ def test_balanced_aggregator_is_balancer_loss():
     assert other.balancer.step_count == 1 and other.weights == aggregator.weights
     with pytest.raises(TypeError, match="wraps a LossBalancer"):
         BalancedAggregator(net)
+
+
+def test_pointwise_figures_reach_the_logger():
+    """The minimum causal weight (and any other figure of a term in ``stats``) is logged per term."""
+    from lossbalance import Causal, Residual
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    points = torch.rand(32, 2)
+    balancer = LossBalancer(torch.optim.SGD(net.parameters(), lr=1e-2), "static",
+                            pointwise={"pde": Causal(chunks=4, eps=1.0)})
+    calls = []
+    balancer.register_step_hook(MetricsLogger(lambda m, s: calls.append(m)))
+    r = net(points)[:, 0] - points[:, 0]
+    balancer.step({"pde": Residual(r, t=points[:, 1], kind="residual"), "bc": net(points[:2]).pow(2).mean()})
+    figures = balancer.stats["pde"]
+    logged = {key.split("/")[0] for key in calls[0] if key.endswith("/pde")}
+    assert "causal_min" in logged and calls[0]["causal_min/pde"] == float(figures["causal_min"])
