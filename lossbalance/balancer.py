@@ -688,12 +688,27 @@ class LossBalancer:
         params = list(self._engine.params)
         return _Point(undo, take_snapshot(self.optimizer, params, self._engine.owns), params)
 
-    def _roll_back(self, finding: Finding, undo: _Undo) -> None:
+    def check(self) -> None:
+        """With ``check_every > 1``: read the deferred NaN/Inf verdict now (one host sync), e.g.
+        before saving a checkpoint or at the end of training. If a call since the last read was
+        not finite, every call since the rollback point is undone and this raises (or, under
+        ``nonfinite="skip"``, counts them skipped), as a read inside a step would. Nothing to do
+        with ``check_every=1`` (every call checks itself)."""
+        if self._deferred is None or not self._deferred.pending:
+            return
+        now = self._undo_point(None)
+        try:
+            self._read(now)
+        except _Rollback as found:
+            self._roll_back(found.finding, now, current=False)
+
+    def _roll_back(self, finding: Finding, undo: _Undo, *, current: bool = True) -> None:
         """A deferred read found a non-finite call: undo every call since the rollback point
-        (the balancer, the parameters, the optimizer's state), then raise or count them skipped."""
+        (the balancer, the parameters, the optimizer's state), then raise or count them skipped
+        (``current``: the call that read is one of them)."""
         point = self._deferred.point
         self._deferred.point = None  # the next call makes a new one
-        undone = undo.step - point.undo.step + undo.skipped - point.undo.skipped + 1
+        undone = undo.step - point.undo.step + undo.skipped - point.undo.skipped + int(current)
         self._undo(point.undo)
         restore_snapshot(point.snapshot, self.optimizer, point.params)
         for p in point.params:
