@@ -11,6 +11,7 @@ without a weight update makes **no** host synchronisation; an update call makes 
 - The flag is read (one sync) on every call that updates the weights (in the same read as that
   call's own verdict), on every N-th call since the last read, when the set of terms changes,
   and before a call that checks at once (an L-BFGS closure, ``check_every=1`` semantics).
+- ``balancer.check()`` reads it at once (before a checkpoint, at the end of training).
 - A clean read marks a **rollback point**: the balancer's state, the parameters and the
   optimizer's state as they were at the start of that call (copies on the device: one copy of
   the parameters and of the optimizer's per-parameter state per read).
