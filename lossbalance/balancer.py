@@ -558,7 +558,8 @@ class LossBalancer:
         weights = self._terms.present(index)
         if not update:
             return weights
-        record = StepRecord(batch.names, values, weights, self._step, self._updates, stats, self.generator, traces)
+        # a copy: a strategy that changes record.weights in place must not change the table (nor the undo point)
+        record = StepRecord(batch.names, values, weights.clone(), self._step, self._updates, stats, self.generator, traces)
         weights = self._terms.sanitize(self.strategy.update(record), weights, index)
         self._terms.set_present(index, weights)
         self._updates += 1

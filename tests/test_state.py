@@ -148,3 +148,26 @@ def test_a_closure_step_snapshots_only_when_the_optimizer_can_re_evaluate(monkey
     adam = LossBalancer(torch.optim.Adam(problem.model.parameters()), LRAnnealing("pde"))
     adam.step(closure=problem.losses)  # torch.optim's others evaluate the closure once, first
     assert len(taken) == int(needed)
+
+
+def test_a_strategy_that_changes_record_weights_in_place_cannot_corrupt_the_undo_point():
+    """The weights table is never changed in place and the undo point keeps a reference to it:
+    the strategy gets a copy, so writing into ``record.weights`` changes nothing it does not return."""
+    import torch
+    from lossbalance import LossBalancer
+    from lossbalance.strategies.base import Strategy
+
+    class InPlace(Strategy):
+        name = "in_place_test"
+        needs_gradients = False
+
+        def update(self, record):
+            record.weights.mul_(3.0)  # writes into what it was given
+            return torch.full_like(record.weights, float("nan"))  # refused: the old weights stay
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1)
+    balancer = LossBalancer(torch.optim.SGD(model.parameters(), lr=1e-3), InPlace(), weights={"a": 2.0, "b": 5.0})
+    x = torch.ones(4, 1)
+    balancer.step({"a": model(x).pow(2).mean(), "b": model(x).abs().mean()})
+    assert balancer.weights == {"a": 2.0, "b": 5.0}
