@@ -127,12 +127,11 @@ class DeferredChecks:
     # ------------------------------------------------------------------ the read (one sync)
     def read(self) -> Finding | None:
         """Read the pending verdict (one host sync) and start afresh; ``None``: all finite."""
-        if self._bad is None or not self._calls:
-            self._calls = 0
+        if not self._calls:
             return None
         row = torch.cat([self._first.reshape(1), self._terms.to(torch.int64)]).tolist()
         names, self._calls = self._names, 0
         self._bad = self._first = self._terms = None
         if row[0] < 0:
             return None
-        return Finding(row[0], tuple(n for n, flag in zip(names or (), row[1:]) if flag))
+        return Finding(row[0], tuple(n for n, flag in zip(names, row[1:]) if flag))

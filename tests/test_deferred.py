@@ -86,7 +86,7 @@ def _strategy(name: str):
 STRATEGIES = ["static", "relobralo", "softadapt", "dwa", "uncertainty", "lra"]
 
 
-def _reads_per_call(monkeypatch, balancer, calls) -> list[int]:
+def _reads_per_call(monkeypatch, calls) -> list[int]:
     counts = []
     for call in calls:
         with host_reads(monkeypatch) as reads:
@@ -114,7 +114,7 @@ def test_plain_calls_make_no_host_sync_and_update_calls_one(monkeypatch, strateg
             opt.step()
 
     call()  # the first call walks the graphs and registers the terms
-    counts = _reads_per_call(monkeypatch, balancer, [call] * 12)
+    counts = _reads_per_call(monkeypatch, [call] * 12)
     updates = [i for i in range(1, 13) if i % 4 == 0]
     plain = [c for i, c in enumerate(counts, start=1) if i not in updates]
     assert plain == [0] * len(plain), counts
@@ -126,14 +126,14 @@ def test_the_default_checks_every_plain_call_with_one_host_sync(monkeypatch):
     model, losses = _problem()
     balancer = LossBalancer(torch.optim.SGD(model.parameters(), lr=1e-3), "static")
     balancer.step(losses())
-    assert _reads_per_call(monkeypatch, balancer, [lambda: balancer.step(losses())] * 3) == [1, 1, 1]
+    assert _reads_per_call(monkeypatch, [lambda: balancer.step(losses())] * 3) == [1, 1, 1]
 
 
 def test_reads_happen_every_n_calls_without_updates(monkeypatch):
     model, losses = _problem()
     balancer = LossBalancer(torch.optim.SGD(model.parameters(), lr=1e-3), "static", check_every=3)
     balancer.step(losses())  # call 0 (read? no: 1 call folded)
-    counts = _reads_per_call(monkeypatch, balancer, [lambda: balancer.step(losses())] * 6)
+    counts = _reads_per_call(monkeypatch, [lambda: balancer.step(losses())] * 6)
     assert counts == [0, 1, 0, 0, 1, 0]
 
 
@@ -238,13 +238,20 @@ def test_loss_path_rolls_back_the_parameters_and_the_optimizer_state():
     assert balancer._skipped == 4
 
 
-def test_a_closure_call_reads_what_is_pending_first():
+def _a_pending_nan():
+    """A balancer (check_every=100) after a clean call and a NaN call, nothing read yet; the
+    state of the model and the optimizer before both."""
     model, losses = _problem()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     balancer = LossBalancer(opt, "static", check_every=100)
     start = _state(model, opt)
     balancer.step(losses())
     balancer.step(losses("value"))
+    return model, opt, balancer, losses, start
+
+
+def test_a_closure_call_reads_what_is_pending_first():
+    model, opt, balancer, losses, start = _a_pending_nan()
     with pytest.raises(ValueError, match="at step 1"):
         balancer.step(closure=losses)
     _assert_same_state(_state(model, opt), start)
@@ -289,12 +296,7 @@ def test_loading_a_state_forgets_what_was_pending():
 
 
 def test_check_reads_what_is_pending_and_rolls_back():
-    model, losses = _problem()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    balancer = LossBalancer(opt, "static", check_every=100)
-    start = _state(model, opt)
-    balancer.step(losses())
-    balancer.step(losses("value"))
+    model, opt, balancer, losses, start = _a_pending_nan()
     balancer.step(losses())
     with pytest.raises(ValueError, match="at step 1 .* the 3 call\\(s\\) since step 0 were undone"):
         balancer.check()
