@@ -451,8 +451,8 @@ def test_config_extreme_scales_finite(g):
 
 
 def test_config_options_and_validation():
-    assert repr(ConFIG()) == "ConFIG(closed_form=True, rtol=None, double=True)"
-    assert ConFIG(**ConFIG(rtol=1e-6).options()).options() == {"closed_form": True, "rtol": 1e-6, "double": True}
+    assert repr(ConFIG()) == "ConFIG(closed_form=True, rtol=None, double=True, solver='qr')"
+    assert ConFIG(**ConFIG(rtol=1e-6).options()).options() == {"closed_form": True, "rtol": 1e-6, "double": True, "solver": "qr"}
     with pytest.raises(ValueError, match="rtol"):
         ConFIG(rtol=2.0)
     # double=False computes in float32 for float32 input: same answer to float32 accuracy
@@ -528,3 +528,42 @@ def test_torchjd_adapter():
     with pytest.raises(ValueError, match="Did you mean 'MGDA'"):
         TorchJD("MGAD")
     assert TorchJD("Sum").options() == {"aggregator": "Sum"}
+
+
+@SETTINGS
+@given(grad_matrices())
+def test_config_gram_solver_never_conflicts(g):
+    """solver="gram" (momentum ConFIG's): the same guarantee on the same matrices as the QR solver."""
+    out = ConFIG(solver="gram")(g)
+    assert out.dtype == g.dtype and torch.isfinite(out).all()
+    o = rows_f(out[None])[0]
+    for row in rows_f(g):
+        assert dot(o, row) >= -1e-6 * norm(o) * norm(row)
+
+
+@SETTINGS
+@given(st.integers(3, 8), st.integers(3, 60), st.sampled_from([torch.float32, F64]), st.integers(0, 2**31 - 1))
+def test_config_gram_solver_equals_qr_solver(k, p, dtype, seed):
+    """Random Gaussian rows (K <= P: full rank, well conditioned) and K > P (rank P): the Gramian
+    gives the QR solver's update to float64 rounding times the squared condition number."""
+    g = torch.randn(k, p, generator=torch.Generator().manual_seed(seed), dtype=F64).to(dtype)
+    g *= torch.logspace(-2, 2, k, dtype=F64).to(dtype)[:, None]  # norms over four decades
+    qr, gram = ConFIG(closed_form=False)(g).to(F64), ConFIG(closed_form=False, solver="gram")(g).to(F64)
+    scale = float(qr.norm()) + 1e-300
+    assert float((qr - gram).norm()) <= (1e-5 if dtype == torch.float32 else 1e-8) * scale
+
+
+def test_config_gram_solver_edge_cases():
+    a = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
+    b = torch.tensor([0.3, 0.1, -1.0], dtype=F64)
+    gram = ConFIG(solver="gram")
+    # an opposite pair and a third term: orthogonal to the pair, positive on the third
+    out = gram(torch.stack([a, -2.0 * a, b]))
+    assert abs(float(out @ a)) <= 1e-7 * float(out.norm() * a.norm()) and float(out @ b) > 0
+    # a zero row is ignored; three at 120 degrees in a plane (1 orthogonal to the range): zero
+    torch.testing.assert_close(gram(torch.stack([a, torch.zeros(3, dtype=F64), b])), ConFIG()(torch.stack([a, b])))
+    ang = torch.tensor([0.0, 2 * math.pi / 3, 4 * math.pi / 3], dtype=F64)
+    star = torch.stack([ang.cos(), ang.sin()], 1) * torch.tensor([[1.0], [2.0], [5.0]], dtype=F64)
+    assert gram(star).abs().max() <= 1e-7
+    with pytest.raises(ValueError, match="solver"):
+        ConFIG(solver="svd")

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from lossbalance.combine import DCGD, MGDA, ConFIG, UPGrad, available_combiners, make_combiner
 
@@ -217,11 +217,15 @@ def test_upgrad_options_and_validation():
 
 @SETTINGS
 @given(matrices(dtypes=(torch.float32,)))
+@example(torch.tensor([[1.5410e-02], [-2.9343e-02], [-2.1788e+02], [-2.0207e-01], [-1.8550e+02]]))
 def test_float32_gramian_matches_the_float64_naive_references(g):
+    # A float32 Gramian carries errors of ~eps32 * ||J||_F^2 in its entries; where the answer is
+    # near the zero vector (MGDA on a hull that contains 0, the example) they show as up to
+    # ~sqrt(eps32) * ||J||_F in d: 1.0e-5 * ||J||_F was measured on the example, so 1e-4.
     exact = g.to(F64)  # the same numbers, every product exact in the references' float64
-    close(UPGrad(norm_eps=0.0)(g), naive_upgrad(exact, 1e-4), g, 1e-5)
+    close(UPGrad(norm_eps=0.0)(g), naive_upgrad(exact, 1e-4), g, 1e-4)
     if g.shape[0] <= 5:
-        close(MGDA()(g), naive_mgda(exact), g, 1e-5)
+        close(MGDA()(g), naive_mgda(exact), g, 1e-4)
 
 
 @pytest.mark.parametrize("combiner", [UPGrad(norm_eps=0.0), MGDA()], ids=["upgrad", "mgda"])

@@ -97,7 +97,7 @@ def test_registry_options_and_repr() -> None:
     assert FAMO(**default.options()).options() == default.options()
     assert repr(default) == "FAMO(lr=0.025, weight_decay=0.001, min_losses=0.0, eps=1e-08)"
     assert FAMO(**FAMO.OFFICIAL).weight_decay == 0.01
-    assert default.optimizer is None and default.logits == {}
+    assert default.logits == {}
 
 
 @pytest.mark.parametrize(
@@ -309,3 +309,70 @@ def test_trains_tiny_pinn_with_lbfgs() -> None:
     balancer, _ = check_trains_with_lbfgs(FAMO(), model_seed=7, below=0.7)
     logits = balancer.strategy.logits
     assert logits["pde"] > 0.1 and logits["left"] < -0.1  # the slow term gains logit
+
+
+# ----------------------------------------------------------------------------- the logits' Adam
+def _torch_adam_reference(calls, lr, weight_decay, dtype):
+    """``torch.optim.Adam`` with one parameter group per term (added at its first call), stepped
+    with ``.grad`` on the named terms only: the reference for ``VectorAdam``."""
+    params, opt = {}, None
+    for names, grads in calls:
+        for name in names:
+            if name not in params:
+                params[name] = torch.zeros((), dtype=dtype, requires_grad=True)
+                if opt is None:
+                    opt = torch.optim.Adam([params[name]], lr=lr, weight_decay=weight_decay)
+                else:
+                    opt.add_param_group({"params": [params[name]]})
+        for name, p in params.items():
+            p.grad = torch.tensor(grads[names.index(name)], dtype=dtype) if name in names else None
+        opt.step()
+    return {n: p.detach() for n, p in params.items()}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    calls=st.lists(
+        st.lists(st.sampled_from("abc"), min_size=1, max_size=3, unique=True).flatmap(
+            lambda names: st.tuples(st.just(names), st.lists(st.floats(-10, 10), min_size=len(names), max_size=len(names)))
+        ),
+        min_size=1, max_size=12,
+    ),
+    weight_decay=st.sampled_from([0.0, 1e-3]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_vector_adam_equals_torch_adam_per_term(calls, weight_decay, dtype) -> None:
+    """Terms that come and go step only when named (their own step counts); bit for bit where
+    every named term has the same count, to rounding otherwise."""
+    from lossbalance.strategies.learned import VectorAdam
+
+    adam = VectorAdam(0.025, weight_decay=weight_decay)
+    uniform = True
+    for names, grads in calls:
+        adam.ensure(names, torch.zeros((), dtype=dtype))
+        counts = {adam.steps[adam.names.index(n)] for n in names}
+        uniform &= len(counts) == 1
+        adam.step(names, torch.tensor(grads, dtype=dtype))
+    expected = _torch_adam_reference(calls, 0.025, weight_decay, dtype)
+    got = dict(zip(adam.names, adam.value.unbind()))
+    assert set(got) == set(expected)
+    for name in expected:
+        if uniform:
+            assert torch.equal(got[name], expected[name]), name
+        else:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-7)
+
+
+def test_undo_restores_the_logits_from_references() -> None:
+    """The balancer's undo point of an update is FAMO's references; a failed call puts back the
+    logits, their Adam state and the pending log D exactly."""
+    s = FAMO()
+    drive(s, ["a", "b"], [[2.0, 1.0], [1.0, 1.5]])
+    saved, point = s.state_dict(), s.checkpoint()
+    drive(s, ["a", "b", "c"], [[0.5, 2.0, 1.0]] * 2)
+    s.rollback(point)
+    after = s.state_dict()
+    assert after["names"] == saved["names"] == ["a", "b"]
+    for key in ("logits", "pending"):
+        assert all(torch.equal(after[key][n], saved[key][n]) for n in saved[key])
+    assert after["adam"]["steps"] == saved["adam"]["steps"]

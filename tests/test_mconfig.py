@@ -145,7 +145,7 @@ def test_options_registry_and_config_round_trip() -> None:
     model, _ = tiny_pinn(0)
     balancer = sgd_balancer(model)
     config = balancer.config()
-    assert config["combine"] == "mconfig" and config["combine_options"] == {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
+    assert config["combine"] == "mconfig" and config["combine_options"] == {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "solver": "gram"}
     rebuilt = LossBalancer.from_config(torch.optim.SGD(model.parameters(), lr=0.1), config)
     assert isinstance(rebuilt.combiner, MomentumConFIG)
 

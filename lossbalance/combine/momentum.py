@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -53,7 +53,10 @@ class MomentumConFIG(Combiner):
     row's momentum (rows named ``"0"``, ``"1"``, ...) and returns ``d``: the authors'
     all-gradients use of the operator.
 
-    Options: ``beta1 = 0.9``, ``beta2 = 0.999``, ``eps = 1e-8`` (the authors' defaults).
+    Options: ``beta1 = 0.9``, ``beta2 = 0.999``, ``eps = 1e-8`` (the authors' defaults);
+    ``solver = "gram"``: ConFIG's solve from the ``K x K`` Gramian of the momenta (one matmul and
+    a small ``eigh``, accurate to ``kappa^2 * 1e-16``, see :class:`ConFIG`), the largest cost of
+    a step after the one backward; ``"qr"``: ConFIG's default QR and SVD (``kappa * 1e-16``).
     Parameters that no present term's gradient reaches (when it was last differentiated) get
     ``.grad = None``, as with every other combiner, not zeros (:meth:`reached`).
 
@@ -64,14 +67,16 @@ class MomentumConFIG(Combiner):
     name = "mconfig"
     one_term_per_step: ClassVar[bool] = True  # the balancer differentiates one term per step for it
 
-    def __init__(self, *, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8):
+    def __init__(self, *, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                 solver: Literal["qr", "gram"] = "gram"):
         for key, value in (("beta1", beta1), ("beta2", beta2)):
             if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
                 raise ValueError(f"{key} must be in [0, 1), got {value!r}")
         if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
             raise ValueError(f"eps must be finite and > 0, got {eps!r}")
         self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
-        self._config = ConFIG()
+        self._config = ConFIG(solver=solver)
+        self.solver = solver
         self._clear()
 
     def _clear(self) -> None:
@@ -85,7 +90,7 @@ class MomentumConFIG(Combiner):
         self._v: Tensor | None = None
 
     def options(self) -> dict[str, Any]:
-        return {"beta1": self.beta1, "beta2": self.beta2, "eps": self.eps}
+        return {"beta1": self.beta1, "beta2": self.beta2, "eps": self.eps, "solver": self.solver}
 
     # ------------------------------------------------------------------ the method
     def pick(self, names: Sequence[str]) -> int:
@@ -104,16 +109,16 @@ class MomentumConFIG(Combiner):
         if self.steps == 0 and len(held) < len(names):
             return torch.zeros_like(like)
         b1, b2 = self.beta1, self.beta2
-        rows = torch.stack([weights[i] * self.momenta[names[i]] / (1 - b1 ** self.counts[names[i]]) for i in held])
-        g = self._config(rows)
+        corrections = weights.new_tensor([1 - b1 ** self.counts[names[i]] for i in held])
+        scale = (weights if len(held) == len(names) else weights[held]) / corrections
+        g = self._config(torch.stack([self.momenta[names[i]] for i in held]) * scale[:, None])
         self.steps += 1
         mu = g * (1 - b1**self.steps)
-        previous = torch.zeros_like(mu) if self._mu is None else self._mu
-        r = (mu - b1 * previous) / (1 - b1)
+        r = mu if self._mu is None else torch.sub(mu, self._mu, alpha=b1)
+        r = r / (1 - b1)
         self._mu = mu
-        self._v = (1 - b2) * r.square() if self._v is None else b2 * self._v + (1 - b2) * r.square()
-        v_hat = self._v / (1 - b2**self.steps)
-        return g / (v_hat.sqrt() + self.eps)
+        self._v = (1 - b2) * r.square() if self._v is None else torch.addcmul(b2 * self._v, r, r, value=1 - b2)
+        return g / ((self._v / (1 - b2**self.steps)).sqrt() + self.eps)
 
     def step(self, names: Sequence[str], index: int, grad: Tensor, weights: Tensor,
              reached: Sequence[bool] | None = None) -> Tensor:

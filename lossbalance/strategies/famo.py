@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .base import StepRecord, Strategy, register
-from .learned import LearnedScalars, optimizer_settings
+from .learned import VectorAdam
 
 __all__ = ["FAMO"]
 
@@ -122,27 +122,24 @@ class FAMO(Strategy):
         for value in bounds:
             if not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise ValueError(f"min_losses must be a finite float or a dict of them, got {min_losses!r}")
-        cls, options = optimizer_settings("Adam", lr, {"weight_decay": weight_decay}, what="the FAMO logits")
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
         self.eps = float(eps)
         self.min_losses = dict(min_losses) if isinstance(min_losses, Mapping) else float(min_losses)
-        self._logits = LearnedScalars(cls, self.lr, options)
-        self._pending: dict[str, Tensor] = {}  # log D of the last update, until a later loss judges its step
+        self._logits = VectorAdam(self.lr, weight_decay=self.weight_decay)
+        self._bounds: tuple[tuple[str, ...], Tensor] | None = None  # the L_i^min of the last names
+        self._pending: tuple[tuple[str, ...], Tensor] | None = None  # log D of the last update, until judged
 
     def options(self) -> dict[str, Any]:
         return {"lr": self.lr, "weight_decay": self.weight_decay, "min_losses": self.min_losses, "eps": self.eps}
 
     # ------------------------------------------------------------------ reporting
     @property
-    def optimizer(self) -> torch.optim.Optimizer | None:
-        """The Adam optimizer of the logits (``None`` before the first update)."""
-        return self._logits.optimizer
-
-    @property
     def logits(self) -> dict[str, float]:
         """The current logits ``xi_i`` per term (for reporting; syncs with the device)."""
-        return {n: float(x.detach()) for n, x in self._logits.params.items()}
+        if self._logits.value is None:
+            return {}
+        return dict(zip(self._logits.names, self._logits.value.tolist()))
 
     # ------------------------------------------------------------------ the method
     def _bound(self, name: str) -> float:
@@ -150,27 +147,30 @@ class FAMO(Strategy):
             return float(self.min_losses.get(name, 0.0))
         return self.min_losses
 
-    def _gap(self, names: Sequence[str], losses: Tensor) -> Tensor:
+    def _gap(self, names: tuple[str, ...], losses: Tensor) -> Tensor:
         """``D_i = max(L_i - L_i^min, 0) + eps`` of the present terms."""
-        bounds = torch.tensor([self._bound(n) for n in names], dtype=losses.dtype, device=losses.device)
-        return (losses - bounds).clamp_min(0) + self.eps
+        if self.min_losses == 0.0:
+            return losses.clamp_min(0) + self.eps
+        if self._bounds is None or self._bounds[0] != names or self._bounds[1].dtype != losses.dtype:
+            self._bounds = names, torch.tensor([self._bound(n) for n in names], dtype=losses.dtype, device=losses.device)
+        return (losses - self._bounds[1]).clamp_min(0) + self.eps
 
-    def _learn(self, names: Sequence[str], log_gap: Tensor) -> None:
+    def _learn(self, names: tuple[str, ...], log_gap: Tensor) -> None:
         """One Adam step of the logits on ``delta = pending log D - log_gap`` (terms in both)."""
-        pending, self._pending = self._pending, {}
-        rows = [i for i, n in enumerate(names) if n in pending]
-        if not rows:
-            return
-        judged = [names[i] for i in rows]
-        new = log_gap[torch.tensor(rows, device=log_gap.device)] if len(rows) < len(names) else log_gap
-        delta = torch.stack([pending[n] for n in judged]) - new
-
-        def gradient(xi: Tensor) -> tuple[None, Tensor]:
-            z = torch.softmax(xi, 0)
-            d = delta.to(xi.dtype)
-            return None, z * (d - (z * d).sum())
-
-        self._logits.step(judged, gradient)
+        (before, pending), self._pending = self._pending, None
+        if before == names:
+            judged, delta = names, pending - log_gap
+        else:
+            judged = tuple(n for n in names if n in before)
+            if not judged:
+                return
+            now = [names.index(n) for n in judged]
+            then = [before.index(n) for n in judged]
+            delta = pending[torch.tensor(then, device=pending.device)] - log_gap[torch.tensor(now, device=log_gap.device)]
+        xi = self._logits.values(judged)
+        z = torch.softmax(xi, 0)
+        d = delta.to(xi.dtype)
+        self._logits.step(judged, z * (d - (z * d).sum()))
 
     def observe(self, names: Sequence[str], losses: Tensor) -> None:
         """The losses after the model's step (same points, new parameters): the logits learn now.
@@ -178,33 +178,42 @@ class FAMO(Strategy):
         ``LossBalancer.observe`` and ``step(..., after=)`` call it; without it the next update
         learns from its own losses (see the class docstring). Does nothing when no update is
         pending (e.g. a second call)."""
-        if self._pending:
-            self._learn(tuple(names), self._gap(names, losses.detach()).log())
+        if self._pending is not None:
+            names = tuple(names)
+            self._learn(names, self._gap(names, losses.detach()).log())
 
     def update(self, record: StepRecord) -> Tensor:
-        names, losses = record.names, record.losses.detach()
+        names, losses = tuple(record.names), record.losses.detach()
         gap = self._gap(names, losses)
         log_gap = gap.log()
-        if self._pending:  # the previous update's step, judged by this update's losses
+        if self._pending is not None:  # the previous update's step, judged by this update's losses
             self._learn(names, log_gap)
-        self._logits.ensure(names, lambda n: losses.new_zeros(()))
+        self._logits.ensure(names, losses)
         z = torch.softmax(self._logits.values(names), 0).to(losses.dtype)
         q = z / gap
         info = torch.finfo(losses.dtype)
         weights = (q / q.sum()).clamp(info.tiny, info.max)
-        self._pending = dict(zip(names, log_gap.unbind()))
+        self._pending = names, log_gap
         return weights
 
     # ------------------------------------------------------------------ state
+    def checkpoint(self) -> Any:
+        """References: an update replaces the logits, their Adam state and the pending ``log D``."""
+        return self._logits.snapshot(), self._pending
+
+    def rollback(self, checkpoint: Any) -> None:
+        logits, self._pending = checkpoint
+        self._logits.restore(logits)
+
     def state_dict(self) -> dict[str, Any]:
         state = self._logits.state_dict()
+        pending = {} if self._pending is None else dict(zip(self._pending[0], self._pending[1].clone().unbind()))
         return {
-            "names": state["order"], "logits": state["values"], "optimizer": state["optimizer"],
-            "pending": {n: v.clone() for n, v in self._pending.items()},
+            "names": state["order"], "logits": state["values"],
+            "adam": {key: state[key] for key in ("exp_avg", "exp_avg_sq", "steps")}, "pending": pending,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._logits.load_state_dict(
-            {"order": state["names"], "values": state["logits"], "optimizer": state.get("optimizer")}
-        )
-        self._pending = {n: v.clone() for n, v in state.get("pending", {}).items()}
+        self._logits.load_state_dict({"order": state["names"], "values": state["logits"], **state["adam"]})
+        pending = state.get("pending") or {}
+        self._pending = (tuple(pending), torch.stack([v.clone() for v in pending.values()])) if pending else None

@@ -1,12 +1,14 @@
-"""Per-term learned scalars with an optimizer of their own (shared by ``gradnorm`` and ``uncertainty``)."""
+"""Per-term learned scalars with an optimizer of their own (shared by ``gradnorm`` and
+``uncertainty``), and :class:`VectorAdam`, Adam on one vector of them (``famo``)."""
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+import math
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["LearnedScalars", "optimizer_class", "optimizer_settings", "optimizer_option"]
+__all__ = ["LearnedScalars", "VectorAdam", "optimizer_class", "optimizer_settings", "optimizer_option"]
 
 
 def optimizer_class(optimizer: str | type[torch.optim.Optimizer], *, what: str) -> type[torch.optim.Optimizer]:
@@ -169,3 +171,102 @@ class LearnedScalars:
             self._add(name, values[name])
         if self.optimizer is not None and optimizer is not None:
             self.optimizer.load_state_dict(_copy(optimizer))
+
+
+class VectorAdam:
+    r"""Adam (Kingma & Ba 2015) on one scalar per term, kept as vectors and updated out of place.
+
+    The update is ``torch.optim.Adam``'s (``weight_decay`` as its L2 term, no AMSGrad), with the
+    same operations in the same order, so the values equal ``Adam`` over one parameter group per
+    term bit for bit (tested)::
+
+        g <- g + wd x;   m <- lerp(m, g, 1 - b1);   v <- b2 v + (1 - b2) g^2;   n <- n + 1
+        x <- x - lr / (1 - b1^n) * m / (sqrt(v) / sqrt(1 - b2^n) + eps)
+
+    with ``n`` counted per term: a term steps only on the calls that name it, as a parameter
+    without ``.grad`` is skipped by ``torch.optim``. Every step replaces the tensors instead of
+    changing them, so :meth:`snapshot` is a tuple of references, and the update of K terms is a
+    few vector operations, not K optimizer steps.
+    """
+
+    def __init__(self, lr: float, *, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0) -> None:
+        self.lr, self.betas, self.eps, self.weight_decay = float(lr), betas, float(eps), float(weight_decay)
+        self.names: tuple[str, ...] = ()
+        self.value = self.exp_avg = self.exp_avg_sq = None  # (K,) tensors once a term is known
+        self.steps: tuple[int, ...] = ()
+
+    def ensure(self, names: Iterable[str], like: Tensor) -> None:
+        """Append the terms of ``names`` not known yet, at 0 (``like``: dtype and device)."""
+        new = [name for name in names if name not in self.names]
+        if not new:
+            return
+        zeros = like.new_zeros(len(new))
+        if self.value is None:
+            self.value, self.exp_avg, self.exp_avg_sq = zeros, zeros, zeros
+        else:
+            self.value, self.exp_avg, self.exp_avg_sq = (torch.cat((t, zeros)) for t in
+                                                         (self.value, self.exp_avg, self.exp_avg_sq))
+        self.names, self.steps = self.names + tuple(new), self.steps + (0,) * len(new)
+
+    def _rows(self, names: Sequence[str]) -> Tensor | None:
+        """The positions of ``names`` (``None``: all terms, in order)."""
+        if tuple(names) == self.names:
+            return None
+        return torch.tensor([self.names.index(n) for n in names], device=self.value.device)
+
+    def values(self, names: Sequence[str]) -> Tensor:
+        """The current values of ``names`` (known terms), in that order."""
+        rows = self._rows(names)
+        return self.value if rows is None else self.value[rows]
+
+    def step(self, names: Sequence[str], grad: Tensor) -> None:
+        """One Adam step of the terms ``names`` (known, distinct) along ``grad`` (their gradients)."""
+        rows = self._rows(names)
+        pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+        x, m, v = pick(self.value), pick(self.exp_avg), pick(self.exp_avg_sq)
+        (b1, b2), position = self.betas, {n: i for i, n in enumerate(self.names)}
+        steps = list(self.steps)
+        for name in names:
+            steps[position[name]] += 1
+        counts = [float(steps[position[n]]) for n in names]
+        if self.weight_decay != 0:
+            grad = grad.add(x, alpha=self.weight_decay)
+        m = m.lerp(grad, 1 - b1)
+        v = (v * b2).addcmul(grad, grad, value=1 - b2)
+        if len(set(counts)) == 1:  # one count for all: Adam's own scalars, bit for bit
+            size, root = self.lr / (1 - b1 ** counts[0]), (1 - b2 ** counts[0]) ** 0.5
+            x = x.addcdiv(m, (v.sqrt() / root).add(self.eps), value=-size)
+        else:
+            size, root = (x.new_tensor([f(c) for c in counts]) for f in
+                          (lambda c: self.lr / (1 - b1 ** c), lambda c: math.sqrt(1 - b2 ** c)))
+            x = x - size * m / ((v.sqrt() / root).add(self.eps))
+        if rows is None:
+            self.value, self.exp_avg, self.exp_avg_sq = x, m, v
+        else:
+            self.value, self.exp_avg, self.exp_avg_sq = (t.index_copy(0, rows, new) for t, new in
+                                                         ((self.value, x), (self.exp_avg, m), (self.exp_avg_sq, v)))
+        self.steps = tuple(steps)
+
+    # ------------------------------------------------------------------ state
+    def snapshot(self) -> tuple:
+        """References that :meth:`restore` takes back (nothing is changed in place)."""
+        return self.names, self.value, self.exp_avg, self.exp_avg_sq, self.steps
+
+    def restore(self, snapshot: tuple) -> None:
+        self.names, self.value, self.exp_avg, self.exp_avg_sq, self.steps = snapshot
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"values", "exp_avg", "exp_avg_sq": {term: 0-dim tensor}, "steps": {term: int}}``, copied."""
+        tables = {key: {} if t is None else dict(zip(self.names, t.detach().clone().unbind()))
+                  for key, t in (("values", self.value), ("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq))}
+        return {"order": list(self.names), **tables, "steps": dict(zip(self.names, self.steps))}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        names = tuple(state["order"])
+        self.names, self.steps = names, tuple(int(state["steps"][n]) for n in names)
+        if not names:
+            self.value = self.exp_avg = self.exp_avg_sq = None
+            return
+        self.value, self.exp_avg, self.exp_avg_sq = (torch.stack([state[key][n].detach().clone() for n in names])
+                                                     for key in ("values", "exp_avg", "exp_avg_sq"))
