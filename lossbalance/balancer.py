@@ -595,7 +595,12 @@ class LossBalancer:
         self, batch: _Batch, scaled: list[Tensor], values: Tensor, weights: Tensor, stats: GradStats | None, plan: _Plan
     ) -> tuple[Tensor, Tensor]:
         """Phase 5 of :meth:`loss`: the step's gradient as fresh tensors, and a scalar whose value
-        is the weighted total and whose backward accumulates exactly that gradient (O(P))."""
+        is the weighted total and whose backward accumulates exactly that gradient (O(P)); or,
+        where that gradient is the weighted total's own, the weighted total with its graph."""
+        if stats is None and self._live_total_serves(batch, plan):
+            live = torch.dot(weights.to(batch.values.dtype), torch.stack(scaled))
+            if live.requires_grad:
+                return live, values
         if self._momentum:
             direction, values = self._one_term_direction(batch, scaled, values, weights, plan._replace(early=True))
         elif stats is not None and self._engine.keeps_gradients:
@@ -606,6 +611,15 @@ class LossBalancer:
         params = self._engine.params + self._engine.others
         total = torch.dot(weights, values)
         return surrogate_loss(total, params, direction.grads + direction.others), values
+
+    def _live_total_serves(self, batch: _Batch, plan: _Plan) -> bool:
+        """Whether the framework's backward of ``sum_i w_i L_i`` gives :meth:`backward`'s gradient
+        on a call without per-term gradients: no scopes, no averaging over processes, no
+        momentum combiner, no deferred verdict, and no term built on an earlier call (whose
+        freed graph :meth:`backward` explains by name)."""
+        return not (self._momentum or plan.defer or self._reduction.active or any(batch.scopes)
+                    or any(name in batch.stale for name in batch.names)
+                    or any(t.dtype != batch.values.dtype for t in batch.terms))
 
     def _one_term_direction(
         self, batch: _Batch, scaled: list[Tensor], values: Tensor, weights: Tensor, plan: _Plan
@@ -794,12 +808,23 @@ class LossBalancer:
         Its value is the weighted total; its ``.backward()`` *accumulates* into ``.grad`` exactly
         what :meth:`backward` would write (the weighted sum or the ``combine=`` direction, scopes
         respected; parameters no term reaches keep ``.grad = None``), at the cost of one product
-        per parameter: the gradient is computed here, the returned scalar is
-        ``total + s - s.detach()`` with ``s = sum_p (p * d_p).sum()``, ``d_p`` a copy that later
-        calls do not touch. So micro-batches accumulate, and a scaled ``.backward()`` (a
+        per parameter: the gradient is computed here, the returned scalar has the value
+        ``total`` and one autograd node whose backward adds ``upstream * d_p`` to each ``p.grad``,
+        ``d_p`` a copy that later calls do not touch. So micro-batches accumulate, and a scaled ``.backward()`` (a
         framework's loss scaling) scales the gradient. A step skipped for non-finite values
         (``nonfinite="skip"``) returns NaN, whose backward adds nothing. Under a ``scaler=`` it
         raises: the framework scales the returned loss itself. Runs the step hooks.
+
+        On a call that needs no per-term gradient (no weight update, no ``combine=``, no
+        ``diagnose_every=`` step) and where the weighted sum's own gradient is the step's (no
+        ``scope=``, a single process, no ``check_every``, ``"mconfig"`` aside), the returned
+        scalar is ``sum_i w_i L_i`` itself, with its graph: the framework's backward is then the
+        only backward, the cost of a plain step (the gradient is the same, bit for bit). The
+        balancer does not see that gradient, so ``backward()``'s check for a non-finite gradient
+        does not run on such calls (the loss values are still checked first; a NaN that reaches
+        the parameters shows in the next call's values), and leaf tensors with
+        ``requires_grad`` that are not parameters (a PINN's input points) get their ``.grad`` as
+        with any ``loss.backward()``.
 
         ``reevaluation=True``: the same step evaluated again (the closure of a framework's L-BFGS,
         called several times per step): the weights are held, and neither the step counter, the
@@ -1017,7 +1042,10 @@ class LossBalancer:
     @property
     def history(self) -> list[dict[str, Any]]:
         """The last ``history`` steps: ``{"step", "weights": {...}, "losses": {...}}``, plus
-        ``"grad_norm"``, ``"cosine"`` and ``"conflict_fraction"`` on steps with per-term gradients.
+        ``"grad_norm"``, ``"cosine"`` and ``"conflict_fraction"`` on steps with per-term gradients,
+        and ``"pointwise"``: ``{term: {figure: value}}`` on steps with pointwise figures (``pointwise=``
+        weightings: ``causal_min``, ``rba_min`` ... ``rba_p10``/``p50``/``p90`` ... ``rba_max``;
+        NTK traces: ``ntk_trace``), as in :attr:`stats` (:func:`lossbalance.plots.plot_pointwise`).
 
         Each entry is built once, when first read (a read costs the steps added since the last
         one); the entries are shared between reads: treat them as read-only.

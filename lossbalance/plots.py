@@ -21,7 +21,10 @@ except ImportError:  # pragma: no cover - depends on the environment
         "lossbalance.plots needs matplotlib: pip install 'lossbalance[plots]'"
     ) from None
 
-__all__ = ["plot_weights", "plot_losses", "plot_error_fields", "plot_conflicts", "has_diagnostics", "save_figures"]
+__all__ = [
+    "plot_weights", "plot_losses", "plot_error_fields", "plot_conflicts", "plot_pointwise", "has_diagnostics", "has_pointwise",
+    "save_figures",
+]
 
 PathLike = str | os.PathLike
 
@@ -178,7 +181,7 @@ def _runs(history: Any, label: str | None) -> list[tuple[str, list[Mapping[str, 
     if items and all(hasattr(item, "history") for item in items):
         return [(str(getattr(item, "label", f"run {i}")), list(item.history)) for i, item in enumerate(items)]
     if any(not isinstance(item, Mapping) for item in items):
-        raise TypeError("plot_conflicts takes a history (a list of dicts, as balancer.history) or runs with .history")
+        raise TypeError("the plot takes a history (a list of dicts, as balancer.history) or runs with .history")
     return [(label or "", items)]
 
 
@@ -302,10 +305,68 @@ def _cosine(entry: Mapping[str, Any], a: str, b: str) -> float:
     return value if math.isfinite(value) else math.nan
 
 
+_BAND = ("p10", "p90")  # the shaded band of a per-point weight summary
+
+
+def has_pointwise(history: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether some entry of ``history`` carries pointwise figures (``"pointwise"``)."""
+    return any(entry.get("pointwise") for entry in history)
+
+
+def plot_pointwise(history: Any, path: PathLike | None = None, *, title: str = "Pointwise weights",
+                   label: str | None = None) -> Figure:
+    """The pointwise figures over the steps: one panel per term and run, log y.
+
+    ``history``: one run's history (``balancer.history``, whose entries carry ``"pointwise"``
+    ``{term: {figure: value}}``) or runs with ``label`` and ``history``. Per weighting, the
+    per-point weights' median (``<kind>_p50``) as a line between their 10 % and 90 % quantiles
+    (shaded) and their min and max (thin); the minimum causal weight (``causal_min``) and the
+    NTK trace (``ntk_trace``) as lines. Raises ``ValueError`` when no entry carries them.
+    """
+    runs = [(name, [e for e in entries if e.get("pointwise")]) for name, entries in _runs(history, label)]
+    panels = [(name, term, entries) for name, entries in runs if entries
+              for term in _ordered_keys(e["pointwise"] for e in entries)]
+    if not panels:
+        raise ValueError("no history entry carries pointwise figures: pass Residual terms with pointwise= "
+                         "weightings (or an NTK strategy) and history=")
+    fig, axes = _panels(len(panels), (4.4, 3.2))
+    for ax, (name, term, entries) in zip(axes.flat, panels):
+        rows = [(e["step"], e["pointwise"][term]) for e in entries if term in e["pointwise"]]
+        _pointwise_panel(ax, rows)
+        ax.set_title(f"{name}: {term}" if name else term)
+    _hide_unused(axes, len(panels))
+    return _finish(fig, title, path)
+
+
+def _pointwise_panel(ax: Any, rows: list[tuple[float, Mapping[str, float]]]) -> None:
+    """One term's figures: bands and extremes for per-point weight summaries, lines for the rest."""
+    keys = _ordered_keys(figures for _, figures in rows)
+    kinds = [key[: -len("_p50")] for key in keys if key.endswith("_p50")]
+    for kind in kinds:
+        series = {part: [(s, f[f"{kind}_{part}"]) for s, f in rows if f"{kind}_{part}" in f]
+                  for part in ("min", *_BAND, "p50", "max")}
+        band = [(s, lo, hi) for (s, lo), (_, hi) in zip(series["p10"], series["p90"]) if lo > 0 and hi > 0]
+        if band:
+            steps, lo, hi = zip(*band)
+            ax.fill_between(steps, lo, hi, alpha=0.25, label=f"{kind} 10-90 %")
+        _log_line(ax, series["p50"], linewidth=1.4, label=f"{kind} median")
+        for part in ("min", "max"):
+            _log_line(ax, series[part], linewidth=0.6, linestyle=":", label=f"{kind} {part}")
+    summarised = tuple(f"{kind}_" for kind in kinds)
+    for key in ("causal_min", "ntk_trace"):
+        if key in keys and not key.startswith(summarised):
+            _log_line(ax, [(s, f[key]) for s, f in rows if key in f], linewidth=1.2, label=key)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize="x-small")
+
+
 def save_figures(results: Sequence[Any], out: PathLike, *, prefix: str = "",
                  axis_labels: tuple[str, str] = ("x", "y")) -> list[Path]:
     """``weights.png``, ``losses.png``, ``error_fields.png`` and, when a run's history carries
-    conflict diagnostics, ``conflicts.png`` (:func:`plot_conflicts`) in ``out`` (created); their paths."""
+    conflict diagnostics, ``conflicts.png`` (:func:`plot_conflicts`), when it carries pointwise
+    figures, ``pointwise.png`` (:func:`plot_pointwise`), in ``out`` (created); their paths."""
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{prefix}{name}.png" for name in ("weights", "losses")]
@@ -318,4 +379,8 @@ def save_figures(results: Sequence[Any], out: PathLike, *, prefix: str = "",
     if diagnosed:
         paths.append(folder / f"{prefix}conflicts.png")
         plot_conflicts(diagnosed, paths[-1])
+    pointwise = [r for r in results if has_pointwise(r.history)]
+    if pointwise:
+        paths.append(folder / f"{prefix}pointwise.png")
+        plot_pointwise(pointwise, paths[-1])
     return paths

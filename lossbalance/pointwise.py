@@ -34,10 +34,13 @@ process's tables).
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Literal, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
+
+from .reporting import LazyFigures
 
 __all__ = ["Residual", "Causal", "RBA", "SAPINN", "BRDR", "Pointwise"]
 
@@ -217,6 +220,7 @@ class RBA:
             raise ValueError(f"RBA(init=...) is a float >= 0, got {init!r}")
         _check_forget(self.label, forget_after)
         self.gamma, self.eta, self.init, self.forget_after = float(gamma), float(eta), float(init), forget_after
+        self._checked_ids, self._same_ids = _IdMemo(), _IdMemo()  # ids verified earlier (no host reads)
 
     def __repr__(self) -> str:
         return f"RBA(gamma={self.gamma}, eta={self.eta}, init={self.init})"
@@ -230,10 +234,10 @@ class RBA:
                 f"loss term {name!r} has RBA weights, which scale the residuals r_i before squaring: pass "
                 "them as Residual(r, ids=ids, kind='residual') (not the per-point losses r**2)"
             )
-        _check_ids(name, residual, self.label, "Residual(r, ids=ids, kind='residual')")
+        _check_ids(name, residual, self.label, "Residual(r, ids=ids, kind='residual')", self._checked_ids)
 
     def reduce(self, r: Tensor, ids: Tensor, state: Mapping[str, Any], update: bool):
-        table = _IdTable(state, ids, r)
+        table = _IdTable(state, ids, r, self._same_ids)
         old = table.column("lambdas", self.init)
         a = r.detach().abs()
         lam = self.gamma * old + self.eta * a / a.max().clamp(min=torch.finfo(a.dtype).tiny) if update else old
@@ -309,6 +313,7 @@ class SAPINN:
         self.forget_after = forget_after
         self.mask, self.init, self.scale = mask, init if init == "uniform" else float(init), float(scale)
         self.lr, self.betas, self.eps, self.seed = float(lr), (float(betas[0]), float(betas[1])), float(eps), int(seed)
+        self._checked_ids, self._same_ids = _IdMemo(), _IdMemo()  # ids verified earlier (no host reads)
 
     def __repr__(self) -> str:
         return f"SAPINN(mask={self.mask!r}, init={self.init!r}, scale={self.scale}, lr={self.lr}, betas={self.betas})"
@@ -318,7 +323,7 @@ class SAPINN:
                 "generator": torch.Generator().manual_seed(self.seed).get_state()}
 
     def check(self, name: str, residual: Residual) -> None:
-        _check_ids(name, residual, self.label, "Residual(values, ids=ids)")
+        _check_ids(name, residual, self.label, "Residual(values, ids=ids)", self._checked_ids)
         _check_nonnegative(name, residual, self.label)
 
     def masked(self, lam: Tensor) -> tuple[Tensor, Tensor]:
@@ -331,7 +336,7 @@ class SAPINN:
         return s, s * (1 - s)
 
     def reduce(self, losses: Tensor, ids: Tensor, state: Mapping[str, Any], update: bool):
-        table = _IdTable(state, ids, losses)
+        table = _IdTable(state, ids, losses, self._same_ids)
         fresh, generator = self._fresh(table, state["generator"])
         lam = table.column("lambdas", fresh)
         weight, slope = self.masked(lam)
@@ -423,6 +428,7 @@ class BRDR:
             raise ValueError(f"BRDR(max_gap=...) is a positive integer, got {max_gap!r}")
         _check_forget(self.label, forget_after)
         self.beta_c, self.beta_w, self.max_gap, self.forget_after = float(beta_c), float(beta_w), max_gap, forget_after
+        self._checked_ids, self._same_ids = _IdMemo(), _IdMemo()  # ids verified earlier (no host reads)
 
     def __repr__(self) -> str:
         return f"BRDR(beta_c={self.beta_c}, beta_w={self.beta_w}, max_gap={self.max_gap})"
@@ -431,11 +437,11 @@ class BRDR:
         return {"kind": self.kind, **_empty_table(floats=("weights", "r4"))}
 
     def check(self, name: str, residual: Residual) -> None:
-        _check_ids(name, residual, self.label, "Residual(values, ids=ids)")
+        _check_ids(name, residual, self.label, "Residual(values, ids=ids)", self._checked_ids)
         _check_nonnegative(name, residual, self.label)
 
     def reduce(self, losses: Tensor, ids: Tensor, state: Mapping[str, Any], update: bool):
-        table = _IdTable(state, ids, losses)
+        table = _IdTable(state, ids, losses, self._same_ids)
         w = table.column("weights", 1.0)
         if not update:
             return (w * losses).mean(), _summary("brdr", w), state
@@ -602,16 +608,52 @@ def _checked_companion(name: str, label: str, x: Any, values: Tensor) -> Tensor 
     return x.long() if label == "ids" else x
 
 
+def _version(t: Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor keeps no version counter
+        return None
+
+
+class _IdMemo:
+    """What earlier calls verified about their id tensors, by object and version (``_version``
+    counts in-place changes): a fixed point set is checked once, not with host reads on every
+    step. A few entries, never saved or copied (a copy starts empty)."""
+
+    _SIZE = 8
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[tuple[weakref.ref, int], ...]] = {}
+
+    def __reduce__(self) -> tuple:
+        return (_IdMemo, ())
+
+    def holds(self, *tensors: Tensor) -> bool:
+        entry = self._entries.get(id(tensors[0]))
+        return entry is not None and all(ref() is t and _version(t) == v for (ref, v), t in zip(entry, tensors))
+
+    def note(self, *tensors: Tensor) -> None:
+        versions = [_version(t) for t in tensors]
+        if None in versions:
+            return
+        self._entries.pop(id(tensors[0]), None)
+        self._entries[id(tensors[0])] = tuple((weakref.ref(t), v) for t, v in zip(tensors, versions))
+        while len(self._entries) > self._SIZE:
+            self._entries.pop(next(iter(self._entries)))
+
+
 class _IdTable:
     """A term's per-point state (``state["ids"]``: sorted unique ids, one row of every column
-    each) looked up for a batch's ``ids``: the stored rows of the ids found, new ids marked."""
+    each) looked up for a batch's ``ids``: the stored rows of the ids found, new ids marked.
+    ``memo``: the weighting's record of tables found equal to the batch's ids (no host read)."""
 
-    def __init__(self, state: Mapping[str, Any], ids: Tensor, like: Tensor):
+    def __init__(self, state: Mapping[str, Any], ids: Tensor, like: Tensor, memo: _IdMemo):
         self.state, self.ids, self.like = state, ids, like
         self.known = state["ids"].to(ids.device)
         n = self.known.numel()
-        self.same = n == ids.numel() and torch.equal(self.known, ids)  # the whole table, in its order
-        if self.same:
+        self.same = memo.holds(self.known, ids) or (n == ids.numel() and torch.equal(self.known, ids))
+        if self.same:  # the whole table, in its order
+            memo.note(self.known, ids)
             self.pos, self.found, self.new_count = None, None, 0
             return
         self.pos = torch.searchsorted(self.known, ids).clamp(max=max(n - 1, 0))
@@ -680,19 +722,40 @@ def _check_forget(method: str, forget_after: Any) -> None:
         raise ValueError(f"{method}(forget_after=...) is None (keep every id) or a positive integer, got {forget_after!r}")
 
 
-def _summary(prefix: str, x: Tensor) -> dict[str, Tensor]:
-    """The batch's per-point weights for ``stats``: min, mean, max."""
-    return {f"{prefix}_min": x.min(), f"{prefix}_mean": x.mean(), f"{prefix}_max": x.max()}
+_QUANTILES = (0.1, 0.5, 0.9)
+_SUMMARY = ("min", "p10", "p50", "mean", "p90", "max")
 
 
-def _check_ids(name: str, residual: Residual, method: str, usage: str) -> None:
+def _summary(prefix: str, x: Tensor) -> dict[str, LazyFigures]:
+    """The batch's per-point weights for ``stats`` and ``history``: ``<prefix>_min``, ``_p10``,
+    ``_p50``, ``_mean``, ``_p90``, ``_max`` (the quantiles by linear interpolation between order
+    statistics, as ``torch.quantile``), computed from one sort when first read."""
+    return {f"{prefix}_summary": LazyFigures(tuple(f"{prefix}_{k}" for k in _SUMMARY), lambda: _order_figures(x))}
+
+
+def _order_figures(x: Tensor) -> Tensor:
+    """``[min, p10, p50, mean, p90, max]`` of ``x``."""
+    ordered = x.detach().reshape(-1).sort().values
+    n = ordered.numel()
+    positions = [q * (n - 1) for q in _QUANTILES]
+    below = [math.floor(p) for p in positions]
+    picked = ordered[x.new_tensor([*below, *(min(b + 1, n - 1) for b in below)], dtype=torch.long)]
+    lo, hi = picked[: len(below)], picked[len(below) :]
+    p10, p50, p90 = torch.lerp(lo, hi, lo.new_tensor([p - b for p, b in zip(positions, below)])).unbind()
+    return torch.stack([ordered[0], p10, p50, x.detach().mean(), p90, ordered[-1]])
+
+
+def _check_ids(name: str, residual: Residual, method: str, usage: str, memo: _IdMemo) -> None:
+    """The term's ids are present and unique (``memo``: ids already found so, unchanged, pass)."""
     if residual.ids is None:
         raise ValueError(f"loss term {name!r} has {method} weights: pass stable point ids, {usage}")
     ids = residual.ids
-    if ids.numel() < 2 or bool((ids.diff() > 0).all()):  # sorted and unique: no sort needed
+    if memo.holds(ids):
         return
-    if bool((torch.sort(ids).values.diff() == 0).any()):
+    sorted_unique = ids.numel() < 2 or bool((ids.diff() > 0).all())  # no sort needed
+    if not sorted_unique and bool((torch.sort(ids).values.diff() == 0).any()):
         raise ValueError(f"loss term {name!r}: the point ids of its Residual repeat; each point needs its own id")
+    memo.note(ids)
 
 
 def _check_nonnegative(name: str, residual: Residual, method: str) -> None:

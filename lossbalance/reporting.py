@@ -14,7 +14,42 @@ from torch import Tensor
 
 from .stats import GradStats
 
-__all__ = ["StepLog", "LastStep", "Diagnosed", "HistoryRow"]
+__all__ = ["StepLog", "LastStep", "Diagnosed", "HistoryRow", "LazyFigures"]
+
+
+class LazyFigures:
+    """Figures that cost more than a few tensor ops, computed at their first read: ``names``
+    and a function giving them as one 1-D tensor. ``stats`` reads them (``float()``), a
+    history row settles them into tensors (no host sync); a step nobody reads costs nothing."""
+
+    __slots__ = ("names", "_compute", "_values")
+
+    def __init__(self, names: tuple[str, ...], compute: Any) -> None:
+        self.names, self._compute, self._values = names, compute, None
+
+    def values(self) -> Tensor:
+        if self._values is None:
+            self._values, self._compute = self._compute(), None
+        return self._values
+
+    def items(self) -> list[tuple[str, Any]]:
+        """``(name, 0-dim tensor)`` pairs, computing them now."""
+        return list(zip(self.names, self.values().unbind()))
+
+
+def _settled(figures: dict[str, Any] | None) -> dict[str, dict[str, Any]] | None:
+    """The pointwise figures with every :class:`LazyFigures` group replaced by its tensors."""
+    if not figures:
+        return figures
+    return {term: dict(_flat(group)) for term, group in figures.items()}
+
+
+def _flat(group: dict[str, Any]) -> list[tuple[str, Any]]:
+    """A term's figures as ``(name, value)`` pairs, lazy groups expanded."""
+    pairs = []
+    for key, value in group.items():
+        pairs.extend(value.items() if isinstance(value, LazyFigures) else [(key, value)])
+    return pairs
 
 
 class LastStep(NamedTuple):
@@ -43,6 +78,7 @@ class HistoryRow(NamedTuple):
     weights: Tensor
     values: Tensor
     figures: Figures | None
+    pointwise: dict[str, dict[str, Any]] | None = None  # as LastStep.pointwise
 
 
 class StepLog:
@@ -67,7 +103,7 @@ class StepLog:
             self.diagnosed = Diagnosed(step, last.names, last.stats)
         if self.keeps_history:
             figures = _figures(last.stats) if kept else None
-            self.rows.append(HistoryRow(step, last.names, last.weights, last.values, figures))
+            self.rows.append(HistoryRow(step, last.names, last.weights, last.values, figures, _settled(last.pointwise)))
             self._added += 1
 
     def forget_last_row(self) -> None:
@@ -91,7 +127,7 @@ class StepLog:
         stats = {name: {key: table[key][i] for key in table} for i, name in enumerate(names)}
         for name, figures in (pointwise or {}).items():  # e.g. causal_min, rba_max
             if name in stats:
-                stats[name].update({key: float(v) for key, v in figures.items()})
+                stats[name].update({key: float(v) for key, v in _flat(figures)})
         return stats
 
     def diagnostics(self) -> dict[str, Any] | None:
@@ -125,4 +161,6 @@ def _entry(row: HistoryRow) -> dict[str, Any]:
     }
     if row.figures is not None:
         entry.update(_figure_dict(row.names, row.figures))
+    if row.pointwise:
+        entry["pointwise"] = {name: {key: float(v) for key, v in figures.items()} for name, figures in row.pointwise.items()}
     return entry

@@ -198,3 +198,30 @@ def test_a_reevaluation_holds_the_weights_and_does_not_advance_the_step():
         torch.testing.assert_close(g, p.grad)
     expected = sum(weights[n] * v for n, v in terms().items())
     torch.testing.assert_close(total.detach(), expected.detach())
+
+
+def _counting_losses(model, passes):
+    """``model.losses()`` with a hook on the trunk's output that counts the backward passes through it."""
+    h = model.trunk(model.x)
+    h.register_hook(lambda grad: passes.append(1))
+    return {"a": (model.a(h) - model.ya).pow(2).mean(), "b": (model.b(h) - model.yb).pow(2).mean()}
+
+
+@pytest.mark.parametrize("name, inside", [("plain", [0, 0, 0]), ("every-3", [2, 0, 0]), ("scoped-plain", [1, 1, 1])])
+def test_a_call_without_per_term_gradients_leaves_the_only_backward_to_the_framework(name, inside):
+    """Issue 16: "steps without an update stay one backward of the weighted sum". On such calls
+    loss() does not differentiate the model itself: the framework's .backward() is the one pass
+    through the graph. Update calls differentiate each term inside loss() (K = 2 passes through
+    the trunk), and so does a scope on every call (its gradient is not the weighted sum's own:
+    one pass through the trunk, as term b's scope is its head), and the surrogate's backward then
+    does not pass through the model."""
+    model = TwoHeads()
+    balancer = build(name, model)
+    for expected in inside:
+        passes = []
+        loss = balancer.loss(_counting_losses(model, passes))
+        assert len(passes) == expected
+        loss.backward()
+        assert len(passes) == expected + (expected == 0)
+        balancer.optimizer.step()
+        model.zero_grad()

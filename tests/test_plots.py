@@ -58,3 +58,29 @@ def test_save_figures_writes_conflicts_only_with_diagnostics(tmp_path):
     paths = save_figures([without, with_diag], tmp_path / "b")
     assert names(paths) == ["weights.png", "losses.png", "error_fields.png", "conflicts.png"]
     assert all(p.stat().st_size > 0 for p in paths) and not (tmp_path / "a" / "conflicts.png").exists()
+
+
+def test_plot_pointwise_draws_a_band_per_weighting_and_the_causal_minimum(tmp_path):
+    pytest.importorskip("matplotlib")
+    from lossbalance.plots import has_pointwise, plot_pointwise
+
+    def entry(step, scale):
+        return {"step": step, "weights": {"pde": 1.0, "ic": 1.0}, "losses": {"pde": 1.0, "ic": 1.0},
+                "pointwise": {"pde": {"causal_min": 0.1 * scale, "causal_eps": 1.0},
+                              "ic": {f"rba_{k}": v * scale for k, v in
+                                     {"min": 0.1, "p10": 0.2, "p50": 0.5, "mean": 0.5, "p90": 0.8, "max": 1.0}.items()}}}
+
+    history = [entry(0, 1.0), {"step": 1, "weights": {"pde": 1.0}, "losses": {"pde": 1.0}}, entry(2, 2.0)]
+    assert has_pointwise(history) and not has_pointwise(history[1:2])
+    path = tmp_path / "p.png"
+    fig = plot_pointwise(history, path, label="run")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pde, ic = [ax for ax in fig.axes if ax.get_visible()]
+    assert pde.get_title() == "run: pde" and ic.get_title() == "run: ic"
+    assert [line.get_label() for line in pde.get_lines()] == ["causal_min"]
+    assert [list(line.get_ydata()) for line in pde.get_lines()] == [[0.1, 0.2]]
+    labels = [line.get_label() for line in ic.get_lines()]
+    assert labels == ["rba median", "rba min", "rba max"] and len(ic.collections) == 1  # the 10-90 % band
+    assert list(ic.get_lines()[0].get_ydata()) == [0.5, 1.0]
+    with pytest.raises(ValueError, match="pointwise"):
+        plot_pointwise(history[1:2])

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from lossbalance import RBA, Causal, LossBalancer, LRAnnealing, Residual
+from lossbalance import BRDR, RBA, Causal, LossBalancer, LRAnnealing, Residual
 
 warnings.filterwarnings("ignore", message="LRAnnealing: no reference")
 
@@ -380,3 +380,62 @@ def test_a_bad_pointwise_config_names_the_term_and_the_choices():
     text = str(error.value)
     assert "pointwise.pde.kind must be one of [" in text and "'causal'" in text and "got 'casual'" in text
     assert "unknown pointwise.bc option 'gama' (did you mean 'gamma'?)" in text
+
+
+def test_per_point_summaries_reach_stats_and_history_with_their_quantiles():
+    """Issue 17, item 6: per-point weight summaries (min, quantiles, mean, max) in stats and in
+    each history entry, equal to hand values from the naive loop's multipliers."""
+    problem = Problem()
+    balancer = LossBalancer(torch.optim.SGD([problem.w], lr=0.05), "static", history=10,
+                            pointwise={"pde": RBA(gamma=0.9, eta=0.1)})
+    lam = {}
+    for rows, ids in rba_batches(problem, 3):
+        r = problem.r(rows)
+        naive_rba_step(lam, r.detach(), ids, gamma=0.9, eta=0.1)
+        balancer.step({"pde": Residual(r, ids=ids, kind="residual")})
+    values = sorted(lam[int(i)] for i in ids)
+
+    def quantile(q):  # linear interpolation between the order statistics (numpy's default)
+        position = q * (len(values) - 1)
+        lo = math.floor(position)
+        return values[lo] + (position - lo) * (values[min(lo + 1, len(values) - 1)] - values[lo])
+
+    expected = {"rba_min": values[0], "rba_p10": quantile(0.1), "rba_p50": quantile(0.5),
+                "rba_mean": sum(values) / len(values), "rba_p90": quantile(0.9), "rba_max": values[-1]}
+    stats = {k: v for k, v in balancer.stats["pde"].items() if k.startswith("rba_")}
+    assert stats == pytest.approx(expected, rel=1e-6)
+    history = balancer.history
+    assert len(history) == 3 and all("pointwise" in entry for entry in history)
+    assert history[-1]["pointwise"]["pde"] == pytest.approx(stats)
+    assert history[0]["pointwise"]["pde"] != history[-1]["pointwise"]["pde"]  # each step its own
+
+
+def test_a_fixed_point_set_is_checked_once_and_in_place_changes_are_still_caught(monkeypatch):
+    """Per-point weights keyed by ids on a fixed point set: the ids' uniqueness and their match
+    with the stored table are verified once (no host read for them per step under check_every=); ids
+    changed in place afterwards are checked again, and a repeat raises naming the term."""
+    from test_deferred import host_reads
+
+    problem = Problem()
+    for weighting in (RBA(), BRDR()):
+        balancer = LossBalancer(torch.optim.SGD([problem.w], lr=0.01), "static", check_every=50,
+                                pointwise={"pde": weighting})
+        kind = "residual" if isinstance(weighting, RBA) else "loss"
+
+        def term():
+            r = problem.r()
+            return {"pde": Residual(r if kind == "residual" else r.square(), ids=problem.ids, kind=kind)}
+
+        for _ in range(3):
+            balancer.step(term())
+        with host_reads(monkeypatch) as reads:
+            for _ in range(3):
+                balancer.step(term())
+        # RBA: none; BRDR: one per step, the sign check of its per-point losses (new values each step)
+        assert reads.count == (0 if kind == "residual" else 3), type(weighting).__name__
+        problem.ids[1] = problem.ids[0]  # in place: same tensor object, new version
+        before = balancer.state_dict()
+        with pytest.raises(ValueError, match="'pde'.*repeat"):
+            balancer.step(term())
+        assert balancer.state_dict()["step"] == before["step"]
+        problem.ids[1] = problem.ids[0] + 1
