@@ -115,6 +115,7 @@ class Causal:
         _check_causal_variant(split, cumulative, delta, t_range)
         self.chunks, self.eps, self.split, self.cumulative = chunks, [float(e) for e in schedule], split, cumulative
         self.delta, self.t_range = float(delta), t_range
+        self._groups = _Memo()  # time tensor -> (chunk of each point, points per chunk)
 
     def __repr__(self) -> str:
         return (f"Causal(chunks={self.chunks}, eps={self.eps if len(self.eps) > 1 else self.eps[0]}, "
@@ -146,11 +147,21 @@ class Causal:
         span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
         return ((t - lo) / span * m).floor().clamp(0, m - 1).long()
 
+    def _grouping(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """Every point's chunk and the chunks' point counts (``like``'s dtype), computed once per
+        (unchanged) time tensor: a fixed point set is sorted on its first step only."""
+        known = self._groups.find(t)
+        if known is not None and known[1].dtype == like.dtype:
+            return known
+        chunk = self.chunk_index(t.detach())
+        counts = torch.zeros(self.chunks, dtype=like.dtype, device=like.device).index_add_(0, chunk, torch.ones_like(like))
+        self._groups.note(t, value=(chunk, counts))
+        return chunk, counts
+
     def _chunks(self, losses: Tensor, t: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Every point's chunk, the chunks' point counts and mean losses ``L_k``, their weights ``w_k``."""
         m = self.chunks
-        chunk = self.chunk_index(t.detach())
-        counts = torch.zeros(m, dtype=losses.dtype, device=losses.device).index_add_(0, chunk, torch.ones_like(losses))
+        chunk, counts = self._grouping(t, losses)
         sums = torch.zeros(m, dtype=losses.dtype, device=losses.device).index_add(0, chunk, losses)
         chunk_loss = sums / counts.clamp(min=1)
         seen = torch.cumsum(chunk_loss.detach(), 0)
@@ -220,7 +231,7 @@ class RBA:
             raise ValueError(f"RBA(init=...) is a float >= 0, got {init!r}")
         _check_forget(self.label, forget_after)
         self.gamma, self.eta, self.init, self.forget_after = float(gamma), float(eta), float(init), forget_after
-        self._checked_ids, self._same_ids = _IdMemo(), _IdMemo()  # ids verified earlier (no host reads)
+        self._checked_ids, self._same_ids = _Memo(), _Memo()  # ids verified earlier (no host reads)
 
     def __repr__(self) -> str:
         return f"RBA(gamma={self.gamma}, eta={self.eta}, init={self.init})"
@@ -313,7 +324,7 @@ class SAPINN:
         self.forget_after = forget_after
         self.mask, self.init, self.scale = mask, init if init == "uniform" else float(init), float(scale)
         self.lr, self.betas, self.eps, self.seed = float(lr), (float(betas[0]), float(betas[1])), float(eps), int(seed)
-        self._checked_ids, self._same_ids = _IdMemo(), _IdMemo()  # ids verified earlier (no host reads)
+        self._checked_ids, self._same_ids = _Memo(), _Memo()  # ids verified earlier (no host reads)
 
     def __repr__(self) -> str:
         return f"SAPINN(mask={self.mask!r}, init={self.init!r}, scale={self.scale}, lr={self.lr}, betas={self.betas})"
@@ -428,7 +439,7 @@ class BRDR:
             raise ValueError(f"BRDR(max_gap=...) is a positive integer, got {max_gap!r}")
         _check_forget(self.label, forget_after)
         self.beta_c, self.beta_w, self.max_gap, self.forget_after = float(beta_c), float(beta_w), max_gap, forget_after
-        self._checked_ids, self._same_ids = _IdMemo(), _IdMemo()  # ids verified earlier (no host reads)
+        self._checked_ids, self._same_ids = _Memo(), _Memo()  # ids verified earlier (no host reads)
 
     def __repr__(self) -> str:
         return f"BRDR(beta_c={self.beta_c}, beta_w={self.beta_w}, max_gap={self.max_gap})"
@@ -597,7 +608,10 @@ def _checked_companion(name: str, label: str, x: Any, values: Tensor) -> Tensor 
         return None
     if not isinstance(x, Tensor):
         raise TypeError(f"loss term {name!r}: Residual {label} must be a tensor, got {type(x).__name__}")
-    x = x.as_subclass(Tensor).detach()
+    if type(x) is not Tensor:
+        x = x.as_subclass(Tensor)
+    if x.requires_grad:
+        x = x.detach()  # else the very tensor: weightings remember what they computed from it (_Memo)
     if x.dim() != 1 or x.shape[0] != values.shape[0]:
         raise ValueError(f"loss term {name!r}: Residual {label} has shape {tuple(x.shape)}, the values "
                          f"{tuple(values.shape)}: give one {label} per point")
@@ -615,29 +629,32 @@ def _version(t: Tensor) -> int | None:
         return None
 
 
-class _IdMemo:
-    """What earlier calls verified about their id tensors, by object and version (``_version``
-    counts in-place changes): a fixed point set is checked once, not with host reads on every
-    step. A few entries, never saved or copied (a copy starts empty)."""
+class _Memo:
+    """What earlier calls computed or verified from tensors they were given, by object and
+    version (``_version`` counts in-place changes): for a fixed point set, once instead of on
+    every step (with its host reads). A few entries, never saved or copied (a copy starts empty)."""
 
     _SIZE = 8
 
     def __init__(self) -> None:
-        self._entries: dict[int, tuple[tuple[weakref.ref, int], ...]] = {}
+        self._entries: dict[int, tuple[tuple[tuple[weakref.ref, int], ...], Any]] = {}
 
     def __reduce__(self) -> tuple:
-        return (_IdMemo, ())
+        return (_Memo, ())
 
-    def holds(self, *tensors: Tensor) -> bool:
+    def find(self, *tensors: Tensor) -> Any:
+        """What was noted for these very tensors, unchanged since (``None``: nothing)."""
         entry = self._entries.get(id(tensors[0]))
-        return entry is not None and all(ref() is t and _version(t) == v for (ref, v), t in zip(entry, tensors))
+        if entry is None or not all(ref() is t and _version(t) == v for (ref, v), t in zip(entry[0], tensors)):
+            return None
+        return entry[1]
 
-    def note(self, *tensors: Tensor) -> None:
+    def note(self, *tensors: Tensor, value: Any = True) -> None:
         versions = [_version(t) for t in tensors]
         if None in versions:
             return
         self._entries.pop(id(tensors[0]), None)
-        self._entries[id(tensors[0])] = tuple((weakref.ref(t), v) for t, v in zip(tensors, versions))
+        self._entries[id(tensors[0])] = (tuple((weakref.ref(t), v) for t, v in zip(tensors, versions)), value)
         while len(self._entries) > self._SIZE:
             self._entries.pop(next(iter(self._entries)))
 
@@ -647,11 +664,11 @@ class _IdTable:
     each) looked up for a batch's ``ids``: the stored rows of the ids found, new ids marked.
     ``memo``: the weighting's record of tables found equal to the batch's ids (no host read)."""
 
-    def __init__(self, state: Mapping[str, Any], ids: Tensor, like: Tensor, memo: _IdMemo):
+    def __init__(self, state: Mapping[str, Any], ids: Tensor, like: Tensor, memo: _Memo):
         self.state, self.ids, self.like = state, ids, like
         self.known = state["ids"].to(ids.device)
         n = self.known.numel()
-        self.same = memo.holds(self.known, ids) or (n == ids.numel() and torch.equal(self.known, ids))
+        self.same = memo.find(self.known, ids) is not None or (n == ids.numel() and torch.equal(self.known, ids))
         if self.same:  # the whole table, in its order
             memo.note(self.known, ids)
             self.pos, self.found, self.new_count = None, None, 0
@@ -745,12 +762,12 @@ def _order_figures(x: Tensor) -> Tensor:
     return torch.stack([ordered[0], p10, p50, x.detach().mean(), p90, ordered[-1]])
 
 
-def _check_ids(name: str, residual: Residual, method: str, usage: str, memo: _IdMemo) -> None:
+def _check_ids(name: str, residual: Residual, method: str, usage: str, memo: _Memo) -> None:
     """The term's ids are present and unique (``memo``: ids already found so, unchanged, pass)."""
     if residual.ids is None:
         raise ValueError(f"loss term {name!r} has {method} weights: pass stable point ids, {usage}")
     ids = residual.ids
-    if memo.holds(ids):
+    if memo.find(ids) is not None:
         return
     sorted_unique = ids.numel() < 2 or bool((ids.diff() > 0).all())  # no sort needed
     if not sorted_unique and bool((torch.sort(ids).values.diff() == 0).any()):

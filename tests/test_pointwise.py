@@ -85,6 +85,22 @@ def test_causal_weights_match_a_naive_loop_over_chunks(split, cumulative, kind):
     assert w_min < 1  # the weights did something
 
 
+@pytest.mark.parametrize("split", ["count", "time"])
+def test_causal_chunks_follow_a_time_tensor_changed_in_place(split):
+    """The chunks of a fixed time tensor are computed once; the same tensor changed in place
+    (new times: its version moves) is chunked again, as the naive loop on the new times."""
+    problem = Problem()
+    t = problem.t.clone()
+    balancer = LossBalancer([problem.w], "static", pointwise={"pde": Causal(chunks=5, eps=2.0, split=split)})
+    for step in range(3):
+        if step == 2:
+            t.copy_(1.0 - t)  # same object, reversed order in time
+        total = balancer.backward({"pde": Residual(problem.r() ** 2, t=t)})
+        reference, w_min = naive_causal(problem.r() ** 2, t, 5, 2.0, split, "exclusive")
+        torch.testing.assert_close(total, reference.detach(), rtol=1e-12, atol=0)
+        assert balancer.stats["pde"]["causal_min"] == pytest.approx(w_min, rel=1e-12)
+
+
 def test_causal_annealing_follows_the_papers_rule():
     problem = Problem()
     schedule = [1e-2, 1e-1, 1.0, 10.0]
