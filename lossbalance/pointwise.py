@@ -397,6 +397,15 @@ class SAPINN:
         return {"kind": self.kind, **checked, "generator": generator.clone()}
 
 
+class _Decay(NamedTuple):
+    """A BRDR update's per-point quantities before the weights: the id table, ``d_i``, ``e_i``, ``irdr_i``."""
+
+    table: "_IdTable"
+    gap: Tensor
+    r4: Tensor
+    irdr: Tensor
+
+
 class BRDR:
     r"""Balanced residual decay rate weights (Chen, Howard & Stinis 2024/2025, "Self-adaptive
     weights based on balanced residual decay rate for physics-informed neural networks and deep
@@ -413,13 +422,17 @@ class BRDR:
     updated every step in between (the authors' ``last_seen``, capped at ``intervalMax`` = 10
     epochs of mini-batches); a new point has ``last_seen = 0``, ``e = 0``, ``w = 1``.
 
-    Not the authors' in two ways: ``mean_j irdr_j`` is over the term's points (theirs pools every
-    BRDR term, i.e. also balances the terms, which here is the strategy's job), and their global
-    scale factor (``lamda``, updated from the total loss and the squared gradient norm, rescaling
-    the gradients: a step-size adaptation, not a pointwise weight) is left out.
+    ``mean_j irdr_j`` pools the points of every term with ``BRDR(pool="all")`` weights (the
+    authors' ``BRDRMaster.updateK``: the sum of all terms' ``irdr`` over their total point count),
+    so the weights also balance those terms against each other; ``pool="term"``: over the term's
+    own points (the weights then balance points within a term only, and the terms are left to
+    the strategy). Their global scale factor (``lamda``, updated from the total loss and the
+    squared gradient norm, rescaling the gradients: a step-size adaptation, not a pointwise
+    weight) is left out.
 
     Args:
         beta_c, beta_w: 0.999, 0.999 (the authors' defaults).
+        pool: ``"all"`` (the authors') or ``"term"``, see above.
         max_gap: the cap of ``d_i`` (the authors: 10 times the batches per epoch; 10 for full batches).
         forget_after: ``None`` (default): the table keeps every id seen (it grows with resampling);
             ``n``: an id not seen in the last ``n`` steps is dropped from the state when a step
@@ -431,10 +444,14 @@ class BRDR:
 
     kind, label = "brdr", "BRDR"
 
-    def __init__(self, beta_c: float = 0.999, beta_w: float = 0.999, *, max_gap: int = 10, forget_after: int | None = None):
+    def __init__(self, beta_c: float = 0.999, beta_w: float = 0.999, *, max_gap: int = 10, forget_after: int | None = None,
+                 pool: Literal["all", "term"] = "all"):
         for label, beta in (("beta_c", beta_c), ("beta_w", beta_w)):
             if not 0 <= beta < 1:
                 raise ValueError(f"BRDR({label}=...) is in [0, 1), got {beta!r}")
+        if pool not in ("all", "term"):
+            raise ValueError(f"BRDR(pool=...) is 'all' (the authors': every BRDR term's points) or 'term', got {pool!r}")
+        self.pool = pool
         if isinstance(max_gap, bool) or not isinstance(max_gap, int) or max_gap < 1:
             raise ValueError(f"BRDR(max_gap=...) is a positive integer, got {max_gap!r}")
         _check_forget(self.label, forget_after)
@@ -442,7 +459,7 @@ class BRDR:
         self._checked_ids, self._same_ids = _Memo(), _Memo()  # ids verified earlier (no host reads)
 
     def __repr__(self) -> str:
-        return f"BRDR(beta_c={self.beta_c}, beta_w={self.beta_w}, max_gap={self.max_gap})"
+        return f"BRDR(beta_c={self.beta_c}, beta_w={self.beta_w}, max_gap={self.max_gap}, pool={self.pool!r})"
 
     def initial_state(self) -> dict[str, Any]:
         return {"kind": self.kind, **_empty_table(floats=("weights", "r4"))}
@@ -451,20 +468,29 @@ class BRDR:
         _check_ids(name, residual, self.label, "Residual(values, ids=ids)", self._checked_ids)
         _check_nonnegative(name, residual, self.label)
 
-    def reduce(self, losses: Tensor, ids: Tensor, state: Mapping[str, Any], update: bool):
+    def decay(self, losses: Tensor, ids: Tensor, state: Mapping[str, Any]) -> _Decay:
+        """The first half of an update: the moving average ``e`` and ``irdr`` of the batch's points."""
         table = _IdTable(state, ids, losses, self._same_ids)
-        w = table.column("weights", 1.0)
-        if not update:
-            return (w * losses).mean(), _summary("brdr", w), state
         step = state["step"] + 1
         gap = (step - table.column("last_seen", 0)).clamp(max=self.max_gap)
         l = losses.detach()
         r4 = table.column("r4", 0.0)
         r4 = r4 + (1 - torch.pow(l.new_tensor(self.beta_c), gap)) * (l * l - r4)
         irdr = l / ((r4 / (1 - self.beta_c**step)).sqrt() + 1e-14)
-        balanced = irdr / irdr.mean().clamp(min=torch.finfo(l.dtype).tiny)
-        w = w + (1 - torch.pow(l.new_tensor(self.beta_w), gap)) * (balanced - w)
-        new_state = {"kind": self.kind, **_advanced(table, {"weights": w, "r4": r4}, state, self.forget_after)}
+        return _Decay(table, gap, r4, irdr)
+
+    def reduce(self, losses: Tensor, ids: Tensor, state: Mapping[str, Any], update: bool,
+               pooled: tuple[_Decay, Tensor] | None = None):
+        """``pooled``: this term's :meth:`decay` and the mean ``irdr`` over the pooled terms."""
+        if not update:
+            w = _IdTable(state, ids, losses, self._same_ids).column("weights", 1.0)
+            return (w * losses).mean(), _summary("brdr", w), state
+        decay, mean = pooled if pooled is not None else (self.decay(losses, ids, state), None)
+        mean = decay.irdr.mean() if mean is None else mean
+        w = decay.table.column("weights", 1.0)
+        balanced = decay.irdr / mean.clamp(min=torch.finfo(w.dtype).tiny)
+        w = w + (1 - torch.pow(w.new_tensor(self.beta_w), decay.gap)) * (balanced - w)
+        new_state = {"kind": self.kind, **_advanced(decay.table, {"weights": w, "r4": decay.r4}, state, self.forget_after)}
         return (w * losses).mean(), _summary("brdr", w), new_state
 
     def checked_state(self, name: str, state: Any) -> dict[str, Any]:
@@ -513,28 +539,52 @@ class Pointwise:
         if not any(isinstance(v, Residual) for v in losses.values()):
             return Reduced(losses, {}, {}, losses)
         out, figures, state = dict(losses), {}, {}
-        for name, term in losses.items():
-            if isinstance(term, Residual):
-                out[name], weighted = self._reduce_term(name, term, update)
-                if weighted is not None:
-                    figures[name], state[name] = weighted
+        prepared = {name: self._prepared(name, term) for name, term in losses.items() if isinstance(term, Residual)}
+        pooled = self._pooled_decays(prepared) if update else {}
+        for name, arrays in prepared.items():
+            out[name], weighted = self._reduce_term(name, losses[name].reduction, arrays, update, pooled.get(name))
+            if weighted is not None:
+                figures[name], state[name] = weighted
         return Reduced(out, figures, state, losses)
 
-    def _reduce_term(self, name: str, term: Residual, update: bool):
-        """One Residual term: its value and, when it has a pointwise weighting, (figures, new state)."""
+    def _prepared(self, name: str, term: Residual) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The term's per-point values (``r^2`` of residuals), times and ids, checked for its weighting."""
         values, t, ids = _checked(name, term)
         per_point = values.pow(2) if term.kind == "residual" else values
         weighting = self.weightings.get(name)
+        if weighting is not None:
+            if term.reduction != "mean":
+                raise ValueError(f"loss term {name!r} has pointwise weights, which define their own mean: use Residual(reduction='mean')")
+            weighting.check(name, term)
+        return (values if isinstance(weighting, RBA) else per_point), t, ids  # RBA scales the residuals
+
+    def _pooled_decays(self, prepared: Mapping[str, tuple]) -> dict[str, tuple[_Decay, Tensor]]:
+        """Per term with ``BRDR(pool="all")`` weights: its decay and the ``irdr`` mean over all of them."""
+        decays = {}
+        for name, (per_point, _, ids) in prepared.items():
+            weighting = self.weightings.get(name)
+            if isinstance(weighting, BRDR) and weighting.pool == "all":
+                decays[name] = weighting.decay(per_point, ids, self.state[name])
+        if not decays:
+            return {}
+        irdr = [d.irdr for d in decays.values()]
+        mean = sum(x.sum() for x in irdr) / sum(x.numel() for x in irdr) if len(irdr) > 1 else irdr[0].mean()
+        return {name: (decay, mean) for name, decay in decays.items()}
+
+    def _reduce_term(self, name: str, reduction: str, arrays: tuple, update: bool,
+                     pooled: tuple[_Decay, Tensor] | None = None):
+        """One Residual term (its :meth:`_prepared` arrays): its value and, when it has a
+        pointwise weighting, (figures, new state)."""
+        values, t, ids = arrays
+        weighting = self.weightings.get(name)
         if weighting is None:
-            return (per_point.mean() if term.reduction == "mean" else per_point.sum()), None
-        if term.reduction != "mean":
-            raise ValueError(f"loss term {name!r} has pointwise weights, which define their own mean: use Residual(reduction='mean')")
-        weighting.check(name, term)
+            return (values.mean() if reduction == "mean" else values.sum()), None
         if isinstance(weighting, Causal):
-            args = (per_point, t)
-        else:  # RBA scales the residuals; SA-PINN and BRDR weight the per-point losses
-            args = (values if isinstance(weighting, RBA) else per_point, ids)
-        value, figures, state = weighting.reduce(*args, self.state[name], update)
+            value, figures, state = weighting.reduce(values, t, self.state[name], update)
+        elif isinstance(weighting, BRDR):
+            value, figures, state = weighting.reduce(values, ids, self.state[name], update, pooled)
+        else:
+            value, figures, state = weighting.reduce(values, ids, self.state[name], update)
         return value, (figures, state)
 
     def commit(self, state: Mapping[str, dict[str, Any]]) -> None:

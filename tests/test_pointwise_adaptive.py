@@ -180,6 +180,58 @@ def test_brdr_matches_a_naive_loop_through_gaps_and_new_points(kind):
     assert len(set(state["last_seen"].tolist())) > 1  # some points skipped steps: the gaps were exercised
 
 
+def naive_pooled_brdr_step(tables, terms, step, beta_c, beta_w, max_gap):
+    """The authors' BRDRMaster: each term's irdr first (preUpdate), then one mean over the points
+    of all terms (updateK: sum of the irdr sums / total batch size), then each term's weights."""
+    decayed = {}
+    for name, (losses, ids) in terms.items():
+        l, table = losses.detach(), tables.setdefault(name, {})
+        rows = [table.get(int(i), [0.0, 1.0, 0]) for i in ids]
+        gaps = [min(step - row[2], max_gap) for row in rows]
+        e = [row[0] + (1 - beta_c**d) * (float(l[k]) ** 2 - row[0]) for k, (row, d) in enumerate(zip(rows, gaps))]
+        irdr = [float(l[k]) / (math.sqrt(e[k] / (1 - beta_c**step)) + 1e-14) for k in range(len(ids))]
+        decayed[name] = rows, gaps, e, irdr
+    everything = [x for _, _, _, irdr in decayed.values() for x in irdr]
+    mean = sum(everything) / len(everything)
+    values = {}
+    for name, (losses, ids) in terms.items():
+        rows, gaps, e, irdr = decayed[name]
+        w = [row[1] + (1 - beta_w**d) * (irdr[k] / mean - row[1]) for k, (row, d) in enumerate(zip(rows, gaps))]
+        for k, i in enumerate(map(int, ids)):
+            tables[name][i] = [e[k], w[k], step]
+        values[name] = sum(w[k] * losses[k] for k in range(len(ids))) / len(ids)
+    return values
+
+
+def test_brdr_pools_the_irdr_mean_over_every_brdr_term_as_the_authors():
+    """Two BRDR terms on different points (mini-batches, gaps): the default pool="all" matches the
+    authors' pooled mean; pool="term" matches the per-term loop, and the two differ."""
+    problem, twin = Problem(), Problem()
+    half = N // 2
+    balancer = LossBalancer(torch.optim.SGD([problem.w], lr=0.05), "static",
+                            pointwise={"pde": BRDR(beta_c=0.9, beta_w=0.8, max_gap=3), "bc": BRDR(beta_c=0.9, beta_w=0.8, max_gap=3)})
+    per_term = LossBalancer([problem.w], "static",  # no optimizer: backward() only, on the same residuals
+                            pointwise={n: BRDR(beta_c=0.9, beta_w=0.8, max_gap=3, pool="term") for n in ("pde", "bc")})
+    optimizer = torch.optim.SGD([twin.w], lr=0.05)
+    tables, own = {}, {"pde": {}, "bc": {}}
+    for step, rows in enumerate(batches(6, size=half), start=1):
+        pde, bc = rows, rows + half if bool((rows + half < N).all()) else rows
+        def terms():
+            return {"pde": (problem.r(pde) ** 2, problem.ids[pde]), "bc": (3.0 * problem.r(bc) ** 2, problem.ids[bc])}
+
+        separate = per_term.backward({n: Residual(v, ids=i) for n, (v, i) in terms().items()})
+        alone = {n: naive_brdr_step(own[n], v.detach(), i, step, 0.9, 0.8, 3) for n, (v, i) in terms().items()}
+        total = balancer.step({n: Residual(v, ids=i) for n, (v, i) in terms().items()})
+        reference = naive_pooled_brdr_step(tables, {"pde": (twin.r(pde) ** 2, problem.ids[pde]),
+                                                    "bc": (3.0 * twin.r(bc) ** 2, problem.ids[bc])}, step, 0.9, 0.8, 3)
+        optimizer.zero_grad()
+        sum(reference.values()).backward()
+        optimizer.step()
+        torch.testing.assert_close(total, sum(reference.values()).detach(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(separate, sum(alone.values()), rtol=1e-12, atol=0)
+    assert float((total - separate).abs()) > 1e-6 * float(total)  # pooling changed the weights
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.lists(st.floats(0.01, 10), min_size=5, max_size=5), min_size=1, max_size=6), st.floats(0, 0.99))
 def test_brdr_full_batch_weights_keep_mean_one(history, beta_w):
