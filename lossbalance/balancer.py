@@ -1200,7 +1200,7 @@ def surrogate_loss(total: Tensor, params: list[Tensor], grads: list[Tensor | Non
     (``None``: the parameter is left out, its ``.grad`` untouched), scaled by the gradient that
     reaches it (a framework's loss scaling, ``1 / accumulation steps``): one autograd node,
     whose backward is one product per parameter tensor."""
-    pairs = [(p, g.detach()) for p, g in zip(params, grads) if g is not None]
+    pairs = [(p, g.detach() if g.requires_grad else g) for p, g in zip(params, grads) if g is not None]
     if not pairs:
         return total.detach().requires_grad_()
     return _Surrogate.apply(total.detach(), [g for _, g in pairs], *(p for p, _ in pairs))
