@@ -305,9 +305,6 @@ def _cosine(entry: Mapping[str, Any], a: str, b: str) -> float:
     return value if math.isfinite(value) else math.nan
 
 
-_BAND = ("p10", "p90")  # the shaded band of a per-point weight summary
-
-
 def has_pointwise(history: Sequence[Mapping[str, Any]]) -> bool:
     """Whether some entry of ``history`` carries pointwise figures (``"pointwise"``)."""
     return any(entry.get("pointwise") for entry in history)
@@ -323,19 +320,26 @@ def plot_pointwise(history: Any, path: PathLike | None = None, *, title: str = "
     (shaded) and their min and max (thin); the minimum causal weight (``causal_min``) and the
     NTK trace (``ntk_trace``) as lines. Raises ``ValueError`` when no entry carries them.
     """
-    runs = [(name, [e for e in entries if e.get("pointwise")]) for name, entries in _runs(history, label)]
-    panels = [(name, term, entries) for name, entries in runs if entries
-              for term in _ordered_keys(e["pointwise"] for e in entries)]
-    if not panels:
-        raise ValueError("no history entry carries pointwise figures: pass Residual terms with pointwise= "
-                         "weightings (or an NTK strategy) and history=")
+    panels = _pointwise_panels(history, label)
     fig, axes = _panels(len(panels), (4.4, 3.2))
-    for ax, (name, term, entries) in zip(axes.flat, panels):
-        rows = [(e["step"], e["pointwise"][term]) for e in entries if term in e["pointwise"]]
+    for ax, (name, term, rows) in zip(axes.flat, panels):
         _pointwise_panel(ax, rows)
         ax.set_title(f"{name}: {term}" if name else term)
     _hide_unused(axes, len(panels))
     return _finish(fig, title, path)
+
+
+def _pointwise_panels(history: Any, label: str | None) -> list[tuple[str, str, list[tuple[float, Mapping[str, float]]]]]:
+    """``(run, term, [(step, figures)])`` per term of each run with pointwise figures; raises if none."""
+    panels = []
+    for name, entries in _runs(history, label):
+        entries = [e for e in entries if e.get("pointwise")]
+        for term in _ordered_keys(e["pointwise"] for e in entries):
+            panels.append((name, term, [(e["step"], e["pointwise"][term]) for e in entries if term in e["pointwise"]]))
+    if not panels:
+        raise ValueError("no history entry carries pointwise figures: pass Residual terms with pointwise= "
+                         "weightings (or an NTK strategy) and history=")
+    return panels
 
 
 def _pointwise_panel(ax: Any, rows: list[tuple[float, Mapping[str, float]]]) -> None:
@@ -343,23 +347,28 @@ def _pointwise_panel(ax: Any, rows: list[tuple[float, Mapping[str, float]]]) -> 
     keys = _ordered_keys(figures for _, figures in rows)
     kinds = [key[: -len("_p50")] for key in keys if key.endswith("_p50")]
     for kind in kinds:
-        series = {part: [(s, f[f"{kind}_{part}"]) for s, f in rows if f"{kind}_{part}" in f]
-                  for part in ("min", *_BAND, "p50", "max")}
-        band = [(s, lo, hi) for (s, lo), (_, hi) in zip(series["p10"], series["p90"]) if lo > 0 and hi > 0]
-        if band:
-            steps, lo, hi = zip(*band)
-            ax.fill_between(steps, lo, hi, alpha=0.25, label=f"{kind} 10-90 %")
-        _log_line(ax, series["p50"], linewidth=1.4, label=f"{kind} median")
-        for part in ("min", "max"):
-            _log_line(ax, series[part], linewidth=0.6, linestyle=":", label=f"{kind} {part}")
-    summarised = tuple(f"{kind}_" for kind in kinds)
+        _summary_band(ax, rows, kind)
     for key in ("causal_min", "ntk_trace"):
-        if key in keys and not key.startswith(summarised):
+        if key in keys:
             _log_line(ax, [(s, f[key]) for s, f in rows if key in f], linewidth=1.2, label=key)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize="x-small")
+
+
+def _summary_band(ax: Any, rows: list[tuple[float, Mapping[str, float]]], kind: str) -> None:
+    """A per-point weight summary: the median between the 10 % and 90 % quantiles, the extremes dotted."""
+    def series(part: str) -> list[tuple[float, float]]:
+        return [(s, f[f"{kind}_{part}"]) for s, f in rows if f"{kind}_{part}" in f]
+
+    band = [(s, lo, hi) for (s, lo), (_, hi) in zip(series("p10"), series("p90")) if lo > 0 and hi > 0]
+    if band:
+        steps, lo, hi = zip(*band)
+        ax.fill_between(steps, lo, hi, alpha=0.25, label=f"{kind} 10-90 %")
+    _log_line(ax, series("p50"), linewidth=1.4, label=f"{kind} median")
+    for part in ("min", "max"):
+        _log_line(ax, series(part), linewidth=0.6, linestyle=":", label=f"{kind} {part}")
 
 
 def save_figures(results: Sequence[Any], out: PathLike, *, prefix: str = "",

@@ -530,12 +530,7 @@ class Pointwise:
         (the new state is returned, committed by :meth:`commit` once the step succeeded)."""
         if not isinstance(losses, Mapping):
             return Reduced(losses, {}, {})
-        for name in self.weightings:
-            if name in losses and isinstance(losses[name], Tensor):
-                raise TypeError(
-                    f"loss term {name!r} has pointwise weights ({self.weightings[name]!r}) but was passed as a "
-                    "scalar: pass its per-point values, lossbalance.Residual(values, t=..., ids=...)"
-                )
+        self._refuse_scalars(losses)
         if not any(isinstance(v, Residual) for v in losses.values()):
             return Reduced(losses, {}, {}, losses)
         out, figures, state = dict(losses), {}, {}
@@ -546,6 +541,14 @@ class Pointwise:
             if weighted is not None:
                 figures[name], state[name] = weighted
         return Reduced(out, figures, state, losses)
+
+    def _refuse_scalars(self, losses: Mapping[str, Any]) -> None:
+        for name in self.weightings:
+            if name in losses and isinstance(losses[name], Tensor):
+                raise TypeError(
+                    f"loss term {name!r} has pointwise weights ({self.weightings[name]!r}) but was passed as a "
+                    "scalar: pass its per-point values, lossbalance.Residual(values, t=..., ids=...)"
+                )
 
     def _prepared(self, name: str, term: Residual) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """The term's per-point values (``r^2`` of residuals), times and ids, checked for its weighting."""
@@ -658,10 +661,7 @@ def _checked_companion(name: str, label: str, x: Any, values: Tensor) -> Tensor 
         return None
     if not isinstance(x, Tensor):
         raise TypeError(f"loss term {name!r}: Residual {label} must be a tensor, got {type(x).__name__}")
-    if type(x) is not Tensor:
-        x = x.as_subclass(Tensor)
-    if x.requires_grad:
-        x = x.detach()  # else the very tensor: weightings remember what they computed from it (_Memo)
+    x = _plain_detached(x)
     if x.dim() != 1 or x.shape[0] != values.shape[0]:
         raise ValueError(f"loss term {name!r}: Residual {label} has shape {tuple(x.shape)}, the values "
                          f"{tuple(values.shape)}: give one {label} per point")
@@ -670,6 +670,14 @@ def _checked_companion(name: str, label: str, x: Any, values: Tensor) -> Tensor 
     if x.device != values.device:
         raise ValueError(f"loss term {name!r}: Residual {label} is on {x.device}, its values on {values.device}")
     return x.long() if label == "ids" else x
+
+
+def _plain_detached(x: Tensor) -> Tensor:
+    """``x`` as a plain detached tensor; the very tensor where it already is one (the weightings
+    remember what they computed from it: :class:`_Memo`)."""
+    if type(x) is not Tensor:
+        x = x.as_subclass(Tensor)
+    return x.detach() if x.requires_grad else x
 
 
 def _version(t: Tensor) -> int | None:

@@ -225,28 +225,33 @@ class VectorAdam:
         rows = self._rows(names)
         pick = (lambda t: t) if rows is None else (lambda t: t[rows])
         x, m, v = pick(self.value), pick(self.exp_avg), pick(self.exp_avg_sq)
-        (b1, b2), position = self.betas, {n: i for i, n in enumerate(self.names)}
+        position = {n: i for i, n in enumerate(self.names)}
         steps = list(self.steps)
         for name in names:
             steps[position[name]] += 1
-        counts = [float(steps[position[n]]) for n in names]
+        b1, b2 = self.betas
         if self.weight_decay != 0:
             grad = grad.add(x, alpha=self.weight_decay)
         m = m.lerp(grad, 1 - b1)
         v = (v * b2).addcmul(grad, grad, value=1 - b2)
-        if len(set(counts)) == 1:  # one count for all: Adam's own scalars, bit for bit
-            size, root = self.lr / (1 - b1 ** counts[0]), (1 - b2 ** counts[0]) ** 0.5
-            x = x.addcdiv(m, (v.sqrt() / root).add(self.eps), value=-size)
-        else:
-            size, root = (x.new_tensor([f(c) for c in counts]) for f in
-                          (lambda c: self.lr / (1 - b1 ** c), lambda c: math.sqrt(1 - b2 ** c)))
-            x = x - size * m / ((v.sqrt() / root).add(self.eps))
+        x = self._moved(x, m, v, [float(steps[position[n]]) for n in names])
         if rows is None:
             self.value, self.exp_avg, self.exp_avg_sq = x, m, v
         else:
             self.value, self.exp_avg, self.exp_avg_sq = (t.index_copy(0, rows, new) for t, new in
                                                          ((self.value, x), (self.exp_avg, m), (self.exp_avg_sq, v)))
         self.steps = tuple(steps)
+
+    def _moved(self, x: Tensor, m: Tensor, v: Tensor, counts: list[float]) -> Tensor:
+        """``x`` after the bias-corrected step: with one count for all, Adam's own scalars (bit for
+        bit); else per-term step sizes (equal to rounding)."""
+        b1, b2 = self.betas
+        if len(set(counts)) == 1:
+            size, root = self.lr / (1 - b1 ** counts[0]), (1 - b2 ** counts[0]) ** 0.5
+            return x.addcdiv(m, (v.sqrt() / root).add(self.eps), value=-size)
+        size = x.new_tensor([self.lr / (1 - b1**c) for c in counts])
+        root = x.new_tensor([math.sqrt(1 - b2**c) for c in counts])
+        return x - size * m / ((v.sqrt() / root).add(self.eps))
 
     # ------------------------------------------------------------------ state
     def snapshot(self) -> tuple:
