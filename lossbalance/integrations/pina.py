@@ -66,6 +66,21 @@ from ._imports import require
 __all__ = ["BalancedWeighting"]
 
 _weighting = require("pina.weighting", "pina", "lossbalance.integrations.pina")
+_solvers = require("pina.solver", "pina", "lossbalance.integrations.pina")
+
+
+def _model_pass(solver: Any) -> int | None:
+    """For PINA's min-max solvers (a second model with its own optimizer, manual optimisation:
+    ``training_step`` aggregates the conditions once per optimizer), the index of the aggregate
+    of a training step whose backward trains ``solver.model``; ``None`` for the other solvers
+    (one aggregate per training step). PINA 0.3's order: the self-adaptive solver's weights
+    ascend first, then the model descends; the competitive solver's model descends first, then
+    the discriminator ascends."""
+    if isinstance(solver, _solvers.SelfAdaptivePhysicsInformedSolver):
+        return 1
+    if isinstance(solver, _solvers.CompetitivePhysicsInformedSolver):
+        return 0
+    return None
 
 
 class BalancedWeighting(_weighting.BaseWeighting):
@@ -90,13 +105,30 @@ class BalancedWeighting(_weighting.BaseWeighting):
         self.balancer: LossBalancer | None = None
         self._balanced: Tensor | None = None  # this aggregate's balanced loss (training steps)
         self._pending: Mapping[str, Any] | None = None
+        self._batch: int | None = None  # min-max solvers: the training batch of the last aggregate
+        self._pass = 0  # and which of its aggregates that was
 
     def _training(self) -> bool:
         trainer = getattr(self.solver, "trainer", None) if self.solver is not None else None
         return bool(trainer is not None and trainer.training and torch.is_grad_enabled())
 
+    def _balancing(self) -> bool:
+        """Whether this training aggregate is the one to balance: every one, except with PINA's
+        min-max solvers, where only the pass that trains ``solver.model`` steps the balancer; the
+        second model's pass (self-adaptive weights, discriminator) gets the weighted sum with the
+        current weights, which that model ascends."""
+        wanted = _model_pass(self.solver)
+        if wanted is None:
+            return True
+        batch = self.solver.trainer.fit_loop.total_batch_idx
+        self._pass = self._pass + 1 if batch == self._batch else 0
+        self._batch = batch
+        return self._pass == wanted
+
     def _build(self) -> LossBalancer:
-        params = [p for p in self.solver.parameters() if p.requires_grad]
+        second = _model_pass(self.solver) is not None  # the second model is not balanced: its own optimizer
+        others = {id(p) for p in self.solver.models[1].parameters()} if second else set()
+        params = [p for p in self.solver.parameters() if p.requires_grad and id(p) not in others]
         self.balancer = LossBalancer(params, self.strategy, **self.options)
         if self._pending is not None:
             self.balancer.load_state_dict(self._pending)
@@ -104,7 +136,7 @@ class BalancedWeighting(_weighting.BaseWeighting):
         return self.balancer
 
     def update_weights(self, losses: Mapping[str, Tensor]) -> dict[str, float]:
-        if self._training():
+        if self._training() and self._balancing():
             balancer = self.balancer or self._build()
             self._balanced = balancer.loss(losses)
         else:
