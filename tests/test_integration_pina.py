@@ -224,7 +224,7 @@ def test_gradient_enhanced_solver_balances_the_penalised_condition_losses():
     for a, b in zip(parameters(alone), parameters(static)):
         assert torch.equal(a, b)
 
-    solver, weighting, run = solver_and_trainer(4, solver=GradientPINN)
+    _, weighting, run = solver_and_trainer(4, solver=GradientPINN)
     calls = record_aggregates(weighting)
     run.train()
     assert weighting.balancer.step_count == 4 and [c["steps"] for c in calls] == [1, 2, 3, 4]
@@ -233,7 +233,7 @@ def test_gradient_enhanced_solver_balances_the_penalised_condition_losses():
     assert_totals_are_weighted_sums(calls)
     assert float(run.callback_metrics["train_loss"]) == pytest.approx(calls[-1]["total"])
 
-    plain, plain_weighting, run = solver_and_trainer(1)  # the same model and points, no gradient penalty
+    _, plain_weighting, run = solver_and_trainer(1)  # the same model and points, no gradient penalty
     plain_calls = record_aggregates(plain_weighting)
     run.train()
     for condition in ("D", "boundary"):
@@ -282,3 +282,39 @@ def test_min_max_solvers_balance_the_model_and_leave_the_second_model_to_its_opt
     assert all(not torch.equal(a, b) for a, b in zip(initial, trained))  # its optimizer stepped
     if kind == "self_adaptive":  # the ascent raised every point's weight (the logits start at 0)
         assert all(bool((p > 0).all()) for p in trained)
+
+
+@pytest.mark.parametrize("kind", list(MIN_MAX_SOLVERS))
+def test_min_max_solvers_in_another_pass_order_are_refused(kind, monkeypatch):
+    """Which aggregate of a step trains the model is PINA 0.3's order; a solver that orders its
+    passes otherwise (simulated: the other index) is caught, the model still holding the other
+    pass's gradients, with a clear error instead of a balancer stepped on the wrong pass."""
+    from lossbalance.integrations import pina as integration
+
+    solver_class, _, model_pass = MIN_MAX_SOLVERS[kind]
+    monkeypatch.setattr(integration, "_model_pass", lambda solver: 1 - model_pass)
+    _, _, run = solver_and_trainer(2, solver=solver_class)
+    expected = f"aggregate {1 - model_pass} of each {solver_class.__name__}.*ScalarWeighting"
+    with pytest.raises(RuntimeError, match=expected):
+        run.train()
+
+
+@pytest.mark.parametrize("kind", list(MIN_MAX_SOLVERS))
+def test_min_max_solvers_resume_bit_for_bit(kind, tmp_path):
+    """A resume of a min-max solver continues bit for bit, both models: the balancer is built on
+    the first training aggregate of the resumed run (for the self-adaptive solver, the weights'
+    pass, before the model's), so that pass already applies the restored weights."""
+    solver_class, _, _ = MIN_MAX_SOLVERS[kind]
+    saving = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    straight, straight_weighting, first = solver_and_trainer(4, solver=solver_class, callbacks=[saving],
+                                                             enable_checkpointing=True)
+    first.train()
+    path, = tmp_path.iterdir()  # PINA's manual optimisation counts the step after ModelCheckpoint looks: one file
+    assert 0 < torch.load(path, weights_only=False)["lossbalance"]["step"] < 4
+
+    resumed, weighting, again = solver_and_trainer(4, solver=solver_class, seed=3)
+    again.train(ckpt_path=str(path))
+    assert weighting.balancer.step_count == straight_weighting.balancer.step_count == 4
+    assert weighting.weights == straight_weighting.weights
+    for a, b in zip(parameters(straight), parameters(resumed)):
+        assert torch.equal(a, b)

@@ -34,9 +34,18 @@ and ``CausalPhysicsInformedSingleModelSolver``. The RBA and causal solvers weigh
 the time steps) inside a condition's loss and hand the weighting one scalar per condition, which
 the balancer weights: the two compose, nothing is weighted twice (with a static balancer the run
 equals PINA's ``ScalarWeighting`` of the same weights bit for bit). lossbalance's own per-point
-weights (``pointwise=``) cannot apply to PINA's scalars and are refused. Not tested: the
-gradient-enhanced, self-adaptive and competitive solvers (the last two train several models with
-manual optimisation).
+weights (``pointwise=``) cannot apply to PINA's scalars and are refused.
+``GradientPhysicsInformedSingleModelSolver`` adds each condition's residual-gradient penalty to
+that condition's loss before the weighting sees it: the balancer weights the penalised losses
+(one aggregate per step, as for the plain solver). ``SelfAdaptivePhysicsInformedSolver`` and
+``CompetitivePhysicsInformedSolver`` train a second model (the pointwise weights, the
+discriminator) with its own optimizer by ascent, and aggregate the conditions once per optimizer
+in each training step. There the balancer holds the model's parameters only, not the second
+model's, and steps once per training step, on the aggregate whose backward trains the model
+(PINA 0.3: the self-adaptive solver's second, the competitive solver's first); the second model's
+aggregate is the weighted sum with the current weights, which its optimizer ascends as PINA
+intends. A solver that ordered its passes otherwise is caught (the model still holds
+gradients where they were just zeroed) with a ``RuntimeError``.
 
 DDP (``Trainer(solver, strategy="ddp", devices=2, batch_size=...)``): the balancer is built at
 the first training step, after the processes started, so it averages over the ranks and every
@@ -123,7 +132,17 @@ class BalancedWeighting(_weighting.BaseWeighting):
         batch = self.solver.trainer.fit_loop.total_batch_idx
         self._pass = self._pass + 1 if batch == self._batch else 0
         self._batch = batch
-        return self._pass == wanted
+        if self._pass != wanted:
+            return False
+        leftover = [p.grad for p in self.solver.model.parameters() if p.grad is not None]
+        if leftover and bool(torch.stack([g.any() for g in leftover]).any()):
+            raise RuntimeError(
+                f"BalancedWeighting expected aggregate {wanted} of each {type(self.solver).__name__} training step "
+                "to train solver.model (PINA 0.3's order, its optimizer zeroing the model's gradients just before), "
+                "but the model still holds gradients: this solver orders its passes otherwise, and the balancer "
+                "would step on the wrong one. Use PINA's ScalarWeighting (fixed weights) with this solver"
+            )
+        return True
 
     def _build(self) -> LossBalancer:
         second = _model_pass(self.solver) is not None  # the second model is not balanced: its own optimizer
@@ -136,13 +155,13 @@ class BalancedWeighting(_weighting.BaseWeighting):
         return self.balancer
 
     def update_weights(self, losses: Mapping[str, Tensor]) -> dict[str, float]:
-        if self._training() and self._balancing():
+        if self._training():  # built on the first training aggregate: a restored state's weights apply to it
             balancer = self.balancer or self._build()
-            self._balanced = balancer.loss(losses)
+            self._balanced = balancer.loss(losses) if self._balancing() else None
         else:
             self._balanced = None
-        current = self.weights
-        return {name: current.get(name, 1.0) for name in losses}
+        current, initial = self.weights, self.options.get("weights") or {}  # before its first step: weights=
+        return {name: current.get(name, float(initial.get(name, 1.0))) for name in losses}
 
     def _aggregate(self, weighted: Tensor) -> Tensor:
         balanced, self._balanced = self._balanced, None
