@@ -16,8 +16,11 @@ from pina.model import FeedForward  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from pina.problem.zoo import AdvectionProblem, Poisson2DSquareProblem  # noqa: E402
 from pina.solver import CausalPhysicsInformedSingleModelSolver as CausalPINN  # noqa: E402
+from pina.solver import CompetitivePhysicsInformedSolver as CompetitivePINN  # noqa: E402
+from pina.solver import GradientPhysicsInformedSingleModelSolver as GradientPINN  # noqa: E402
 from pina.solver import PhysicsInformedSingleModelSolver as PINN  # noqa: E402
 from pina.solver import RBAPhysicsInformedSingleModelSolver as RBAPINN  # noqa: E402
+from pina.solver import SelfAdaptivePhysicsInformedSolver as SAPINN  # noqa: E402
 from pina.weighting import ScalarWeighting  # noqa: E402
 
 from _ddp_frameworks import run_two_ranks  # noqa: E402
@@ -177,3 +180,141 @@ def test_missing_pina_says_how_to_install(monkeypatch):
     monkeypatch.delitem(sys.modules, "lossbalance.integrations.pina")
     with pytest.raises(ImportError, match=r"pip install 'lossbalance\[pina\]'"):
         importlib.import_module("lossbalance.integrations.pina")
+
+
+def record_aggregates(weighting):
+    """A spy on ``weighting.aggregate`` in training steps: per call, the training batch, the
+    condition losses, the weights applied, the returned total and the balancer's step count."""
+    calls = []
+    aggregate = weighting.aggregate
+
+    def spy(losses):
+        total = aggregate(losses)
+        trainer = weighting.solver.trainer
+        if trainer.training and torch.is_grad_enabled():
+            calls.append(dict(
+                batch=trainer.fit_loop.total_batch_idx, losses={k: float(v.detach()) for k, v in losses.items()},
+                weights=dict(weighting.last_saved_weights()), total=float(total.detach()),
+                steps=weighting.balancer.step_count if weighting.balancer is not None else 0,
+            ))
+        return total
+
+    weighting.aggregate = spy
+    return calls
+
+
+def assert_totals_are_weighted_sums(calls):
+    for call in calls:
+        expected = sum(call["weights"][k] * loss for k, loss in call["losses"].items())
+        assert call["total"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_gradient_enhanced_solver_balances_the_penalised_condition_losses():
+    """GradientPhysicsInformedSingleModelSolver adds each condition's residual-gradient penalty to
+    its loss before the weighting sees it (one scalar per condition, one aggregate per step,
+    automatic optimisation): the balancer weights the penalised losses, steps once per step, and
+    the solver's loss is the balanced total; a static balancer trains bit for bit like PINA's
+    ScalarWeighting (the penalty counted once)."""
+    weights = {"D": 1.0, "boundary": 10.0}
+    alone, _, run = solver_and_trainer(3, solver=GradientPINN, weighting=ScalarWeighting(weights))
+    run.train()
+    static, _, run = solver_and_trainer(3, solver=GradientPINN, weighting=BalancedWeighting("static", weights=weights))
+    run.train()
+    assert static.weighting.balancer.step_count == 3
+    for a, b in zip(parameters(alone), parameters(static)):
+        assert torch.equal(a, b)
+
+    _, weighting, run = solver_and_trainer(4, solver=GradientPINN)
+    calls = record_aggregates(weighting)
+    run.train()
+    assert weighting.balancer.step_count == 4 and [c["steps"] for c in calls] == [1, 2, 3, 4]
+    assert weighting.weights["D"] == 1.0 and weighting.weights["boundary"] != 1.0
+    assert calls[-1]["weights"] == weighting.weights
+    assert_totals_are_weighted_sums(calls)
+    assert float(run.callback_metrics["train_loss"]) == pytest.approx(calls[-1]["total"])
+
+    _, plain_weighting, run = solver_and_trainer(1)  # the same model and points, no gradient penalty
+    plain_calls = record_aggregates(plain_weighting)
+    run.train()
+    for condition in ("D", "boundary"):
+        assert calls[0]["losses"][condition] > plain_calls[0]["losses"][condition]
+
+
+MIN_MAX_SOLVERS = {  # PINA's solvers with a second model and its own optimizer: (solver, its name, model's pass)
+    "self_adaptive": (SAPINN, "weights", 1),  # the pointwise weights ascend first, then the model descends
+    "competitive": (CompetitivePINN, "discriminator", 0),  # the model descends first, then the discriminator ascends
+}
+
+
+@pytest.mark.parametrize("kind", list(MIN_MAX_SOLVERS))
+def test_min_max_solvers_balance_the_model_and_leave_the_second_model_to_its_optimizer(kind):
+    """The self-adaptive (SA-PINN) and competitive solvers train a second model (the pointwise
+    weights, the discriminator) with its own optimizer, by ascent, and aggregate the conditions
+    twice per training step (once per optimizer). The balancer is built on the model's parameters
+    only and steps once per training step, on the pass that trains the model; the second model's
+    pass gets the weighted sum with the current weights and its optimizer ascends it as PINA
+    intends (a static balancer trains both models bit for bit like PINA's ScalarWeighting)."""
+    solver_class, second, model_pass = MIN_MAX_SOLVERS[kind]
+    weights = {"D": 1.0, "boundary": 10.0}
+    alone, _, run = solver_and_trainer(3, solver=solver_class, weighting=ScalarWeighting(weights))
+    run.train()
+    static, _, run = solver_and_trainer(3, solver=solver_class, weighting=BalancedWeighting("static", weights=weights))
+    run.train()
+    assert static.weighting.balancer.step_count == 3
+    for a, b in zip(parameters(alone), parameters(static)):  # both models
+        assert torch.equal(a, b)
+
+    solver, weighting, run = solver_and_trainer(3, solver=solver_class)
+    initial = parameters(getattr(solver, second))
+    calls = record_aggregates(weighting)
+    run.train()
+    balancer = weighting.balancer
+    assert len(calls) == 6 and [c["batch"] for c in calls] == [0, 0, 1, 1, 2, 2]
+    assert balancer.step_count == 3  # not 6: only the model's pass steps it
+    assert [c["steps"] for c in calls] == ([0, 1, 1, 2, 2, 3] if model_pass == 1 else [1, 1, 2, 2, 3, 3])
+    balanced = {id(p) for group in balancer.param_groups for p in group["params"]}
+    assert balanced == {id(p) for p in solver.model.parameters()}  # not the second model's
+    assert weighting.weights["D"] == 1.0 and weighting.weights["boundary"] != 1.0
+    assert_totals_are_weighted_sums(calls)
+    assert float(run.callback_metrics["train_loss"]) == pytest.approx(calls[-1]["total"])
+
+    trained = parameters(getattr(solver, second))
+    assert all(not torch.equal(a, b) for a, b in zip(initial, trained))  # its optimizer stepped
+    if kind == "self_adaptive":  # the ascent raised every point's weight (the logits start at 0)
+        assert all(bool((p > 0).all()) for p in trained)
+
+
+@pytest.mark.parametrize("kind", list(MIN_MAX_SOLVERS))
+def test_min_max_solvers_in_another_pass_order_are_refused(kind, monkeypatch):
+    """Which aggregate of a step trains the model is PINA 0.3's order; a solver that orders its
+    passes otherwise (simulated: the other index) is caught, the model still holding the other
+    pass's gradients, with a clear error instead of a balancer stepped on the wrong pass."""
+    from lossbalance.integrations import pina as integration
+
+    solver_class, _, model_pass = MIN_MAX_SOLVERS[kind]
+    monkeypatch.setattr(integration, "_model_pass", lambda solver: 1 - model_pass)
+    _, _, run = solver_and_trainer(2, solver=solver_class)
+    expected = f"aggregate {1 - model_pass} of each {solver_class.__name__}.*ScalarWeighting"
+    with pytest.raises(RuntimeError, match=expected):
+        run.train()
+
+
+@pytest.mark.parametrize("kind", list(MIN_MAX_SOLVERS))
+def test_min_max_solvers_resume_bit_for_bit(kind, tmp_path):
+    """A resume of a min-max solver continues bit for bit, both models: the balancer is built on
+    the first training aggregate of the resumed run (for the self-adaptive solver, the weights'
+    pass, before the model's), so that pass already applies the restored weights."""
+    solver_class, _, _ = MIN_MAX_SOLVERS[kind]
+    saving = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    straight, straight_weighting, first = solver_and_trainer(4, solver=solver_class, callbacks=[saving],
+                                                             enable_checkpointing=True)
+    first.train()
+    path, = tmp_path.iterdir()  # PINA's manual optimisation counts the step after ModelCheckpoint looks: one file
+    assert 0 < torch.load(path, weights_only=False)["lossbalance"]["step"] < 4
+
+    resumed, weighting, again = solver_and_trainer(4, solver=solver_class, seed=3)
+    again.train(ckpt_path=str(path))
+    assert weighting.balancer.step_count == straight_weighting.balancer.step_count == 4
+    assert weighting.weights == straight_weighting.weights
+    for a, b in zip(parameters(straight), parameters(resumed)):
+        assert torch.equal(a, b)

@@ -34,9 +34,18 @@ and ``CausalPhysicsInformedSingleModelSolver``. The RBA and causal solvers weigh
 the time steps) inside a condition's loss and hand the weighting one scalar per condition, which
 the balancer weights: the two compose, nothing is weighted twice (with a static balancer the run
 equals PINA's ``ScalarWeighting`` of the same weights bit for bit). lossbalance's own per-point
-weights (``pointwise=``) cannot apply to PINA's scalars and are refused. Not tested: the
-gradient-enhanced, self-adaptive and competitive solvers (the last two train several models with
-manual optimisation).
+weights (``pointwise=``) cannot apply to PINA's scalars and are refused.
+``GradientPhysicsInformedSingleModelSolver`` adds each condition's residual-gradient penalty to
+that condition's loss before the weighting sees it: the balancer weights the penalised losses
+(one aggregate per step, as for the plain solver). ``SelfAdaptivePhysicsInformedSolver`` and
+``CompetitivePhysicsInformedSolver`` train a second model (the pointwise weights, the
+discriminator) with its own optimizer by ascent, and aggregate the conditions once per optimizer
+in each training step. There the balancer holds the model's parameters only, not the second
+model's, and steps once per training step, on the aggregate whose backward trains the model
+(PINA 0.3: the self-adaptive solver's second, the competitive solver's first); the second model's
+aggregate is the weighted sum with the current weights, which its optimizer ascends as PINA
+intends. A solver that ordered its passes otherwise is caught (the model still holds
+gradients where they were just zeroed) with a ``RuntimeError``.
 
 DDP (``Trainer(solver, strategy="ddp", devices=2, batch_size=...)``): the balancer is built at
 the first training step, after the processes started, so it averages over the ranks and every
@@ -66,6 +75,21 @@ from ._imports import require
 __all__ = ["BalancedWeighting"]
 
 _weighting = require("pina.weighting", "pina", "lossbalance.integrations.pina")
+_solvers = require("pina.solver", "pina", "lossbalance.integrations.pina")
+
+
+def _model_pass(solver: Any) -> int | None:
+    """For PINA's min-max solvers (a second model with its own optimizer, manual optimisation:
+    ``training_step`` aggregates the conditions once per optimizer), the index of the aggregate
+    of a training step whose backward trains ``solver.model``; ``None`` for the other solvers
+    (one aggregate per training step). PINA 0.3's order: the self-adaptive solver's weights
+    ascend first, then the model descends; the competitive solver's model descends first, then
+    the discriminator ascends."""
+    if isinstance(solver, _solvers.SelfAdaptivePhysicsInformedSolver):
+        return 1
+    if isinstance(solver, _solvers.CompetitivePhysicsInformedSolver):
+        return 0
+    return None
 
 
 class BalancedWeighting(_weighting.BaseWeighting):
@@ -90,13 +114,40 @@ class BalancedWeighting(_weighting.BaseWeighting):
         self.balancer: LossBalancer | None = None
         self._balanced: Tensor | None = None  # this aggregate's balanced loss (training steps)
         self._pending: Mapping[str, Any] | None = None
+        self._batch: int | None = None  # min-max solvers: the training batch of the last aggregate
+        self._pass = 0  # and which of its aggregates that was
 
     def _training(self) -> bool:
         trainer = getattr(self.solver, "trainer", None) if self.solver is not None else None
         return bool(trainer is not None and trainer.training and torch.is_grad_enabled())
 
+    def _balancing(self) -> bool:
+        """Whether this training aggregate is the one to balance: every one, except with PINA's
+        min-max solvers, where only the pass that trains ``solver.model`` steps the balancer; the
+        second model's pass (self-adaptive weights, discriminator) gets the weighted sum with the
+        current weights, which that model ascends."""
+        wanted = _model_pass(self.solver)
+        if wanted is None:
+            return True
+        batch = self.solver.trainer.fit_loop.total_batch_idx
+        self._pass = self._pass + 1 if batch == self._batch else 0
+        self._batch = batch
+        if self._pass != wanted:
+            return False
+        leftover = [p.grad for p in self.solver.model.parameters() if p.grad is not None]
+        if leftover and bool(torch.stack([g.any() for g in leftover]).any()):
+            raise RuntimeError(
+                f"BalancedWeighting expected aggregate {wanted} of each {type(self.solver).__name__} training step "
+                "to train solver.model (PINA 0.3's order, its optimizer zeroing the model's gradients just before), "
+                "but the model still holds gradients: this solver orders its passes otherwise, and the balancer "
+                "would step on the wrong one. Use PINA's ScalarWeighting (fixed weights) with this solver"
+            )
+        return True
+
     def _build(self) -> LossBalancer:
-        params = [p for p in self.solver.parameters() if p.requires_grad]
+        second = _model_pass(self.solver) is not None  # the second model is not balanced: its own optimizer
+        others = {id(p) for p in self.solver.models[1].parameters()} if second else set()
+        params = [p for p in self.solver.parameters() if p.requires_grad and id(p) not in others]
         self.balancer = LossBalancer(params, self.strategy, **self.options)
         if self._pending is not None:
             self.balancer.load_state_dict(self._pending)
@@ -104,13 +155,13 @@ class BalancedWeighting(_weighting.BaseWeighting):
         return self.balancer
 
     def update_weights(self, losses: Mapping[str, Tensor]) -> dict[str, float]:
-        if self._training():
+        if self._training():  # built on the first training aggregate: a restored state's weights apply to it
             balancer = self.balancer or self._build()
-            self._balanced = balancer.loss(losses)
+            self._balanced = balancer.loss(losses) if self._balancing() else None
         else:
             self._balanced = None
-        current = self.weights
-        return {name: current.get(name, 1.0) for name in losses}
+        current, initial = self.weights, self.options.get("weights") or {}  # before its first step: weights=
+        return {name: current.get(name, float(initial.get(name, 1.0))) for name in losses}
 
     def _aggregate(self, weighted: Tensor) -> Tensor:
         balanced, self._balanced = self._balanced, None
