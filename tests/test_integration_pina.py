@@ -318,3 +318,37 @@ def test_min_max_solvers_resume_bit_for_bit(kind, tmp_path):
     assert weighting.weights == straight_weighting.weights
     for a, b in zip(parameters(straight), parameters(resumed)):
         assert torch.equal(a, b)
+
+
+def inverse_poisson():
+    """PINA's inverse Poisson problem (unknowns mu1, mu2), 64 interior and 32 boundary points."""
+    from pina.problem.zoo import InversePoisson2DSquareProblem
+
+    random.seed(0)
+    torch.manual_seed(0)
+    problem = InversePoisson2DSquareProblem()
+    problem.discretise_domain(64, "random", domains=["D"])
+    problem.discretise_domain(32, "random", domains=["boundary"])
+    return problem
+
+
+def test_an_inverse_problems_unknowns_are_balanced_with_the_model():
+    """PINA keeps an inverse problem's unknowns in a dict outside the modules (not in
+    solver.parameters()) and trains them with the model's optimizer: the balancer holds them
+    too, and a static balancer trains model and unknowns bit for bit as ScalarWeighting."""
+    from pina.weighting import ScalarWeighting
+
+    balanced, weighting, trainer = solver_and_trainer(3, problem=inverse_poisson,
+                                                      weighting=BalancedWeighting("static", weights={"D": 1.0, "boundary": 3.0}))
+    start = {k: v.detach().clone() for k, v in balanced.problem.unknown_parameters.items()}
+    trainer.train()
+    unknowns = list(balanced.problem.unknown_parameters.values())
+    held = {id(p) for group in weighting.balancer.param_groups for p in group["params"]}
+    assert all(id(p) in held for p in unknowns) and weighting.balancer.step_count == 3
+    assert any(not torch.equal(p.detach(), start[k]) for k, p in balanced.problem.unknown_parameters.items())
+    plain, _, trainer = solver_and_trainer(3, problem=inverse_poisson, weighting=ScalarWeighting({"D": 1.0, "boundary": 3.0}))
+    trainer.train()
+    for name, p in balanced.problem.unknown_parameters.items():
+        assert torch.equal(p.detach(), plain.problem.unknown_parameters[name].detach()), name
+    for a, b in zip(parameters(balanced), parameters(plain)):
+        assert torch.equal(a, b)

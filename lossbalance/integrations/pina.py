@@ -23,8 +23,9 @@ gradient. In validation and test steps (PINA calls the same ``aggregate``), the 
 stepped: the aggregate is the weighted sum with the current weights.
 
 The balancer is built at the first training step, from the solver's parameters that require
-grad (the model's and, for an inverse problem, the unknown parameters), once Lightning has put
-them on their device; ``LossBalancer`` keywords go to ``BalancedWeighting(strategy, **options)``.
+grad and, for an inverse problem, its unknown parameters (``problem.unknown_parameters``, a dict
+that PINA keeps outside the modules and adds to the model's optimizer: balanced with the model),
+once Lightning has put them on their device; ``LossBalancer`` keywords go to ``BalancedWeighting(strategy, **options)``.
 ``state_dict()``/``load_state_dict()`` (a state loaded before the first step is applied when the
 balancer is built) let :class:`~lossbalance.integrations.lightning.LossBalancerCallback` store
 it in Lightning checkpoints and log ``weight/<condition>`` and ``loss/<condition>``.
@@ -148,6 +149,9 @@ class BalancedWeighting(_weighting.BaseWeighting):
         second = _model_pass(self.solver) is not None  # the second model is not balanced: its own optimizer
         others = {id(p) for p in self.solver.models[1].parameters()} if second else set()
         params = [p for p in self.solver.parameters() if p.requires_grad and id(p) not in others]
+        held = {id(p) for p in params}  # an inverse problem's unknowns: not module parameters, same optimizer
+        unknowns = getattr(self.solver.problem, "unknown_parameters", None) or {}
+        params += [p for p in unknowns.values() if p.requires_grad and id(p) not in held]
         self.balancer = LossBalancer(params, self.strategy, **self.options)
         if self._pending is not None:
             self.balancer.load_state_dict(self._pending)
