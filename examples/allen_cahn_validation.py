@@ -38,17 +38,18 @@ def methods(update_every: int, rba_gradnorm: bool) -> dict[str, dict]:
         "fixed": {"strategy": lambda: "static"},
         "grad-norm": {"strategy": GradNormRatio.jaxpi},
         "grad-norm + causal": {"strategy": GradNormRatio.jaxpi, "causal": True},
-        "RBA": {"strategy": lambda: "static", "rba": True},
+        "RBA": {"strategy": lambda: "static", "rba": True, "pool": True},
+        "fixed (RBA's points)": {"strategy": lambda: "static", "pool": True},  # a control, with --methods
     }
     if rba_gradnorm:
-        table["RBA + grad-norm"] = {"strategy": GradNormRatio.jaxpi, "rba": True}
+        table["RBA + grad-norm"] = {"strategy": GradNormRatio.jaxpi, "rba": True, "pool": True}
     for options in table.values():
         options["update_every"] = update_every
     return table
 
 
 def run(method: dict, *, seed: int, steps: int, width: int, depth: int, fourier_scale: float, fourier_dim: int,
-        batch_size: int, lr: float, decay: float, decay_every: int, chunks: int, eps: float,
+        batch_size: int, pool: int, lr: float, decay: float, decay_every: int, chunks: int, eps: float,
         device: str = "cpu") -> dict:
     """Train one network; returns its relative L2 error, final weights and seconds per step."""
     problem = AllenCahn1D(device=device)
@@ -65,12 +66,16 @@ def run(method: dict, *, seed: int, steps: int, width: int, depth: int, fourier_
         pointwise = {"pde": RBA(), "ic": RBA()}
     balancer = LossBalancer(optimizer, method["strategy"](), update_every=method["update_every"],
                             pointwise=pointwise or None)
-    fixed_batch = problem.sample(batch_size, generator) if rba else None
-    ids = torch.arange(batch_size, device=device)
+    points = problem.sample(pool, generator) if method.get("pool") else None
     problem.reference()  # solved before the clock starts
     tick = time.perf_counter()
     for _ in range(steps):
-        batch = fixed_batch if rba else problem.sample(batch_size, generator)
+        if points is None:
+            batch = problem.sample(batch_size, generator)
+        else:  # batch_size of the pool's points per term, their indices as ids
+            ids = torch.randperm(pool, generator=generator)[:batch_size].to(device) if pool > batch_size \
+                else torch.arange(pool, device=device)
+            batch = {name: x[ids] for name, x in points.items()}
         terms = problem.losses(model, batch)
         if rba:
             terms = {name: Residual(term.values, ids=ids, kind="residual") for name, term in terms.items()}
@@ -83,12 +88,14 @@ def run(method: dict, *, seed: int, steps: int, width: int, depth: int, fourier_
 def main(argv=None) -> dict[str, list[dict]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--fourier-scale", type=float, default=2.0)
     parser.add_argument("--fourier-dim", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=256, help="points per term and step")
+    parser.add_argument("--pool", type=int, default=2048,
+                        help="RBA: a fixed set of this many points per term, --batch-size of them per step")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--decay", type=float, default=0.9)
     parser.add_argument("--decay-every", type=int, default=500, help="steps per factor --decay (jaxpi: 5000)")
@@ -102,8 +109,11 @@ def main(argv=None) -> dict[str, list[dict]]:
     torch.set_num_threads(args.threads)
     table = methods(args.update_every, args.rba_gradnorm)
     if args.methods:
+        table = methods(args.update_every, True)
         table = {name: table[name] for name in args.methods}
-    options = {k: getattr(args, k) for k in ("steps", "width", "depth", "fourier_scale", "fourier_dim", "batch_size",
+    else:
+        table.pop("fixed (RBA's points)")
+    options = {k: getattr(args, k) for k in ("steps", "width", "depth", "fourier_scale", "fourier_dim", "batch_size", "pool",
                                              "lr", "decay", "decay_every", "chunks", "eps")}
     print(f"Allen-Cahn, JaxpiMLP {args.depth}x{args.width} (modified MLP, periodic embedding, Fourier features "
           f"scale {args.fourier_scale:g} dim {args.fourier_dim}), Adam lr {args.lr:g} x{args.decay:g} every "
