@@ -12,12 +12,16 @@ decay, and per method
 * ``grad-norm``: ``GradNormRatio.jaxpi()`` (jaxpi's grad-norm weights, EMA 0.9), updated every
   ``--update-every`` steps (jaxpi: 1000 of 2e5 steps; fewer here, to fit the short budget);
 * ``grad-norm + causal``: the same and ``Causal(chunks=32, eps=1.0)`` on the PDE term (jaxpi);
-* ``RBA``: fixed weights and ``RBA()`` (gamma 0.999, eta 1e-3) on both terms, on one fixed set
-  of points per seed (RBA keeps a multiplier per point, so its points do not change);
-* ``RBA + grad-norm`` (with ``--rba-gradnorm``).
+* ``RBA``: fixed weights and ``RBA()`` (gamma 0.999, eta 1e-3) on both terms, on a fixed pool of
+  ``--pool`` points per term drawn once per seed, ``--batch-size`` of them per step with their
+  indices as ids (RBA keeps a multiplier per point, so its points must come back);
+* ``RBA + grad-norm`` (with ``--rba-gradnorm``);
+* ``fixed (RBA's points)`` (only by name in ``--methods``): fixed weights on RBA's pool and
+  batches, a control for the pool itself.
 
 The error is the relative L2 error on the reference grid (201 x 512, ETDRK4). Single-threaded:
-``OMP_NUM_THREADS=1 python examples/allen_cahn_validation.py --seeds 0 1 2``.
+``OMP_NUM_THREADS=1 python examples/allen_cahn_validation.py --seeds 0 1 2 --rba-gradnorm``
+(the README's table: ``--methods fixed grad-norm "grad-norm + causal" RBA "RBA + grad-norm" "fixed (RBA's points)"``).
 """
 from __future__ import annotations
 
