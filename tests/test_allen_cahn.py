@@ -186,3 +186,32 @@ def test_second_order_problems_offer_residual_terms(name) -> None:
         assert isinstance(term, Residual) and term.kind == "residual" and term.values.shape == (16,)
         assert torch.allclose(term.values.square().mean(), scalars[key], rtol=1e-12)
     assert torch.equal(terms["pde"].t, batch["pde"][:, 0]) and terms["ic"].t is None
+
+
+def test_jaxpi_mlp_is_periodic_seeded_and_factorised() -> None:
+    """JaxpiMLP: u(t, x) = u(t, x + 2) exactly, one output per point, the same network from the same
+    seed, and with RWF the kernels exp(s) * v start equal to the Xavier draw of the plain network."""
+    from lossbalance.problems.allen_cahn import JaxpiMLP
+
+    def make(**options):
+        return JaxpiMLP(16, 2, generator=torch.Generator().manual_seed(3), dtype=F64, **{"fourier_dim": 8, **options})
+
+    tx = torch.rand(10, 2, dtype=F64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    shifted = tx + torch.tensor([0.0, 2.0], dtype=F64)
+    for options in ({}, {"modified": False}, {"fourier_dim": 0}, {"rwf": (1.0, 0.1)}):
+        model = make(**options)
+        u = model(tx)
+        assert u.shape == (10, 1) and torch.allclose(u, model(shifted), atol=1e-12)
+        assert torch.equal(u, make(**options)(tx))
+    plain, factorised = make(), make(rwf=(1.0, 0.1))
+    assert {n for n, _ in factorised.named_parameters()} >= {"hidden.0.s", "hidden.0.v", "encode_u.s"}
+    assert not torch.equal(plain(tx), factorised(tx))  # the RWF draws shift the generator's stream
+    from lossbalance.problems.allen_cahn import _Dense
+
+    plain_layer, layer = (_Dense(8, 5, rwf, torch.Generator().manual_seed(1), None, F64) for rwf in (None, (1.0, 0.1)))
+    assert torch.allclose(torch.exp(layer.s) * layer.v, plain_layer.weight, atol=1e-14)
+    assert layer.s.shape == (5, 1) and 0.5 < float(layer.s.detach().mean()) < 1.5
+    assert make().hidden[0].weight.shape == (16, 8) and make(modified=False).hidden[1].weight.shape == (16, 16)
+    assert not hasattr(make(modified=False), "encode_u")
+    with pytest.raises(ValueError, match="fourier_dim"):
+        JaxpiMLP(16, 2, fourier_dim=7)

@@ -238,3 +238,38 @@ def test_lightning_module_resumes_with_the_balancer_state(tmp_path, capsys):
     assert resumed["start_weights"] == first["weights"] != {"pde": 1.0, "bc": 1.0}
     assert resumed["global_step"] == 32 and resumed["balancer_steps"] == 32
     assert resumed["before"] == first["after"]  # the "start" row is the checkpoint's network
+
+
+# the Allen-Cahn examples (their own tests below; added here so that the budget check sees them)
+ARGS.update({
+    "allen_cahn_validation": ["--steps", "6", "--seeds", "0", "1", "--width", "16", "--fourier-dim", "16",
+                              "--batch-size", "64", "--update-every", "2", "--rba-gradnorm"],
+    "allen_cahn_jaxpi": ["--device", "cpu", "--steps", "6", "--eval-every", "3", "--batch-size", "64",
+                         "--width", "16", "--fourier-dim", "16", "--update-every", "2", "--ablation"],
+})
+
+
+def test_allen_cahn_validation_table(capsys):
+    """Every method, both seeds, a finite error; the table has one row per method with the timing."""
+    result = load("allen_cahn_validation").main(ARGS["allen_cahn_validation"])
+    names = ["fixed", "grad-norm", "grad-norm + causal", "RBA", "RBA + grad-norm"]
+    assert list(result) == names
+    for name, runs in result.items():
+        assert len(runs) == 2 and all(math.isfinite(r["error"]) and r["seconds"] > 0 for r in runs)
+        gradnorm = "grad-norm" in name
+        assert (runs[0]["weights"]["ic"] != 1.0) == gradnorm, (name, runs[0]["weights"])
+    out = capsys.readouterr().out
+    rows = {line.split("|")[0].strip(): line for line in out.splitlines() if "|" in line}
+    assert list(rows) == ["method", *names] and rows["fixed"].rstrip().endswith("ms)")
+    assert "1.00x" in rows["fixed"]
+
+
+def test_allen_cahn_jaxpi_smoke(capsys):
+    """The GPU configuration runs on the CPU with a tiny budget: three set-ups, finite errors, history."""
+    result = load("allen_cahn_jaxpi").main(ARGS["allen_cahn_jaxpi"])
+    assert [r["name"] for r in result] == ["grad-norm + causal", "grad-norm", "causal (fixed weights)"]
+    for r in result:
+        assert [step for step, _ in r["history"]] == [3, 6] and math.isfinite(r["error"])
+    assert result[2]["weights"] == {"pde": 1.0, "ic": 1.0} and result[0]["weights"]["ic"] != 1.0
+    out = capsys.readouterr().out
+    assert "5.840e-04" in out and "RWF (1, 0.1)" in out and "batch 64 + 512 ic" in out

@@ -23,9 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from ..pointwise import Residual
-from .base import MLP, Problem, gradient
+from .base import MLP, Problem, _normal_, gradient
 
-__all__ = ["AllenCahn1D", "AllenCahnReference", "allen_cahn_reference", "etdrk4_coefficients"]
+__all__ = ["AllenCahn1D", "AllenCahnReference", "JaxpiMLP", "allen_cahn_reference", "etdrk4_coefficients"]
 
 DIFFUSION, REACTION = 1e-4, 5.0
 _CONTOUR_POINTS = 64  # Kassam & Trefethen use 32 for real spectra; 64 costs nothing here
@@ -180,6 +180,74 @@ class PeriodicMLP(nn.Module):
     def forward(self, tx: Tensor) -> Tensor:
         t, x = tx[:, :1], tx[:, 1:2]
         return self.mlp(torch.cat((t, torch.cos(math.pi * x), torch.sin(math.pi * x)), dim=-1))
+
+
+class _Dense(nn.Module):
+    """A linear layer, Xavier-normal, zero bias; with ``rwf=(mean, std)`` random weight
+    factorisation (Wang et al. 2023, arXiv:2308.08468, sec. 3.2; jaxpi's ``weight_fact``): the
+    kernel is ``exp(s) * v`` per output unit, ``s ~ N(mean, std^2)``, ``v = w / exp(s)``."""
+
+    def __init__(self, n_in: int, n_out: int, rwf: tuple[float, float] | None, generator, device, dtype) -> None:
+        super().__init__()
+        w = torch.empty(n_out, n_in, device=device, dtype=dtype)
+        _normal_(w, math.sqrt(2.0 / (n_in + n_out)), generator)
+        self.bias = nn.Parameter(torch.zeros(n_out, device=device, dtype=dtype))
+        self.rwf = rwf is not None
+        if self.rwf:
+            s = _normal_(torch.empty(n_out, 1, device=device, dtype=dtype), rwf[1], generator) + rwf[0]
+            self.s, self.v = nn.Parameter(s), nn.Parameter(w / torch.exp(s))
+        else:
+            self.weight = nn.Parameter(w)
+
+    def forward(self, h: Tensor) -> Tensor:
+        weight = torch.exp(self.s) * self.v if self.rwf else self.weight
+        return nn.functional.linear(h, weight, self.bias)
+
+
+class JaxpiMLP(nn.Module):
+    """The network of jaxpi's Allen-Cahn example (Wang et al., "An expert's guide to training
+    physics-informed neural networks", arXiv:2308.08468, sec. 3): input ``(t, x)``, the periodic
+    embedding ``(t, cos(pi x), sin(pi x))``, random Fourier features ``[cos(z B), sin(z B)]`` with
+    ``B ~ N(0, fourier_scale^2)`` of shape ``(3, fourier_dim // 2)`` (fixed, a buffer;
+    ``fourier_dim=0``: none), then ``depth`` tanh layers of ``width``; ``modified=True`` is the
+    modified MLP of Wang, Teng & Perdikaris (2021): encoders ``U = tanh(W_u z)``,
+    ``V = tanh(W_v z)`` and after every hidden layer ``h <- h * U + (1 - h) * V``. ``rwf``:
+    ``(mean, std)`` of the random weight factorisation of every layer (see :class:`_Dense`), or
+    ``None``. ``u`` is 2-periodic in ``x`` exactly."""
+
+    def __init__(
+        self, width: int = 256, depth: int = 4, *, fourier_scale: float = 2.0, fourier_dim: int = 256,
+        modified: bool = True, rwf: tuple[float, float] | None = None, generator: torch.Generator | None = None,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if fourier_dim % 2 or fourier_dim < 0 or width < 1 or depth < 1:
+            raise ValueError(f"JaxpiMLP: need an even fourier_dim >= 0, width >= 1, depth >= 1; got "
+                             f"{fourier_dim}, {width}, {depth}")
+        b = torch.empty(3, fourier_dim // 2, device=device, dtype=dtype)
+        self.register_buffer("fourier", _normal_(b, fourier_scale, generator) if fourier_dim else b)
+        n_in = fourier_dim or 3
+        dense = lambda a, b: _Dense(a, b, rwf, generator, device, dtype)  # noqa: E731
+        self.modified = bool(modified)
+        if self.modified:
+            self.encode_u, self.encode_v = dense(n_in, width), dense(n_in, width)
+        self.hidden = nn.ModuleList(dense(n_in if i == 0 else width, width) for i in range(depth))
+        self.out = dense(width, 1)
+
+    def forward(self, tx: Tensor) -> Tensor:
+        t, x = tx[:, :1], tx[:, 1:2]
+        z = torch.cat((t, torch.cos(math.pi * x), torch.sin(math.pi * x)), dim=-1)
+        if self.fourier.numel():
+            zb = z @ self.fourier
+            z = torch.cat((torch.cos(zb), torch.sin(zb)), dim=-1)
+        if self.modified:
+            u, v = torch.tanh(self.encode_u(z)), torch.tanh(self.encode_v(z))
+        h = z
+        for layer in self.hidden:
+            h = torch.tanh(layer(h))
+            if self.modified:
+                h = h * u + (1 - h) * v
+        return self.out(h)
 
 
 class AllenCahn1D(Problem):
