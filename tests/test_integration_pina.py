@@ -38,12 +38,12 @@ def quiet():
         yield
 
 
-def poisson():
+def poisson(problem_class=Poisson2DSquareProblem):
     """PINA's 2-D Poisson problem on 64 interior and 32 boundary points, the same in every run (the
     boundary, a union of four sides, is sampled with Python's ``random``: seeded here too)."""
     random.seed(0)
     torch.manual_seed(0)
-    problem = Poisson2DSquareProblem()
+    problem = problem_class()
     problem.discretise_domain(64, "random", domains=["D"])
     problem.discretise_domain(32, "random", domains=["boundary"])
     return problem
@@ -78,6 +78,19 @@ def solver_and_trainer(epochs: int, *, seed: int = 0, val_size: float = 0.0, wei
 
 def parameters(module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in module.parameters()]
+
+
+def static_run_equals_scalar_weighting(weights, steps=3, **setup):
+    """A static balancer of ``weights`` against PINA's ScalarWeighting of the same weights, each
+    trained ``steps`` steps: every parameter bit for bit equal; returns (PINA's solver, ours)."""
+    alone, _, run = solver_and_trainer(steps, weighting=ScalarWeighting(weights), **setup)
+    run.train()
+    static, _, run = solver_and_trainer(steps, weighting=BalancedWeighting("static", weights=weights), **setup)
+    run.train()
+    assert static.weighting.balancer.step_count == steps
+    for a, b in zip(parameters(alone), parameters(static)):  # every model of the solver
+        assert torch.equal(a, b)
+    return alone, static
 
 
 def test_a_pinn_solver_is_balanced_and_validation_does_not_step_it():
@@ -134,13 +147,7 @@ def test_rba_and_causal_solvers_compose_with_balanced_weighting(kind):
     solver, problem, options = POINTWISE_SOLVERS[kind]
     setup = dict(solver=solver, problem=problem, solver_options=options)
     weights = {"D": 1.0, "boundary" if kind == "rba" else "t0": 10.0}
-    alone, _, run = solver_and_trainer(4, weighting=ScalarWeighting(weights), **setup)
-    run.train()
-    static, _, run = solver_and_trainer(4, weighting=BalancedWeighting("static", weights=weights), **setup)
-    run.train()
-    assert static.weighting.balancer.step_count == 4
-    for a, b in zip(parameters(alone), parameters(static)):
-        assert torch.equal(a, b)
+    alone, static = static_run_equals_scalar_weighting(weights, steps=4, **setup)
     if kind == "rba":
         for condition in ("D", "boundary"):  # RBA's attention buffers
             assert torch.equal(getattr(alone, f"weight_{condition}"), getattr(static, f"weight_{condition}"))
@@ -215,14 +222,7 @@ def test_gradient_enhanced_solver_balances_the_penalised_condition_losses():
     automatic optimisation): the balancer weights the penalised losses, steps once per step, and
     the solver's loss is the balanced total; a static balancer trains bit for bit like PINA's
     ScalarWeighting (the penalty counted once)."""
-    weights = {"D": 1.0, "boundary": 10.0}
-    alone, _, run = solver_and_trainer(3, solver=GradientPINN, weighting=ScalarWeighting(weights))
-    run.train()
-    static, _, run = solver_and_trainer(3, solver=GradientPINN, weighting=BalancedWeighting("static", weights=weights))
-    run.train()
-    assert static.weighting.balancer.step_count == 3
-    for a, b in zip(parameters(alone), parameters(static)):
-        assert torch.equal(a, b)
+    static_run_equals_scalar_weighting({"D": 1.0, "boundary": 10.0}, solver=GradientPINN)
 
     _, weighting, run = solver_and_trainer(4, solver=GradientPINN)
     calls = record_aggregates(weighting)
@@ -255,14 +255,7 @@ def test_min_max_solvers_balance_the_model_and_leave_the_second_model_to_its_opt
     pass gets the weighted sum with the current weights and its optimizer ascends it as PINA
     intends (a static balancer trains both models bit for bit like PINA's ScalarWeighting)."""
     solver_class, second, model_pass = MIN_MAX_SOLVERS[kind]
-    weights = {"D": 1.0, "boundary": 10.0}
-    alone, _, run = solver_and_trainer(3, solver=solver_class, weighting=ScalarWeighting(weights))
-    run.train()
-    static, _, run = solver_and_trainer(3, solver=solver_class, weighting=BalancedWeighting("static", weights=weights))
-    run.train()
-    assert static.weighting.balancer.step_count == 3
-    for a, b in zip(parameters(alone), parameters(static)):  # both models
-        assert torch.equal(a, b)
+    alone, static = static_run_equals_scalar_weighting({"D": 1.0, "boundary": 10.0}, solver=solver_class)
 
     solver, weighting, run = solver_and_trainer(3, solver=solver_class)
     initial = parameters(getattr(solver, second))
@@ -321,15 +314,10 @@ def test_min_max_solvers_resume_bit_for_bit(kind, tmp_path):
 
 
 def inverse_poisson():
-    """PINA's inverse Poisson problem (unknowns mu1, mu2), 64 interior and 32 boundary points."""
+    """PINA's inverse Poisson problem (unknowns mu1, mu2) on the points of :func:`poisson`."""
     from pina.problem.zoo import InversePoisson2DSquareProblem
 
-    random.seed(0)
-    torch.manual_seed(0)
-    problem = InversePoisson2DSquareProblem()
-    problem.discretise_domain(64, "random", domains=["D"])
-    problem.discretise_domain(32, "random", domains=["boundary"])
-    return problem
+    return poisson(InversePoisson2DSquareProblem)
 
 
 def test_an_inverse_problems_unknowns_are_balanced_with_the_model():
@@ -338,17 +326,12 @@ def test_an_inverse_problems_unknowns_are_balanced_with_the_model():
     too, and a static balancer trains model and unknowns bit for bit as ScalarWeighting."""
     from pina.weighting import ScalarWeighting
 
-    balanced, weighting, trainer = solver_and_trainer(3, problem=inverse_poisson,
-                                                      weighting=BalancedWeighting("static", weights={"D": 1.0, "boundary": 3.0}))
-    start = {k: v.detach().clone() for k, v in balanced.problem.unknown_parameters.items()}
-    trainer.train()
-    unknowns = list(balanced.problem.unknown_parameters.values())
-    held = {id(p) for group in weighting.balancer.param_groups for p in group["params"]}
-    assert all(id(p) in held for p in unknowns) and weighting.balancer.step_count == 3
-    assert any(not torch.equal(p.detach(), start[k]) for k, p in balanced.problem.unknown_parameters.items())
-    plain, _, trainer = solver_and_trainer(3, problem=inverse_poisson, weighting=ScalarWeighting({"D": 1.0, "boundary": 3.0}))
-    trainer.train()
-    for name, p in balanced.problem.unknown_parameters.items():
+    plain, balanced = static_run_equals_scalar_weighting({"D": 1.0, "boundary": 3.0}, problem=inverse_poisson)
+    unknowns = balanced.problem.unknown_parameters
+    held = {id(p) for group in balanced.weighting.balancer.param_groups for p in group["params"]}
+    assert all(id(p) in held for p in unknowns.values())
+    for name, p in unknowns.items():
         assert torch.equal(p.detach(), plain.problem.unknown_parameters[name].detach()), name
-    for a, b in zip(parameters(balanced), parameters(plain)):
-        assert torch.equal(a, b)
+    untrained, _, _ = solver_and_trainer(1, problem=inverse_poisson)  # its initial unknowns
+    assert any(not torch.equal(p.detach(), untrained.problem.unknown_parameters[name].detach())
+               for name, p in unknowns.items())  # they trained

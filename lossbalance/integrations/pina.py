@@ -79,6 +79,12 @@ _weighting = require("pina.weighting", "pina", "lossbalance.integrations.pina")
 _solvers = require("pina.solver", "pina", "lossbalance.integrations.pina")
 
 
+def _unknowns(solver: Any) -> list[Tensor]:
+    """An inverse problem's unknown parameters that require grad (none for a forward problem)."""
+    unknowns = getattr(solver.problem, "unknown_parameters", None) or {}
+    return [p for p in unknowns.values() if p.requires_grad]
+
+
 def _model_pass(solver: Any) -> int | None:
     """For PINA's min-max solvers (a second model with its own optimizer, manual optimisation:
     ``training_step`` aggregates the conditions once per optimizer), the index of the aggregate
@@ -145,14 +151,18 @@ class BalancedWeighting(_weighting.BaseWeighting):
             )
         return True
 
-    def _build(self) -> LossBalancer:
-        second = _model_pass(self.solver) is not None  # the second model is not balanced: its own optimizer
+    def _balanced_parameters(self) -> list[Tensor]:
+        """The solver's parameters that require grad, the second model's (min-max solvers: its own
+        optimizer) left out, and an inverse problem's unknowns (not module parameters; trained by
+        the model's optimizer)."""
+        second = _model_pass(self.solver) is not None
         others = {id(p) for p in self.solver.models[1].parameters()} if second else set()
         params = [p for p in self.solver.parameters() if p.requires_grad and id(p) not in others]
-        held = {id(p) for p in params}  # an inverse problem's unknowns: not module parameters, same optimizer
-        unknowns = getattr(self.solver.problem, "unknown_parameters", None) or {}
-        params += [p for p in unknowns.values() if p.requires_grad and id(p) not in held]
-        self.balancer = LossBalancer(params, self.strategy, **self.options)
+        held = {id(p) for p in params}
+        return params + [p for p in _unknowns(self.solver) if id(p) not in held]
+
+    def _build(self) -> LossBalancer:
+        self.balancer = LossBalancer(self._balanced_parameters(), self.strategy, **self.options)
         if self._pending is not None:
             self.balancer.load_state_dict(self._pending)
             self._pending = None
