@@ -212,7 +212,7 @@ class LossBalancer:
         self._precision = make_precision(scaler)
         self._hooks: dict[int, Callable[["LossBalancer"], None]] = OrderedDict()
         self._scope_params = {name: list(params) for name, params in (scope or {}).items()}
-        self._pointwise = Pointwise(pointwise)
+        self._pointwise = Pointwise(pointwise, self._reduction)
         self._install_engine(self._balanced_params())
         self._install_combiner(combine)
         self._declare_terms(terms, weights, min_weight, max_weight, optional)

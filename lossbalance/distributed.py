@@ -24,6 +24,10 @@ first dicts list the same names in different orders still agree: they take rank 
 
 Uneven points per rank: the average is the mean of the per-rank means (as DDP's), not the mean
 over the union of the points.
+
+Per-point tables (RBA, SA-PINN, BRDR): on an update the ranks exchange the ids and detached
+per-point values of their batches (:meth:`Reduction.gather_points`: the sizes, then the padded
+ids and values; a no-op in one process), so that every rank updates the same table on the union.
 """
 from __future__ import annotations
 
@@ -62,6 +66,11 @@ class Reduction:
 
     def value_label(self) -> str:
         return "loss value (averaged over processes)" if self.active else "loss value"
+
+    def gather_points(self, ids: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The points of every rank, one occurrence per id: ``(ids, values, own)``, ``own`` the
+        rows of the calling rank's points (``None``: the rows are the batch itself, as here)."""
+        return ids, values, None
 
 
 class ProcessGroupMean(Reduction):
@@ -107,6 +116,39 @@ class ProcessGroupMean(Reduction):
         counts = torch.tensor([float(name in held) for name in declared], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(counts, group=self.group)
         return counts
+
+
+    def gather_points(self, ids: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """All ranks' ``ids`` and detached ``values`` (1-D, any lengths: the sizes are gathered
+        first, the batches padded and trimmed), concatenated in rank order and de-duplicated:
+        an id held by several ranks keeps its first occurrence (the lowest rank's), the order
+        of the kept rows is the gathered order, so that ranks holding the same points in the
+        same order get rank 0's batch unchanged. ``own``: the union's row of each local point."""
+        local = torch.tensor([ids.numel()], dtype=torch.int64, device=ids.device)
+        sizes = [torch.zeros_like(local) for _ in range(self.world)]
+        torch.distributed.all_gather(sizes, local, group=self.group)
+        counts = [int(n) for n in torch.cat(sizes).tolist()]
+        all_ids = self._gathered(ids, counts)
+        all_values = self._gathered(values.detach(), counts)
+        unique, inverse = torch.unique(all_ids, return_inverse=True)
+        total = all_ids.numel()
+        first = torch.full(unique.shape, total, dtype=torch.long, device=ids.device)
+        first.scatter_reduce_(0, inverse, torch.arange(total, device=ids.device), reduce="amin")
+        keep = torch.sort(first).values
+        row = torch.empty_like(first).scatter_(0, inverse[keep], torch.arange(keep.numel(), device=ids.device))
+        start = sum(counts[: self._rank()])
+        return all_ids[keep], all_values[keep], row[inverse[start : start + ids.numel()]]
+
+    def _gathered(self, x: Tensor, counts: Sequence[int]) -> Tensor:
+        """``x`` of every rank (``counts[r]`` entries on rank ``r``), concatenated in rank order."""
+        padded = x.new_zeros(max(counts))
+        padded[: x.numel()] = x
+        parts = [torch.empty_like(padded) for _ in counts]
+        torch.distributed.all_gather(parts, padded.contiguous(), group=self.group)
+        return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+    def _rank(self) -> int:
+        return torch.distributed.get_rank(self.group)
 
 
 def make_reduction(distributed: bool | None, group: Any) -> Reduction:

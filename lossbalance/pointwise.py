@@ -27,9 +27,20 @@ Causal weights: the authors' repository states that the method is covered by a U
 Pennsylvania patent; this implementation was written from the paper only. Check the licence
 terms that apply to your use.
 
-Distributed runs: the chunks, the causal weights and the per-point tables are per process (each
-process weights its own points; the tables are not averaged, and a checkpoint holds the calling
-process's tables).
+Distributed runs (``LossBalancer(..., distributed=True)``, or torch.distributed initialised with
+more than one process): the chunks and the causal weights are per process (each process weights
+its own points). The per-point tables of :class:`RBA`, :class:`SAPINN` and :class:`BRDR` are the
+same on every process: on a call that advances the state, every process gathers the ids and the
+detached per-point values of the batch of every term with such weights
+(:meth:`lossbalance.distributed.Reduction.gather_points`: the batch sizes may differ), keeps one
+occurrence of an id held by several processes (the lowest rank's; the points keep the gathered
+order, rank 0's first), and updates the table on that union exactly as one process would on the
+union batch; each process then takes its own points' weights from the new table for its term's
+value. Processes holding the same points in the same order get exactly the one-process result, and
+a checkpoint of any process holds the whole table. Such a term must be in every process's loss
+dict on those calls (the processes exchange its points, in the order of ``pointwise=``). Calls
+that do not advance the state (the re-evaluations of an L-BFGS closure) exchange nothing and use
+the process's own points and the stored table.
 """
 from __future__ import annotations
 
@@ -40,6 +51,7 @@ from typing import Any, Literal, Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from .distributed import Reduction
 from .reporting import LazyFigures
 
 __all__ = ["Residual", "Causal", "RBA", "SAPINN", "BRDR", "Pointwise"]
@@ -212,6 +224,10 @@ class RBA:
     state keeps every id seen unless ``forget_after`` is given. On calls that do not advance the state
     (the re-evaluations of an L-BFGS closure) the stored multipliers are used unchanged.
 
+    Distributed: the update runs on the union of every process's points (module docstring), with
+    ``max_j |r_j|`` the maximum over that union; every process then scales its own residuals by
+    their updated multipliers (the same table on every process).
+
     Args:
         gamma: decay (0.999), eta: learning rate (1e-3): the authors' code.
         init: the multiplier of a new point (0).
@@ -247,16 +263,18 @@ class RBA:
             )
         _check_ids(name, residual, self.label, "Residual(r, ids=ids, kind='residual')", self._checked_ids)
 
-    def reduce(self, r: Tensor, ids: Tensor, state: Mapping[str, Any], update: bool):
-        table = _IdTable(state, ids, r, self._same_ids)
-        old = table.column("lambdas", self.init)
-        a = r.detach().abs()
-        lam = self.gamma * old + self.eta * a / a.max().clamp(min=torch.finfo(a.dtype).tiny) if update else old
-        value = (lam * r).pow(2).mean()
-        figures = _summary("rba", lam)
+    def reduce(self, r: Tensor, ids: Tensor, state: Mapping[str, Any], update: bool, union: _Union | None = None):
+        """``union``: the update's points of every rank (:meth:`Reduction.gather_points`; ``None``: this batch)."""
         if not update:
-            return value, figures, state
-        return value, figures, {"kind": self.kind, **_advanced(table, {"lambdas": lam}, state, self.forget_after)}
+            lam = _IdTable(state, ids, r, self._same_ids).column("lambdas", self.init)
+            return (lam * r).pow(2).mean(), _summary("rba", lam), state
+        union = union or _Union.local(ids, r)
+        table = _IdTable(state, union.ids, union.values, self._same_ids)
+        a = union.values.abs()
+        lam = self.gamma * table.column("lambdas", self.init) + self.eta * a / a.max().clamp(min=torch.finfo(a.dtype).tiny)
+        mine = union.mine(lam)
+        new_state = {"kind": self.kind, **_advanced(table, {"lambdas": lam}, state, self.forget_after)}
+        return (mine * r).pow(2).mean(), _summary("rba", mine), new_state
 
     def checked_state(self, name: str, state: Any) -> dict[str, Any]:
         return {"kind": self.kind, **_checked_id_state(name, self.label, state, floats=("lambdas",))}
@@ -296,8 +314,8 @@ class SAPINN:
             uses ``beta1 = 0.99``), ``eps = 1e-8`` (torch's; Keras' is 1e-7, added without bias correction).
         seed: seed of the weighting's own generator for the ``"uniform"`` draws. Its state is part
             of the pointwise state (``state_dict``), so a resumed run draws the same initial weights.
-            Distributed: each process has its own generator, seeded alike (``seed=rank`` for
-            independent draws on processes that hold different points).
+            Distributed: give every process the same seed (the default): the new points of an
+            update are drawn from the union of the processes' points, on every process alike.
         forget_after: ``None`` (default): the table keeps every id seen (it grows with resampling);
             ``n``: an id not seen in the last ``n`` steps is dropped from the state when a step
             succeeds (seen again, it starts afresh as a new point).
@@ -309,6 +327,13 @@ class SAPINN:
     ``kind="loss"`` values must be ``>= 0``.
     On calls that do not advance the state (the re-evaluations of an L-BFGS closure) the stored
     weights are used unchanged.
+
+    Distributed: the ascent runs on the union of every process's points (module docstring), as
+    one process would on the union batch: ``N`` is the number of points of the union, i.e.
+    ``g_i`` is the gradient of the mean over the union (with equal batches on the processes,
+    the gradient of the mean over processes of their terms' values, which DDP averages); the new
+    points' initial weights are drawn for the union too. Each process's value uses its own points'
+    weights from before the ascent.
     """
 
     kind, label = "sa_pinn", "SA-PINN"
@@ -346,16 +371,18 @@ class SAPINN:
         s = torch.sigmoid(lam)
         return s, s * (1 - s)
 
-    def reduce(self, losses: Tensor, ids: Tensor, state: Mapping[str, Any], update: bool):
-        table = _IdTable(state, ids, losses, self._same_ids)
+    def reduce(self, losses: Tensor, ids: Tensor, state: Mapping[str, Any], update: bool, union: _Union | None = None):
+        """``union``: the update's points of every rank (:meth:`Reduction.gather_points`; ``None``: this batch)."""
+        union = union or _Union.local(ids, losses)
+        table = _IdTable(state, union.ids, union.values, self._same_ids)
         fresh, generator = self._fresh(table, state["generator"])
         lam = table.column("lambdas", fresh)
         weight, slope = self.masked(lam)
-        value = (weight * losses).mean()
-        figures = _summary("sa_pinn", lam)
+        value = (union.mine(weight) * losses).mean()  # the weights before the ascent
+        figures = _summary("sa_pinn", union.mine(lam))
         if not update:
             return value, figures, state
-        g = slope * losses.detach() / losses.shape[0]
+        g = slope * union.values / union.values.shape[0]  # N: the union's points
         rows = self._ascent(lam, g, table.column("m", 0.0), table.column("v", 0.0), table.column("steps", 0))
         return value, figures, {"kind": self.kind, **_advanced(table, rows, state, self.forget_after), "generator": generator}
 
@@ -395,6 +422,24 @@ class SAPINN:
         except (TypeError, RuntimeError) as error:
             raise ValueError(f"corrupt state: the SA-PINN generator state of term {name!r} cannot be loaded ({error})") from error
         return {"kind": self.kind, **checked, "generator": generator.clone()}
+
+
+class _Union(NamedTuple):
+    """An update's points: their ids and detached per-point values (``r_i`` for :class:`RBA`,
+    ``l_i`` otherwise) over every rank, one occurrence per id, and ``own``, the rows of the
+    calling rank's points (``None``: the rows are the rank's own batch, as in one process)."""
+
+    ids: Tensor
+    values: Tensor
+    own: Tensor | None = None
+
+    @classmethod
+    def local(cls, ids: Tensor, values: Tensor) -> "_Union":
+        return cls(ids, values.detach(), None)
+
+    def mine(self, x: Tensor) -> Tensor:
+        """``x`` (one row per point of the union) at the calling rank's points."""
+        return x if self.own is None else x[self.own]
 
 
 class _Decay(NamedTuple):
@@ -440,6 +485,11 @@ class BRDR:
 
     Needs ``ids``; the state keeps the ids seen (weights, ``e``, ``last_seen``; see ``forget_after``)
     and the update count.
+
+    Distributed: the update runs on the union of every process's points (module docstring):
+    ``mean_j irdr_j`` is the mean over the union (of every pooled term), ``last_seen`` and the
+    gaps count the steps since any process last held the point; every process then weights its
+    own points with their updated weights.
     """
 
     kind, label = "brdr", "BRDR"
@@ -468,30 +518,34 @@ class BRDR:
         _check_ids(name, residual, self.label, "Residual(values, ids=ids)", self._checked_ids)
         _check_nonnegative(name, residual, self.label)
 
-    def decay(self, losses: Tensor, ids: Tensor, state: Mapping[str, Any]) -> _Decay:
-        """The first half of an update: the moving average ``e`` and ``irdr`` of the batch's points."""
-        table = _IdTable(state, ids, losses, self._same_ids)
+    def decay(self, union: _Union, state: Mapping[str, Any]) -> _Decay:
+        """The first half of an update: the moving average ``e`` and ``irdr`` of the update's
+        points (``union``: every rank's, :meth:`Reduction.gather_points`)."""
+        table = _IdTable(state, union.ids, union.values, self._same_ids)
         step = state["step"] + 1
         gap = (step - table.column("last_seen", 0)).clamp(max=self.max_gap)
-        l = losses.detach()
+        l = union.values
         r4 = table.column("r4", 0.0)
         r4 = r4 + (1 - torch.pow(l.new_tensor(self.beta_c), gap)) * (l * l - r4)
         irdr = l / ((r4 / (1 - self.beta_c**step)).sqrt() + 1e-14)
         return _Decay(table, gap, r4, irdr)
 
     def reduce(self, losses: Tensor, ids: Tensor, state: Mapping[str, Any], update: bool,
-               pooled: tuple[_Decay, Tensor] | None = None):
-        """``pooled``: this term's :meth:`decay` and the mean ``irdr`` over the pooled terms."""
+               pooled: tuple[_Decay, Tensor] | None = None, union: _Union | None = None):
+        """``pooled``: this term's :meth:`decay` and the mean ``irdr`` over the pooled terms;
+        ``union``: the update's points of every rank (:meth:`Reduction.gather_points`; ``None``: this batch)."""
         if not update:
             w = _IdTable(state, ids, losses, self._same_ids).column("weights", 1.0)
             return (w * losses).mean(), _summary("brdr", w), state
-        decay, mean = pooled if pooled is not None else (self.decay(losses, ids, state), None)
+        union = union or _Union.local(ids, losses)
+        decay, mean = pooled if pooled is not None else (self.decay(union, state), None)
         mean = decay.irdr.mean() if mean is None else mean
         w = decay.table.column("weights", 1.0)
         balanced = decay.irdr / mean.clamp(min=torch.finfo(w.dtype).tiny)
         w = w + (1 - torch.pow(w.new_tensor(self.beta_w), decay.gap)) * (balanced - w)
         new_state = {"kind": self.kind, **_advanced(decay.table, {"weights": w, "r4": decay.r4}, state, self.forget_after)}
-        return (w * losses).mean(), _summary("brdr", w), new_state
+        mine = union.mine(w)
+        return (mine * losses).mean(), _summary("brdr", mine), new_state
 
     def checked_state(self, name: str, state: Any) -> dict[str, Any]:
         return {"kind": self.kind, **_checked_id_state(name, self.label, state, floats=("weights", "r4"))}
@@ -513,7 +567,7 @@ class Reduced(NamedTuple):
 class Pointwise:
     """The balancer's pointwise weightings ``{term: Causal | RBA | SAPINN | BRDR}`` and their state."""
 
-    def __init__(self, weightings: Mapping[str, Weighting] | None):
+    def __init__(self, weightings: Mapping[str, Weighting] | None, reduction: Reduction | None = None):
         weightings = dict(weightings or {})
         for name, w in weightings.items():
             if not isinstance(name, str):
@@ -522,7 +576,7 @@ class Pointwise:
             if not isinstance(w, (Causal, RBA, SAPINN, BRDR)):
                 raise TypeError(f"pointwise[{name!r}] is a Causal(...), RBA(...), SAPINN(...) or BRDR(...), "
                                 f"got {type(w).__name__}")
-        self.weightings = weightings
+        self.weightings, self.reduction = weightings, reduction or Reduction()
         self.state = {name: w.initial_state() for name, w in weightings.items()}
 
     def reduce(self, losses: Any, update: bool) -> Reduced:
@@ -535,9 +589,11 @@ class Pointwise:
             return Reduced(losses, {}, {}, losses)
         out, figures, state = dict(losses), {}, {}
         prepared = {name: self._prepared(name, term) for name, term in losses.items() if isinstance(term, Residual)}
-        pooled = self._pooled_decays(prepared) if update else {}
+        unions = self._unions(prepared) if update else {}
+        pooled = self._pooled_decays(unions) if update else {}
         for name, arrays in prepared.items():
-            out[name], weighted = self._reduce_term(name, losses[name].reduction, arrays, update, pooled.get(name))
+            out[name], weighted = self._reduce_term(name, losses[name].reduction, arrays, update, pooled.get(name),
+                                                    unions.get(name))
             if weighted is not None:
                 figures[name], state[name] = weighted
         return Reduced(out, figures, state, losses)
@@ -561,13 +617,25 @@ class Pointwise:
             weighting.check(name, term)
         return (values if isinstance(weighting, RBA) else per_point), t, ids  # RBA scales the residuals
 
-    def _pooled_decays(self, prepared: Mapping[str, tuple]) -> dict[str, tuple[_Decay, Tensor]]:
-        """Per term with ``BRDR(pool="all")`` weights: its decay and the ``irdr`` mean over all of them."""
+    def _unions(self, prepared: Mapping[str, tuple]) -> dict[str, _Union]:
+        """Per term with per-id weights, the update's points of every rank
+        (:meth:`Reduction.gather_points`), in the declared order of the weightings (the same
+        on every rank, so the collectives match)."""
+        unions = {}
+        for name, weighting in self.weightings.items():
+            if name in prepared and not isinstance(weighting, Causal):
+                values, _, ids = prepared[name]
+                unions[name] = _Union(*self.reduction.gather_points(ids, values.detach()))
+        return unions
+
+    def _pooled_decays(self, unions: Mapping[str, _Union]) -> dict[str, tuple[_Decay, Tensor]]:
+        """Per term with ``BRDR(pool="all")`` weights: its decay and the ``irdr`` mean over all of
+        them (over the union of every rank's points)."""
         decays = {}
-        for name, (per_point, _, ids) in prepared.items():
-            weighting = self.weightings.get(name)
+        for name, union in unions.items():
+            weighting = self.weightings[name]
             if isinstance(weighting, BRDR) and weighting.pool == "all":
-                decays[name] = weighting.decay(per_point, ids, self.state[name])
+                decays[name] = weighting.decay(union, self.state[name])
         if not decays:
             return {}
         irdr = [d.irdr for d in decays.values()]
@@ -575,7 +643,7 @@ class Pointwise:
         return {name: (decay, mean) for name, decay in decays.items()}
 
     def _reduce_term(self, name: str, reduction: str, arrays: tuple, update: bool,
-                     pooled: tuple[_Decay, Tensor] | None = None):
+                     pooled: tuple[_Decay, Tensor] | None = None, union: _Union | None = None):
         """One Residual term (its :meth:`_prepared` arrays): its value and, when it has a
         pointwise weighting, (figures, new state)."""
         values, t, ids = arrays
@@ -585,9 +653,9 @@ class Pointwise:
         if isinstance(weighting, Causal):
             value, figures, state = weighting.reduce(values, t, self.state[name], update)
         elif isinstance(weighting, BRDR):
-            value, figures, state = weighting.reduce(values, ids, self.state[name], update, pooled)
+            value, figures, state = weighting.reduce(values, ids, self.state[name], update, pooled, union=union)
         else:
-            value, figures, state = weighting.reduce(values, ids, self.state[name], update)
+            value, figures, state = weighting.reduce(values, ids, self.state[name], update, union=union)
         return value, (figures, state)
 
     def commit(self, state: Mapping[str, dict[str, Any]]) -> None:
