@@ -72,6 +72,10 @@ class Reduction:
         rows of the calling rank's points (``None``: the rows are the batch itself, as here)."""
         return ids, values, None
 
+    def holders(self, held: Sequence[bool]) -> list[int]:
+        """How many ranks hold each of these terms this step (one process: itself or none)."""
+        return [int(h) for h in held]
+
 
 class ProcessGroupMean(Reduction):
     """The mean over the processes of ``group`` (``None``: the default group)."""
@@ -117,6 +121,15 @@ class ProcessGroupMean(Reduction):
         torch.distributed.all_reduce(counts, group=self.group)
         return counts
 
+
+    def holders(self, held: Sequence[bool]) -> list[int]:
+        """One small all-reduce: on every rank, how many ranks hold each term (on the backend's
+        device: the current CUDA device for NCCL, else the CPU)."""
+        nccl = torch.distributed.get_backend(self.group) == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        counts = torch.tensor([int(h) for h in held], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(counts, group=self.group)
+        return counts.tolist()
 
     def gather_points(self, ids: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """All ranks' ``ids`` and detached ``values`` (1-D, any lengths: the sizes are gathered

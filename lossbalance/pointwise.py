@@ -584,7 +584,7 @@ class Pointwise:
         (the new state is returned, committed by :meth:`commit` once the step succeeded)."""
         if not isinstance(losses, Mapping):
             return Reduced(losses, {}, {})
-        self._refuse_scalars(losses)
+        self._check_terms(losses, update)
         if not any(isinstance(v, Residual) for v in losses.values()):
             return Reduced(losses, {}, {}, losses)
         out, figures, state = dict(losses), {}, {}
@@ -616,6 +616,27 @@ class Pointwise:
                 raise ValueError(f"loss term {name!r} has pointwise weights, which define their own mean: use Residual(reduction='mean')")
             weighting.check(name, term)
         return (values if isinstance(weighting, RBA) else per_point), t, ids  # RBA scales the residuals
+
+    def _check_terms(self, losses: Mapping[str, Any], update: bool) -> None:
+        """Weighted terms passed as Residuals, and (distributed, on an update) by every rank."""
+        self._refuse_scalars(losses)
+        if update:
+            self._require_everywhere(losses)
+
+    def _require_everywhere(self, losses: Mapping[str, Any]) -> None:
+        """Distributed, on an update: a term with per-id weights that some ranks pass and others
+        do not would leave the gather of :meth:`_unions` waiting; every rank raises instead."""
+        keyed = [n for n, w in self.weightings.items() if not isinstance(w, Causal)]
+        if not keyed or not self.reduction.active:
+            return
+        counts = self.reduction.holders([isinstance(losses.get(n), Residual) for n in keyed])
+        partial = [n for n, c in zip(keyed, counts) if 0 < c < self.reduction.world]
+        if partial:
+            raise ValueError(
+                f"loss terms {partial} have per-point weights, whose tables every process updates together: "
+                "pass them in every process's loss dict on every step (some processes did not), or give them "
+                "no pointwise= weighting"
+            )
 
     def _unions(self, prepared: Mapping[str, tuple]) -> dict[str, _Union]:
         """Per term with per-id weights, the update's points of every rank

@@ -63,12 +63,29 @@ def _gather_check(rank):
     return ProcessGroupMean().gather_points(ids, values)
 
 
+def _missing_on_one_rank(rank):
+    """Rank 1 leaves the weighted term "data" out of its dict: both ranks raise (no hang), and
+    nothing changed (the step counter)."""
+    model = torch.nn.Linear(1, 1, dtype=torch.float64)
+    balancer = LossBalancer(torch.optim.SGD(model.parameters(), lr=0.05), "static",
+                            terms=["pde", "data"], optional=["data"], pointwise={"data": RBA()})
+    x, ids = torch.linspace(-1, 1, 4, dtype=torch.float64), torch.arange(4)
+    losses = _losses(model, x, ids, "rba")
+    if rank == 1:
+        del losses["data"]
+    try:
+        balancer.step({"pde": losses["pde"].values.square().mean(), **({"data": losses["data"]} if "data" in losses else {})})
+    except ValueError as error:
+        return str(error), balancer.step_count
+    return None, balancer.step_count
+
+
 def worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        results = {"gather": _gather_check(rank)}
+        results = {"gather": _gather_check(rank), "missing": _missing_on_one_rank(rank)}
         for case in CASES:
             results[case, "different"] = run(case, lambda b: b[rank * PER_RANK:(rank + 1) * PER_RANK])
             results[case, "same"] = run(case, lambda b: b[:PER_RANK])
@@ -140,3 +157,9 @@ def test_the_state_dict_is_the_same_on_both_ranks(case, points, ranks):
     a, b = (r[case, points]["state"] for r in ranks)
     _equal(a["pointwise"], b["pointwise"])
     _equal(a["weights"], b["weights"])
+
+
+def test_a_weighted_term_missing_on_one_rank_raises_on_every_rank(ranks):
+    for message, steps in (r["missing"] for r in ranks):
+        assert message is not None and "'data'" in message and "every process" in message
+        assert steps == 0
