@@ -121,7 +121,6 @@ class ProcessGroupMean(Reduction):
         torch.distributed.all_reduce(counts, group=self.group)
         return counts
 
-
     def holders(self, held: Sequence[bool]) -> list[int]:
         """One small all-reduce: on every rank, how many ranks hold each term (on the backend's
         device: the current CUDA device for NCCL, else the CPU)."""
