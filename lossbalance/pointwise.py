@@ -501,11 +501,11 @@ class BRDR:
                 raise ValueError(f"BRDR({label}=...) is in [0, 1), got {beta!r}")
         if pool not in ("all", "term"):
             raise ValueError(f"BRDR(pool=...) is 'all' (the authors': every BRDR term's points) or 'term', got {pool!r}")
-        self.pool = pool
         if isinstance(max_gap, bool) or not isinstance(max_gap, int) or max_gap < 1:
             raise ValueError(f"BRDR(max_gap=...) is a positive integer, got {max_gap!r}")
         _check_forget(self.label, forget_after)
         self.beta_c, self.beta_w, self.max_gap, self.forget_after = float(beta_c), float(beta_w), max_gap, forget_after
+        self.pool = pool
         self._checked_ids, self._same_ids = _Memo(), _Memo()  # ids verified earlier (no host reads)
 
     def __repr__(self) -> str:
@@ -815,9 +815,11 @@ class _IdTable:
         self.state, self.ids, self.like = state, ids, like
         self.known = state["ids"].to(ids.device)
         n = self.known.numel()
-        self.same = memo.find(self.known, ids) is not None or (n == ids.numel() and torch.equal(self.known, ids))
-        if self.same:  # the whole table, in its order
+        self.same = memo.find(self.known, ids) is not None
+        if not self.same and n == ids.numel() and torch.equal(self.known, ids):
+            self.same = True
             memo.note(self.known, ids)
+        if self.same:  # the whole table, in its order
             self.pos, self.found, self.new_count = None, None, 0
             return
         self.pos = torch.searchsorted(self.known, ids).clamp(max=max(n - 1, 0))
