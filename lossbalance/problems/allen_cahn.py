@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..pointwise import Residual
-from .base import MLP, Problem, _normal_, gradient
+from .base import MLP, Problem, _normal_, _xavier_normal_, gradient
 
 __all__ = ["AllenCahn1D", "AllenCahnReference", "JaxpiMLP", "allen_cahn_reference", "etdrk4_coefficients"]
 
@@ -168,6 +168,12 @@ def _trigonometric(reference: AllenCahnReference, coefficients: Tensor, t: Tenso
     return (scale * (c.real * torch.cos(phase) - c.imag * torch.sin(phase))).sum(1)
 
 
+def _periodic_embedding(tx: Tensor) -> Tensor:
+    """jaxpi's periodic embedding of ``(t, x)`` columns: ``(t, cos(pi x), sin(pi x))`` (period 2 in ``x``)."""
+    t, x = tx[:, :1], tx[:, 1:2]
+    return torch.cat((t, torch.cos(math.pi * x), torch.sin(math.pi * x)), dim=-1)
+
+
 class PeriodicMLP(nn.Module):
     """jaxpi's periodic embedding of ``x`` (``arch.periodicity``, period ``pi`` on axis 1): the
     network sees ``(t, cos(pi x), sin(pi x))``, so ``u`` and all its ``x`` derivatives are
@@ -178,8 +184,7 @@ class PeriodicMLP(nn.Module):
         self.mlp = mlp
 
     def forward(self, tx: Tensor) -> Tensor:
-        t, x = tx[:, :1], tx[:, 1:2]
-        return self.mlp(torch.cat((t, torch.cos(math.pi * x), torch.sin(math.pi * x)), dim=-1))
+        return self.mlp(_periodic_embedding(tx))
 
 
 class _Dense(nn.Module):
@@ -189,8 +194,7 @@ class _Dense(nn.Module):
 
     def __init__(self, n_in: int, n_out: int, rwf: tuple[float, float] | None, generator, device, dtype) -> None:
         super().__init__()
-        w = torch.empty(n_out, n_in, device=device, dtype=dtype)
-        _normal_(w, math.sqrt(2.0 / (n_in + n_out)), generator)
+        w = _xavier_normal_(torch.empty(n_out, n_in, device=device, dtype=dtype), generator)
         self.bias = nn.Parameter(torch.zeros(n_out, device=device, dtype=dtype))
         self.rwf = rwf is not None
         if self.rwf:
@@ -235,8 +239,7 @@ class JaxpiMLP(nn.Module):
         self.out = dense(width, 1)
 
     def forward(self, tx: Tensor) -> Tensor:
-        t, x = tx[:, :1], tx[:, 1:2]
-        z = torch.cat((t, torch.cos(math.pi * x), torch.sin(math.pi * x)), dim=-1)
+        z = _periodic_embedding(tx)
         if self.fourier.numel():
             zb = z @ self.fourier
             z = torch.cat((torch.cos(zb), torch.sin(zb)), dim=-1)

@@ -62,6 +62,12 @@ def _normal_(tensor: Tensor, std: float, generator: torch.Generator | None) -> T
         return tensor.copy_(draw)
 
 
+def _xavier_normal_(weight: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Xavier-normal (Glorot) fill of an ``(out, in)`` weight: ``N(0, 2 / (in + out))``."""
+    fan_out, fan_in = weight.shape
+    return _normal_(weight, math.sqrt(2.0 / (fan_in + fan_out)), generator)
+
+
 class MLP(nn.Module):
     """Fully connected network ``layers[0] -> ... -> layers[-1]`` with built-in input scaling.
 
@@ -123,8 +129,7 @@ class MLP(nn.Module):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Xavier-normal weights, zero biases."""
         for linear in self.linears:
-            fan_out, fan_in = linear.weight.shape
-            _normal_(linear.weight, math.sqrt(2.0 / (fan_in + fan_out)), generator)
+            _xavier_normal_(linear.weight, generator)
             nn.init.zeros_(linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
