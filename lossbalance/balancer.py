@@ -519,9 +519,11 @@ class LossBalancer:
         per_term = self._per_term(may_update, update)
         if self._deferred is not None and deferrable:
             return _Plan(update, per_term, early=False, defer=True)
-        # the strategy, the per-term gradients and the scaler need finite values before they use the
-        # graph; a plain step checks them with the gradients of its one backward (one host sync)
-        early = per_term or update or self._scaled_locally() or not checks_later
+        # the per-term gradients, the NTK traces and the scaler need finite values before they use
+        # the graph; a plain step, and the update of a loss-value strategy (undone if the values
+        # fail), check them with the gradients of the one backward (one host sync)
+        traces = update and self.strategy.needs_traces
+        early = per_term or traces or self._scaled_locally() or not checks_later
         return _Plan(update, per_term, early)
 
     def _scaled_locally(self) -> bool:
@@ -560,7 +562,12 @@ class LossBalancer:
             return weights
         # a copy: a strategy that changes record.weights in place must not change the table (nor the undo point)
         record = StepRecord(batch.names, values, weights.clone(), self._step, self._updates, stats, self.generator, traces)
-        weights = self._terms.sanitize(self.strategy.update(record), weights, index)
+        try:
+            new = self.strategy.update(record)
+        except Exception:  # on values not checked yet (see _plan), a NaN/Inf value is the cause to name
+            self._require_finite(batch.names, values, self._reduction.value_label())
+            raise
+        weights = self._terms.sanitize(new, weights, index)
         self._terms.set_present(index, weights)
         self._updates += 1
         return weights

@@ -177,6 +177,7 @@ class GradientEngine:
         self._graph_sizes: dict[str, int] = {}
         self.retain_always = False  # a torch.compile'd graph: never free it (no donated buffers)
         self.others: list[Tensor] = []  # nn.Parameter leaves the terms reach that are not balanced
+        self._passes: dict[tuple, list[tuple]] = {}  # _groups(), per pattern of scopes
         self._other_rows: list[tuple[Tensor | None, ...]] = []
 
     def __repr__(self) -> str:
@@ -361,10 +362,15 @@ class GradientEngine:
             _accumulate(p, g)
 
     def kept_direction(self, weights: Tensor, direction: Tensor | None = None) -> Direction:
-        """What :meth:`write_kept` would write, as fresh tensors (``None``: not reached)."""
-        self._combine_kept(weights, direction)
-        grads = [view.clone() if hit else None for view, hit in zip(self._grad_views, self._reached)]
-        return Direction(grads, self._kept_others(weights))
+        """What :meth:`write_kept` would write, as views of one fresh vector, not of the reused
+        buffer (``None``: not reached)."""
+        if direction is None:
+            grads = self._buffer[:, : self.layout.total]
+            flat = torch.mv(grads.T, weights.to(grads.dtype))
+        else:
+            flat = direction.to(self.layout.dtype, copy=True)
+        views = self.layout.views(flat)
+        return Direction([v if hit else None for v, hit in zip(views, self._reached)], self._kept_others(weights))
 
     def _combine_kept(self, weights: Tensor, direction: Tensor | None) -> None:
         assert self.keeps_gradients and self._buffer is not None
@@ -422,16 +428,11 @@ class GradientEngine:
     def _weighted_sum(self, names, losses, weights: Tensor, scopes, stale: Collection[str]):
         """Per parameter, the gradient of ``sum_i w_i L_i`` (``None`` where no term reaches), and
         per unbalanced parameter (:attr:`others`) its gradient."""
-        groups: dict[frozenset[int] | None, list[int]] = {}
-        for i, scope in enumerate(scopes):
-            if losses[i].requires_grad:  # (a term another process holds is a constant zero here)
-                groups.setdefault(scope, []).append(i)
+        groups = self._groups(tuple(scopes), tuple(loss.requires_grad for loss in losses))
         seeds = weights.unbind()
         count = len(self.params)
         total: list[Tensor | None] = [None] * (count + len(self.others))
-        for n, (scope, members) in enumerate(groups.items()):
-            positions = self.layout.inputs(scope) + list(range(count, len(total)))
-            inputs = [self.params[j] if j < count else self.others[j - count] for j in positions]
+        for n, (members, positions, inputs) in enumerate(groups):
             try:
                 grads = torch.autograd.grad(
                     [losses[i] for i in members], inputs, grad_outputs=[seeds[i] for i in members],
@@ -444,6 +445,27 @@ class GradientEngine:
                 if g is not None:
                     total[j] = g if total[j] is None else total[j] + g
         return total[:count], total[count:]
+
+    def _groups(self, scopes: tuple[frozenset[int] | None, ...], differentiable: tuple[bool, ...]) -> list[tuple]:
+        """The backward passes of :meth:`_weighted_sum`, one per distinct scope: ``(members,
+        positions, inputs)``, the terms it seeds (those with a graph: a term another process
+        holds is a constant zero here), the positions of its inputs among ``params + others`` and
+        the inputs themselves. Kept per pattern (the same on almost every call)."""
+        key = (scopes, differentiable, len(self.others))  # (others only grows)
+        if key not in self._passes:
+            members: dict[frozenset[int] | None, list[int]] = {}
+            for i, (scope, live) in enumerate(zip(scopes, differentiable)):
+                if live:
+                    members.setdefault(scope, []).append(i)
+            count, others = len(self.params), list(range(len(self.params), len(self.params) + len(self.others)))
+            passes = []
+            for scope, group in members.items():
+                positions = self.layout.inputs(scope) + others
+                passes.append((group, positions, [self.params[j] if j < count else self.others[j - count] for j in positions]))
+            if len(self._passes) >= 16:
+                self._passes.clear()
+            self._passes[key] = passes
+        return self._passes[key]
 
     def _averaged(self, grads: list[Tensor | None], values: Tensor) -> tuple[list[Tensor], Tensor]:
         """The gradients (zeros where none) and the values, averaged in one collective."""

@@ -88,6 +88,18 @@ class Residual:
         return f"Residual({shape}, t={self.t is not None}, ids={self.ids is not None}, kind={self.kind!r})"
 
 
+class _Chunking(NamedTuple):
+    """The causal chunks of one time tensor: every point's chunk, the points per chunk ``n_k``,
+    ``1 / max(n_k, 1)``, the share ``1 / (max(n_k, 1) M')`` of a point of chunk k in the term's
+    value (``M'`` non-empty chunks) and ``0`` / ``inf`` for non-empty / empty chunks."""
+
+    chunk: Tensor
+    counts: Tensor
+    inverse: Tensor
+    share: Tensor
+    absent: Tensor
+
+
 class Causal:
     r"""Causal weights (Wang, Sankaran & Perdikaris 2022, "Respecting causality is all you need
     for training physics-informed neural networks").
@@ -159,43 +171,44 @@ class Causal:
         span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
         return ((t - lo) / span * m).floor().clamp(0, m - 1).long()
 
-    def _grouping(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-        """Every point's chunk and the chunks' point counts (``like``'s dtype), computed once per
-        (unchanged) time tensor: a fixed point set is sorted on its first step only."""
+    def _grouping(self, t: Tensor, like: Tensor) -> _Chunking:
+        """Every point's chunk and what follows from the chunks' point counts (``like``'s dtype),
+        computed once per (unchanged) time tensor: a fixed point set is sorted on its first step only."""
         known = self._groups.find(t)
-        if known is not None and known[1].dtype == like.dtype:
+        if known is not None and known.counts.dtype == like.dtype:
             return known
         chunk = self.chunk_index(t.detach())
         counts = torch.zeros(self.chunks, dtype=like.dtype, device=like.device).index_add_(0, chunk, torch.ones_like(like))
-        self._groups.note(t, value=(chunk, counts))
-        return chunk, counts
+        present = counts > 0
+        inverse = 1.0 / counts.clamp(min=1)
+        grouping = _Chunking(chunk, counts, inverse, inverse / present.sum(), torch.where(present, 0.0, math.inf).to(like.dtype))
+        self._groups.note(t, value=grouping)
+        return grouping
 
-    def _chunks(self, losses: Tensor, t: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Every point's chunk, the chunks' point counts and mean losses ``L_k``, their weights ``w_k``."""
-        m = self.chunks
-        chunk, counts = self._grouping(t, losses)
-        sums = torch.zeros(m, dtype=losses.dtype, device=losses.device).index_add(0, chunk, losses)
-        chunk_loss = sums / counts.clamp(min=1)
-        seen = torch.cumsum(chunk_loss.detach(), 0)
+    def _chunks(self, losses: Tensor, t: Tensor, eps: float) -> tuple[_Chunking, Tensor, Tensor]:
+        """The grouping, the chunks' loss sums ``n_k L_k`` and their weights ``w_k``."""
+        grouping = self._grouping(t, losses)
+        sums = torch.zeros(self.chunks, dtype=losses.dtype, device=losses.device).index_add(0, grouping.chunk, losses)
+        chunk_loss = (sums * grouping.inverse).detach()
+        seen = torch.cumsum(chunk_loss, 0)
         if self.cumulative == "exclusive":
-            seen = seen - chunk_loss.detach()
-        return chunk, counts, chunk_loss, torch.exp(-eps * seen)
+            seen = seen - chunk_loss
+        return grouping, sums, torch.exp(seen * -eps)
 
     def point_weights(self, losses: Tensor, t: Tensor, state: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         """Per point ``p`` (detached): its chunk's weight ``w_k(p)`` and its share ``1 / (M' n_k(p))``
         of the term's value (``M'`` non-empty chunks, ``n_k`` points in chunk k), so that the value
         is ``sum_p w_k(p) share_p l_p`` (used by the ``ntk`` strategy)."""
-        chunk, counts, _, w = self._chunks(losses.detach(), t, self.eps[state["eps_index"]])
-        return w[chunk], 1.0 / (counts[chunk] * (counts > 0).sum())
+        grouping, _, w = self._chunks(losses.detach(), t, self.eps[state["eps_index"]])
+        return w[grouping.chunk], grouping.share[grouping.chunk]
 
     def reduce(self, losses: Tensor, t: Tensor, state: Mapping[str, Any], update: bool):
-        """The term's value, the figures for ``stats`` and the state after this step."""
+        """The term's value ``sum_k w_k L_k / M'``, the figures for ``stats`` and the state after this step."""
         index = state["eps_index"]
         eps = self.eps[index]
-        _, counts, chunk_loss, w = self._chunks(losses, t, eps)
-        present = counts > 0
-        value = (w * chunk_loss).sum() / present.sum()
-        w_min = torch.where(present, w, torch.full_like(w, math.inf)).min()
+        grouping, sums, w = self._chunks(losses, t, eps)
+        value = torch.dot(w, sums * grouping.share)
+        w_min = (w + grouping.absent).min()
         done = index == len(self.eps) - 1
         if update and len(self.eps) > 1 and not done and bool(w_min > self.delta):
             index += 1

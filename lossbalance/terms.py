@@ -145,9 +145,11 @@ class TermTable:
     def sanitize(self, new: Tensor, old: Tensor, index: Tensor | None) -> Tensor:
         """Bound the strategy's weights; a non-finite or non-positive weight keeps its old value."""
         limits = torch.finfo(old.dtype)
-        if new.dtype != old.dtype:  # in float64 first: a value beyond the weights' range clamps to their max
+        if new.dtype == old.dtype:  # finite and positive: 0 < new <= max (NaN fails both tests)
+            new = torch.where((new > 0) & (new <= limits.max), new, old).clamp_min(limits.tiny)
+        else:  # in float64 first: a value beyond the weights' range clamps to their max
             new = new.to(torch.float64)
-        new = torch.where(torch.isfinite(new) & (new > 0), new, old).clamp(limits.tiny, limits.max).to(old.dtype)
+            new = torch.where(torch.isfinite(new) & (new > 0), new, old).clamp(limits.tiny, limits.max).to(old.dtype)
         if not self.bounded:
             return new
         lower, upper = (self.lower, self.upper) if index is None else (self.lower[index], self.upper[index])

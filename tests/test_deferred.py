@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lossbalance import LossBalancer, LRAnnealing
+from lossbalance.strategies.base import Strategy
 
 
 def _in_optimizer() -> bool:
@@ -306,3 +307,53 @@ def test_check_reads_what_is_pending_and_rolls_back():
     quiet = LossBalancer(torch.optim.SGD(model.parameters(), lr=1e-2), "static")
     quiet.step(losses())
     quiet.check()  # check_every=1: nothing to do
+
+
+@pytest.mark.parametrize("strategy", ["relobralo", "softadapt", "dwa", "famo"])
+@pytest.mark.parametrize("path", ["step", "backward"])
+def test_an_update_of_a_loss_value_strategy_checks_the_values_with_the_gradients(monkeypatch, strategy, path):
+    """The default checks (``check_every=1``): a loss-value strategy's update reads nothing of its
+    own; the values are checked with the gradients of the one backward, one host sync per call."""
+    model, losses = _problem()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    balancer = LossBalancer(opt, strategy)
+
+    def call():
+        if path == "step":
+            balancer.step(losses())
+        else:
+            balancer.backward(losses())
+            opt.step()
+
+    call()
+    updates = balancer._updates
+    assert _reads_per_call(monkeypatch, [call] * 4) == [1] * 4
+    assert balancer._updates == updates + 4
+
+
+class _Picky(Strategy):
+    """A loss-value strategy of a user's that raises its own error on a NaN value."""
+
+    name = "picky"
+
+    def update(self, record):
+        if not bool(torch.isfinite(record.losses).all()):
+            raise RuntimeError("picky: cannot take the log of nan")
+        return record.weights
+
+
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+def test_a_strategy_failing_on_an_unchecked_nan_value_gets_the_value_error(nonfinite):
+    model, losses = _problem()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    balancer = LossBalancer(opt, _Picky(), nonfinite=nonfinite)
+    balancer.step(losses())
+    before = [p.detach().clone() for p in model.parameters()]
+    if nonfinite == "raise":
+        with pytest.raises(ValueError, match="'bc'"):
+            balancer.step(losses("value"))
+    else:
+        assert torch.isnan(balancer.step(losses("value")))
+        assert balancer._skipped == 1
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert balancer._step == 1

@@ -466,3 +466,29 @@ def test_sigkill_then_resume_in_another_process(tmp_path):
         total = balancer.step(problem.losses())
         assert torch.equal(total, totals[n]) and balancer.weights == weights[n], f"step {n}"
     assert_same(full_state(problem.model, balancer), final)
+
+
+_ODD = st.sampled_from([math.nan, math.inf, -math.inf, 0.0, -0.0, -1.0, 1e-45, 1e-310, 5e-324, 3.5e38, 1e39, 1e300])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True), _ODD), min_size=1, max_size=6),
+       st.sampled_from([(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.float64, torch.float32)]))
+def test_the_weights_guard_keeps_old_weights_for_bad_values_and_clamps_the_rest(raw, dtypes):
+    """A strategy's weight that is NaN, +-Inf or <= 0 leaves the old weight; a finite positive one
+    is clamped to [finfo.tiny, finfo.max] of the weights' dtype (after the cast: a float64 value
+    beyond float32's range becomes its max): element by element, against a naive rule."""
+    from lossbalance.terms import TermTable
+
+    new_dtype, dtype = dtypes
+    table = TermTable(weights=None, min_weight=None, max_weight=None, optional=(), dtype=dtype, device=torch.device("cpu"))
+    old = torch.arange(1, len(raw) + 1, dtype=dtype) * 0.5
+    new = torch.tensor(raw, dtype=new_dtype)
+    got = table.sanitize(new, old, None)
+    info = torch.finfo(dtype)
+    for value, before, out in zip(new.tolist(), old.tolist(), got.tolist()):
+        if not (math.isfinite(value) and value > 0):
+            assert out == before
+        else:  # clamped in float64, then cast
+            assert out == float(torch.tensor(min(max(value, info.tiny), info.max), dtype=torch.float64).to(dtype))
+    assert got.dtype == dtype

@@ -99,7 +99,7 @@ class MomentumConFIG(Combiner):
 
     def _remember(self, name: str, grad: Tensor) -> None:
         prior = self.momenta.get(name)  # new tensors, never in place: a checkpoint is a shallow copy
-        self.momenta[name] = (1 - self.beta1) * grad if prior is None else self.beta1 * prior + (1 - self.beta1) * grad
+        self.momenta[name] = (1 - self.beta1) * grad if prior is None else prior.lerp(grad, 1 - self.beta1)
         self.counts[name] = self.counts.get(name, 0) + 1
         self.last[name] = self.tick
         self.tick += 1

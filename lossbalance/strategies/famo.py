@@ -78,9 +78,9 @@ class FAMO(Strategy):
     Numerics: a loss below its bound would make ``log D`` undefined; the gap is floored,
     ``D_i = max(L_i - L_i^min, 0) + eps`` (documented floor, no error: checking would cost a host
     sync per update): such a term counts as being at its minimum and its weight becomes large.
-    Give true lower bounds. The weights are computed as ``(z / D) / c`` (no product that could
-    overflow) and clamped to ``[finfo.tiny, finfo.max]``: finite and positive for losses from
-    0 to 1e30 in float32 and float64. The logits take the dtype and device of the losses at a
+    Give true lower bounds. The weights are computed as ``softmax(xi - log D)``, which is
+    ``(z / D) / c`` without a product or quotient that could overflow, and floored at
+    ``finfo.tiny``: finite and positive for losses from 0 to 1e30 in float32 and float64. The logits take the dtype and device of the losses at a
     term's first update.
 
     Behaviour to expect: the step descends on ``sum_i z_i log L_i``, so a term's weight grows as
@@ -170,7 +170,7 @@ class FAMO(Strategy):
         xi = self._logits.values(judged)
         z = torch.softmax(xi, 0)
         d = delta.to(xi.dtype)
-        self._logits.step(judged, z * (d - (z * d).sum()))
+        self._logits.step(judged, z * (d - torch.dot(z, d)))
 
     def observe(self, names: Sequence[str], losses: Tensor) -> None:
         """The losses after the model's step (same points, new parameters): the logits learn now.
@@ -189,12 +189,10 @@ class FAMO(Strategy):
         if self._pending is not None:  # the previous update's step, judged by this update's losses
             self._learn(names, log_gap)
         self._logits.ensure(names, losses)
-        z = torch.softmax(self._logits.values(names), 0).to(losses.dtype)
-        q = z / gap
-        info = torch.finfo(losses.dtype)
-        weights = (q / q.sum()).clamp(info.tiny, info.max)
+        # (z_i / D_i) / sum_j (z_j / D_j) with z = softmax(xi) is softmax(xi - log D): one stable softmax
+        weights = torch.softmax(self._logits.values(names).to(losses.dtype) - log_gap, 0)
         self._pending = names, log_gap
-        return weights
+        return weights.clamp_min(torch.finfo(losses.dtype).tiny)
 
     # ------------------------------------------------------------------ state
     def checkpoint(self) -> Any:
