@@ -80,8 +80,10 @@ class ConFIG(Combiner):
     ``solver``
         ``"qr"`` (default): the QR and SVD above. ``"gram"``: an eigendecomposition of the
         ``K x K`` Gramian ``U U^T = V diag(S^2) V^T``, ``x = U^T V diag(S^-2) V^T b`` (one
-        ``(K, P)`` matmul and a ``K x K`` ``eigh``: 5-10x cheaper at K = 4, P = 5 000 on a CPU),
-        the same tests on ``S``. Its accuracy is ``kappa^2 * 1e-16`` in float64 instead of
+        ``(K, P)`` matmul and the SVD of the ``K x K`` symmetric positive semi-definite Gramian,
+        which is its eigendecomposition: 5-10x cheaper at K = 4, P = 5 000 on a CPU; an SVD
+        rather than ``eigh``, whose LAPACK routine costs twice as much when the caches are cold
+        after the model's backward), the same tests on ``S``. Its accuracy is ``kappa^2 * 1e-16`` in float64 instead of
         ``kappa * 1e-16``: below the rounding of float32 gradients themselves (``kappa * 6e-8``)
         for ``kappa < 5e8``. Its eigenvalues carry errors of about ``K eps S_max^2``, so its
         default ``rtol`` is ``sqrt(1000 K eps)`` (6e-7 at K = 4 in float64): singular values
@@ -108,7 +110,7 @@ class ConFIG(Combiner):
         if rtol is not None and not (0.0 <= rtol < 1.0):
             raise ValueError(f"rtol must be in [0, 1), got {rtol}")
         if solver not in ("qr", "gram"):
-            raise ValueError(f"solver must be 'qr' (QR and SVD of U) or 'gram' (eigh of U U^T), got {solver!r}")
+            raise ValueError(f"solver must be 'qr' (QR and SVD of U) or 'gram' (SVD of U U^T), got {solver!r}")
         self.closed_form, self.solver = bool(closed_form), solver
         self.rtol = rtol
         self.double = bool(double)
@@ -157,9 +159,10 @@ class ConFIG(Combiner):
     @staticmethod
     def _gram_solution(units: Tensor, b: Tensor, rtol: float) -> tuple[Tensor, Tensor, Tensor]:
         """The same from the ``K x K`` Gramian ``U U^T = V diag(S^2) V^T``: ``x = U^T V diag(S^-2) V^T b``."""
-        s2, v = torch.linalg.eigh(units @ units.mT)
-        s2 = s2.clamp_min(0)
-        keep = s2 > rtol * rtol * s2.amax()
+        # the SVD of the symmetric PSD Gramian: V diag(S^2) V^T, S^2 descending (a rounding-negative
+        # eigenvalue comes out as its tiny absolute value, below the threshold, with -V's column)
+        v, s2, _ = torch.linalg.svd(units @ units.mT)
+        keep = s2 > rtol * rtol * s2[0]
         c = torch.where(keep, v.mT @ b, torch.zeros_like(s2))
         y = c / torch.where(keep, s2, torch.ones_like(s2))
         x_norm = (c * y).sum().sqrt()  # ||U^T V y||^2 = y^T diag(S^2) y

@@ -55,7 +55,7 @@ class MomentumConFIG(Combiner):
 
     Options: ``beta1 = 0.9``, ``beta2 = 0.999``, ``eps = 1e-8`` (the authors' defaults);
     ``solver = "gram"``: ConFIG's solve from the ``K x K`` Gramian of the momenta (one matmul and
-    a small ``eigh``, accurate to ``kappa^2 * 1e-16``, see :class:`ConFIG`), the largest cost of
+    a small SVD, accurate to ``kappa^2 * 1e-16``, see :class:`ConFIG`), the largest cost of
     a step after the one backward; ``"qr"``: ConFIG's default QR and SVD (``kappa * 1e-16``).
     Parameters that no present term's gradient reaches (when it was last differentiated) get
     ``.grad = None``, as with every other combiner, not zeros (:meth:`reached`).
