@@ -264,6 +264,7 @@ class LossBalancer:
         self._terms = TermTable(
             weights=weights, min_weight=min_weight, max_weight=max_weight, optional=optional,
             dtype=torch.promote_types(self._engine.dtype, torch.float32), device=self._engine.device,
+            named={"pointwise": list(self._pointwise.weightings)},
         )
         for name in terms or ():
             self.add_term(name)

@@ -40,8 +40,10 @@ class TermTable:
         optional: Iterable[str],
         dtype: torch.dtype,
         device: torch.device,
+        named: Mapping[str, Collection[str]] | None = None,
     ):
         self.initial = dict(weights or {})
+        self.named = dict(named or {})  # other per-term options, checked with these (e.g. pointwise=)
         self.bounds = (min_weight, max_weight)
         self.optional = set(optional)
         self.names: list[str] = []
@@ -94,7 +96,7 @@ class TermTable:
     def check_option_names(self, known: Collection[str], scope: Collection[str] = (), *, declared: bool) -> None:
         """Raise ``KeyError`` if a per-term option names a term outside ``known`` and ``optional``
         (``declared``: ``known`` is ``terms=``; else the keys of the first step)."""
-        options = {"scope": scope, "weights": self.initial}
+        options = {"scope": scope, "weights": self.initial, **self.named}
         options.update({key: b for key, b in zip(("min_weight", "max_weight"), self.bounds) if isinstance(b, Mapping)})
         for option, names in options.items():
             stray = [n for n in names if n not in known and n not in self.optional]
