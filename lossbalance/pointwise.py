@@ -100,6 +100,12 @@ class _Chunking(NamedTuple):
     absent: Tensor
 
 
+def _chunking(chunk: Tensor, counts: Tensor) -> _Chunking:
+    present = counts > 0
+    inverse = 1.0 / counts.clamp(min=1)
+    return _Chunking(chunk, counts, inverse, inverse / present.sum(), torch.where(present, 0.0, math.inf).to(counts.dtype))
+
+
 class Causal:
     r"""Causal weights (Wang, Sankaran & Perdikaris 2022, "Respecting causality is all you need
     for training physics-informed neural networks").
@@ -139,7 +145,7 @@ class Causal:
         _check_causal_variant(split, cumulative, delta, t_range)
         self.chunks, self.eps, self.split, self.cumulative = chunks, [float(e) for e in schedule], split, cumulative
         self.delta, self.t_range = float(delta), t_range
-        self._groups = _Memo()  # time tensor -> (chunk of each point, points per chunk)
+        self._sizes: dict[tuple, _Chunking] = {}  # split="count": per number of points (see _by_count)
 
     def __repr__(self) -> str:
         return (f"Causal(chunks={self.chunks}, eps={self.eps if len(self.eps) > 1 else self.eps[0]}, "
@@ -158,42 +164,49 @@ class Causal:
             )
 
     def chunk_index(self, t: Tensor) -> Tensor:
-        """The chunk of every point (0..M-1)."""
+        """The chunk of every point (0..M-1); a NaN time goes to chunk 0 (its term's value is NaN)."""
         n, m = t.shape[0], self.chunks
         if self.split == "count":
-            order = torch.argsort(t, stable=True)
-            q, r = divmod(n, m)
-            rank = torch.arange(n, device=t.device)
-            big = r * (q + 1)  # the first r chunks hold q + 1 points
-            chunk = torch.where(rank < big, rank // (q + 1), r + (rank - big) // max(q, 1))
-            return torch.empty_like(chunk).scatter_(0, order, chunk)
+            ranks = self._by_count(n, t).chunk  # the chunk of the point of each rank
+            return torch.empty_like(ranks).scatter_(0, torch.argsort(t, stable=True), ranks)
         lo, hi = (t.min(), t.max()) if self.t_range is None else (t.new_tensor(self.t_range[0]), t.new_tensor(self.t_range[1]))
         span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-        return ((t - lo) / span * m).floor().clamp(0, m - 1).long()
+        return ((t - lo) / span * m).floor().nan_to_num(0.0).clamp(0, m - 1).long()
+
+    def _by_count(self, n: int, like: Tensor) -> _Chunking:
+        """``split="count"``: the chunk of each rank and the counts of ``n`` points (``like``'s
+        dtype and device), which depend on ``n`` alone: kept per size."""
+        key = (n, like.dtype, like.device)
+        if key not in self._sizes:
+            q, r = divmod(n, self.chunks)
+            rank = torch.arange(n, device=like.device)
+            big = r * (q + 1)  # the first r chunks hold q + 1 points
+            ranks = torch.where(rank < big, rank // (q + 1), r + (rank - big) // max(q, 1))
+            if len(self._sizes) >= 8:
+                self._sizes.clear()
+            self._sizes[key] = _chunking(ranks, like.new_zeros(self.chunks).index_add_(0, ranks, like.new_ones(n)))
+        return self._sizes[key]
 
     def _grouping(self, t: Tensor, like: Tensor) -> _Chunking:
         """Every point's chunk and what follows from the chunks' point counts (``like``'s dtype),
-        computed once per (unchanged) time tensor: a fixed point set is sorted on its first step only."""
-        known = self._groups.find(t)
-        if known is not None and known.counts.dtype == like.dtype:
-            return known
-        chunk = self.chunk_index(t.detach())
-        counts = torch.zeros(self.chunks, dtype=like.dtype, device=like.device).index_add_(0, chunk, torch.ones_like(like))
-        present = counts > 0
-        inverse = 1.0 / counts.clamp(min=1)
-        grouping = _Chunking(chunk, counts, inverse, inverse / present.sum(), torch.where(present, 0.0, math.inf).to(like.dtype))
-        self._groups.note(t, value=grouping)
-        return grouping
+        from the values of ``t`` on every call, so that a time buffer refilled in place is
+        grouped anew (even through NumPy or ``.data``, which PyTorch does not see)."""
+        t = t.detach()
+        if self.split == "count":
+            return self._by_count(t.shape[0], like)._replace(chunk=self.chunk_index(t))
+        chunk = self.chunk_index(t)
+        return _chunking(chunk, torch.zeros(self.chunks, dtype=like.dtype, device=like.device).index_add_(0, chunk, torch.ones_like(like)))
 
     def _chunks(self, losses: Tensor, t: Tensor, eps: float) -> tuple[_Chunking, Tensor, Tensor]:
-        """The grouping, the chunks' loss sums ``n_k L_k`` and their weights ``w_k``."""
+        """The grouping, the chunks' loss sums ``n_k L_k`` and their weights ``w_k`` (NaN where a
+        time is NaN or infinite: ``t.sum() * 0`` enters the exponent)."""
         grouping = self._grouping(t, losses)
         sums = torch.zeros(self.chunks, dtype=losses.dtype, device=losses.device).index_add(0, grouping.chunk, losses)
         chunk_loss = (sums * grouping.inverse).detach()
         seen = torch.cumsum(chunk_loss, 0)
         if self.cumulative == "exclusive":
             seen = seen - chunk_loss
-        return grouping, sums, torch.exp(seen * -eps)
+        return grouping, sums, torch.exp(seen * -eps + t.detach().sum() * 0)
 
     def point_weights(self, losses: Tensor, t: Tensor, state: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         """Per point ``p`` (detached): its chunk's weight ``w_k(p)`` and its share ``1 / (M' n_k(p))``

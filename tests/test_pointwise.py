@@ -455,3 +455,50 @@ def test_a_fixed_point_set_is_checked_once_and_in_place_changes_are_still_caught
             balancer.step(term())
         assert balancer.state_dict()["step"] == before["step"]
         problem.ids[1] = problem.ids[0] + 1
+
+
+@pytest.mark.parametrize("split", ["count", "time"])
+def test_causal_chunks_follow_times_refilled_where_pytorch_cannot_see_it(split):
+    """A time buffer refilled through NumPy (or ``.data``) keeps its tensor object and version:
+    the chunks still follow the new times, as the naive loop on them."""
+    import numpy as np
+
+    problem = Problem()
+    buffer = problem.t.numpy().copy()
+    t = torch.from_numpy(buffer)
+    balancer = LossBalancer([problem.w], "static", pointwise={"pde": Causal(chunks=5, eps=2.0, split=split)})
+    for step in range(3):
+        if step == 1:
+            buffer[:] = np.random.default_rng(1).random(len(buffer))
+        if step == 2:
+            t.data.copy_(1.0 - t)
+        total = balancer.backward({"pde": Residual(problem.r() ** 2, t=t)})
+        reference, w_min = naive_causal(problem.r() ** 2, t, 5, 2.0, split, "exclusive")
+        torch.testing.assert_close(total, reference.detach(), rtol=1e-12, atol=0)
+        assert balancer.stats["pde"]["causal_min"] == pytest.approx(w_min, rel=1e-12)
+
+
+@pytest.mark.parametrize("split", ["count", "time"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_nan_or_infinite_time_makes_the_causal_term_non_finite(split, bad):
+    problem = Problem()
+    t = problem.t.clone()
+    t[3] = bad
+    opt = torch.optim.SGD([problem.w], lr=0.1)
+    balancer = LossBalancer(opt, "static", pointwise={"pde": Causal(chunks=5, split=split)})
+    before = problem.w.detach().clone()
+    with pytest.raises(ValueError, match="'pde'"):
+        balancer.step({"pde": Residual(problem.r() ** 2, t=t)})
+    assert torch.equal(problem.w.detach(), before) and balancer.state_dict()["step"] == 0
+
+
+def test_a_pointwise_key_naming_no_term_raises_naming_it():
+    problem = Problem()
+    with pytest.raises(KeyError, match="pointwise.*'pdee'"):
+        LossBalancer([problem.w], "static", terms=["pde", "bc"], pointwise={"pdee": Causal(chunks=5)})
+    balancer = LossBalancer([problem.w], "static", pointwise={"pdee": Causal(chunks=5)})
+    terms = {"pde": Residual(problem.r() ** 2, t=problem.t), "bc": problem.r()[0] ** 2}
+    with pytest.raises(KeyError, match="pointwise.*'pdee'"):
+        balancer.backward(terms)
+    assert balancer.state_dict()["step"] == 0 and problem.w.grad is None
+    LossBalancer([problem.w], "static", optional=["pdee"], pointwise={"pdee": Causal(chunks=5)}).backward(terms)
