@@ -28,7 +28,7 @@ from .strategies.base import StepRecord, Strategy, make_strategy
 from .strategies.static import Static
 from .terms import Bound, TermTable
 from .graph import graph_facts, reaches
-from .validation import check_finite, check_losses, no_path_error, reentrant_checkpoint_error
+from .validation import check_finite, check_key_set, check_losses, no_path_error, reentrant_checkpoint_error, warn_user
 
 __all__ = ["LossBalancer"]
 
@@ -289,7 +289,8 @@ class LossBalancer:
         return self._precision.scaler
 
     def _balanced_params(self) -> list[Tensor]:
-        params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        # each tensor once (an optimizer's group may list one twice: torch.optim only warns)
+        params = list({id(p): p for group in self.param_groups for p in group["params"] if p.requires_grad}.values())
         if not params:
             holder = "the optimizer holds" if self.optimizer is not None else "the parameters given hold"
             raise ValueError(f"{holder} no parameter that requires grad: nothing to balance")
@@ -869,7 +870,8 @@ class LossBalancer:
         ``after``: a function that rebuilds the loss dict on the same points at the parameters
         *after* the step, for strategies that judge a step by its result (``"famo"``): called once
         (gradients enabled) after each step that updated the weights, its values go to
-        :meth:`observe`. Costs one forward. If it raises, the step stands and the error propagates.
+        :meth:`observe`. Costs one forward. If it raises, or its losses are refused (see
+        :meth:`observe`), the step stands and the error propagates, saying so.
         """
         if self.optimizer is None:
             raise TypeError(
@@ -884,9 +886,21 @@ class LossBalancer:
         updates, skipped = self._updates, self._skipped
         total = self._step_closure(closure) if closure is not None else self._step_losses(losses)
         if self._updates != updates and self._skipped == skipped:
+            self._observe_after(after)
+        return total
+
+    def _observe_after(self, after: Callable[[], Losses]) -> None:
+        """``step(after=...)``'s closure, once the optimizer has stepped: its errors say that the step stands."""
+        try:
             with torch.enable_grad():
                 self.observe(self._call(after))
-        return total
+        except (TypeError, ValueError, KeyError) as error:
+            reason = error.args[0] if error.args else repr(error)
+            reason = str(reason).replace("; nothing was changed", "")
+            raise type(error)(
+                f"step(after=...): the optimizer step was taken and stands (so does the weights' update); "
+                f"the losses after it were refused, the strategy did not learn from them: {reason}"
+            ) from error
 
     def _observer(self) -> Callable[[tuple[str, ...], Tensor], None]:
         observe = getattr(self.strategy, "observe", None)
@@ -902,14 +916,16 @@ class LossBalancer:
         strategy that learns from them (:class:`~lossbalance.strategies.FAMO`): call it after
         your own ``optimizer.step()`` (with :meth:`backward` or :meth:`loss`), or let
         ``step(losses, after=closure)`` do it. Only the values are used (detached; the graph is
-        not touched). Terms the balancer does not know are ignored. Non-finite values raise, or
+        not touched). Non-finite values raise, or
         under ``nonfinite="skip"`` are ignored (the strategy then learns at its next update).
         Distributed: the values are averaged over the processes (every process must call it with
-        the same terms). ``TypeError`` for a strategy that does not use them.
+        the same terms). ``TypeError`` for a strategy that does not use them; ``KeyError`` naming
+        the terms when the key set is not the steps' (a misspelt or missing term, as for a step).
         """
         observe = self._observer()
         if not isinstance(losses, Mapping):
             raise TypeError(f"observe() takes the dict of loss terms, got {type(losses).__name__}")
+        check_key_set(tuple(losses), self._terms.names, self._terms.optional)
         losses = _plain_tensors(self._pointwise.reduce(losses, False).losses)
         names = tuple(n for n in self._terms.names if n in losses)
         if not names:
@@ -1275,10 +1291,26 @@ def _optimizer_and_groups(given: Any) -> tuple[torch.optim.Optimizer | None, lis
         raise wrong
     items = list(given)
     if items and all(isinstance(g, Mapping) and "params" in g for g in items):
-        return None, [{**g, "params": list(g["params"])} for g in items]
+        return None, _distinct_groups([{**g, "params": list(g["params"])} for g in items])
     if not items or not all(isinstance(p, Tensor) for p in items):
         raise wrong
-    return None, [{"params": items}]
+    return None, _distinct_groups([{"params": items}])
+
+
+def _distinct_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The parameter groups with each tensor once, as ``torch.optim`` takes them: a tensor listed
+    twice in a group is kept once (with a warning), one in two groups is refused."""
+    seen: set[int] = set()
+    for group in groups:
+        distinct = list({id(p): p for p in group["params"]}.values())
+        if len(distinct) < len(group["params"]):
+            warn_user(f"a parameter group lists {len(group['params']) - len(distinct)} parameter(s) more than once: "
+                      "each is balanced once (the gradient of a tensor is one, however often it is listed)")
+            group["params"] = distinct
+        if seen & set(map(id, distinct)):
+            raise ValueError("some parameters appear in more than one parameter group: give each tensor to one group")
+        seen |= set(map(id, distinct))
+    return groups
 
 
 def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:

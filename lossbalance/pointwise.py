@@ -764,9 +764,11 @@ def _checked_values(name: str, values: Any) -> Tensor:
         raise TypeError(f"loss term {name!r}: Residual values must be a floating-point tensor, got "
                         f"{type(values).__name__ if not isinstance(values, Tensor) else values.dtype}")
     values = values.as_subclass(Tensor)
-    if values.dim() != 1 or values.numel() == 0:
+    if values.dim() != 1:
         raise ValueError(f"loss term {name!r}: Residual values must be 1-D, one entry per point, got shape "
                          f"{tuple(values.shape)} (flatten them, e.g. r.reshape(-1))")
+    if values.numel() == 0:
+        raise ValueError(f"loss term {name!r}: Residual values are empty (no points in this batch): give at least one point")
     return values
 
 

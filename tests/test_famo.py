@@ -376,3 +376,34 @@ def test_undo_restores_the_logits_from_references() -> None:
     for key in ("logits", "pending"):
         assert all(torch.equal(after[key][n], saved[key][n]) for n in saved[key])
     assert after["adam"]["steps"] == saved["adam"]["steps"]
+
+
+def test_after_refusals_say_the_step_stands_and_the_key_set_is_checked() -> None:
+    """step(after=): a NaN, a missing or a misspelt term after the step raises, saying that the
+    optimizer step was taken (it was); observe() checks the key set as a step does."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    x = torch.linspace(0, 1, 16)[:, None]
+
+    def losses():
+        u = model(x)
+        return {"pde": (u - x).pow(2).mean(), "bc": u[0].pow(2).sum()}
+
+    balancer = LossBalancer(torch.optim.SGD(model.parameters(), lr=0.1), "famo")
+    balancer.step(losses())
+    bad = {
+        "nan": (ValueError, lambda: {k: v * float("nan") for k, v in losses().items()}),
+        "missing": (KeyError, lambda: {"pde": losses()["pde"]}),
+        "typo": (KeyError, lambda: {"pde": losses()["pde"], "bcc": losses()["bc"]}),
+        "not a dict": (TypeError, lambda: losses()["pde"]),
+    }
+    for error, closure in bad.values():
+        before = [p.detach().clone() for p in model.parameters()]
+        step = balancer.state_dict()["step"]
+        with pytest.raises(error, match="the optimizer step was taken and stands") as raised:
+            balancer.step(losses(), after=closure)
+        assert "nothing was changed" not in str(raised.value)
+        assert balancer.state_dict()["step"] == step + 1
+        assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    with pytest.raises(KeyError, match="'bcc'"):
+        balancer.observe({"pde": losses()["pde"], "bcc": losses()["bc"]})

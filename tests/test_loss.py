@@ -225,3 +225,38 @@ def test_a_call_without_per_term_gradients_leaves_the_only_backward_to_the_frame
         assert len(passes) == expected + (expected == 0)
         balancer.optimizer.step()
         model.zero_grad()
+
+
+def test_a_parameter_listed_twice_is_balanced_once():
+    """Parameters given twice (the no-optimizer mode, or an optimizer group: torch.optim only warns)
+    get the gradient of ``backward()``, once, from ``loss()`` on update steps too; the statistics
+    count each tensor once; a tensor in two groups is refused, as by torch.optim."""
+    from lossbalance import LRAnnealing
+
+    def run(params_of, update_every=1):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        x = torch.randn(8, 2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            balancer = LossBalancer(params_of(net), LRAnnealing(reference="pde"), update_every=update_every)
+        grads = []
+        for _ in range(3):
+            net.zero_grad()
+            u = net(x)
+            balancer.loss({"pde": u.pow(2).mean(), "bc": (u - 1).pow(2).mean()}).backward()
+            grads.append([p.grad.clone() for p in net.parameters()])
+        return grads, balancer.weights
+
+    once, weights = run(lambda net: list(net.parameters()))
+    last = lambda net: list(net[2].parameters())  # noqa: E731
+    for params_of in (lambda net: [*net.parameters(), *last(net)], lambda net: [{"params": [*net.parameters(), *last(net)]}]):
+        twice, twice_weights = run(params_of)
+        assert twice_weights == weights
+        for a, b in zip(once, twice):
+            assert all(torch.equal(g, h) for g, h in zip(a, b))
+    net = torch.nn.Linear(2, 1)
+    with pytest.warns(UserWarning, match="more than once"):
+        LossBalancer([*net.parameters(), net.weight], "lra")
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        LossBalancer([{"params": list(net.parameters())}, {"params": [net.weight]}], "lra")

@@ -278,6 +278,8 @@ def _wrong(problem, case):
     terms = _terms(problem, slice(None), problem.ids)
     if case == "values 2-D":
         terms["pde"] = Residual((r**2)[:, None], t=problem.t)
+    elif case == "empty":
+        terms["bc"] = Residual(r[:0], ids=problem.ids[:0], kind="residual")
     elif case == "t length":
         terms["pde"] = Residual(r**2, t=problem.t[:-1])
     elif case == "ids length":
@@ -299,6 +301,7 @@ def _wrong(problem, case):
 
 CASES = {
     "values 2-D": (ValueError, "'pde': Residual values must be 1-D"),
+    "empty": (ValueError, "'bc': Residual values are empty"),
     "t length": (ValueError, "'pde': Residual t has shape"),
     "ids length": (ValueError, "'bc': Residual ids has shape"),
     "t missing": (ValueError, "'pde' has causal weights: pass the per-point times"),
