@@ -328,23 +328,38 @@ class GradientEngine:
         return rows[:, -1].to(values.dtype)
 
     def _batched(self, losses: Sequence[Tensor], out: Tensor) -> bool:
-        """All K gradients in one ``torch.vmap`` over ``autograd.grad`` (False: vmap failed)."""
+        """All K gradients in one ``torch.vmap`` over ``autograd.grad`` (False: vmap failed).
+
+        Reach, as the loop records it, at no extra cost: with ``allow_unused`` autograd returns
+        ``None`` for a parameter no term's graph reaches. The K seeds differ only in value, so this
+        is the same for every row: the union over the terms that the loop records. vmap cannot
+        return ``None``, so its one trace of ``vjp`` notes which are missing and returns the rest;
+        their columns are zeros, as in the loop (when distributed, all count as reached, as there).
+        """
         stacked = torch.stack([loss.reshape(()) for loss in losses])
         basis = torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device)
+        reached: list[bool] = []
 
         def vjp(direction: Tensor) -> tuple[Tensor, ...]:
-            return torch.autograd.grad(
-                stacked, self.params, grad_outputs=direction, retain_graph=True, materialize_grads=True
+            grads = torch.autograd.grad(
+                stacked, self.params, grad_outputs=direction, retain_graph=True, allow_unused=True
             )
+            reached[:] = [g is not None for g in grads]
+            return tuple(g for g in grads if g is not None)
 
         try:
-            grads = torch.vmap(vjp)(basis)
+            grads = iter(torch.vmap(vjp)(basis))
         except RuntimeError as error:
             warn_user(f"grad_mode='batched' fell back to the loop: torch.vmap failed ({error})")
             self._vmap_failed = True
             return False
-        torch.cat([g.reshape(len(losses), -1) for g in grads], dim=1, out=out)
-        self._reached = [True] * len(self.params)
+        k = len(losses)
+        parts = [
+            next(grads).reshape(k, -1) if hit else zero.reshape(1, -1).expand(k, -1)
+            for hit, zero in zip(reached, self.layout.zeros)
+        ]
+        torch.cat(parts, dim=1, out=out)
+        self._reached = [hit or self.reduction.active for hit in reached]
         return True
 
     # ------------------------------------------------------------------ the step's gradient

@@ -104,12 +104,58 @@ def test_unreached_parameters_keep_none_and_inputs_untouched(mode):
     losses = problem.losses()
     losses["extra"] = problem.model(x).pow(2).mean()
     balancer.step(losses)
-    if mode.get("grad_mode") == "batched":  # documented: zeros instead of None in batched mode
-        assert torch.equal(spare.grad, torch.zeros(3))
-    else:
-        assert spare.grad is None
+    assert spare.grad is None
     assert x.grad is None
     torch.testing.assert_close(spare.detach(), torch.ones(3))
+
+
+def _partly_reached(grad_mode, terms, optimizer=torch.optim.SGD, **options):
+    """TwoHeads and a parameter no term reaches; term "c" reaches head a's weight only."""
+    model = TwoHeads()
+    model.spare = torch.nn.Parameter(torch.ones(3))
+    opt = optimizer(model.parameters(), lr=0.05, **options)
+    balancer = LossBalancer(opt, LRAnnealing(reference="a"), grad_mode=grad_mode)
+
+    def losses():
+        found = {**model.losses(), "c": model.a.weight.pow(2).sum()}
+        return {name: found[name] for name in terms}
+
+    return model, balancer, losses
+
+
+def _apply(route, balancer, losses):
+    if route == "step":
+        return balancer.step(losses)
+    balancer.optimizer.zero_grad(set_to_none=True)
+    balancer.backward(losses) if route == "backward" else balancer.loss(losses).backward()
+    balancer.optimizer.step()
+
+
+@pytest.mark.parametrize("terms", [("a", "b", "c"), ("a", "c")])
+@pytest.mark.parametrize("route", ["step", "backward", "loss"])
+def test_batched_gives_the_loops_grad_and_none_where_no_term_reaches(route, terms):
+    runs = [_partly_reached(grad_mode, terms) for grad_mode in ("loop", "batched")]
+    for _ in range(3):
+        for model, balancer, losses in runs:
+            _apply(route, balancer, losses())
+        (loop, *_), (batched, batched_balancer, _) = runs
+        assert not batched_balancer._engine._vmap_failed  # the batched path ran, not the loop
+        want, got = grads_of(loop.parameters()), grads_of(batched.parameters())
+        assert [g is None for g in got] == [w is None for w in want]
+        assert loop.spare.grad is None and (loop.b.weight.grad is None) == ("b" not in terms)
+        for g, w in zip(got, want):
+            if w is not None:
+                torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)  # (bit for bit on CPU)
+
+
+@pytest.mark.parametrize("route", ["step", "backward", "loss"])
+def test_batched_adamw_weight_decay_leaves_an_unreached_parameter_alone(route):
+    model, balancer, losses = _partly_reached("batched", ("a", "b"), torch.optim.AdamW, weight_decay=0.5)
+    trunk = model.trunk[0].weight.detach().clone()
+    for _ in range(3):
+        _apply(route, balancer, losses())
+    assert model.spare.grad is None and torch.equal(model.spare.detach(), torch.ones(3))
+    assert not torch.equal(model.trunk[0].weight.detach(), trunk)
 
 
 def test_term_not_reaching_a_layer_contributes_zero_there():
