@@ -1153,14 +1153,17 @@ class LossBalancer:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`. Everything is checked first and committed at once: any
         error (a wrong key set, strategy, term table, generator or optimizer state) leaves the
-        balancer, its strategy and the optimizer exactly as they were."""
+        balancer, its strategy and the optimizer exactly as they were. A state saved without an
+        optimizer (``LossBalancer(model.parameters(), ...)``) loads into a balancer with one: its
+        balancer's part, with a warning (the optimizer keeps its state); a balancer without an
+        optimizer loads the balancer's part of any state."""
         checked = self._checked_state(state)
         strategy_state, scaler_state = self.strategy.state_dict(), self._precision.state_dict()
         combiner_state = self.combiner.state_dict()
         optimizer_state = None if self.optimizer is None else self.optimizer.state_dict()
         try:
             self.strategy.load_state_dict(state["strategy"])
-            if self.optimizer is not None:
+            if optimizer_state is not None and state["optimizer"] is not None:
                 self.optimizer.load_state_dict(state["optimizer"])
             self._precision.load_state_dict(state.get("scaler"))
             if "combiner" in state:
@@ -1172,6 +1175,9 @@ class LossBalancer:
             self._precision.load_state_dict(scaler_state)
             self.combiner.load_state_dict(combiner_state)
             raise
+        if optimizer_state is not None and state["optimizer"] is None:
+            warn_user("this state was saved by a balancer without an optimizer: the balancer's part is loaded, the "
+                      "optimizer keeps its own state (load it from where it was saved, e.g. the framework's checkpoint)")
         if "frozen" in state:
             self.frozen = bool(state["frozen"])
         self._terms.commit(checked["terms"])
@@ -1188,8 +1194,6 @@ class LossBalancer:
         if missing:
             raise KeyError(f"not a LossBalancer state_dict: missing {sorted(missing)}")
         version = state.get("format", 1)
-        if self.optimizer is not None and state["optimizer"] is None:
-            raise ValueError("this state was saved by a balancer without an optimizer: it holds no optimizer state")
         if version not in (1, STATE_FORMAT):
             raise ValueError(f"this state has format {version!r}; this lossbalance reads formats 1 and {STATE_FORMAT}")
         saved = state.get("strategy_name", self.strategy.name)

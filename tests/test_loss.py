@@ -1,5 +1,6 @@
 """``LossBalancer.loss()``: the balanced loss for frameworks that own the backward, and the
 balancer built from parameters alone (issue 16, items 1 and 2)."""
+import copy
 import io
 import warnings
 
@@ -157,8 +158,15 @@ def test_param_group_dicts_and_a_state_through_weights_only_load():
     fresh.load_state_dict(state)
     assert fresh.weights == balancer.weights and fresh.step_count == 3
     assert torch.equal(fresh.loss(model.losses()).detach(), balancer.loss(model.losses()).detach())
-    with pytest.raises(ValueError, match="saved by a balancer without an optimizer"):
-        LossBalancer(torch.optim.SGD(model.parameters(), lr=0.1), "relobralo").load_state_dict(state)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    model.losses()["a"].backward()
+    optimizer.step()
+    kept = copy.deepcopy(optimizer.state_dict())
+    with_optimizer = LossBalancer(optimizer, "relobralo")
+    with pytest.warns(UserWarning, match="saved by a balancer without an optimizer: the balancer's part is loaded"):
+        with_optimizer.load_state_dict(state)
+    assert with_optimizer.weights == balancer.weights and with_optimizer.step_count == 3
+    assert str(optimizer.state_dict()) == str(kept)
 
 
 def test_what_is_not_parameters_is_refused_with_the_fix():
