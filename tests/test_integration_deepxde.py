@@ -110,6 +110,29 @@ def test_loss_weights_of_compile_are_the_initial_weights():
         model.train(iterations=1, verbose=0)
 
 
+def test_loss_weights_or_names_of_the_wrong_length_are_refused_by_balance():
+    model = poisson_model()  # three terms: pde, bc0, bc1
+    model.compile("adam", lr=1e-3, loss_weights=[1, 2])
+    train_step = model.train_step
+    message = r"compile\(loss_weights=\[1, 2\]\) has 2 entries, but DeepXDE computes 3 loss terms \['pde', 'bc0', 'bc1'\]"
+    with pytest.raises(ValueError, match=message):
+        balance(model, "lra")
+    with pytest.raises(ValueError, match=r"3 loss terms \['residual', 'left', 'right'\]"):
+        balance(model, "lra", names=["residual", "left", "right"])
+    with pytest.raises(ValueError, match="DeepXDE computes 3 loss terms, but 2 names were given"):
+        balance(model, "lra", names=["residual", "walls"])
+    # nothing installed or changed by the refused calls
+    assert balancer_of(model) is None and model.train_step is train_step and model.loss_weights == [1, 2]
+    assert "losses_train" not in vars(model.data)
+    model.compile("adam", lr=1e-3, loss_weights=[1, 2, 3])
+    balancer = balance(model, "lra")
+    assert balancer.weights == {"pde": 1.0, "bc0": 2.0, "bc1": 3.0}
+    with pytest.raises(ValueError, match="DeepXDE computes 3 loss terms, but 4 names were given"):
+        balance(model, "lra", names=["a", "b", "c", "d"])  # the balancer installed before stays
+    model.train(iterations=2, verbose=0)
+    assert balancer_of(model) is balancer and balancer.step_count == 2
+
+
 def test_a_second_balance_of_the_same_compile_replaces_the_first():
     model = poisson_model()
     model.compile("adam", lr=1e-3)

@@ -115,10 +115,7 @@ class _Adapter:
     def resolve_names(self, n_terms: int) -> list[str]:
         if self.names is None:
             self.names = default_names(n_terms, getattr(self.model.data, "bcs", None))
-        if len(self.names) != n_terms:
-            raise ValueError(
-                f"DeepXDE computes {n_terms} loss terms, but {len(self.names)} names were given: {self.names}"
-            )
+        _check_names(self.names, n_terms)
         return self.names
 
     def uninstall(self) -> None:
@@ -157,7 +154,9 @@ def balance(
     Call it after ``model.compile(...)`` (and again after every ``compile``: compiling replaces
     DeepXDE's closures). ``names``: the terms' names in DeepXDE's order (default: ``pde`` or
     ``pde0``, ``pde1``, ..., then ``bc0``, ``bc1``, ... in ``data.bcs`` order). ``options``: any
-    :class:`~lossbalance.LossBalancer` keyword (``update_every=``, ``history=``, ...).
+    :class:`~lossbalance.LossBalancer` keyword (``update_every=``, ``history=``, ...). ``names`` and
+    the ``loss_weights`` of ``compile`` need one entry per loss term (checked on one evaluation of
+    DeepXDE's terms, before anything is installed: ``ValueError``).
 
     Initial weights, first found: ``weights=`` in ``options``; the ``loss_weights`` given to this
     ``compile``; the weights of the balancer a previous ``balance(model)`` attached (the learned
@@ -169,6 +168,7 @@ def balance(
     """
     _check_compiled(model, names)
     names = None if names is None else list(names)
+    _check_term_count(model, names)
     previous: _Adapter | None = getattr(model, _ATTRIBUTE, None)
     if previous is not None:
         previous.uninstall()  # a second balance() of the same compile: wrap DeepXDE's closures, not ours
@@ -202,16 +202,48 @@ def _check_compiled(model: Any, names: Any) -> None:
         raise TypeError(f"names must be a list of term names, got the string {names!r}")
 
 
+def _check_names(names: list[str], n_terms: int) -> None:
+    if len(names) != n_terms:
+        raise ValueError(f"DeepXDE computes {n_terms} loss terms, but {len(names)} names were given: {names}")
+
+
+def _check_term_count(model: Any, names: list[str] | None) -> None:
+    """``names`` and ``compile(loss_weights=)``: one entry per loss term DeepXDE computes."""
+    loss_weights = model.loss_weights
+    if names is None and loss_weights is None:
+        return
+    n_terms = _term_count(model)
+    if names is not None:
+        _check_names(names, n_terms)
+    if loss_weights is not None and len(loss_weights) != n_terms:
+        terms = names or default_names(n_terms, getattr(model.data, "bcs", None))
+        raise ValueError(
+            f"compile(loss_weights={list(loss_weights)}) has {len(loss_weights)} entries, but DeepXDE computes "
+            f"{n_terms} loss terms {terms}: give one weight per term"
+        )
+
+
+def _term_count(model: Any) -> int:
+    """The number of loss terms DeepXDE computes: one unweighted evaluation on its test data
+    (DeepXDE's own evaluation pass, less the L1 penalty it appends to the terms)."""
+    inputs, targets, *auxiliary = model.data.test()
+    loss_weights, model.loss_weights = model.loss_weights, None  # DeepXDE multiplies (and fails on a wrong length)
+    try:
+        losses = model.outputs_losses_test(inputs, targets, auxiliary[0] if auxiliary else None)[1]
+    finally:
+        model.loss_weights = loss_weights
+    regularizer = getattr(model.net, "regularizer", None)
+    return len(losses) - int(regularizer is not None and regularizer[0] == "l1" and regularizer[1] > 0)
+
+
 def _initial_weights(model: Any, names: list[str] | None, previous: "_Adapter | None", options: dict) -> list[str] | None:
     """Put the initial weights into ``options`` (``weights=``, else ``compile(loss_weights=)``,
     else a previous balancer's learned weights); returns the term names (``None``: not known yet)."""
     loss_weights = model.loss_weights
     if loss_weights is not None:
         loss_weights = [float(w) for w in loss_weights]
-        if names is None:
+        if names is None:  # one weight per term: checked by balance()
             names = default_names(len(loss_weights), getattr(model.data, "bcs", None))
-        if len(loss_weights) != len(names):
-            raise ValueError(f"compile(loss_weights=...) has {len(loss_weights)} entries for the {len(names)} terms {names}")
     if "weights" in options:
         return names
     if loss_weights is not None:
