@@ -228,10 +228,13 @@ def _term_count(model: Any) -> int:
     (DeepXDE's own evaluation pass, less the L1 penalty it appends to the terms)."""
     inputs, targets, *auxiliary = model.data.test()
     loss_weights, model.loss_weights = model.loss_weights, None  # DeepXDE multiplies (and fails on a wrong length)
+    training = getattr(model.net, "training", None)
     try:
         losses = model.outputs_losses_test(inputs, targets, auxiliary[0] if auxiliary else None)[1]
     finally:
         model.loss_weights = loss_weights
+        if training is not None:
+            model.net.train(training)  # the evaluation pass puts the net in eval mode
     regularizer = getattr(model.net, "regularizer", None)
     return len(losses) - int(regularizer is not None and regularizer[0] == "l1" and regularizer[1] > 0)
 
