@@ -66,9 +66,15 @@ class Residual:
         t: per-point times (1-D, same length), for :class:`Causal` weights.
         ids: stable integer ids of the points (1-D, same length, unique), for :class:`RBA`'s
             per-point multipliers; the same point keeps its id across shuffles and resamplings.
+            What was checked of an ids tensor (unique, equal to the stored table) is remembered
+            by tensor object and version counter, so a fixed point set costs no host read per
+            step: change ids in place only with torch operations (``ids.copy_(new)`` under
+            ``torch.no_grad()``), which move the counter, or pass a new tensor; a write through
+            a NumPy view or ``.data`` is not seen. (``t`` is read afresh on every call.)
         reduction: ``"mean"`` or ``"sum"`` of the per-point losses when the term has no
             pointwise weighting (weighted terms use the mean their paper defines).
-        kind: ``"loss"`` or ``"residual"`` (what ``values`` holds).
+        kind: ``"loss"`` or ``"residual"`` (what ``values`` holds). Per-point losses are
+            ``>= 0`` (:class:`SAPINN` and :class:`BRDR` check it; the others take them as given).
     """
 
     __slots__ = ("values", "t", "ids", "reduction", "kind")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from _strategy_checks import (
 )
 from _strategy_checks import drive as _drive
 from lossbalance import LossBalancer
-from lossbalance.strategies.base import available_strategies, make_strategy
+from lossbalance.strategies.base import StepRecord, available_strategies, make_strategy
 from lossbalance.strategies.famo import FAMO
 
 EPS = 1e-8
@@ -407,3 +408,14 @@ def test_after_refusals_say_the_step_stands_and_the_key_set_is_checked() -> None
         assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
     with pytest.raises(KeyError, match="'bcc'"):
         balancer.observe({"pde": losses()["pde"], "bcc": losses()["bc"]})
+
+
+def test_a_min_losses_key_naming_no_term_warns_once() -> None:
+    strategy = FAMO(min_losses={"pdee": 1.0, "bc": 0.0})
+    record = lambda: StepRecord(("pde", "bc"), torch.tensor([2.0, 1.0]), torch.ones(2), 0, 0, None, torch.Generator())  # noqa: E731
+    with pytest.warns(UserWarning, match=r"\['pdee'\]"):
+        strategy.update(record())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        strategy.update(record())
+        FAMO(min_losses={"pde": 1.0}).update(record())
