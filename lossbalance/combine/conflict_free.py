@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .base import Combiner, check_grads, register
-from .numerics import compute_dtype, unit_rows
+from .numerics import compute_dtype, peak_scaled, squares_fit, unit_rows
 
 __all__ = ["ConFIG"]
 
@@ -127,7 +127,8 @@ class ConFIG(Combiner):
         return math.sqrt(1000.0 * k * eps if self.solver == "gram" else eps)
 
     def _direction(self, units: Tensor, present: Tensor, rtol: float) -> Tensor:
-        """The unit direction ``g_u`` (zero vector where there is none) from the unit rows."""
+        """The unit direction ``g_u`` (zero vector where there is none) from the unit rows:
+        ``u_0`` (K = 1), the closed form (K = 2), else the QR solution."""
         k, p = units.shape
         if k == 1:
             return units[0]
@@ -137,8 +138,7 @@ class ConFIG(Combiner):
             s_norm = torch.linalg.vector_norm(s)
             usable = (s_norm > 0) & (s_norm > rtol * torch.linalg.vector_norm(d))
             return torch.where(usable, s / torch.where(s_norm > 0, s_norm, torch.ones_like(s_norm)), torch.zeros_like(s))
-        solve = self._gram_solution if self.solver == "gram" else self._qr_solution
-        x, x_norm, c_norm = solve(units, present, rtol)
+        x, x_norm, c_norm = self._qr_solution(units, present, rtol)
         usable = (c_norm > rtol * torch.linalg.vector_norm(present)) & (x_norm > 0)
         return torch.where(usable, x / torch.where(x_norm > 0, x_norm, torch.ones_like(x_norm)), torch.zeros_like(x))
 
@@ -157,47 +157,73 @@ class ConFIG(Combiner):
         return q @ y, torch.linalg.vector_norm(y), torch.linalg.vector_norm(c)  # ||Q y|| = ||y||
 
     @staticmethod
-    def _gram_solution(units: Tensor, b: Tensor, rtol: float) -> tuple[Tensor, Tensor, Tensor]:
-        """The same from the ``K x K`` Gramian ``U U^T = V diag(S^2) V^T``: ``x = U^T V diag(S^-2) V^T b``."""
-        # the SVD of the symmetric PSD Gramian: V diag(S^2) V^T, S^2 descending (a rounding-negative
-        # eigenvalue comes out as its tiny absolute value, below the threshold, with -V's column)
-        v, s2, _ = torch.linalg.svd(units @ units.mT)
+    def _gram_coefficients(gram: Tensor, b: Tensor, rtol: float) -> Tensor:
+        """The coefficients ``a`` of the unit direction on the unit rows, ``g_u = U^T a`` (zero where
+        there is none), from their Gramian ``U U^T = V diag(S^2) V^T``: ``x = U^T V diag(S^-2) V^T b``,
+        ``||x||^2 = y^T diag(S^2) y``, ``a = V y / ||x||``. The SVD of the symmetric PSD Gramian is its
+        eigendecomposition (a rounding-negative eigenvalue comes out as its tiny absolute value,
+        below the threshold)."""
+        v, s2, _ = torch.linalg.svd(gram)
         keep = s2 > rtol * rtol * s2[0]
-        c = torch.where(keep, v.mT @ b, torch.zeros_like(s2))
-        y = c / torch.where(keep, s2, torch.ones_like(s2))
-        x_norm = (c * y).sum().sqrt()  # ||U^T V y||^2 = y^T diag(S^2) y
-        return units.mT @ (v @ y), x_norm, torch.linalg.vector_norm(c)
+        c = torch.where(keep, v.mT @ b, 0.0)
+        y = c / torch.where(keep, s2, 1.0)
+        x_norm = (c * y).sum().sqrt()
+        usable = (torch.linalg.vector_norm(c) > rtol * torch.linalg.vector_norm(b)) & (x_norm > 0)
+        return torch.where(usable, (v @ y) / torch.where(x_norm > 0, x_norm, 1.0), 0.0)
 
-    def _combine(self, grads: Tensor) -> tuple[Tensor, Tensor]:
+    def _combine(self, grads: Tensor, *, direction: bool = False) -> Tensor:
+        """The update ``g`` (``direction``: the unit direction ``g_u``), in the compute dtype."""
         dtype = compute_dtype(grads, self.double)
         k, p = grads.shape
         if k == 0 or p == 0:
-            zero = grads.new_zeros(p, dtype=dtype)
-            return zero, zero
+            return grads.new_zeros(p, dtype=dtype)
         rtol = self._rtol(dtype, k)
+        if self.solver == "gram" and (k > 2 or not self.closed_form):
+            return self._gram_combine(grads, dtype, rtol, direction)
         units, norms, ok = unit_rows(grads, dtype)
         units.masked_fill_(~ok[:, None], 0.0)  # keep QR/SVD finite; the result becomes NaN below
         norms = torch.where(ok, norms, torch.zeros_like(norms))
-        present = (norms > 0).to(dtype)
-        direction = self._direction(units, present, rtol)
-        # length = sum_i g_i . g_u = sum_i ||g_i|| cos_i. Where a solution exists every cos_i is
-        # 1/||x|| >= rtol / sqrt(K); cosines below rtol / (2 sqrt(K)) are rounding residue of a
-        # zero (e.g. a term of an opposite pair) and count as zero, so that a large gradient
-        # orthogonal to g_u up to rounding cannot flip the sign of a small gradient's share.
-        cosines = units @ direction
-        cosines = torch.where(cosines.abs() > rtol / (2.0 * math.sqrt(k)), cosines, torch.zeros_like(cosines))
-        update = (norms * cosines).sum() * direction
-        finite = ok.all()
-        nan = torch.full_like(update, float("nan"))
-        return torch.where(finite, update, nan), torch.where(finite, direction, nan)
+        unit = self._direction(units, (norms > 0).to(dtype), rtol)
+        if direction:
+            return torch.where(ok.all(), unit, math.nan)
+        return torch.where(ok.all(), _length(norms, units @ unit, rtol, k) * unit, math.nan)
+
+    def _gram_combine(self, grads: Tensor, dtype: torch.dtype, rtol: float, direction: bool) -> Tensor:
+        """``solver="gram"``: the solve and the length from the ``K x K`` Gramian of the rows, which
+        are read twice (the Gramian, then the combination ``g = sum_i c_i g_i``) and never
+        normalised as vectors. Rows whose squares could overflow (float64 in float64) are divided
+        by their largest entry first, as :func:`unit_rows` does."""
+        if squares_fit(grads.dtype, dtype):
+            basis, peak, ok = grads.to(dtype), None, None
+        else:
+            basis, peak, ok = peak_scaled(grads, dtype)
+        gram = basis @ basis.mT
+        lengths = gram.diagonal().sqrt()                      # ||basis_i||
+        ok = torch.isfinite(lengths) if ok is None else ok & torch.isfinite(lengths)
+        norms = torch.where(ok, lengths if peak is None else peak * lengths, 0.0)  # ||g_i||
+        inverse = torch.where(norms > 0, 1.0 / lengths, 0.0)  # u_i = inverse_i basis_i
+        units_gram = torch.where(ok[:, None] & ok, gram * torch.outer(inverse, inverse), 0.0)
+        a = self._gram_coefficients(units_gram, (norms > 0).to(dtype), rtol)
+        along = torch.where(ok.all(), a * inverse, math.nan)  # g_u = basis^T along
+        if direction:
+            return basis.mT @ along
+        return basis.mT @ (along * _length(norms, units_gram @ a, rtol, len(norms)))
 
     def direction(self, grads: Tensor, /) -> Tensor:
         """The unit direction ``g_u`` (the zero vector when there is none), input dtype."""
         check_grads(grads)
         with torch.no_grad():
-            return self._combine(grads)[1].to(grads.dtype)
+            return self._combine(grads, direction=True).to(grads.dtype)
 
     def __call__(self, grads: Tensor, /, *, generator: torch.Generator | None = None) -> Tensor:
         check_grads(grads)
         with torch.no_grad():
-            return self._combine(grads)[0].to(grads.dtype)
+            return self._combine(grads).to(grads.dtype)
+
+
+def _length(norms: Tensor, cosines: Tensor, rtol: float, k: int) -> Tensor:
+    """``sum_i ||g_i|| cos_i``, the length of the update along ``g_u``. Where a solution exists
+    every cos_i is ``1/||x|| >= rtol / sqrt(K)``; cosines below ``rtol / (2 sqrt(K))`` are rounding
+    residue of a zero (e.g. a term of an opposite pair) and count as zero, so that a large
+    gradient orthogonal to ``g_u`` up to rounding cannot flip the sign of a small gradient's share."""
+    return (norms * torch.where(cosines.abs() > rtol / (2.0 * math.sqrt(k)), cosines, 0.0)).sum()

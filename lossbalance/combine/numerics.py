@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["compute_dtype", "nonnegative_qp", "normalized_gramian", "ridged", "unit_rows"]
+__all__ = ["compute_dtype", "nonnegative_qp", "normalized_gramian", "peak_scaled", "ridged", "squares_fit", "unit_rows"]
 
 
 def compute_dtype(grads: Tensor, double: bool) -> torch.dtype:
@@ -19,7 +19,7 @@ def compute_dtype(grads: Tensor, double: bool) -> torch.dtype:
     return torch.promote_types(grads.dtype, torch.float32)
 
 
-def _squares_fit(source: torch.dtype, target: torch.dtype) -> bool:
+def squares_fit(source: torch.dtype, target: torch.dtype) -> bool:
     """Whether squares (and sums of up to 2**31 squares) of any finite ``source`` number are
     finite and non-zero in ``target``: e.g. float32 in float64, not float64 in float64."""
     s, t = torch.finfo(source), torch.finfo(target)
@@ -36,19 +36,26 @@ def unit_rows(grads: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor
     k, p = grads.shape
     if p == 0:
         return grads.new_zeros((k, 0), dtype=dtype), grads.new_zeros(k, dtype=dtype), grads.new_ones(k, dtype=torch.bool)
-    if _squares_fit(grads.dtype, dtype):
+    if squares_fit(grads.dtype, dtype):
         units = grads.to(dtype, copy=True)
         norms = torch.linalg.vector_norm(units, dim=1)
         units.div_(torch.where(norms > 0, norms, torch.ones_like(norms))[:, None])
         return units, norms, torch.isfinite(norms)
+    units, peak, ok = peak_scaled(grads, dtype)
+    scaled_norm = torch.linalg.vector_norm(units, dim=1)
+    units.div_(torch.where(scaled_norm > 0, scaled_norm, 1.0)[:, None])
+    return units, peak * scaled_norm, ok
+
+
+def peak_scaled(grads: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """``(rows / peaks, peaks, ok)`` in ``dtype`` (a new tensor): each row divided by its largest
+    absolute entry (zero rows as they are), so that its squares neither overflow nor underflow;
+    ``ok``: the rows are finite."""
     peak = grads.abs().amax(dim=1).to(dtype)
     ok = torch.isfinite(peak)
-    one = torch.ones_like(peak)
-    units = grads.to(dtype, copy=True)
-    units.div_(torch.where(ok & (peak > 0), peak, one)[:, None])
-    scaled_norm = torch.linalg.vector_norm(units, dim=1)
-    units.div_(torch.where(scaled_norm > 0, scaled_norm, one)[:, None])
-    return units, peak * scaled_norm, ok
+    scaled = grads.to(dtype, copy=True)
+    scaled.div_(torch.where(ok & (peak > 0), peak, 1.0)[:, None])
+    return scaled, peak, ok
 
 
 def _trace_is_safe(trace: float, dtype: torch.dtype, p: int) -> bool:
@@ -77,7 +84,7 @@ def normalized_gramian(grads: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tenso
     basis = grads.to(dtype)
     gram = (basis @ basis.mT).to("cpu", torch.float64)  # K x K: the solvers run on the CPU (MPS has no float64)
     trace = float(gram.diagonal().sum())
-    if _squares_fit(grads.dtype, dtype) or _trace_is_safe(trace, dtype, grads.shape[1]):
+    if squares_fit(grads.dtype, dtype) or _trace_is_safe(trace, dtype, grads.shape[1]):
         return basis, basis.new_ones(grads.shape[0]), gram / (trace if trace > 0 else 1.0), trace
     basis, factors, ok = unit_rows(grads, dtype)
     top = float(factors.amax()) if factors.numel() else 0.0
