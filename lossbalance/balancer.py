@@ -1158,6 +1158,15 @@ class LossBalancer:
         balancer's part, with a warning (the optimizer keeps its state); a balancer without an
         optimizer loads the balancer's part of any state."""
         checked = self._checked_state(state)
+        self._load_stateful_parts(state)
+        if self.optimizer is not None and state["optimizer"] is None:
+            warn_user("this state was saved by a balancer without an optimizer: the balancer's part is loaded, the "
+                      "optimizer keeps its own state (load it from where it was saved, e.g. the framework's checkpoint)")
+        self._commit_state(state, checked)
+
+    def _load_stateful_parts(self, state: Mapping[str, Any]) -> None:
+        """The strategy, the optimizer, the scaler and the combiner load their parts; if one
+        refuses, all are put back as they were and the error propagates."""
         strategy_state, scaler_state = self.strategy.state_dict(), self._precision.state_dict()
         combiner_state = self.combiner.state_dict()
         optimizer_state = None if self.optimizer is None else self.optimizer.state_dict()
@@ -1175,9 +1184,9 @@ class LossBalancer:
             self._precision.load_state_dict(scaler_state)
             self.combiner.load_state_dict(combiner_state)
             raise
-        if optimizer_state is not None and state["optimizer"] is None:
-            warn_user("this state was saved by a balancer without an optimizer: the balancer's part is loaded, the "
-                      "optimizer keeps its own state (load it from where it was saved, e.g. the framework's checkpoint)")
+
+    def _commit_state(self, state: Mapping[str, Any], checked: Mapping[str, Any]) -> None:
+        """The checked parts of a state (cannot fail)."""
         if "frozen" in state:
             self.frozen = bool(state["frozen"])
         self._terms.commit(checked["terms"])
