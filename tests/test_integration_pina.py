@@ -335,3 +335,31 @@ def test_an_inverse_problems_unknowns_are_balanced_with_the_model():
     untrained, _, _ = solver_and_trainer(1, problem=inverse_poisson)  # its initial unknowns
     assert any(not torch.equal(p.detach(), untrained.problem.unknown_parameters[name].detach())
                for name, p in unknowns.items())  # they trained
+
+
+def test_a_checkpoint_loaded_for_testing_gives_its_weights_before_any_training_step(tmp_path):
+    """``trainer.test(ckpt_path=...)`` on a fresh solver: the restored weights weight the test
+    sum (the balancer itself is built at the first training step only), as PINA's ScalarWeighting
+    of the learned weights does on the same checkpoint."""
+    def run(weighting, **options):
+        problem = poisson()
+        torch.manual_seed(0)
+        solver = PINN(problem, FeedForward(input_dimensions=2, output_dimensions=1, layers=[16, 16]), weighting=weighting)
+        callbacks = [LossBalancerCallback(weighting)] if isinstance(weighting, BalancedWeighting) else []
+        trainer = Trainer(solver, max_epochs=4, accelerator="cpu", logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, shuffle=False, train_size=0.7, test_size=0.3, callbacks=callbacks,
+                          **options)
+        return weighting, trainer
+
+    learned, trainer = run(BalancedWeighting(LRAnnealing(reference="D"), update_every=1),
+                           enable_checkpointing=True, default_root_dir=str(tmp_path))
+    trainer.train()
+    path = trainer.checkpoint_callback.best_model_path or trainer.checkpoint_callback.last_model_path
+    assert learned.weights["boundary"] != 1.0
+    fresh, tester = run(BalancedWeighting(LRAnnealing(reference="D"), update_every=1), enable_checkpointing=False)
+    ours = tester.test(ckpt_path=path)[0]
+    assert fresh.balancer is None and fresh.weights == learned.weights
+    _, reference = run(ScalarWeighting(weights=learned.weights), enable_checkpointing=False)
+    theirs = reference.test(ckpt_path=path)[0]
+    key = next(k for k in ours if "test" in k and "loss" in k)
+    assert ours[key] == pytest.approx(theirs[key], rel=1e-12)

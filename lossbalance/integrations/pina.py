@@ -184,9 +184,12 @@ class BalancedWeighting(_weighting.BaseWeighting):
     # ------------------------------------------------------------------ reporting and state
     @property
     def weights(self) -> dict[str, float]:
-        """The balancer's weights (before the first training step: the initial ``weights=``)."""
+        """The balancer's weights; before its first training step, those of a loaded state
+        (e.g. ``trainer.test(ckpt_path=...)``), else the initial ``weights=``."""
         if self.balancer is not None:
             return self.balancer.weights
+        if self._pending is not None:
+            return dict(zip(self._pending["names"], torch.as_tensor(self._pending["weights"]).tolist()))
         return {name: float(w) for name, w in (self.options.get("weights") or {}).items()}
 
     @property
