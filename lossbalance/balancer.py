@@ -200,6 +200,7 @@ class LossBalancer:
         self.update_every = update_every
         self.warmup = warmup
         self.frozen = frozen
+        self.evaluating = False  # loss() returns evaluate(): validation/test (the Lightning callback sets it)
         self.nonfinite = nonfinite
         self.check_paths = check_paths
         self.seed = seed
@@ -839,7 +840,12 @@ class LossBalancer:
         called several times per step): the weights are held, and neither the step counter, the
         pointwise state, the history nor the hooks advance, as for the re-evaluations of
         :meth:`step` with ``closure=``; its values and gradients are checked at once.
+
+        While :attr:`evaluating` is true (the Lightning callback sets it during validation, test
+        and prediction, sanity checks included) it returns :meth:`evaluate` instead: nothing advances.
         """
+        if self.evaluating:
+            return self.evaluate(losses)
         if self._precision.scaled:
             raise TypeError(
                 "loss() cannot be used with scaler=: the framework that calls .backward() on the returned "
@@ -851,6 +857,22 @@ class LossBalancer:
         if not reevaluation:
             self._run_hooks()
         return total
+
+    def evaluate(self, losses: Losses) -> Tensor:
+        """The weighted total ``sum_i w_i L_i`` of ``losses`` with the current weights, for
+        validation and test: nothing advances (no weight update, step counter, statistics,
+        pointwise state or hooks) and nothing is checked for NaN; the terms need no gradient
+        (with one, the total has its graph). :class:`~lossbalance.Residual` terms are reduced
+        with their current pointwise weights. Before the first step, the initial weights
+        (``weights=``, else 1). The key set is checked as for a step (``KeyError``)."""
+        terms = _plain_tensors(self._pointwise.reduce(losses, False).losses)
+        check_losses(terms, self._engine.device, need_grad=False)
+        if self._terms.names:
+            check_key_set(tuple(terms), self._terms.names, self._terms.optional)
+        current = self.weights
+        weights = [current.get(n, float(self._terms.initial.get(n, 1.0))) for n in terms]
+        values = torch.stack([t.reshape(()) for t in terms.values()])
+        return torch.dot(values.new_tensor(weights), values)
 
     def step(
         self,
@@ -1188,7 +1210,7 @@ class LossBalancer:
     def _commit_state(self, state: Mapping[str, Any], checked: Mapping[str, Any]) -> None:
         """The checked parts of a state (cannot fail)."""
         if "frozen" in state:
-            self.frozen = bool(state["frozen"])
+            self.frozen = state["frozen"]
         self._terms.commit(checked["terms"])
         if checked["pointwise"] is not None:
             self._pointwise.commit(checked["pointwise"])
@@ -1203,6 +1225,8 @@ class LossBalancer:
         if missing:
             raise KeyError(f"not a LossBalancer state_dict: missing {sorted(missing)}")
         version = state.get("format", 1)
+        if not isinstance(state.get("frozen", False), bool):
+            raise ValueError(f"corrupt state: 'frozen' is {state['frozen']!r}, not True or False")
         if version not in (1, STATE_FORMAT):
             raise ValueError(f"this state has format {version!r}; this lossbalance reads formats 1 and {STATE_FORMAT}")
         saved = state.get("strategy_name", self.strategy.name)

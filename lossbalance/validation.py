@@ -71,8 +71,9 @@ def no_path_error(name: str, *, scoped: bool) -> ValueError:
     )
 
 
-def check_losses(losses: Any, device: torch.device) -> None:
-    """Raise ``TypeError``/``ValueError`` unless ``losses`` is a non-empty ``{str: scalar loss}``."""
+def check_losses(losses: Any, device: torch.device, *, need_grad: bool = True) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``losses`` is a non-empty ``{str: scalar loss}``
+    (``need_grad``: that requires grad)."""
     if not isinstance(losses, Mapping):
         raise TypeError(
             f"losses must be a dict of named loss terms, e.g. {{'pde': ..., 'bc': ...}}; got {type(losses).__name__}"
@@ -94,7 +95,7 @@ def check_losses(losses: Any, device: torch.device) -> None:
             )
         if not loss.is_floating_point():
             raise TypeError(f"loss term {name!r} has dtype {loss.dtype}; expected a floating-point scalar")
-        if not loss.requires_grad:
+        if need_grad and not loss.requires_grad:
             raise ValueError(
                 f"loss term {name!r} does not require grad: was it computed under torch.no_grad(), "
                 "from detached tensors, or from a model whose parameters do not require grad?"

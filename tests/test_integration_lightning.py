@@ -247,3 +247,49 @@ def assert_states_equal(a, b) -> None:
         assert torch.equal(a, b)
     else:
         assert a == b
+
+
+class ValidatedPINN(PINN):
+    """``validation_step``/``test_step`` call ``self.balancer.loss`` as training does (a PINN's
+    derivatives need gradients: ``with_grad``), and record what they get."""
+
+    def __init__(self, *args, with_grad: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.with_grad, self.seen = with_grad, []
+
+    def _evaluated(self, batch):
+        with torch.set_grad_enabled(self.with_grad):
+            losses = poisson_losses(self.net, batch[0]) if self.with_grad else {
+                "pde": self.net(batch[0]).pow(2).mean(), "bc": self.net(batch[0][:2]).pow(2).sum()}
+            total = self.balancer.loss(losses)
+        weights = self.balancer.weights or WEIGHTS  # before the first step (the sanity check): weights=
+        self.seen.append((total.detach(), sum(weights[k] * v.detach() for k, v in losses.items())))
+        self.log("val_loss", total.detach(), batch_size=len(batch[0]))
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluated(batch)
+
+    def test_step(self, batch, batch_idx):
+        self._evaluated(batch)
+
+
+@pytest.mark.parametrize("with_grad", [True, False])
+def test_validation_and_test_steps_get_the_weighted_total_and_step_nothing(with_grad):
+    """With the callback, ``balancer.loss()`` in validation and test (sanity check included) is
+    ``sum_i w_i L_i`` with the current weights and steps nothing: training is bit for bit the
+    run without validation, and the balancer counts the training steps only."""
+    alone = PINN("balanced")
+    fit = trainer(max_epochs=2, callbacks=[LossBalancerCallback()])
+    fit.fit(alone, loader())
+    validated = ValidatedPINN("balanced", with_grad=with_grad)
+    run = trainer(max_epochs=2, callbacks=[LossBalancerCallback()], num_sanity_val_steps=2, inference_mode=False)
+    run.fit(validated, loader(), loader())
+    run.test(validated, loader())
+    assert validated.balancer.step_count == alone.balancer.step_count == 8
+    assert validated.balancer.weights == alone.balancer.weights != WEIGHTS
+    for a, b in zip(alone.parameters(), validated.parameters()):
+        assert torch.equal(a, b)
+    assert len(validated.seen) == 2 + 2 * 4 + 4  # sanity check, two validation epochs, one test
+    for total, expected in validated.seen:
+        torch.testing.assert_close(total, expected, rtol=1e-6, atol=0)
+    assert not validated.balancer.evaluating

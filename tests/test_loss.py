@@ -268,3 +268,34 @@ def test_a_parameter_listed_twice_is_balanced_once():
         LossBalancer([*net.parameters(), net.weight], "lra")
     with pytest.raises(ValueError, match="more than one parameter group"):
         LossBalancer([{"params": list(net.parameters())}, {"params": [net.weight]}], "lra")
+
+
+def test_evaluate_is_the_weighted_total_with_the_current_weights_and_advances_nothing():
+    from lossbalance import RBA, Residual
+
+    model = TwoHeads()
+    ids = torch.arange(4)
+    balancer = LossBalancer(model.parameters(), LRAnnealing(reference="a"), weights={"a": 2.0},
+                            pointwise={"r": RBA()})
+
+    def terms():
+        losses = model.losses()
+        return {**losses, "r": Residual(losses["a"] * torch.ones(4), ids=ids, kind="residual")}
+
+    with torch.no_grad():  # before the first step: the initial weights; no gradient needed
+        first = balancer.evaluate(terms())
+    assert first.item() == pytest.approx(2.0 * model.losses()["a"].item() + model.losses()["b"].item() + 0.0)
+    for _ in range(3):
+        balancer.loss(terms()).backward()
+    state, stats, history = balancer.state_dict(), balancer.stats, balancer.history
+    with torch.no_grad():
+        losses = model.losses()
+        total = balancer.evaluate(terms())
+    lam = state["pointwise"]["r"]["lambdas"]
+    expected = sum(balancer.weights[n] * losses[n] for n in losses) + balancer.weights["r"] * (lam * losses["a"]).pow(2).mean()
+    torch.testing.assert_close(total, expected, rtol=1e-6, atol=0)
+    assert str(balancer.state_dict()) == str(state) and balancer.stats == stats and balancer.history == history
+    with pytest.raises(KeyError, match="'c'"):
+        balancer.evaluate({**terms(), "c": torch.tensor(1.0)})
+    balancer.evaluating = True
+    assert torch.equal(balancer.loss(terms()), balancer.evaluate(terms())) and balancer.step_count == 3

@@ -141,6 +141,32 @@ class LossBalancerCallback(pl.Callback):
                 pl_module.log(f"{self.prefix}{key}/{term}", float(figures[key]), on_step=True, on_epoch=False,
                               prog_bar=self.prog_bar, batch_size=1)
 
+    # ------------------------------------------------------------------ evaluation loops
+    def _evaluating(self, pl_module: Any, value: bool) -> None:
+        """Validation, test and prediction (sanity checks included): ``balancer.loss()`` returns
+        the weighted total with the current weights and steps nothing (``LossBalancer.evaluate``)."""
+        balancer = self.balancer(pl_module, required=False)
+        if isinstance(balancer, LossBalancer):
+            balancer.evaluating = value
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        self._evaluating(pl_module, True)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        self._evaluating(pl_module, False)
+
+    def on_test_start(self, trainer: Any, pl_module: Any) -> None:
+        self._evaluating(pl_module, True)
+
+    def on_test_end(self, trainer: Any, pl_module: Any) -> None:
+        self._evaluating(pl_module, False)
+
+    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+        self._evaluating(pl_module, True)
+
+    def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
+        self._evaluating(pl_module, False)
+
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         balancer = self.balancer(pl_module, required=False)
