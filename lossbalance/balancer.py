@@ -592,7 +592,7 @@ class LossBalancer:
             direction, values = self._one_term_direction(batch, scaled, values, weights, plan)
             self._engine.write(direction)
         elif stats is not None and self._engine.keeps_gradients:
-            self._engine.write_kept(weights, self._direction(weights, stats) if self._combines else None)
+            self._engine.write_kept(weights, self._direction(weights, stats, batch.names) if self._combines else None)
         else:
             result = self._weighted_gradient(batch, scaled, values, weights, check_values=not plan.early, defer=plan.defer)
             self._engine.write(result.direction)
@@ -614,7 +614,9 @@ class LossBalancer:
         if self._momentum:
             direction, values = self._one_term_direction(batch, scaled, values, weights, plan._replace(early=True))
         elif stats is not None and self._engine.keeps_gradients:
-            direction = self._engine.kept_direction(weights, self._direction(weights, stats) if self._combines else None)
+            direction = self._engine.kept_direction(
+                weights, self._direction(weights, stats, batch.names) if self._combines else None
+            )
         else:
             result = self._weighted_gradient(batch, scaled, values, weights, check_values=False, defer=plan.defer)
             direction, values = result.direction, result.values
@@ -646,9 +648,11 @@ class LossBalancer:
         hits = self.combiner.reached(batch.names, len(layout.zeros))
         return Direction([v if hit else None for v, hit in zip(layout.views(step), hits)], result.direction.others), result.values
 
-    def _direction(self, weights: Tensor, stats: GradStats) -> Tensor:
+    def _direction(self, weights: Tensor, stats: GradStats, names: tuple[str, ...]) -> Tensor:
         assert stats.gradients is not None
         weighted = weights.to(stats.gradients.dtype)[:, None] * stats.gradients
+        if getattr(self.combiner, "takes_names", False):
+            return self.combiner(weighted, generator=self.generator, names=names)
         return self.combiner(weighted, generator=self.generator)
 
     def _weighted_gradient(self, batch: _Batch, scaled: list[Tensor], values: Tensor, weights: Tensor, *,

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
+from lossbalance import LossBalancer
 from lossbalance.combine import DCGD, MGDA, ConFIG, UPGrad, available_combiners, make_combiner
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -443,7 +444,9 @@ def test_dcgd_groups():
     with pytest.raises(ValueError, match="'wall' is not a known term name"):
         DCGD(groups=["wall"], terms=terms)
     with pytest.raises(ValueError, match="no terms= given"):
-        DCGD(groups=["pde"])
+        DCGD(groups=["pde"])(g)  # a bare matrix: the names of its rows are unknown
+    with pytest.raises(ValueError, match="names a term twice"):
+        DCGD(groups=["pde"], terms=["pde", "pde", "ic"])
     with pytest.raises(ValueError, match="got 2 rows but terms= names 3"):
         by_name(g[:2])
     with pytest.raises(TypeError, match="groups must be"):
@@ -468,3 +471,31 @@ def test_dcgd_edge_cases():
     g = torch.tensor([[1.0, 0.0], [-3.0, 4.0]], dtype=F64) * 1e200
     torch.testing.assert_close(DCGD(variant="proj")(g), 1e200 * torch.tensor([0.0, 4.0], dtype=F64))
     torch.testing.assert_close(DCGD(variant="avg")(g), 1e200 * torch.tensor([0.32, 2.24], dtype=F64))
+
+
+def test_dcgd_in_a_balancer_groups_by_the_balancers_row_names():
+    """The balancer passes the rows' names: ``groups=["pde"]`` is the pde row whatever the order of
+    the terms, without ``terms=``, and with an optional term absent; a ``terms=`` that does not
+    match the balancer's rows raises naming both, before anything changes."""
+    def grads(combiner, order, present=None, optional=()):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+        x = torch.linspace(-1, 1, 16, dtype=F64)[:, None]
+        u = model(x)
+        terms = {"pde": (u - torch.sin(3 * x)).pow(2).mean(), "bc": (u[[0, -1]] - 1).pow(2).mean(), "ic": (u[5] + 0.5).pow(2).sum()}
+        balancer = LossBalancer(torch.optim.SGD(model.parameters(), lr=0.1), "static", terms=order, optional=optional,
+                                combine=combiner)
+        balancer.backward({n: terms[n] for n in (present or order)})
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()]), model
+
+    reference, _ = grads(DCGD(groups=[0]), ["pde", "bc", "ic"])
+    for order in (["pde", "bc", "ic"], ["bc", "pde", "ic"], ["ic", "bc", "pde"]):
+        got, _ = grads(DCGD(groups=["pde"]), order)
+        torch.testing.assert_close(got, reference, rtol=1e-12, atol=1e-14)
+    absent, _ = grads(DCGD(groups=["pde"]), ["bc", "ic", "pde"], present=["ic", "pde"], optional=["bc"])
+    expected, _ = grads(DCGD(groups=["pde"]), ["ic", "pde"])
+    torch.testing.assert_close(absent, expected, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match=r"terms=\['bc', 'pde', 'ic'\].*rows \['pde', 'bc', 'ic'\]"):
+        grads(DCGD(groups=["pde"], terms=["bc", "pde", "ic"]), ["pde", "bc", "ic"])
+    with pytest.raises(ValueError, match="'wall' is not among the terms"):
+        grads(DCGD(groups=["wall"]), ["pde", "bc", "ic"])

@@ -17,13 +17,15 @@ class Combiner(ABC):
 
     Subclasses set ``name`` (the short name :func:`make_combiner` knows them by) and
     ``needs_generator`` (``True`` if the combiner draws random numbers: the balancer then passes
-    its own ``torch.Generator``). ``options()`` returns the constructor arguments that rebuild the
+    its own ``torch.Generator``) and ``takes_names`` (``True``: the balancer passes ``names=``, the
+    terms of the rows, in order). ``options()`` returns the constructor arguments that rebuild the
     object (used by ``__repr__`` and the config export). Combiners here are stateless;
     ``state_dict``/``load_state_dict`` exist so stateful ones (momentum variants) fit the protocol.
     """
 
     name: ClassVar[str] = ""
     needs_generator: ClassVar[bool] = False
+    takes_names: ClassVar[bool] = False
 
     @abstractmethod
     def __call__(self, grads: Tensor, /, *, generator: torch.Generator | None = None) -> Tensor:

@@ -48,16 +48,18 @@ class DCGD(Combiner):
     - a list of row indices or term names: the PDE group; the other rows form the boundary group;
     - a pair of such lists: the PDE group and the boundary group; every row must be in one.
 
-    Term names need ``terms=``, the canonical order of the terms (the balancer's ``terms=``);
-    with optional terms absent the rows shift, so use names only with every term present (a
-    matrix with another number of rows raises). More than two groups, an empty group, a row in
-    both groups or in neither, an index out of range or an unknown name raise ``ValueError``
-    naming the groups.
+    Term names: in a balancer (``combine=DCGD(groups=["pde"])``) the balancer passes the names of
+    the rows, so names follow the terms whatever their order, optional terms absent included.
+    Called on a bare matrix, names need ``terms=``, the names of its rows in order. Given to a
+    balancer too, ``terms=`` must be its rows' names in its order (else ``ValueError`` naming
+    both). More than two groups, an empty group, a row in both groups or in neither, an index
+    out of range, an unknown or repeated name raise ``ValueError`` naming the groups.
 
     ``double``: compute in float64 (default) and return the input dtype.
     """
 
     name = "dcgd"
+    takes_names = True
 
     def __init__(self, *, variant: Literal["center", "avg", "proj"] = "center", groups: Groups = None,
                  terms: Sequence[str] | None = None, double: bool = True):
@@ -66,12 +68,13 @@ class DCGD(Combiner):
                              f"(Projection)), got {variant!r}")
         self.variant = variant
         self.terms = None if terms is None else [str(t) for t in terms]
+        if self.terms is not None and len(set(self.terms)) < len(self.terms):
+            raise ValueError(f"DCGD(terms=...) names a term twice: {self.terms}")
         self.groups = _split(groups)
         for group in self.groups:
             for member in group:
-                if isinstance(member, str) and (self.terms is None or member not in self.terms):
-                    known = "no terms= given" if self.terms is None else f"terms: {self.terms}"
-                    raise ValueError(f"DCGD group member {member!r} is not a known term name ({known}); "
+                if isinstance(member, str) and self.terms is not None and member not in self.terms:
+                    raise ValueError(f"DCGD group member {member!r} is not a known term name (terms: {self.terms}); "
                                      f"groups: {self._describe()}")
         self.double = bool(double)
 
@@ -84,14 +87,13 @@ class DCGD(Combiner):
         parts = [f"{names[i]}={list(g)}" for i, g in enumerate(self.groups)]
         return ", ".join(parts) + ("" if len(self.groups) == 2 else ", boundary=the other rows")
 
-    def rows(self, k: int) -> tuple[list[int], list[int]]:
-        """The row indices of the PDE group and of the boundary group for a matrix of ``k`` rows."""
-        if self.terms is not None and k != len(self.terms):
-            raise ValueError(f"DCGD got {k} rows but terms= names {len(self.terms)} ({self.terms}): the rows must be "
-                             f"the terms in this order; groups: {self._describe()}")
-        pde = sorted({self._index(member, k) for member in self.groups[0]})
+    def rows(self, k: int, names: Sequence[str] | None = None) -> tuple[list[int], list[int]]:
+        """The row indices of the PDE group and of the boundary group for a matrix of ``k`` rows
+        (``names``: the rows' term names, as the balancer passes them)."""
+        names = self._row_names(k, names)
+        pde = sorted({self._index(member, k, names) for member in self.groups[0]})
         if len(self.groups) == 2:
-            boundary = sorted({self._index(member, k) for member in self.groups[1]})
+            boundary = sorted({self._index(member, k, names) for member in self.groups[1]})
         else:
             boundary = [i for i in range(k) if i not in pde]
         both = sorted(set(pde) & set(boundary))
@@ -104,16 +106,34 @@ class DCGD(Combiner):
                              f"groups: {self._describe()}")
         return pde, boundary
 
-    def _index(self, member: int | str, k: int) -> int:
-        i = self.terms.index(member) if isinstance(member, str) else member
+    def _row_names(self, k: int, names: Sequence[str] | None) -> list[str] | None:
+        """The names of the rows: the balancer's, checked against ``terms=`` when both are given."""
+        if names is not None:
+            names = list(names)
+            if self.terms is not None and self.terms != names:
+                raise ValueError(f"DCGD(terms={self.terms}) does not match the balancer's rows {names} (its terms, in "
+                                 f"its order): drop terms= (the balancer passes the names) or give them in that order; "
+                                 f"groups: {self._describe()}")
+            return names
+        if self.terms is not None and k != len(self.terms):
+            raise ValueError(f"DCGD got {k} rows but terms= names {len(self.terms)} ({self.terms}): the rows must be "
+                             f"the terms in this order; groups: {self._describe()}")
+        return self.terms
+
+    def _index(self, member: int | str, k: int, names: list[str] | None) -> int:
+        if isinstance(member, str) and (names is None or member not in names):
+            where = "no terms= given" if names is None else f"the rows are {names}"
+            raise ValueError(f"DCGD group member {member!r} is not among the terms ({where}); groups: {self._describe()}")
+        i = names.index(member) if isinstance(member, str) else member
         if not 0 <= i < k:
             raise ValueError(f"DCGD group row {member!r} is out of range for {k} rows; groups: {self._describe()}")
         return i
 
-    def __call__(self, grads: Tensor, /, *, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, grads: Tensor, /, *, generator: torch.Generator | None = None,
+                 names: Sequence[str] | None = None) -> Tensor:
         check_grads(grads)
         with torch.no_grad():
-            pde, boundary = self.rows(grads.shape[0])
+            pde, boundary = self.rows(grads.shape[0], names)
             dtype = compute_dtype(grads, self.double)
             pair = torch.stack([grads[pde].to(dtype).sum(0), grads[boundary].to(dtype).sum(0)])
             if self.variant == "center":
