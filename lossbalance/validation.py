@@ -129,7 +129,7 @@ def check_key_set(present: Collection[str], known: Collection[str], optional: Co
         if missing:
             parts.append(f"missing term(s) {missing}")
         raise KeyError(
-            "the loss terms changed between steps: " + "; ".join(parts) + ". Declare a term that comes and "
+            "the loss terms changed (between steps, or between evaluations of a closure): " + "; ".join(parts) + ". Declare a term that comes and "
             "goes with LossBalancer(..., optional=[name]), or call balancer.add_term(name) / "
             "balancer.remove_term(name) when the phase changes."
         )

@@ -259,6 +259,12 @@ def test_best_static_grid_and_row():
     assert best["setting"] == f"static[bc={winner['weights']['bc']:.3g}]"
     # the grid's bc=1 setting is the plain static run: the same numbers
     assert grid[0]["error_mean"] == pytest.approx(table.row("static")["error_mean"])
+    # values equal to three digits are still two settings, each over its own seeds
+    close = compare_strategies(strategies="best_static", seeds=2, workers=1, best_static_values=(1.0, 1.0001), **TINY)
+    best = close.row("best_static")
+    assert best["runs"] == 2 and best["seeds"] == [0, 1]
+    assert [g["weights"]["bc"] for g in best["grid"]] == [1.0, 1.0001]
+    assert best["setting"] in ("static[bc=1]", "static[bc=1.0001]")
 
 
 def test_a_four_run_sweep_uses_both_cores_and_reports_its_overhead():

@@ -456,7 +456,13 @@ def _source_digest(problem: str) -> str | None:
 
 
 def _grid_label(weights: Mapping[str, float]) -> str:
-    return "static[" + ",".join(f"{k}={_number(v)}" for k, v in list(weights.items())[1:]) + "]"
+    """The grid point's label (and key of its runs): each weight short where that is exact, else in full."""
+    return "static[" + ",".join(f"{k}={_exact(v)}" for k, v in list(weights.items())[1:]) + "]"
+
+
+def _exact(value: float) -> str:
+    short = _number(value)
+    return short if not math.isfinite(value) or float(short) == value else repr(float(value))
 
 
 # ----------------------------------------------------------------------------------- cache

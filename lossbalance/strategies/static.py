@@ -32,8 +32,10 @@ class Static(Strategy):
             if not isinstance(weights, Mapping):
                 raise TypeError(f"weights must be a dict {{term: weight}}, got {type(weights).__name__}")
             for name, value in weights.items():
-                if not (isinstance(name, str) and isinstance(value, (int, float)) and math.isfinite(value)
-                        and value >= 0):
+                if not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise TypeError(f"weights must map term names to Python numbers, got {name!r}: {value!r} "
+                                    f"({type(value).__name__}; for a tensor use float(value))")
+                if not (math.isfinite(value) and value >= 0):
                     raise ValueError(f"weights must map term names to finite weights >= 0, got {name!r}: {value!r}")
         self.weights = None if weights is None else {name: float(value) for name, value in weights.items()}
 
