@@ -43,6 +43,7 @@ def worker(rank, world, init_file, out_dir):
             params, balancer = train(case, problem, rank, world)
             results[case] = {"params": params, "weights": balancer.weights}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other still talks (an abort in its pair thread)
     finally:
         dist.destroy_process_group()
 

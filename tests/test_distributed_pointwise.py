@@ -90,6 +90,7 @@ def worker(rank, world, init_file, out_dir):
             results[case, "different"] = run(case, lambda b: b[rank * PER_RANK:(rank + 1) * PER_RANK])
             results[case, "same"] = run(case, lambda b: b[:PER_RANK])
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other still talks (an abort in its pair thread)
     finally:
         dist.destroy_process_group()
 

@@ -65,6 +65,7 @@ def worker(rank, world, init_file, out_dir):
             except RuntimeError as error:
                 results[case] = {"error": str(error)}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other still talks (an abort in its pair thread)
     finally:
         dist.destroy_process_group()
 

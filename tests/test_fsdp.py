@@ -141,6 +141,7 @@ def worker(rank, world, init_file, out_dir):
         for case in REFUSED_AT_THE_STEP:
             results[case] = refused_at_the_step(case, *half)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other still talks (an abort in its pair thread)
     finally:
         dist.destroy_process_group()
 
