@@ -951,7 +951,8 @@ class LossBalancer:
         observe = self._observer()
         if not isinstance(losses, Mapping):
             raise TypeError(f"observe() takes the dict of loss terms, got {type(losses).__name__}")
-        check_key_set(tuple(losses), self._terms.names, self._terms.optional)
+        if self._terms.names:  # (before the first step there is nothing to learn from: a no-op below)
+            check_key_set(tuple(losses), self._terms.names, self._terms.optional)
         losses = _plain_tensors(self._pointwise.reduce(losses, False).losses)
         names = tuple(n for n in self._terms.names if n in losses)
         if not names:
