@@ -370,7 +370,7 @@ class GradientEngine:
         Parameters that no term reached get ``.grad = None``; the unbalanced parameters
         (:attr:`others`) get their share accumulated, as ``backward()`` would.
         """
-        self._combine_kept(weights, direction)
+        self._combine_kept(weights, direction, self._combined)
         for p, view, hit in zip(self.params, self._grad_views, self._reached):
             p.grad = view if hit else None
         for p, g in zip(self.others, self._kept_others(weights)):
@@ -379,21 +379,18 @@ class GradientEngine:
     def kept_direction(self, weights: Tensor, direction: Tensor | None = None) -> Direction:
         """What :meth:`write_kept` would write, as views of one fresh vector, not of the reused
         buffer (``None``: not reached)."""
-        if direction is None:
-            grads = self._buffer[:, : self.layout.total]
-            flat = torch.mv(grads.T, weights.to(grads.dtype))
-        else:
-            flat = direction.to(self.layout.dtype, copy=True)
-        views = self.layout.views(flat)
+        views = self.layout.views(self._combine_kept(weights, direction))
         return Direction([v if hit else None for v, hit in zip(views, self._reached)], self._kept_others(weights))
 
-    def _combine_kept(self, weights: Tensor, direction: Tensor | None) -> None:
+    def _combine_kept(self, weights: Tensor, direction: Tensor | None, out: Tensor | None = None) -> Tensor:
+        """``sum_i w_i g_i`` of the kept gradients (or ``direction``), into ``out`` (``None``: a new vector)."""
         assert self.keeps_gradients and self._buffer is not None
         if direction is None:
             grads = self._buffer[:, : self.layout.total]
-            torch.mv(grads.T, weights.to(grads.dtype), out=self._combined)
-        else:
-            self._combined.copy_(direction)
+            return torch.mv(grads.T, weights.to(grads.dtype), out=out)
+        if out is None:
+            return direction.to(self.layout.dtype, copy=True)
+        return out.copy_(direction)
 
     def _kept_others(self, weights: Tensor) -> list[Tensor | None]:
         """``sum_i w_i g_i`` of each unbalanced parameter, from the rows of the per-term calls."""
