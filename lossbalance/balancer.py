@@ -874,7 +874,7 @@ class LossBalancer:
         if self._terms.names:
             check_key_set(tuple(terms), self._terms.names, self._terms.optional)
         current = self.weights
-        weights = [current.get(n, float(self._terms.initial.get(n, 1.0))) for n in terms]
+        weights = [current[n] if n in current else self._terms.initial_weight(n) for n in terms]
         values = torch.stack([t.reshape(()) for t in terms.values()])
         return torch.dot(values.new_tensor(weights), values)
 

@@ -55,13 +55,17 @@ class TermTable:
         self._indexed: tuple[tuple[str, ...], Tensor] | None = None
 
     # ------------------------------------------------------------------ declaring
+    def initial_weight(self, name: str) -> float:
+        """A term's weight before it is declared: ``weights=``, else 1."""
+        return float(self.initial.get(name, 1.0))
+
     def add(self, name: str, weight: float | None = None, *, optional: bool = False) -> None:
         """Declare a term with its initial weight (default: ``weights=`` or 1)."""
         if not isinstance(name, str):
             raise TypeError(f"term names must be strings, got {name!r}")
         if name in self.names:
             raise ValueError(f"term {name!r} is already declared")
-        value = float(self.initial.get(name, 1.0) if weight is None else weight)
+        value = self.initial_weight(name) if weight is None else float(weight)
         if not value > 0 or value == float("inf"):
             raise ValueError(f"the initial weight of term {name!r} must be finite and positive, got {value}")
         lower, upper = self._bound(0, name), self._bound(1, name)
