@@ -3,12 +3,12 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lossbalance import LossBalancer, LRAnnealing
 
 from _models import PINN1D
+from _gloo import gloo_group
 
 STEPS = 12
 CASES = {  # name: (balancer options, wrap the model in DistributedDataParallel)
@@ -33,8 +33,7 @@ def train(case, problem, rank=None, world=1):
 
 def worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         results = {}
         for case, (_, wrap_ddp) in CASES.items():
             problem = PINN1D(seed=0, n=64)
@@ -43,9 +42,6 @@ def worker(rank, world, init_file, out_dir):
             params, balancer = train(case, problem, rank, world)
             results[case] = {"params": params, "weights": balancer.weights}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # no rank tears gloo down while the other still talks (an abort in its pair thread)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lossbalance import BRDR, RBA, SAPINN, LossBalancer, Residual
+from _gloo import gloo_group
 
 STEPS, POOL, PER_RANK = 4, 24, 6
 CASES = ("rba", "sapinn", "brdr")
@@ -82,17 +82,12 @@ def _missing_on_one_rank(rank):
 
 def worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo_group(rank, world, init_file, timeout=datetime.timedelta(seconds=60)):
         results = {"gather": _gather_check(rank), "missing": _missing_on_one_rank(rank)}
         for case in CASES:
             results[case, "different"] = run(case, lambda b: b[rank * PER_RANK:(rank + 1) * PER_RANK])
             results[case, "same"] = run(case, lambda b: b[:PER_RANK])
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # no rank tears gloo down while the other still talks (an abort in its pair thread)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

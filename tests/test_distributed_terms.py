@@ -10,12 +10,12 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lossbalance import LossBalancer, LRAnnealing
 
 from _models import PINN1D
+from _gloo import gloo_group
 
 STEPS = 6
 
@@ -55,9 +55,7 @@ def run(case, rank=None, world=1):
 
 def worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo_group(rank, world, init_file, timeout=datetime.timedelta(seconds=60)):
         results = {}
         for case in ["reordered", "renamed", "optional-update", "optional-plain"]:
             try:
@@ -65,9 +63,6 @@ def worker(rank, world, init_file, out_dir):
             except RuntimeError as error:
                 results[case] = {"error": str(error)}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # no rank tears gloo down while the other still talks (an abort in its pair thread)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from lossbalance import LossBalancer, LRAnnealing
+from _gloo import gloo_group
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not hasattr(fsdp, "fully_shard"):
@@ -121,8 +122,7 @@ def refused_at_the_step(case, x, y):
 
 def worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         x, y = data()
         results = {}
         for case, (_, reshard) in CASES.items():
@@ -141,9 +141,6 @@ def worker(rank, world, init_file, out_dir):
         for case in REFUSED_AT_THE_STEP:
             results[case] = refused_at_the_step(case, *half)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # no rank tears gloo down while the other still talks (an abort in its pair thread)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
