@@ -96,20 +96,23 @@ class Residual:
 
 class _Chunking(NamedTuple):
     """The causal chunks of one time tensor: every point's chunk, the points per chunk ``n_k``,
-    ``1 / max(n_k, 1)``, the share ``1 / (max(n_k, 1) M')`` of a point of chunk k in the term's
-    value (``M'`` non-empty chunks) and ``0`` / ``inf`` for non-empty / empty chunks."""
+    the share ``1 / (max(n_k, 1) M')`` of a point of chunk k in the term's value (``M'``
+    non-empty chunks), ``0`` / ``inf`` for non-empty / empty chunks, ``M`` zeros (the base of
+    the chunk sums) and ``M'`` (a 0-dim tensor)."""
 
     chunk: Tensor
     counts: Tensor
-    inverse: Tensor
     share: Tensor
     absent: Tensor
+    zeros: Tensor
+    kept: Tensor
 
 
 def _chunking(chunk: Tensor, counts: Tensor) -> _Chunking:
     present = counts > 0
-    inverse = 1.0 / counts.clamp(min=1)
-    return _Chunking(chunk, counts, inverse, inverse / present.sum(), torch.where(present, 0.0, math.inf).to(counts.dtype))
+    kept = present.sum().to(counts.dtype)
+    share = 1.0 / (counts.clamp(min=1) * kept)
+    return _Chunking(chunk, counts, share, torch.where(present, 0.0, math.inf).to(counts.dtype), torch.zeros_like(counts), kept)
 
 
 class Causal:
@@ -152,6 +155,7 @@ class Causal:
         self.chunks, self.eps, self.split, self.cumulative = chunks, [float(e) for e in schedule], split, cumulative
         self.delta, self.t_range = float(delta), t_range
         self._sizes: dict[tuple, _Chunking] = {}  # split="count": per number of points (see _by_count)
+        self._last: tuple[Tensor, _Chunking, dict[float, Tensor]] | None = None  # see _grouping
 
     def __repr__(self) -> str:
         return (f"Causal(chunks={self.chunks}, eps={self.eps if len(self.eps) > 1 else self.eps[0]}, "
@@ -193,26 +197,41 @@ class Causal:
             self._sizes[key] = _chunking(ranks, like.new_zeros(self.chunks).index_add_(0, ranks, like.new_ones(n)))
         return self._sizes[key]
 
-    def _grouping(self, t: Tensor, like: Tensor) -> _Chunking:
+    def _grouping(self, t: Tensor, like: Tensor) -> tuple[_Chunking, dict[float, Tensor]]:
         """Every point's chunk and what follows from the chunks' point counts (``like``'s dtype),
-        from the values of ``t`` on every call, so that a time buffer refilled in place is
-        grouped anew (even through NumPy or ``.data``, which PyTorch does not see)."""
+        with the exponent matrices already built for it (per ``eps``). From the values of ``t``:
+        on the CPU the grouping of the last call is kept while ``t`` holds the same values
+        (compared with ``torch.equal``, so a time buffer refilled in place, even through NumPy or
+        ``.data``, is grouped anew); on other devices it is computed on every call (no host read)."""
         t = t.detach()
+        last = self._last
+        if last is not None and _equal_on_cpu(last[0], t) and last[1].share.dtype == like.dtype:
+            return last[1], last[2]
         if self.split == "count":
-            return self._by_count(t.shape[0], like)._replace(chunk=self.chunk_index(t))
-        chunk = self.chunk_index(t)
-        return _chunking(chunk, torch.zeros(self.chunks, dtype=like.dtype, device=like.device).index_add_(0, chunk, torch.ones_like(like)))
+            grouping = self._by_count(t.shape[0], like)._replace(chunk=self.chunk_index(t))
+        else:
+            chunk = self.chunk_index(t)
+            grouping = _chunking(chunk, torch.zeros(self.chunks, dtype=like.dtype, device=like.device).index_add_(0, chunk, torch.ones_like(like)))
+        grouping = grouping._replace(kept=grouping.kept + t.sum() * 0)  # NaN where a time is NaN or infinite
+        exponents: dict[float, Tensor] = {}
+        self._last = (t.clone(), grouping, exponents) if t.device.type == "cpu" else None
+        return grouping, exponents
+
+    def _exponent(self, grouping: _Chunking, exponents: dict[float, Tensor], eps: float) -> Tensor:
+        """``E`` with ``E @ (L_k / M')_k = -eps * sum_{j<k} L_j`` (``j<=k``: inclusive), kept per ``eps``."""
+        if eps not in exponents:
+            m = self.chunks
+            below = torch.ones(m, m, dtype=grouping.share.dtype, device=grouping.share.device)
+            below = below.tril(-1 if self.cumulative == "exclusive" else 0)
+            exponents[eps] = below * (grouping.kept * -eps)
+        return exponents[eps]
 
     def _chunks(self, losses: Tensor, t: Tensor, eps: float) -> tuple[_Chunking, Tensor, Tensor]:
-        """The grouping, the chunks' loss sums ``n_k L_k`` and their weights ``w_k`` (NaN where a
-        time is NaN or infinite: ``t.sum() * 0`` enters the exponent)."""
-        grouping = self._grouping(t, losses)
-        sums = torch.zeros(self.chunks, dtype=losses.dtype, device=losses.device).index_add(0, grouping.chunk, losses)
-        chunk_loss = (sums * grouping.inverse).detach()
-        seen = torch.cumsum(chunk_loss, 0)
-        if self.cumulative == "exclusive":
-            seen = seen - chunk_loss
-        return grouping, sums, torch.exp(seen * -eps + t.detach().sum() * 0)
+        """The grouping, the chunks' ``L_k / M'`` and their weights ``w_k`` (NaN where a time is
+        NaN or infinite)."""
+        grouping, exponents = self._grouping(t, losses)
+        scaled = grouping.zeros.index_add(0, grouping.chunk, losses) * grouping.share
+        return grouping, scaled, torch.exp(self._exponent(grouping, exponents, eps) @ scaled.detach())
 
     def point_weights(self, losses: Tensor, t: Tensor, state: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         """Per point ``p`` (detached): its chunk's weight ``w_k(p)`` and its share ``1 / (M' n_k(p))``
@@ -222,17 +241,26 @@ class Causal:
         return w[grouping.chunk], grouping.share[grouping.chunk]
 
     def reduce(self, losses: Tensor, t: Tensor, state: Mapping[str, Any], update: bool):
-        """The term's value ``sum_k w_k L_k / M'``, the figures for ``stats`` and the state after this step."""
+        """The term's value ``sum_k w_k L_k / M'``, the figures for ``stats`` (``causal_min`` and
+        ``causal_done`` computed when first read) and the state after this step."""
         index = state["eps_index"]
         eps = self.eps[index]
-        grouping, sums, w = self._chunks(losses, t, eps)
-        value = torch.dot(w, sums * grouping.share)
-        w_min = (w + grouping.absent).min()
+        grouping, scaled, w = self._chunks(losses, t, eps)
         done = index == len(self.eps) - 1
-        if update and len(self.eps) > 1 and not done and bool(w_min > self.delta):
+        if update and not done and bool(self._lowest(w, grouping) > self.delta):  # annealing: one host read
             index += 1
-        figures = {"causal_min": w_min, "causal_eps": eps, "causal_done": (w_min > self.delta).float() if done else 0.0}
-        return value, figures, {"kind": self.kind, "eps_index": index}
+
+        def lowest() -> Tensor:
+            w_min = self._lowest(w, grouping)
+            return torch.stack([w_min, (w_min > self.delta).to(w.dtype) if done else torch.zeros_like(w_min)])
+
+        figures = {"causal_weights": LazyFigures(("causal_min", "causal_done"), lowest), "causal_eps": eps}
+        return torch.dot(w, scaled), figures, {"kind": self.kind, "eps_index": index}
+
+    @staticmethod
+    def _lowest(w: Tensor, grouping: _Chunking) -> Tensor:
+        """``min_k w_k`` over the non-empty chunks."""
+        return (w + grouping.absent).min()
 
     def checked_state(self, name: str, state: Any) -> dict[str, Any]:
         index = state.get("eps_index") if isinstance(state, Mapping) else None
@@ -793,6 +821,12 @@ def _checked_companion(name: str, label: str, x: Any, values: Tensor) -> Tensor 
     if x.device != values.device:
         raise ValueError(f"loss term {name!r}: Residual {label} is on {x.device}, its values on {values.device}")
     return x.long() if label == "ids" else x
+
+
+def _equal_on_cpu(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` are CPU tensors of one shape and dtype holding the same values."""
+    return (b.device.type == "cpu" and a.device == b.device and a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a, b))
 
 
 def _plain_detached(x: Tensor) -> Tensor:

@@ -482,6 +482,30 @@ def test_causal_chunks_follow_times_refilled_where_pytorch_cannot_see_it(split):
 
 
 @pytest.mark.parametrize("split", ["count", "time"])
+def test_causal_groups_times_once_while_they_hold_the_same_values(split, monkeypatch):
+    """The grouping of a fixed point set is computed once (the sort, the counts), also from a
+    fresh copy of the same times each step, and computed anew for new times; the weights stay
+    those of the naive loop, a new ``eps`` included."""
+    problem = Problem()
+    causal = Causal(chunks=5, eps=[0.0, 2.0], split=split, delta=0.5)
+    balancer = LossBalancer([problem.w], "static", pointwise={"pde": causal})
+    calls = []
+    real = Causal.chunk_index
+    monkeypatch.setattr(Causal, "chunk_index", lambda self, t: calls.append(1) or real(self, t))
+    times = [problem.t, problem.t.clone(), problem.t.clone(), 1.0 - problem.t, 1.0 - problem.t]
+    seen = []
+    for step, t in enumerate(times):
+        total = balancer.backward({"pde": Residual(problem.r() ** 2, t=t)})
+        eps = balancer.stats["pde"]["causal_eps"]
+        reference, w_min = naive_causal(problem.r() ** 2, t, 5, eps, split, "exclusive")
+        torch.testing.assert_close(total, reference.detach(), rtol=1e-12, atol=0)
+        assert balancer.stats["pde"]["causal_min"] == pytest.approx(w_min, rel=1e-12)
+        seen.append(eps)
+    assert seen == [0.0, 2.0, 2.0, 2.0, 2.0]  # annealed after the first step (all weights 1)
+    assert len(calls) == 2  # the first times, then 1 - t
+
+
+@pytest.mark.parametrize("split", ["count", "time"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_a_nan_or_infinite_time_makes_the_causal_term_non_finite(split, bad):
     problem = Problem()
