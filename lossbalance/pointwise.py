@@ -139,6 +139,10 @@ class Causal:
         delta: the annealing threshold (0.99, the paper).
         t_range: ``(t_min, t_max)`` for ``split="time"``.
 
+    The grouping of a fixed point set is computed once: on the CPU the times are compared with
+    the last call's by value (``torch.equal``), so a buffer refilled in any way is grouped anew;
+    on other devices the times are grouped on every call (no host read).
+
     The authors' repository states that the method is covered by a University of Pennsylvania
     patent; implemented here from the paper only.
     """
