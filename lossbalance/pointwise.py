@@ -98,7 +98,8 @@ class _Chunking(NamedTuple):
     """The causal chunks of one time tensor: every point's chunk, the points per chunk ``n_k``,
     the share ``1 / (max(n_k, 1) M')`` of a point of chunk k in the term's value (``M'``
     non-empty chunks), ``0`` / ``inf`` for non-empty / empty chunks, ``M`` zeros (the base of
-    the chunk sums) and ``M'`` (a 0-dim tensor)."""
+    the chunk sums) and ``M'`` (a 0-dim tensor; :meth:`Causal._grouping` makes it NaN where a
+    time is not finite)."""
 
     chunk: Tensor
     counts: Tensor
@@ -251,11 +252,12 @@ class Causal:
         eps = self.eps[index]
         grouping, scaled, w = self._chunks(losses, t, eps)
         done = index == len(self.eps) - 1
-        if update and not done and bool(self._lowest(w, grouping) > self.delta):  # annealing: one host read
+        annealing = self._lowest(w, grouping) if update and not done else None
+        if annealing is not None and bool(annealing > self.delta):  # one host read
             index += 1
 
         def lowest() -> Tensor:
-            w_min = self._lowest(w, grouping)
+            w_min = self._lowest(w, grouping) if annealing is None else annealing
             return torch.stack([w_min, (w_min > self.delta).to(w.dtype) if done else torch.zeros_like(w_min)])
 
         figures = {"causal_weights": LazyFigures(("causal_min", "causal_done"), lowest), "causal_eps": eps}

@@ -494,7 +494,7 @@ def test_causal_groups_times_once_while_they_hold_the_same_values(split, monkeyp
     monkeypatch.setattr(Causal, "chunk_index", lambda self, t: calls.append(1) or real(self, t))
     times = [problem.t, problem.t.clone(), problem.t.clone(), 1.0 - problem.t, 1.0 - problem.t]
     seen = []
-    for step, t in enumerate(times):
+    for t in times:
         total = balancer.backward({"pde": Residual(problem.r() ** 2, t=t)})
         eps = balancer.stats["pde"]["causal_eps"]
         reference, w_min = naive_causal(problem.r() ** 2, t, 5, eps, split, "exclusive")
