@@ -32,13 +32,16 @@ class MGDA(Combiner):
 
     The simplex problem is solved exactly (two rows: in closed form on the segment) through the
     equivalent non-negative problem
-    ``beta = argmin_{beta >= 0} beta^T A beta - 2 sum(beta)``, ``alpha = beta / sum(beta)``
-    (both have the KKT conditions ``(A alpha)_j >= lambda`` with equality on the support), with
-    ``A = G / tr(G) + reg_eps I`` positive definite, by the active-set method of
-    :func:`~lossbalance.combine.numerics.nonnegative_qp` in float64. The ridge changes the
-    objective by at most ``reg_eps`` (``||alpha||^2 <= 1``), so ``||d - d*|| <=
-    sqrt(reg_eps) ||J||_F`` for the exact min-norm point ``d*`` (the projection inequality), and
-    typically ``O(reg_eps)``. A zero matrix gives the zero vector.
+    ``beta = argmin_{beta >= 0} beta^T G beta - 2 sum(beta)``, ``alpha = beta / sum(beta)``
+    (both have the KKT conditions ``(G alpha)_j >= lambda`` with equality on the support), by the
+    active-set method of :func:`~lossbalance.combine.numerics.nonnegative_qp` in float64, on the
+    rows' cosines: with ``S = diag(||g_i||)`` and ``beta = S^{-1} x``, on
+    ``A = S^{-1} G S^{-1} + reg_eps I`` (unit diagonal, positive definite). In ``alpha`` the
+    ridge is ``reg_eps sum_i alpha_i^2 ||g_i||^2``, so ``||d - d*|| <= sqrt(reg_eps)
+    (sum_i (alpha*_i ||g_i||)^2)^(1/2) <= sqrt(reg_eps) max_i ||g_i||`` for the exact min-norm
+    point ``d* = J^T alpha*`` (the projection inequality): relative to the rows that ``d*``
+    combines, not to ``||J||_F``, so a row a million times shorter than another is not swamped
+    (typically the error is ``O(reg_eps)``). A zero row, or a zero matrix, gives the zero vector.
 
     torchjd's ``MGDA`` runs Frank-Wolfe (Sener & Koltun, Algorithm 2) and stops once the step
     ``gamma`` is below ``epsilon = 1e-3`` or after ``max_iters = 100`` steps: an approximation of
@@ -48,15 +51,17 @@ class MGDA(Combiner):
     Options:
 
     ``reg_eps``
-        Ridge on the trace-normalised Gramian (default ``1e-12``, must be positive), see above.
+        Ridge on the unit-diagonal cosine matrix (default ``1e-12``, must be positive), see above.
     ``double``
         Form the Gramian and the update in float64 and return the input dtype (default
         ``False``: one matmul ``J J^T`` in the input dtype, at least float32, as torchjd; the
-        simplex problem is solved in float64 either way). A float32 Gramian of nearly dependent
-        rows can be indefinite by rounding (about ``1e-7 tr(G)``), more than the ridge: then the
-        ridge is raised until ``A`` is positive definite
-        (:func:`~lossbalance.combine.numerics.ridged`), which bounds ``||d - d*||`` by about
-        ``sqrt(1e-7) ||J||_F`` in the worst case (typically ``1e-7``, tested).
+        simplex problem is solved in float64 either way). The rounding of a float32 Gramian's
+        entries is about ``1e-7 ||g_i|| ||g_j||``, so the cosine matrix of nearly dependent rows
+        can be indefinite by about ``1e-7``, more than the ridge: then the ridge is raised until
+        ``A`` is positive definite (:func:`~lossbalance.combine.numerics.ridged`), which bounds
+        ``||d - d*||`` by about ``sqrt(1e-7)`` times the norms above in the worst case
+        (typically ``1e-7``, tested), whatever the rows' norms (rows from ``1e-20`` to ``1e4``
+        included, tested).
     """
 
     name = "mgda"
@@ -82,11 +87,9 @@ class MGDA(Combiner):
         a = gram.to("cpu", torch.float64)
         if not bool(torch.isfinite(a).all()):
             return torch.full((k,), math.nan, dtype=torch.float64), basis, factors
-        a = ridged(a, self.reg_eps)
         if k == 2:
-            return _segment(a), basis, factors
-        beta = nonnegative_qp(a, -torch.ones(1, k, dtype=torch.float64))[0]
-        return beta / beta.sum(), basis, factors
+            return _segment(a + self.reg_eps * torch.eye(2, dtype=a.dtype)), basis, factors
+        return _jacobi_scaled_weights(a, self.reg_eps), basis, factors
 
     def __call__(self, grads: Tensor, /, *, generator: torch.Generator | None = None) -> Tensor:
         check_grads(grads)
@@ -98,11 +101,38 @@ class MGDA(Combiner):
             return ((alpha.to(basis.device, basis.dtype) * factors) @ basis).to(grads.dtype)
 
 
+def _jacobi_scaled_weights(a: Tensor, reg_eps: float) -> Tensor:
+    r"""The simplex minimiser of ``alpha^T a alpha`` through the unit-diagonal problem.
+
+    With ``s_i = sqrt(a_ii)`` and ``S = diag(s)``, ``beta = S^{-1} x min(s)`` turns
+    ``min_{beta >= 0} beta^T a beta - 2 sum(beta)`` into (up to a positive factor)
+    ``min_{x >= 0} x^T (S^{-1} a S^{-1}) x - 2 sum_i (min(s) / s_i) x_i``, solved with the ridge
+    ``reg_eps`` on ``S^{-1} a S^{-1}`` (:func:`~lossbalance.combine.numerics.ridged`). Rounding in
+    the Gramian's entries is relative to ``||g_i|| ||g_j||``, so on the unit diagonal it is
+    uniform whatever the row norms, and a ridge raised to make up for it weighs every row by its
+    own norm, not by ``tr(G)``. A zero (or underflowed) diagonal entry is a zero (or negligible)
+    row: ``alpha`` is one at the first such row.
+    """
+    k = a.shape[0]
+    s = a.diagonal().clamp_min(0.0).sqrt()
+    if not bool((s > 0).all()):
+        alpha = torch.zeros(k, dtype=a.dtype)
+        alpha[int(torch.argmin(s))] = 1.0
+        return alpha
+    unit = a / (s[:, None] * s[None, :])
+    rel = s.min() / s
+    x = nonnegative_qp(ridged(unit, reg_eps), -rel[None, :])[0]
+    beta = x * rel
+    return beta / beta.sum()
+
+
 def _segment(a: Tensor) -> Tensor:
     """The minimiser of ``alpha^T A alpha`` on the segment ``alpha = (t, 1 - t)``, ``t in [0, 1]``
     (Sener & Koltun 2018, Algorithm 1): ``t = (A_22 - A_12) / (A_11 + A_22 - 2 A_12)`` clipped,
-    the denominator ``(e_1 - e_2)^T A (e_1 - e_2) > 0`` for a positive definite ``A``; on Python
+    the denominator ``(e_1 - e_2)^T A (e_1 - e_2) = ||g_1 - g_2||^2``; where rounding left it
+    at or below zero the rows are equal to rounding and the shorter one is taken. On Python
     floats (two terms need no active set)."""
     (a11, a12), (_, a22) = a.tolist()
-    t = min(max((a22 - a12) / (a11 + a22 - 2.0 * a12), 0.0), 1.0)
+    den = a11 + a22 - 2.0 * a12
+    t = min(max((a22 - a12) / den, 0.0), 1.0) if den > 0 else float(a11 <= a22)
     return torch.tensor([t, 1.0 - t], dtype=torch.float64)

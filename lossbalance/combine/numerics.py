@@ -98,7 +98,8 @@ def normalized_gramian(grads: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tenso
 
 
 def ridged(gram: Tensor, reg_eps: float) -> Tensor:
-    """``gram + reg_eps I`` for the trace-normalised float64 ``gram``, positive definite.
+    """``gram + reg_eps I`` for a normalised float64 ``gram`` (unit trace or unit diagonal),
+    positive definite.
 
     A Gramian formed in float32 can have eigenvalues slightly below zero (rounding of about
     ``eps32`` times ``tr(G)`` per entry, where the rows are nearly dependent), more than a ridge
