@@ -84,7 +84,7 @@ class _Undo(NamedTuple):
     last: LastStep | None
     rows: int
     combiner: Any = None  # a stateful combiner's checkpoint ("mconfig")
-    pointwise: Any = None  # the pointwise weightings' state (replaced, never changed in place, on commit)
+    pointwise: Any = None  # Pointwise.snapshot(): the states and the held re-evaluation states
 
 
 class _Skip(Exception):
@@ -124,8 +124,9 @@ class LossBalancer:
         weights: initial weight per term (default 1).
         min_weight, max_weight: clamp every updated weight (a float, or a dict per term).
         warmup: number of steps that keep the initial weights before the first update.
-        frozen: never update the weights (they stay as they are, e.g. after loading); see
-            :meth:`freeze` (saved in the state).
+        frozen: never update the weights (they stay as they are, e.g. after loading), the
+            pointwise weights (per-point tables, causal ``eps``) included; see :meth:`freeze`
+            (saved in the state).
         terms: the terms and their canonical order (default: the keys of the first step).
         optional: terms that may be absent on some steps (their weight is kept meanwhile).
         scope: ``{term: parameters}``: the parameters a term may train (default: all). The term's
@@ -393,7 +394,9 @@ class LossBalancer:
 
     # ------------------------------------------------------------------ adapting or not
     def freeze(self) -> None:
-        """Stop adapting: the weights learned so far stay as they are from now on.
+        """Stop adapting: the weights learned so far stay as they are from now on, the
+        pointwise weights included (per-point tables and the causal ``eps`` are held; causal
+        weights are still computed from the losses), so that L-BFGS sees one objective.
 
         The method form of the ``frozen`` option (``balancer.frozen = True``); saved in
         :meth:`state_dict`, so a resumed run stays frozen. The strategy is no longer called (its
@@ -421,6 +424,8 @@ class LossBalancer:
         for non-finite values) and what undoes the call. ``deferrable``: may this call's checks
         wait (``check_every > 1``; not for an L-BFGS closure)."""
         self._refresh_parameters()
+        if may_update:
+            self._pointwise.start_step()
         batch = self._take(losses, advance=may_update)
         plan = self._plan(may_update, checks_later=into == "grad", deferrable=deferrable)
         undo = self._undo_point(plan)
@@ -459,14 +464,15 @@ class LossBalancer:
         """After a successful call: the pointwise state advances; returns its figures for ``stats``."""
         if not reduced.figures:
             return None
-        self._pointwise.commit(reduced.state)
+        self._pointwise.commit(reduced.state, reduced.held)
         return reduced.figures
 
     def _take(self, losses: Losses, *, advance: bool) -> _Batch:
         """Phase 1: the terms, validated, as plain 0-dim tensors in canonical order; every
         :class:`~lossbalance.Residual` reduced to a scalar after its pointwise weighting (its new
-        state, with ``advance``, pending until the call succeeds)."""
-        reduced = self._pointwise.reduce(losses, advance)
+        state, with ``advance`` and not frozen, pending until the call succeeds; without
+        ``advance``, a re-evaluation: the states the step's first evaluation used)."""
+        reduced = self._pointwise.reduce(losses, advance and not self.frozen, reevaluation=not advance)
         losses = _plain_tensors(reduced.losses)
         check_losses(losses, self._engine.device)
         keys = tuple(losses)
@@ -772,7 +778,7 @@ class LossBalancer:
             self._step, self._updates, self._skipped, self._terms.weights, tuple(self._terms.names),
             self.strategy.checkpoint() if full else None, self.generator.get_state() if full else None,
             self._log.last, len(self._log.rows), combiner=self.combiner.checkpoint() if self._momentum else None,
-            pointwise=self._pointwise.state,
+            pointwise=self._pointwise.snapshot(),
         )
 
     def _undo(self, undo: _Undo) -> None:
@@ -789,7 +795,7 @@ class LossBalancer:
             self.combiner.rollback(undo.combiner)
         self._step, self._updates, self._skipped = undo.step, undo.updates, undo.skipped
         if undo.pointwise is not None:
-            self._pointwise.state = undo.pointwise
+            self._pointwise.restore(undo.pointwise)
         self._log.last = undo.last
         while len(self._log.rows) > undo.rows:
             self._log.forget_last_row()
@@ -867,7 +873,8 @@ class LossBalancer:
         validation and test: nothing advances (no weight update, step counter, statistics,
         pointwise state or hooks) and nothing is checked for NaN; the terms need no gradient
         (with one, the total has its graph). :class:`~lossbalance.Residual` terms are reduced
-        with their current pointwise weights. Before the first step, the initial weights
+        with their current pointwise weights (points whose ids a per-point table does not hold
+        take the initial value, RBA's 0 included: a warning, once per term). Before the first step, the initial weights
         (``weights=``, else 1). The key set is checked as for a step (``KeyError``)."""
         terms = _plain_tensors(self._pointwise.reduce(losses, False).losses)
         check_losses(terms, self._engine.device, need_grad=False)

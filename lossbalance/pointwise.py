@@ -53,6 +53,7 @@ from torch import Tensor
 
 from .distributed import Reduction
 from .reporting import LazyFigures
+from .validation import warn_user
 
 __all__ = ["Residual", "Causal", "RBA", "SAPINN", "BRDR", "Pointwise"]
 
@@ -149,6 +150,7 @@ class Causal:
     """
 
     kind = "causal"
+    value_before_update = True  # a step's value uses the eps it started with (see Pointwise.held)
 
     def __init__(
         self, chunks: int = 32, eps: float | Sequence[float] = 1.0, *, split: Literal["count", "time"] = "count",
@@ -287,8 +289,8 @@ class RBA:
     multipliers are kept per point id in the balancer's state, so they follow the points through
     shuffles; a point seen for the first time starts at ``init`` (0, as in the authors' code:
     the multipliers grow towards at most ``eta / (1 - gamma)`` = 1 with the defaults). The
-    state keeps every id seen unless ``forget_after`` is given. On calls that do not advance the state
-    (the re-evaluations of an L-BFGS closure) the stored multipliers are used unchanged.
+    state keeps every id seen unless ``forget_after`` is given. The re-evaluations of a step (an
+    L-BFGS closure) use the multipliers its first evaluation updated, unchanged.
 
     Distributed: the update runs on the union of every process's points (module docstring), with
     ``max_j |r_j|`` the maximum over that union; every process then scales its own residuals by
@@ -303,6 +305,10 @@ class RBA:
     """
 
     kind, label = "rba", "RBA"
+    value_before_update = False  # the value uses the updated multipliers
+
+    def fresh_label(self) -> str:
+        return f"the initial multiplier init={self.init}"
 
     def __init__(self, gamma: float = 0.999, eta: float = 1e-3, *, init: float = 0.0, forget_after: int | None = None):
         if not 0 <= gamma < 1:
@@ -391,8 +397,8 @@ class SAPINN:
     the first time gets ``init``, drawn in ascending id order, so the same points in another order
     get the same weights). The state keeps every id seen unless ``forget_after`` is given.
     ``kind="loss"`` values must be ``>= 0``.
-    On calls that do not advance the state (the re-evaluations of an L-BFGS closure) the stored
-    weights are used unchanged.
+    The re-evaluations of a step (an L-BFGS closure) use the weights its first evaluation used,
+    from before the ascent, so that every evaluation of the step has one objective.
 
     Distributed: the ascent runs on the union of every process's points (module docstring), as
     one process would on the union batch: ``N`` is the number of points of the union, i.e.
@@ -403,6 +409,10 @@ class SAPINN:
     """
 
     kind, label = "sa_pinn", "SA-PINN"
+    value_before_update = True  # the value uses the weights before the step's ascent
+
+    def fresh_label(self) -> str:
+        return f"initial weights drawn from {self.scale} * U(0,1)" if self.init == "uniform" else f"the initial weight {self.init}"
 
     def __init__(self, mask: Literal["square", "identity", "sigmoid"] = "square", *, init: float | str = "uniform",
                  scale: float = 1.0, lr: float = 5e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -559,6 +569,10 @@ class BRDR:
     """
 
     kind, label = "brdr", "BRDR"
+    value_before_update = False  # the value uses the updated weights
+
+    def fresh_label(self) -> str:
+        return "the initial weight 1"
 
     def __init__(self, beta_c: float = 0.999, beta_w: float = 0.999, *, max_gap: int = 10, forget_after: int | None = None,
                  pool: Literal["all", "term"] = "all"):
@@ -621,17 +635,27 @@ Weighting = Causal | RBA | SAPINN | BRDR
 
 
 class Reduced(NamedTuple):
-    """One call's pointwise terms, reduced: the plain loss dict, the figures, the pending state
-    and the loss dict as given (its :class:`Residual` terms, for the ``ntk`` strategy)."""
+    """One call's pointwise terms, reduced: the plain loss dict, the figures, the pending state,
+    the loss dict as given (its :class:`Residual` terms, for the ``ntk`` strategy) and the
+    states this step's re-evaluations use (:attr:`Pointwise.held`)."""
 
     losses: dict[str, Any]
     figures: dict[str, dict[str, Any]]
     state: dict[str, dict[str, Any]]
     given: Any = None
+    held: dict[str, dict[str, Any]] = {}
 
 
 class Pointwise:
-    """The balancer's pointwise weightings ``{term: Causal | RBA | SAPINN | BRDR}`` and their state."""
+    """The balancer's pointwise weightings ``{term: Causal | RBA | SAPINN | BRDR}`` and their state.
+
+    ``held``: per term, the state the re-evaluations of the step just taken use (an L-BFGS
+    closure evaluated again at other parameters, :meth:`reduce` with ``reevaluation``), so that
+    every evaluation of one step weights the points as its first evaluation did: the state from
+    before the step for the weightings whose value uses it (``Causal``: its ``eps``; ``SAPINN``:
+    the weights before the ascent), the committed one for the others (``RBA``, ``BRDR``: their
+    value uses the updated weights). Dropped when the next step starts (:meth:`start_step`).
+    """
 
     def __init__(self, weightings: Mapping[str, Weighting] | None, reduction: Reduction | None = None):
         weightings = dict(weightings or {})
@@ -644,10 +668,16 @@ class Pointwise:
                                 f"got {type(w).__name__}")
         self.weightings, self.reduction = weightings, reduction or Reduction()
         self.state = {name: w.initial_state() for name, w in weightings.items()}
+        self.held: dict[str, dict[str, Any]] = {}
+        self._warned_fresh: set[str] = set()
 
-    def reduce(self, losses: Any, update: bool) -> Reduced:
+    def reduce(self, losses: Any, update: bool, *, reevaluation: bool = False) -> Reduced:
         """``losses`` with every :class:`Residual` reduced to a scalar; nothing is changed here
-        (the new state is returned, committed by :meth:`commit` once the step succeeded)."""
+        (the new state is returned, committed by :meth:`commit` once the step succeeded).
+        ``update``: the step advances the state; ``reevaluation``: the step just taken evaluated
+        again (its :attr:`held` states); neither: the committed state held (``frozen``,
+        :meth:`~lossbalance.LossBalancer.evaluate`), where points the tables do not hold take the
+        initial value (a warning, once per term)."""
         if not isinstance(losses, Mapping):
             return Reduced(losses, {}, {})
         self._check_terms(losses, update)
@@ -658,11 +688,28 @@ class Pointwise:
         unions = self._unions(prepared) if update else {}
         pooled = self._pooled_decays(unions) if update else {}
         for name, arrays in prepared.items():
-            out[name], weighted = self._reduce_term(name, losses[name].reduction, arrays, update, pooled.get(name),
-                                                    unions.get(name))
+            held = self.held.get(name, self.state.get(name)) if reevaluation else self.state.get(name)
+            if not update and not reevaluation:
+                self._warn_fresh(name, arrays)
+            out[name], weighted = self._reduce_term(name, losses[name].reduction, arrays, held, update,
+                                                    pooled.get(name), unions.get(name))
             if weighted is not None:
                 figures[name], state[name] = weighted
-        return Reduced(out, figures, state, losses)
+        reused = {n: self.state[n] for n in state if update and self.weightings[n].value_before_update}
+        return Reduced(out, figures, state, losses, reused)
+
+    def _warn_fresh(self, name: str, arrays: tuple) -> None:
+        """Warn once per term when a held per-id table lacks some of the batch's points."""
+        weighting = self.weightings.get(name)
+        if weighting is None or isinstance(weighting, Causal) or name in self._warned_fresh:
+            return
+        values, _, ids = arrays
+        count = _IdTable(self.state[name], ids, values, weighting._same_ids).new_count
+        if count:
+            self._warned_fresh.add(name)
+            warn_user(f"loss term {name!r}: {count} of its {ids.numel()} points have ids that its {weighting.label} "
+                      f"table does not hold, and the table is held (frozen=True, or evaluate()): they take "
+                      f"{weighting.fresh_label()}. Evaluate on points the table holds, or a plain tensor term")
 
     def _refuse_scalars(self, losses: Mapping[str, Any]) -> None:
         for name in self.weightings:
@@ -729,24 +776,37 @@ class Pointwise:
         mean = sum(x.sum() for x in irdr) / sum(x.numel() for x in irdr) if len(irdr) > 1 else irdr[0].mean()
         return {name: (decay, mean) for name, decay in decays.items()}
 
-    def _reduce_term(self, name: str, reduction: str, arrays: tuple, update: bool,
+    def _reduce_term(self, name: str, reduction: str, arrays: tuple, state: Any, update: bool,
                      pooled: tuple[_Decay, Tensor] | None = None, union: _Union | None = None):
-        """One Residual term (its :meth:`_prepared` arrays): its value and, when it has a
-        pointwise weighting, (figures, new state)."""
+        """One Residual term (its :meth:`_prepared` arrays) under its weighting's ``state``: its
+        value and, when it has a pointwise weighting, (figures, new state)."""
         values, t, ids = arrays
         weighting = self.weightings.get(name)
         if weighting is None:
             return (values.mean() if reduction == "mean" else values.sum()), None
         if isinstance(weighting, Causal):
-            value, figures, state = weighting.reduce(values, t, self.state[name], update)
+            value, figures, state = weighting.reduce(values, t, state, update)
         elif isinstance(weighting, BRDR):
-            value, figures, state = weighting.reduce(values, ids, self.state[name], update, pooled, union=union)
+            value, figures, state = weighting.reduce(values, ids, state, update, pooled, union=union)
         else:
-            value, figures, state = weighting.reduce(values, ids, self.state[name], update, union=union)
+            value, figures, state = weighting.reduce(values, ids, state, update, union=union)
         return value, (figures, state)
 
-    def commit(self, state: Mapping[str, dict[str, Any]]) -> None:
+    def commit(self, state: Mapping[str, dict[str, Any]], held: Mapping[str, dict[str, Any]] | None = None) -> None:
+        """The state after a successful call; ``held``: the states of its re-evaluations (:attr:`held`)."""
         self.state = {**self.state, **state}
+        self.held = dict(held or {})
+
+    def start_step(self) -> None:
+        """A new step begins: the last step's re-evaluation states are dropped."""
+        self.held = {}
+
+    def snapshot(self) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+        """What :meth:`restore` puts back (the states are replaced on commit, never changed in place)."""
+        return self.state, self.held
+
+    def restore(self, snapshot: tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]) -> None:
+        self.state, self.held = snapshot
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
         return {name: {k: v.clone() if isinstance(v, Tensor) else v for k, v in s.items()} for name, s in self.state.items()}

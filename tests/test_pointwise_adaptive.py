@@ -5,13 +5,14 @@ shuffles, mini-batches and resampling; checkpoints resumed bit for bit; wrong in
 import copy
 import io
 import math
+import warnings
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lossbalance import BRDR, RBA, SAPINN, LossBalancer, LRAnnealing, Residual
+from lossbalance import BRDR, RBA, SAPINN, Causal, LossBalancer, LRAnnealing, Residual
 
 N = 30
 
@@ -415,6 +416,77 @@ def test_a_skipped_step_and_lbfgs_reevaluations_leave_the_table_alone(name):
     lbfgs.step(closure=closure)
     state = lbfgs.state_dict()["pointwise"]["pde"]
     assert len(calls) > 1 and (state["steps"].max() if name == "sa_pinn" else state["step"]) == 1  # one update
+
+
+# Every evaluation of one step sees one objective (L-BFGS compares them): before the fix the
+# re-evaluations used the state the first evaluation committed, so SA-PINN's ascent and Causal's
+# next eps changed the value at the same parameters.
+ONE_OBJECTIVE = {**WEIGHTINGS, "causal": lambda: Causal(chunks=3, eps=[1e-6, 1e-5, 1.0])}
+
+
+def _timed(problem):
+    return {"pde": Residual(problem.r(), t=problem.x[:, 0], ids=problem.ids, kind="residual")}
+
+
+class _TwiceAtTheSamePoint(torch.optim.SGD):
+    """SGD that evaluates its closure twice before moving (as a line search may): both values kept."""
+
+    def step(self, closure=None):
+        self.values = [float(closure()), float(closure())]
+        return super().step()
+
+
+@pytest.mark.parametrize("name", list(ONE_OBJECTIVE))
+def test_every_evaluation_of_a_step_sees_the_objective_of_its_first(name):
+    problem = Problem()
+    balancer = LossBalancer([problem.w], "static", pointwise={"pde": ONE_OBJECTIVE[name]()})
+    for _ in range(3):  # loss() then loss(reevaluation=True) at the same parameters (a framework's L-BFGS)
+        first = balancer.loss(_timed(problem))
+        assert float(balancer.loss(_timed(problem), reevaluation=True)) == float(first.detach())
+        first.backward()
+        with torch.no_grad():
+            problem.w -= 0.05 * problem.w.grad
+        problem.w.grad = None
+    if name == "causal":
+        assert balancer.state_dict()["pointwise"]["pde"]["eps_index"] == 2  # the annealing steps were taken
+    problem = Problem()
+    optimizer = _TwiceAtTheSamePoint([problem.w], lr=0.05)
+    balancer = LossBalancer(optimizer, "static", pointwise={"pde": ONE_OBJECTIVE[name]()})
+    for _ in range(3):  # step(closure=): the first evaluation and a re-evaluation before the move
+        balancer.step(closure=lambda: _timed(problem))
+        assert optimizer.values[0] == optimizer.values[1]
+
+
+@pytest.mark.parametrize("name", list(ONE_OBJECTIVE))
+def test_frozen_holds_the_pointwise_weights_too(name):
+    problem = Problem()
+    balancer = LossBalancer(torch.optim.SGD([problem.w], lr=0.05), "static", pointwise={"pde": ONE_OBJECTIVE[name]()})
+    balancer.step(_timed(problem))
+    held = copy.deepcopy(balancer.state_dict()["pointwise"]["pde"])
+    balancer.freeze()
+    for _ in range(3):
+        balancer.step(_timed(problem))
+    _assert_same_state(balancer.state_dict()["pointwise"]["pde"], held)
+    assert balancer.step_count == 4
+    balancer.unfreeze()
+    balancer.step(_timed(problem))
+    after = balancer.state_dict()["pointwise"]["pde"]
+    assert after["eps_index"] == 2 if name == "causal" else after["step"] == 2
+
+
+@pytest.mark.parametrize("name", list(WEIGHTINGS))
+def test_a_held_table_warns_once_about_points_it_does_not_hold(name):
+    problem = Problem()
+    balancer = LossBalancer(torch.optim.SGD([problem.w], lr=0.05), "static", pointwise={"pde": WEIGHTINGS[name]()})
+    balancer.step({"pde": residual(problem, slice(0, 20), "residual")})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        balancer.evaluate({"pde": residual(problem, slice(0, 20), "residual")})  # held points: no warning
+    with pytest.warns(UserWarning, match=r"loss term 'pde': 10 of its 30 points .* table is held"):
+        balancer.evaluate({"pde": residual(problem, slice(None), "residual")})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        balancer.evaluate({"pde": residual(problem, slice(None), "residual")})  # once per term
 
 
 @pytest.mark.parametrize("make", [
