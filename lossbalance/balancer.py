@@ -853,9 +853,17 @@ class LossBalancer:
 
         While :attr:`evaluating` is true (the Lightning callback sets it during validation, test
         and prediction, sanity checks included) it returns :meth:`evaluate` instead: nothing advances.
+        Otherwise, under ``torch.no_grad()`` it raises ``RuntimeError`` before anything changes
+        (the step would be taken and its result could not be backpropagated).
         """
         if self.evaluating:
             return self.evaluate(losses)
+        if not torch.is_grad_enabled():
+            raise RuntimeError(
+                "loss() was called under torch.no_grad() (or inference mode): its result could not be "
+                "backpropagated, so no step was taken; nothing was changed. For a validation loss call "
+                "balancer.evaluate(losses) (nothing advances); to train, call loss() with gradients enabled"
+            )
         if self._precision.scaled:
             raise TypeError(
                 "loss() cannot be used with scaler=: the framework that calls .backward() on the returned "

@@ -129,6 +129,24 @@ def test_balanced_aggregator_is_balancer_loss():
         BalancedAggregator(net)
 
 
+def test_the_aggregator_evaluates_in_a_validation_pass():
+    # a PhysicsNeMo-style validation block (no_grad, or the module in eval mode) does not step the balancer
+    net, losses = problem()
+    aggregator = BalancedAggregator(LossBalancer(net.parameters(), LRAnnealing(reference="fit")))
+    aggregator(losses(), step=0).backward()
+    weights = aggregator.weights
+    with torch.no_grad():
+        total = aggregator(losses(), step=1)
+    assert aggregator.balancer.step_count == 1 and not total.requires_grad
+    aggregator.eval()
+    expected = sum(weights[n] * v for n, v in losses().items())
+    torch.testing.assert_close(aggregator(losses(), step=1), expected)
+    assert aggregator.balancer.step_count == 1 and aggregator.weights == weights
+    aggregator.train()
+    aggregator(losses(), step=1).backward()
+    assert aggregator.balancer.step_count == 2
+
+
 def test_pointwise_figures_reach_the_logger():
     """The minimum causal weight (and any other figure of a term in ``stats``) is logged per term."""
     from lossbalance import Causal, Residual

@@ -124,6 +124,23 @@ def test_bad_input_to_loss_gets_the_errors_of_step_and_changes_nothing():
     assert balancer.step_count == 1
 
 
+def test_loss_under_no_grad_is_refused_before_anything_changes():
+    # it took the step (counter, weights, strategy state) and returned a scalar without a graph
+    model = TwoHeads()
+    balancer = LossBalancer(torch.optim.SGD(model.parameters(), lr=1e-2), LRAnnealing("a"), update_every=2)
+    balancer.loss(model.losses()).backward()
+    before = copy.deepcopy(balancer.state_dict())
+    losses = model.losses()
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode(), pytest.raises(RuntimeError, match=r"under torch.no_grad\(\).*balancer.evaluate"):
+            balancer.loss(losses)
+    after = balancer.state_dict()
+    assert after["step"] == before["step"] == 1
+    assert balancer.weights == {n: float(w) for n, w in zip(before["names"], before["weights"])} and after["strategy"] == before["strategy"]
+    balancer.loss(losses).backward()  # the same dict, with gradients enabled: the step is taken
+    assert balancer.step_count == 2
+
+
 # ---------------------------------------------------------------- no optimizer
 def test_a_balancer_from_parameters_serves_loss_and_backward_and_refuses_step():
     model = TwoHeads()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import torch
 from torch import Tensor, nn
 
 from ..balancer import LossBalancer
@@ -20,7 +21,9 @@ class BalancedAggregator(nn.Module):
     backward accumulates exactly the balanced gradient (see :meth:`LossBalancer.loss`).
 
     ``step`` is accepted for the interface; the balancer counts its own steps (one per call), so
-    it is not used. The aggregator holds no parameters; its ``state_dict`` carries the
+    it is not used. In evaluation mode (``aggregator.eval()``) or under ``torch.no_grad()`` (a
+    validation pass) it returns :meth:`LossBalancer.evaluate`: the weighted total with the
+    current weights, nothing advances. The aggregator holds no parameters; its ``state_dict`` carries the
     balancer's state (``extra_state``), so saving the aggregator with the model saves the weights.
     """
 
@@ -31,6 +34,8 @@ class BalancedAggregator(nn.Module):
         self.balancer = balancer
 
     def forward(self, losses: Mapping[str, Tensor], step: int | None = None) -> Tensor:
+        if not self.training or not torch.is_grad_enabled():
+            return self.balancer.evaluate(losses)
         return self.balancer.loss(losses)
 
     @property
