@@ -972,8 +972,9 @@ class LossBalancer:
         names = tuple(n for n in self._terms.names if n in losses)
         if not names:
             return
+        check_losses({n: losses[n] for n in names}, self._engine.device, need_grad=False)
         weights = self._terms.weights
-        values = torch.stack([torch.as_tensor(losses[n]).detach().reshape(()) for n in names])
+        values = torch.stack([losses[n].detach().reshape(()) for n in names])
         values = values.to(dtype=weights.dtype, device=weights.device)
         self._reduction.mean_(values)
         try:

@@ -407,6 +407,10 @@ def test_after_refusals_say_the_step_stands_and_the_key_set_is_checked() -> None
         "missing": (KeyError, lambda: {"pde": losses()["pde"]}),
         "typo": (KeyError, lambda: {"pde": losses()["pde"], "bcc": losses()["bc"]}),
         "not a dict": (TypeError, lambda: losses()["pde"]),
+        # a raw RuntimeError from reshape before (not named, and not said to stand)
+        "not a scalar": (ValueError, lambda: {"pde": losses()["pde"], "bc": (model(x) - 1).pow(2).squeeze(-1)}),
+        "a float": (TypeError, lambda: {"pde": losses()["pde"], "bc": 0.5}),
+        "an integer tensor": (TypeError, lambda: {"pde": losses()["pde"], "bc": torch.tensor(1)}),
     }
     for error, closure in bad.values():
         before = [p.detach().clone() for p in model.parameters()]
@@ -418,6 +422,8 @@ def test_after_refusals_say_the_step_stands_and_the_key_set_is_checked() -> None
         assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
     with pytest.raises(KeyError, match="'bcc'"):
         balancer.observe({"pde": losses()["pde"], "bcc": losses()["bc"]})
+    with pytest.raises(ValueError, match="loss term 'bc' has shape"):
+        balancer.observe({"pde": losses()["pde"], "bc": (model(x) - 1).pow(2).squeeze(-1)})
 
 
 def test_a_min_losses_key_naming_no_term_warns_once() -> None:

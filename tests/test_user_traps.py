@@ -327,13 +327,17 @@ def test_history_entries_are_built_once_and_follow_the_steps():
 
 
 # ---------------------------------------------------------------- the parameters moved (module.to)
-@pytest.mark.parametrize("strategy", ["lra", "static", "relobralo"])
+@pytest.mark.parametrize("strategy", ["lra", "static", "relobralo", "gradnorm", "uncertainty", "famo", "mconfig", "pcgrad"])
 @pytest.mark.parametrize("when", ["before the first step", "after some steps"])
 def test_the_balancer_follows_its_parameters_to_another_dtype(strategy, when):
     """``model.to(...)`` moves the parameters in place (as Lightning does after the module and
-    its balancer are built): the balancer follows them instead of writing stale-typed grads."""
+    its balancer are built): the balancer follows them instead of writing stale-typed grads,
+    the state of learned weights (GradNorm, uncertainty) and of momentum ConFIG included (both
+    raised a dtype error after some steps)."""
     problem = PINN1D(seed=2)  # SGD: Adam's own float32 moments would refuse float64 grads, in plain PyTorch too
-    balancer = LossBalancer(torch.optim.SGD(problem.model.parameters(), lr=1e-3), strategy)
+    combine = {"mconfig": "mconfig", "pcgrad": "pcgrad"}.get(strategy)
+    options = {"strategy": "static", "combine": combine} if combine else {"strategy": strategy}
+    balancer = LossBalancer(torch.optim.SGD(problem.model.parameters(), lr=1e-3), **options)
     if when == "after some steps":
         for _ in range(3):
             balancer.step(problem.losses())

@@ -99,7 +99,7 @@ class MomentumConFIG(Combiner):
 
     def _remember(self, name: str, grad: Tensor) -> None:
         prior = self.momenta.get(name)  # new tensors, never in place: a checkpoint is a shallow copy
-        self.momenta[name] = (1 - self.beta1) * grad if prior is None else prior.lerp(grad, 1 - self.beta1)
+        self.momenta[name] = (1 - self.beta1) * grad if prior is None else _like(prior, grad).lerp(grad, 1 - self.beta1)
         self.counts[name] = self.counts.get(name, 0) + 1
         self.last[name] = self.tick
         self.tick += 1
@@ -111,13 +111,13 @@ class MomentumConFIG(Combiner):
         b1, b2 = self.beta1, self.beta2
         corrections = weights.new_tensor([1 - b1 ** self.counts[names[i]] for i in held])
         scale = (weights if len(held) == len(names) else weights[held]) / corrections
-        g = self._config(torch.stack([self.momenta[names[i]] for i in held]) * scale[:, None])
+        g = self._config(torch.stack([_like(self.momenta[names[i]], like) for i in held]) * scale[:, None])
         self.steps += 1
         mu = g * (1 - b1**self.steps)
-        r = mu if self._mu is None else torch.sub(mu, self._mu, alpha=b1)
+        r = mu if self._mu is None else torch.sub(mu, _like(self._mu, mu), alpha=b1)
         r = r / (1 - b1)
         self._mu = mu
-        self._v = (1 - b2) * r.square() if self._v is None else torch.addcmul(b2 * self._v, r, r, value=1 - b2)
+        self._v = (1 - b2) * r.square() if self._v is None else torch.addcmul(b2 * _like(self._v, r), r, r, value=1 - b2)
         return g / ((self._v / (1 - b2**self.steps)).sqrt() + self.eps)
 
     def step(self, names: Sequence[str], index: int, grad: Tensor, weights: Tensor,
@@ -179,3 +179,8 @@ class MomentumConFIG(Combiner):
         self.reach = {n: tuple(r) for n, r in state.get("reach", {}).items()}
         self.tick, self.steps = int(state["tick"]), int(state["steps"])
         self._mu, self._v = clone(state["mu"]), clone(state["v"])
+
+
+def _like(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` in the dtype and on the device of ``like`` (the parameters moved: ``model.to(...)``)."""
+    return t if t.dtype == like.dtype and t.device == like.device else t.to(like)

@@ -104,7 +104,10 @@ class LearnedScalars:
 
     def ensure(self, names: Iterable[str], initial: Callable[[str], Tensor]) -> None:
         """Create the scalars of a pending state, then those of ``names`` not known yet, with the
-        value ``initial(name)`` (a 0-dim tensor: it sets the scalar's dtype and device)."""
+        value ``initial(name)`` (a 0-dim tensor: it sets the scalar's dtype and device; known
+        scalars follow it there, see :meth:`follow`)."""
+        if self.params:
+            self.follow(initial(next(iter(self.params))))
         if self._pending is not None:
             (order, optimizer), self._pending = self._pending, None
             for name in order:
@@ -114,6 +117,18 @@ class LearnedScalars:
         for name in names:
             if name not in self.params:
                 self._add(name, initial(name))
+
+    def follow(self, like: Tensor) -> None:
+        """Move the scalars and their optimizer's state to the dtype and device of ``like`` (the
+        model moved, ``model.to(...)``); nothing happens when they are there already."""
+        first = next(iter(self.params.values()))
+        if first.dtype == like.dtype and first.device == like.device:
+            return
+        with torch.no_grad():
+            for param in self.params.values():
+                param.data = param.data.to(like)
+        if self.optimizer is not None:  # torch.optim casts the loaded state to its parameters' dtype and device
+            self.optimizer.load_state_dict(self.optimizer.state_dict())
 
     def values(self, names: Iterable[str]) -> Tensor:
         """The current values of ``names``, stacked and detached."""
