@@ -267,6 +267,30 @@ def test_best_static_grid_and_row():
     assert best["setting"] in ("static[bc=1]", "static[bc=1.0001]")
 
 
+def test_the_best_static_setting_is_one_that_finished_on_every_seed():
+    # bc=10 failed on 2 of 3 seeds and its one survivor is the best error: it won before
+    from lossbalance.demo.runner import RunResult
+    from lossbalance.demo.sweep import _grid_label, _rows
+
+    grid = best_static_grid(["pde", "bc"], (1.0, 10.0, 100.0))
+    labels = [_grid_label(w) for w in grid]
+
+    def run(label, seed, error, failure=None):
+        return RunResult(label=label, strategy="static", problem="p", steps=10, seed=seed, error=error, weights={},
+                         losses={}, wall_time=1.0, failure=failure)
+
+    nan = float("nan")
+    results = [run(labels[0], s, e) for s, e in enumerate((0.10, 0.11, 0.12))]
+    results += [run(labels[1], 0, nan, "NaN"), run(labels[1], 1, nan, "NaN"), run(labels[1], 2, 0.05)]
+    results += [run(labels[2], 0, 0.09), run(labels[2], 1, nan, "NaN"), run(labels[2], 2, 0.2)]
+    best = _rows(["static"], grid, results, 10)[-1]
+    assert best["setting"] == labels[0] and best["failed"] == 0 and best["error_mean"] == pytest.approx(0.11)
+    assert [g["failed"] for g in best["grid"]] == [0, 2, 1]
+    every = [run(label, 0, nan, "NaN") for label in labels[:2]] + [run(labels[2], 0, 0.3), run(labels[2], 1, nan, "NaN")]
+    best = _rows(["static"], grid, every, 10)[-1]  # no setting finished everywhere: the fewest failures
+    assert best["setting"] == labels[2] and best["failed"] == 1
+
+
 def test_a_four_run_sweep_uses_both_cores_and_reports_its_overhead():
     table = compare_strategies(strategies="lra", seeds=2, workers=2, **{**TINY, "steps": 100})
     runs = table.results
