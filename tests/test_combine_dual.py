@@ -510,3 +510,12 @@ def test_dcgd_in_a_balancer_groups_by_the_balancers_row_names():
         grads(DCGD(groups=["pde"], terms=["bc", "pde", "ic"]), ["pde", "bc", "ic"])
     with pytest.raises(ValueError, match="'wall' is not among the terms"):
         grads(DCGD(groups=["wall"]), ["pde", "bc", "ic"])
+    # no groups=: the first term of the first step, named in a warning (it was silent), pinned by
+    # name, so that an optional first term's absence does not hand the PDE group to another term
+    default = DCGD()
+    with pytest.warns(UserWarning, match=r"DCGD: no groups given, using the first term 'bc' as the PDE group"):
+        got, _ = grads(default, ["bc", "pde", "ic"])
+    torch.testing.assert_close(got, grads(DCGD(groups=["bc"]), ["bc", "pde", "ic"])[0], rtol=0, atol=0)
+    assert default.options()["groups"] == ["bc"]
+    with pytest.warns(UserWarning, match="'pde'"):
+        grads(DCGD(), ["pde", "bc", "ic"])

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .base import Combiner, check_grads, register
 from .conflict_free import ConFIG
+from ..validation import warn_user
 from .numerics import compute_dtype, unit_rows
 
 __all__ = ["DCGD"]
@@ -44,7 +45,10 @@ class DCGD(Combiner):
     Groups (``groups=``): a combiner sees only the ``(K, P)`` matrix, whose rows are the present
     terms in the balancer's canonical order (the declaration order, ``terms=``). ``groups`` is
 
-    - ``None`` (default): row 0 is the PDE group, all other rows the boundary group;
+    - ``None`` (default): row 0 is the PDE group, all other rows the boundary group; in a
+      balancer, the first term of the first step (its first key, unless ``terms=`` declares the
+      order) becomes the PDE group by name from then on, with a warning, as LRA's default
+      reference (a dict in another order gave another result);
     - a list of row indices or term names: the PDE group; the other rows form the boundary group;
     - a pair of such lists: the PDE group and the boundary group; every row must be in one.
 
@@ -77,6 +81,13 @@ class DCGD(Combiner):
                     raise ValueError(f"DCGD group member {member!r} is not a known term name (terms: {self.terms}); "
                                      f"groups: {self._describe()}")
         self.double = bool(double)
+        self._default = groups is None
+
+    def _pin_default(self, names: Sequence[str]) -> None:
+        """No ``groups=``: the first term named becomes the PDE group, by name, with a warning."""
+        self.groups, self._default = ([names[0]],), False
+        warn_user(f"DCGD: no groups given, using the first term {names[0]!r} as the PDE group and the others "
+                  f"({list(names[1:])}) as the boundary group; pass DCGD(groups=[{names[0]!r}]) to make it explicit")
 
     def options(self) -> dict[str, Any]:
         groups = list(self.groups[0]) if len(self.groups) == 1 else [list(g) for g in self.groups]
@@ -91,6 +102,8 @@ class DCGD(Combiner):
         """The row indices of the PDE group and of the boundary group for a matrix of ``k`` rows
         (``names``: the rows' term names, as the balancer passes them)."""
         names = self._row_names(k, names)
+        if self._default and names:
+            self._pin_default(names)
         pde = sorted({self._index(member, k, names) for member in self.groups[0]})
         if len(self.groups) == 2:
             boundary = sorted({self._index(member, k, names) for member in self.groups[1]})
