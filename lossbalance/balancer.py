@@ -349,7 +349,7 @@ class LossBalancer:
                 f"combine={name!r} is a first-order, Adam-like method with state per step: it cannot drive "
                 f"{type(self.optimizer).__name__}, which re-evaluates the closure; use torch.optim.SGD"
             )
-        if self.optimizer is not None and "betas" in self.optimizer.defaults:
+        if self.optimizer is not None and _normalises_steps(self.optimizer):
             warnings.warn(
                 f"combine={name!r} is Adam-like itself (per-term first moments, a second moment of the combined "
                 f"direction): pair it with plain torch.optim.SGD, as its authors advise; wrapped around "
@@ -1275,6 +1275,16 @@ class LossBalancer:
             f"LossBalancer({type(self.optimizer).__name__ if self.optimizer else 'parameters'}, {self.strategy!r}, update_every={self.update_every}, "
             f"combine={self.combiner!r}, memory={self.memory!r}, terms={self._terms.names})"
         )
+
+
+_SECOND_MOMENT_OPTIMIZERS = tuple(getattr(torch.optim, n) for n in ("RMSprop", "Adagrad", "Adadelta", "Adafactor")
+                                  if hasattr(torch.optim, n))
+
+
+def _normalises_steps(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer divides its step by a running second moment (the Adam family, with
+    ``betas``; RMSprop, Adagrad, Adadelta, Adafactor)."""
+    return "betas" in optimizer.defaults or isinstance(optimizer, _SECOND_MOMENT_OPTIMIZERS)
 
 
 def surrogate_loss(total: Tensor, params: list[Tensor], grads: list[Tensor | None]) -> Tensor:

@@ -131,6 +131,9 @@ def test_refusals_and_the_adam_warning() -> None:
     with pytest.warns(UserWarning, match="pair it with plain torch.optim.SGD") as record:
         LossBalancer(torch.optim.AdamW(params), "static", combine="mconfig")
     assert len(record) == 1
+    for adaptive in (torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.Adadelta):  # no betas: silent before
+        with pytest.warns(UserWarning, match=f"pair it with plain torch.optim.SGD.*around {adaptive.__name__}"):
+            LossBalancer(adaptive(params), "static", combine="mconfig")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         LossBalancer(torch.optim.SGD(params, lr=0.1, momentum=0.0), "relobralo", combine="mconfig")

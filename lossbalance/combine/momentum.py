@@ -35,7 +35,8 @@ class MomentumConFIG(Combiner):
 
     ``d`` is Adam-like already, so the documented pairing is plain ``torch.optim.SGD(lr=...)``
     (the authors' advice: "the momentum-based operator, e.g., Adam, is not recommended"); the
-    balancer warns once when it wraps an optimizer with ``betas`` (Adam, AdamW, NAdam, ...).
+    balancer warns once when it wraps an optimizer that divides by a second moment of its own
+    (those with ``betas``: Adam, AdamW, NAdam, ...; RMSprop, Adagrad, Adadelta, Adafactor).
     Until every present term has been differentiated once (the first K - 1 steps) the direction
     is zero, as the authors' (an SGD step then moves nothing, weight decay aside). A term that
     joins later is differentiated on the next step and enters ConFIG from then on.
