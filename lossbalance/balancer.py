@@ -16,6 +16,8 @@ from .config import export_config, parse_config, pointwise_config
 from .deferred import DeferredChecks, Finding
 from .distributed import make_reduction
 from .gradients import Backward, Direction
+from .ntk import check_terms as check_ntk_terms
+from .ntk import check_weightings as check_ntk_weightings
 from .ntk import measure as measure_traces
 from .options import PLAIN_NAMES, option_problems
 from .pointwise import Pointwise, Reduced
@@ -215,6 +217,8 @@ class LossBalancer:
         self._hooks: dict[int, Callable[["LossBalancer"], None]] = OrderedDict()
         self._scope_params = {name: list(params) for name, params in (scope or {}).items()}
         self._pointwise = Pointwise(pointwise, self._reduction)
+        if self.strategy.needs_traces:
+            check_ntk_weightings(self._pointwise)
         self._install_engine(self._balanced_params())
         self._install_combiner(combine)
         self._declare_terms(terms, weights, min_weight, max_weight, optional)
@@ -585,7 +589,10 @@ class LossBalancer:
         """Phase 2b, before the per-term gradients free the graph: on update steps, the terms' NTK
         traces for a strategy that asks for them (:mod:`lossbalance.ntk`; their figures reach
         ``stats`` with the batch's pointwise figures)."""
-        if not (plan.update and self.strategy.needs_traces):
+        if not self.strategy.needs_traces:
+            return None
+        if not plan.update:
+            check_ntk_terms(batch.names, batch.pointwise.given, self._pointwise)
             return None
         return measure_traces(self.strategy.trace_options, batch.names, batch.pointwise, self._pointwise,
                               self._engine.params, batch.scopes, self.generator, self._reduction)

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from .pointwise import Causal, Pointwise, Reduced, Residual, _checked
+from .validation import explain_autograd_error
 
 __all__ = ["Trace", "TraceOptions", "exact_trace", "hutchinson_trace", "measure"]
 
@@ -102,9 +103,12 @@ def _term_trace(options: TraceOptions, name: str, r: Tensor, t: Tensor | None, p
     """One term's statistic over the parameters of its scope."""
     c = _coefficients(r, t, pointwise.weightings.get(name), pointwise.state.get(name), options.points)
     mine = [p for p in params if scope is None or id(p) in scope]
-    if options.trace == "exact":
-        return exact_trace(r, c, mine, options.chunk)
-    return hutchinson_trace(r, c, mine, options.probes, options.chunk, generator)
+    try:
+        if options.trace == "exact":
+            return exact_trace(r, c, mine, options.chunk)
+        return hutchinson_trace(r, c, mine, options.probes, options.chunk, generator)
+    except RuntimeError as error:  # e.g. a Residual whose graph an earlier step freed
+        raise explain_autograd_error(name, error) from error
 
 
 def _coefficients(r: Tensor, t: Tensor | None, weighting: Any, state: Any, points: str) -> Tensor:
@@ -116,8 +120,34 @@ def _coefficients(r: Tensor, t: Tensor | None, weighting: Any, state: Any, point
     return r.new_full((n,), 1.0 / n if points == "mean" else 1.0).detach()
 
 
+def check_weightings(pointwise: Pointwise) -> None:
+    """At construction: NTK weights combine with Causal weights only (an error naming the terms)."""
+    for name, weighting in pointwise.weightings.items():
+        if not isinstance(weighting, Causal):
+            raise ValueError(_combined_weighting_error(name, weighting))
+
+
+def check_terms(names: Sequence[str], given: Any, pointwise: Pointwise) -> None:
+    """On every step, not only on updates: each term is a :class:`Residual` of residuals (a
+    scalar term would otherwise train until the first update, then raise)."""
+    for name in names:
+        if isinstance(given, Mapping) and name in given:
+            _check_residual(name, given[name], pointwise)
+
+
+def _combined_weighting_error(name: str, weighting: Any) -> str:
+    return (f"strategy 'ntk' on loss term {name!r}, which has {weighting.label} weights: NTK weights combine with "
+            "Causal weights only (jaxpi); drop one of them")
+
+
 def _residual(name: str, given: Any, pointwise: Pointwise) -> tuple[Tensor, Tensor | None]:
     """The residual vector of term ``name`` (and its times), or an error naming the term."""
+    _check_residual(name, given, pointwise)
+    values, t, _ = _checked(name, given)
+    return values, t
+
+
+def _check_residual(name: str, given: Any, pointwise: Pointwise) -> None:
     if not isinstance(given, Residual):
         raise TypeError(
             f"strategy 'ntk' needs the per-point residuals r_i of loss term {name!r}, got a scalar loss: pass "
@@ -131,10 +161,7 @@ def _residual(name: str, given: Any, pointwise: Pointwise) -> tuple[Tensor, Tens
         )
     weighting = pointwise.weightings.get(name)
     if weighting is not None and not isinstance(weighting, Causal):
-        raise ValueError(f"strategy 'ntk' on loss term {name!r}, which has {weighting.label} weights: NTK weights combine with "
-                         "Causal weights only (jaxpi); drop one of them")
-    values, t, _ = _checked(name, given)
-    return values, t
+        raise ValueError(_combined_weighting_error(name, weighting))
 
 
 def measure(options: TraceOptions, names: Sequence[str], reduced: Reduced, pointwise: Pointwise,

@@ -224,9 +224,12 @@ def assert_unchanged(before, after) -> None:
     (lambda p: {**p.losses(), "pde": Residual(p.losses()["pde"].values * math.nan, t=p.x.reshape(-1), kind="residual")},
      ValueError, "non-finite .*'pde'"),
 ])
-def test_bad_terms_name_the_term_and_change_nothing(bad, error, message) -> None:
+@pytest.mark.parametrize("update_every", [1, 5], ids=["update step", "plain step"])
+def test_bad_terms_name_the_term_and_change_nothing(bad, error, message, update_every) -> None:
+    # on a plain step too: the terms trained until the next update, then raised (with warmup=N, late)
     problem = Residuals()
-    balancer = LossBalancer(torch.optim.Adam(problem.model.parameters(), 1e-2), NTKWeighting(trace="hutchinson"))
+    balancer = LossBalancer(torch.optim.Adam(problem.model.parameters(), 1e-2), NTKWeighting(trace="hutchinson"),
+                            update_every=update_every)
     balancer.step(problem.losses())
     before = snapshot(problem, balancer)
     with pytest.raises(error, match=message):
@@ -236,15 +239,11 @@ def test_bad_terms_name_the_term_and_change_nothing(bad, error, message) -> None
 
 
 @pytest.mark.parametrize("weighting", [RBA(), SAPINN(), BRDR()], ids=["rba", "sa_pinn", "brdr"])
-def test_per_point_weights_other_than_causal_refused(weighting) -> None:
+def test_per_point_weights_other_than_causal_refused_at_construction(weighting) -> None:
+    # refused on the first update before, after warmup= steps of training
     problem = Residuals()
-    balancer = LossBalancer(torch.optim.Adam(problem.model.parameters(), 1e-2), "ntk", pointwise={"bc": weighting})
-    losses = problem.losses()
-    losses["bc"] = Residual(losses["bc"].values, ids=torch.arange(2), kind="residual")
     with pytest.raises(ValueError, match=f"'bc', which has {weighting.label} weights"):
-        balancer.step(losses)
-    assert balancer.step_count == 0 and balancer.weights == {}  # the terms of a failed first step are forgotten
-    assert torch.equal(balancer.state_dict()["pointwise"]["bc"]["ids"], torch.zeros(0, dtype=torch.long))
+        LossBalancer(torch.optim.Adam(problem.model.parameters(), 1e-2), "ntk", warmup=5, pointwise={"bc": weighting})
 
 
 @pytest.mark.parametrize("options, message", [
@@ -288,3 +287,15 @@ def test_no_host_reads_on_the_update_path() -> None:
             traces = torch.ones(k, device="meta", dtype=F64)
             rec = StepRecord(names, torch.ones(k, device="meta"), torch.ones(k, device="meta"), 0, 0, None, generator, traces)
             assert strategy.update(rec).device.type == "meta"
+
+
+def test_a_residual_reused_after_its_graph_was_freed_is_named_with_the_fix() -> None:
+    # the trace's backward raised torch's bare "backward through the graph a second time"
+    problem = Residuals()
+    balancer = LossBalancer(torch.optim.Adam(problem.model.parameters(), 1e-2), NTKWeighting(trace="exact"))
+    losses = problem.losses()
+    balancer.step(losses)
+    before = snapshot(problem, balancer)
+    with pytest.raises(RuntimeError, match="while differentiating term 'pde': build the loss dict anew"):
+        balancer.step(losses)
+    assert_unchanged(before, snapshot(problem, balancer))
