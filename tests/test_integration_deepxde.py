@@ -142,6 +142,24 @@ def test_a_second_balance_of_the_same_compile_replaces_the_first():
     assert first.step_count == 0 and second.step_count == 4
 
 
+def test_a_compile_without_a_new_balance_warns_that_the_terms_are_no_longer_balanced():
+    # DeepXDE silently trained the unweighted sum after a recompile without balance(model)
+    model = poisson_model()
+    model.compile("adam", lr=1e-3, loss_weights=[1, 5, 5])
+    balancer = balance(model, "lra")
+    model.train(iterations=2, verbose=0)
+    model.compile("adam", lr=1e-3)
+    with pytest.warns(UserWarning, match=r"compiled again after balance\(model\): its loss terms are no longer balanced"):
+        model.train(iterations=2, verbose=0)
+    assert balancer.step_count == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.compile("adam", lr=1e-3)
+        again = balance(model)  # carries the learned weights over, and warns no more
+        model.train(iterations=2, verbose=0)
+    assert again.step_count == 2 and again is not balancer
+
+
 def test_the_balancer_state_travels_in_deepxde_checkpoints(tmp_path):
     def run(model, iterations):
         model.train(iterations=iterations, display_every=1000, verbose=0)

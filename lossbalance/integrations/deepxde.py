@@ -49,6 +49,7 @@ from torch import Tensor
 
 from ..balancer import LossBalancer
 from ..strategies.base import Strategy
+from ..validation import warn_user
 from ._imports import require
 
 __all__ = ["balance", "balancer_of"]
@@ -96,6 +97,7 @@ class _Adapter:
         self.training = False
         self.evaluations = 0
         self.train_step = model.train_step
+        self.warned = False
 
     def wrapped_train_step(self, inputs, targets, auxiliary_vars):
         self.training, self.evaluations = True, 0
@@ -118,6 +120,17 @@ class _Adapter:
         _check_names(self.names, n_terms)
         return self.names
 
+    def warn_if_recompiled(self) -> None:
+        """Once: the model was compiled again without a new ``balance`` (its terms are no longer
+        balanced: DeepXDE trains the sum weighted by the new compile's ``loss_weights``)."""
+        if self.warned or self.model.train_step == self.wrapped_train_step:
+            return
+        self.warned = True
+        warn_user("this DeepXDE model was compiled again after balance(model): its loss terms are no longer balanced "
+                  "(DeepXDE trains the sum weighted by the new compile's loss_weights, unweighted without them; the "
+                  f"learned weights {self.balancer.weights} stay in the old balancer, which its checkpoints still save). "
+                  "Call balance(model) after every compile: it carries the learned weights over")
+
     def uninstall(self) -> None:
         """Put DeepXDE's ``train_step`` back (before another ``balance`` of the same compile)."""
         if self.model.train_step == self.wrapped_train_step:
@@ -133,7 +146,10 @@ def _wrap_losses(data: Any) -> None:
     def balanced_losses_train(targets, outputs, loss_fn, inputs, model, aux=None):
         losses = losses_train(targets, outputs, loss_fn, inputs, model, aux=aux)
         adapter: _Adapter | None = getattr(model, _ATTRIBUTE, None)
-        if adapter is None or not adapter.training:  # not balanced, or DeepXDE's evaluation
+        if adapter is None:
+            return losses
+        if not adapter.training:  # DeepXDE's evaluation, or a compile since balance()
+            adapter.warn_if_recompiled()
             return losses
         terms = list(losses) if isinstance(losses, (list, tuple)) else [losses]
         return [adapter.balanced([t.reshape(()) if t.dim() else t for t in terms])]

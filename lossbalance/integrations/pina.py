@@ -2,10 +2,13 @@
 
 ::
 
+    from lossbalance import LRAnnealing
     from lossbalance.integrations.pina import BalancedWeighting
     from lossbalance.integrations.lightning import LossBalancerCallback
 
-    weighting = BalancedWeighting("lra", update_every=10)
+    # name the PDE condition as LRA's reference: by default LRA takes the first condition,
+    # which for PINA's problems is often a boundary ("boundary" in Poisson2DSquareProblem)
+    weighting = BalancedWeighting(LRAnnealing(reference="D"), update_every=10)
     solver = PINN(problem, model, weighting=weighting)
     trainer = Trainer(solver, max_epochs=1000, callbacks=[LossBalancerCallback(weighting)])
     trainer.train()
