@@ -683,20 +683,33 @@ class Pointwise:
         self._check_terms(losses, update)
         if not any(isinstance(v, Residual) for v in losses.values()):
             return Reduced(losses, {}, {}, losses)
-        out, figures, state = dict(losses), {}, {}
         prepared = {name: self._prepared(name, term) for name, term in losses.items() if isinstance(term, Residual)}
+        out, figures, state = self._reduce_terms(losses, prepared, update, reevaluation)
+        return Reduced(out, figures, state, losses, self._held_after(state) if update else {})
+
+    def _reduce_terms(self, losses: Mapping[str, Any], prepared: Mapping[str, tuple], update: bool,
+                      reevaluation: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """The loss dict with the ``prepared`` terms reduced, their figures and new states."""
         unions = self._unions(prepared) if update else {}
         pooled = self._pooled_decays(unions) if update else {}
+        out, figures, state = dict(losses), {}, {}
         for name, arrays in prepared.items():
-            held = self.held.get(name, self.state.get(name)) if reevaluation else self.state.get(name)
             if not update and not reevaluation:
                 self._warn_fresh(name, arrays)
-            out[name], weighted = self._reduce_term(name, losses[name].reduction, arrays, held, update,
-                                                    pooled.get(name), unions.get(name))
+            out[name], weighted = self._reduce_term(name, losses[name].reduction, arrays, self._state_for(name, reevaluation),
+                                                    update, pooled.get(name), unions.get(name))
             if weighted is not None:
                 figures[name], state[name] = weighted
-        reused = {n: self.state[n] for n in state if update and self.weightings[n].value_before_update}
-        return Reduced(out, figures, state, losses, reused)
+        return out, figures, state
+
+    def _state_for(self, name: str, reevaluation: bool) -> dict[str, Any] | None:
+        """The state a term is reduced under: a re-evaluation's held one, else the committed one."""
+        return self.held.get(name, self.state.get(name)) if reevaluation else self.state.get(name)
+
+    def _held_after(self, state: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """The re-evaluation states of a step that advances to ``state``: the state before it for
+        the weightings whose value uses that (see :attr:`held`)."""
+        return {n: self.state[n] for n in state if self.weightings[n].value_before_update}
 
     def _warn_fresh(self, name: str, arrays: tuple) -> None:
         """Warn once per term when a held per-id table lacks some of the batch's points."""

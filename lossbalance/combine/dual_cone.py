@@ -109,6 +109,11 @@ class DCGD(Combiner):
             boundary = sorted({self._index(member, k, names) for member in self.groups[1]})
         else:
             boundary = [i for i in range(k) if i not in pde]
+        self._check_partition(k, pde, boundary)
+        return pde, boundary
+
+    def _check_partition(self, k: int, pde: list[int], boundary: list[int]) -> None:
+        """Two non-empty groups, every one of the ``k`` rows in exactly one (else ``ValueError``)."""
         both = sorted(set(pde) & set(boundary))
         neither = sorted(set(range(k)) - set(pde) - set(boundary))
         if not pde or not boundary or both or neither:
@@ -117,7 +122,6 @@ class DCGD(Combiner):
             raise ValueError(f"DCGD needs a non-empty PDE group and a non-empty boundary group, each row in exactly "
                              f"one; got {problem} for {k} rows (PDE rows {pde}, boundary rows {boundary}); "
                              f"groups: {self._describe()}")
-        return pde, boundary
 
     def _row_names(self, k: int, names: Sequence[str] | None) -> list[str] | None:
         """The names of the rows: the balancer's, checked against ``terms=`` when both are given."""
