@@ -58,7 +58,7 @@ class SweepTable:
     """The result of :func:`compare_strategies`.
 
     ``rows``: one dict per strategy (``"strategy"``, ``"runs"``, ``"failed"``, ``"error_mean"``,
-    ``"error_std"`` (sample std over seeds), ``"errors"``, ``"weights"`` (final weights, mean over
+    ``"error_std"`` (sample std over seeds; ``None`` with one), ``"errors"``, ``"weights"`` (final weights, mean over
     seeds), ``"wall_time"`` (mean seconds of a run's training loop), ``"time_per_step"``,
     ``"time_ratio"`` (time per step over static's), ``"failures"``, and for ``best_static`` the
     ``"grid"`` of every weight setting tried). ``results``: every run's :class:`RunResult`;
@@ -145,7 +145,8 @@ def _error_cell(row: Mapping[str, Any]) -> str:
     """``mean ± std``, with the failed runs' count and first failure; ``FAILED: ...`` if all failed."""
     if row["runs"] == row["failed"]:
         return "FAILED: " + row["failures"][0]
-    error = f"{row['error_mean']:.3e} ± {row['error_std']:.1e}"
+    spread = "(one seed)" if row["error_std"] is None else f"± {row['error_std']:.1e}"
+    error = f"{row['error_mean']:.3e} {spread}"
     if row["failed"]:
         error += f" ({row['failed']} failed: {row['failures'][0]})"
     return error
@@ -261,7 +262,8 @@ class _Plan:
     def __post_init__(self) -> None:
         self.specs = [RunSpec(name, seed=seed, label=name, **self.base) for name in self.names for seed in self.seeds]
         self.specs += [RunSpec("static", seed=seed, label=_grid_label(weights), balancer_options={"weights": weights},
-                               **self.base) for weights in self.grid for seed in self.seeds]
+                               **self.base) for weights in self.grid for seed in self.seeds
+                       if not _is_static(weights, self.names)]
 
     @property
     def steps(self) -> int:
@@ -455,6 +457,11 @@ def _source_digest(problem: str) -> str | None:
         return None
 
 
+def _is_static(weights: Mapping[str, float], names: Sequence[str]) -> bool:
+    """Whether a grid setting is the ``static`` row's (unit weights, and that row is run)."""
+    return "static" in names and all(w == 1.0 for w in weights.values())
+
+
 def _grid_label(weights: Mapping[str, float]) -> str:
     """The grid point's label (and key of its runs): each weight short where that is exact, else in full."""
     return "static[" + ",".join(f"{k}={_exact(v)}" for k, v in list(weights.items())[1:]) + "]"
@@ -579,6 +586,9 @@ def _rows(names: Sequence[str], grid: Sequence[Mapping[str, float]], results: Se
     by_label: dict[str, list[RunResult]] = {}
     for result in results:
         by_label.setdefault(result.label, []).append(result)
+    for weights in grid:  # the all-ones setting is the static row's runs (not trained twice)
+        if _is_static(weights, names):
+            by_label[_grid_label(weights)] = by_label.get("static", [])
     rows = [_row(name, by_label.get(name, []), steps) for name in names]
     if grid:
         rows.append(_best_static_row(grid, by_label, steps))
@@ -614,7 +624,7 @@ def _row(label: str, runs: Sequence[RunResult], steps: int) -> dict[str, Any]:
         "seeds": [r.seed for r in ok],
         "errors": errors,
         "error_mean": _mean(errors),
-        "error_std": statistics.stdev(errors) if len(errors) > 1 else 0.0,
+        "error_std": statistics.stdev(errors) if len(errors) > 1 else None,  # undefined for one seed
         "weights": _mean_weights(ok),
         "wall_time": _mean([r.wall_time for r in ok]),
         "time_per_step": _mean([r.wall_time / max(steps, 1) for r in ok]),
