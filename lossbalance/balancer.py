@@ -1183,7 +1183,14 @@ class LossBalancer:
         (per term of ``pointwise=``: the causal ``eps_index``; the per-point tables of RBA, SA-PINN and BRDR keyed by point id). States of
         lossbalance 0.1.0 (no ``format``) load too, and states without ``frozen``/``combiner``
         keep the balancer's own (so do terms missing from ``pointwise``).
+
+        With ``check_every > 1`` it first reads the deferred NaN/Inf verdict (:meth:`check`): a
+        non-finite call still pending rolls the balancer, the parameters (in place) and the
+        optimizer back, and raises or is counted skipped, so no checkpoint holds a state that
+        the pending verdict would undo (one taken with the NaN parameters resumed into steps
+        that were all skipped). Take the model's and the optimizer's states after it.
         """
+        self.check()
         return {
             "format": STATE_FORMAT,
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),

@@ -357,3 +357,30 @@ def test_a_strategy_failing_on_an_unchecked_nan_value_gets_the_value_error(nonfi
         assert balancer._skipped == 1
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert balancer._step == 1
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "raise"])
+def test_a_state_taken_while_a_nan_is_pending_is_the_state_before_it(nonfinite):
+    # state_dict() did not read the verdict: the checkpoint held NaN parameters and the resumed
+    # run skipped every later step
+    model, losses = _problem()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    balancer = LossBalancer(opt, "static", check_every=100, nonfinite=nonfinite)
+    clean = _state(model, opt)  # the last clean read: before the first call
+    balancer.step(losses())
+    balancer.step(losses("value"))
+    if nonfinite == "raise":
+        with pytest.raises(ValueError, match="at step 1"):
+            balancer.state_dict()
+    state = balancer.state_dict()
+    _assert_same_state(_state(model, opt), clean)  # both unread calls undone, in place
+    assert state["step"] == 0 and all(torch.isfinite(p).all() for p in model.parameters())
+    resumed_model, resumed_losses = _problem()
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = LossBalancer(torch.optim.SGD(resumed_model.parameters(), lr=1e-2), "static", check_every=100,
+                           nonfinite=nonfinite)
+    resumed.load_state_dict(state)
+    for _ in range(3):
+        assert torch.isfinite(resumed.step(resumed_losses()))
+    resumed.check()
+    assert resumed.skipped == state["skipped"] and resumed.step_count == 3
