@@ -478,9 +478,7 @@ class LossBalancer:
         ``advance``, a re-evaluation: the states the step's first evaluation used)."""
         reduced = self._pointwise.reduce(losses, advance and not self.frozen, reevaluation=not advance)
         losses = _plain_tensors(reduced.losses)
-        check_losses(losses, self._engine.device)
-        keys = tuple(losses)
-        names = self._terms.resolve(keys, self._scopes)
+        names = self._checked_names(losses)
         if not self._terms.names:
             names = self._reduction.canonical(names)
         terms = {n: losses[n] if losses[n].dim() == 0 else losses[n].reshape(()) for n in names}
@@ -492,6 +490,20 @@ class LossBalancer:
         self.strategy.validate_terms(names)
         self._inspect(batch)
         return batch
+
+    def _checked_names(self, losses: Losses) -> tuple[str, ...]:
+        """The present terms in canonical order, after the local checks (types, shapes, graph,
+        device, the key set). Distributed, a rank whose checks fail still joins the agreement
+        collectives the others are in (:meth:`Reduction.refuse`), so that every rank raises:
+        this one its own error, the others one saying that another rank refused its terms."""
+        try:
+            check_losses(losses, self._engine.device)
+            return self._terms.resolve(tuple(losses), self._scopes)
+        except (TypeError, ValueError, KeyError):
+            if self._reduction.active:
+                keys = tuple(losses) if isinstance(losses, Mapping) and all(isinstance(k, str) for k in losses) else ()
+                self._reduction.refuse(keys, first=not self._terms.names, device=self._engine.device)
+            raise
 
     def _agree(self, names: tuple[str, ...], terms: dict[str, Tensor], values: Tensor):
         """Distributed: check the ranks agree on the terms; an optional term that another rank

@@ -13,7 +13,8 @@ the same weights and takes the same step. Two rules live here and nowhere else:
 Agreement on the terms. Every step, each rank sends a 24-bit hash of its declared term names
 (in order) and which of them it holds this step; the sum over the ranks tells every rank, before
 any gradient is exchanged, whether they all declared the same terms in the same order (if not,
-every rank raises a ``RuntimeError`` naming its own terms: never a hang, never an abort) and how
+every rank raises a ``RuntimeError`` naming its own terms: never a hang, never an abort; a rank
+whose terms fail its local checks sends a refusal flag instead, :meth:`Reduction.refuse`) and how
 many ranks hold each term. An ``optional`` term that some ranks hold and others do not is
 *present* on every rank that step: a rank without it contributes a zero loss and a zero
 gradient; its loss value is averaged over the ranks that hold it (the count), its gradient, like
@@ -72,6 +73,9 @@ class Reduction:
         rows of the calling rank's points (``None``: the rows are the batch itself, as here)."""
         return ids, values, None
 
+    def refuse(self, keys: tuple[str, ...], *, first: bool, device: torch.device) -> None:
+        """This rank's terms failed its checks (distributed: the other ranks are told; here nothing)."""
+
     def holders(self, held: Sequence[bool]) -> list[int]:
         """How many ranks hold each of these terms this step (one process: itself or none)."""
         return [int(h) for h in held]
@@ -105,9 +109,14 @@ class ProcessGroupMean(Reduction):
         """Raise on every rank unless all declared the same terms (one small all-reduce of a
         fixed size); with ``optional`` terms declared, a second one counts the ranks holding each."""
         digest = int.from_bytes(hashlib.blake2b("\x1f".join(declared).encode(), digest_size=3).digest(), "big")
-        header = torch.tensor([1, digest, digest * digest], dtype=torch.int64, device=device)  # exact sums
+        header = torch.tensor([1, digest, digest * digest, 0], dtype=torch.int64, device=device)  # exact sums
         torch.distributed.all_reduce(header, group=self.group)
-        world, total, squares = header.tolist()
+        world, total, squares, refused = header.tolist()
+        if refused:
+            raise RuntimeError(
+                f"{refused} other process(es) refused their loss terms this step (their error names the term and "
+                "the fix); nothing was changed here. Every rank must pass the same, valid terms"
+            )
         if world * squares != total * total:  # the hashes differ (equality case of Cauchy-Schwarz)
             raise RuntimeError(
                 f"the processes disagree on the loss terms: this rank declared {list(declared)}. Every rank "
@@ -120,6 +129,15 @@ class ProcessGroupMean(Reduction):
         counts = torch.tensor([float(name in held) for name in declared], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(counts, group=self.group)
         return counts
+
+    def refuse(self, keys: tuple[str, ...], *, first: bool, device: torch.device) -> None:
+        """This rank's terms failed its checks: join the collectives the other ranks are in
+        before their :meth:`presence` check (``first``: the first step's :meth:`canonical`
+        broadcast too) with a refusal flag there, so that they raise instead of waiting."""
+        if first:
+            self.canonical(keys)
+        header = torch.tensor([1, 0, 0, 1], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(header, group=self.group)
 
     def holders(self, held: Sequence[bool]) -> list[int]:
         """One small all-reduce: on every rank, how many ranks hold each term (on the backend's
