@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from .combine import Combiner, WeightedSum, make_combiner
-from .config import export_config, parse_config, pointwise_config
+from .config import ConfigError, export_config, parse_config, pointwise_config
 from .deferred import DeferredChecks, Finding
 from .distributed import make_reduction
 from .gradients import Backward, Direction
@@ -30,7 +30,9 @@ from .strategies.base import StepRecord, Strategy, make_strategy
 from .strategies.static import Static
 from .terms import Bound, TermTable
 from .graph import graph_facts, reaches
-from .validation import check_finite, check_key_set, check_losses, no_path_error, reentrant_checkpoint_error, warn_user
+from .validation import (
+    check_finite, check_key_set, check_losses, check_optimizer_state, no_path_error, reentrant_checkpoint_error, warn_user,
+)
 
 __all__ = ["LossBalancer"]
 
@@ -1156,13 +1158,22 @@ class LossBalancer:
         """Build a balancer from a plain dict (YAML/TOML/Hydra); see :mod:`lossbalance.config`.
 
         Every problem of the config is reported at once (:class:`~lossbalance.config.ConfigError`),
-        before anything is built. Scopes and the probe name parameters by prefix of
-        ``model.named_parameters()``.
+        before anything is built; a combination the balancer itself refuses (e.g. ``min_weight``
+        above ``max_weight``) is a ``ConfigError`` too. Scopes and the probe name parameters by
+        prefix of ``model.named_parameters()``.
         """
-        return cls(optimizer, **parse_config(config, model=model))
+        options = parse_config(config, model=model)
+        try:
+            return cls(optimizer, **options)
+        except ConfigError:
+            raise
+        except ValueError as error:
+            raise ConfigError([str(error)]) from error
 
     def config(self, model: torch.nn.Module | None = None) -> dict[str, Any]:
-        """The plain dict that :meth:`from_config` turns back into an equivalent balancer."""
+        """The plain dict that :meth:`from_config` turns back into an equivalent balancer: the
+        construction options (``weights`` are the initial weights, ``frozen`` the current flag;
+        the learned weights are in :meth:`state_dict`, or use :func:`~lossbalance.static_from`)."""
         settings: dict[str, Any] = {
             "strategy": self.strategy.name, "strategy_options": self.strategy.options(),
             **{name: getattr(self, _ATTRIBUTE.get(name, name)) for name in PLAIN_NAMES},
@@ -1291,6 +1302,8 @@ class LossBalancer:
             counters = (int(state["step"]), int(state["updates"]), int(state.get("skipped", 0)))
         except (TypeError, ValueError) as error:
             raise ValueError(f"corrupt state: the step counters are not integers ({error})") from error
+        if self.optimizer is not None and state["optimizer"] is not None:
+            check_optimizer_state(state["optimizer"], self.optimizer)
         return {
             "terms": self._terms.checked_state(state), "counters": counters, "generator": generator,
             "pointwise": self._pointwise.checked_state(state.get("pointwise")),

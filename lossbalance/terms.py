@@ -53,6 +53,17 @@ class TermTable:
         self.bounded = False  # whether any term has a min_weight > 0 or a finite max_weight
         self._active: Active | None = None  # caches, dropped whenever the table changes
         self._indexed: tuple[tuple[str, ...], Tensor] | None = None
+        self._check_bounds()
+
+    def _check_bounds(self) -> None:
+        """At construction: ``min_weight <= max_weight`` for every term the bounds name and for
+        the terms they do not (before any term is declared)."""
+        named = {n for bound in self.bounds if isinstance(bound, Mapping) for n in bound}
+        for name in sorted(named) + [None]:
+            lower, upper = self._bound(0, name), self._bound(1, name)
+            if lower > upper:
+                which = f"term {name!r}" if name is not None else "every term (the defaults)"
+                raise ValueError(f"{which}: min_weight {lower} > max_weight {upper}")
 
     # ------------------------------------------------------------------ declaring
     def initial_weight(self, name: str) -> float:
@@ -90,7 +101,7 @@ class TermTable:
         self.optional.discard(name)
         self._active = self._indexed = None
 
-    def _bound(self, which: int, name: str) -> float:
+    def _bound(self, which: int, name: str | None) -> float:
         bound = self.bounds[which]
         default = 0.0 if which == 0 else float("inf")
         if isinstance(bound, Mapping):

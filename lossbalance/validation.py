@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "check_losses", "check_finite", "check_key_set", "explain_autograd_error", "no_path_error",
+    "check_losses", "check_finite", "check_key_set", "check_optimizer_state", "explain_autograd_error", "no_path_error",
     "reentrant_checkpoint_error", "warn_user", "FREED_GRAPH_HINT",
 ]
 
@@ -133,3 +133,30 @@ def check_key_set(present: Collection[str], known: Collection[str], optional: Co
             "goes with LossBalancer(..., optional=[name]), or call balancer.add_term(name) / "
             "balancer.remove_term(name) when the phase changes."
         )
+
+
+# the per-parameter state of torch.optim's optimizers that has the parameter's shape
+_PARAMETER_SHAPED = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "momentum_buffer", "square_avg",
+                               "grad_avg", "acc_delta", "sum", "ax", "prev", "step_size"})
+
+
+def check_optimizer_state(saved: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Raise ``ValueError`` when a saved optimizer state is for other parameters: a moment
+    (Adam's ``exp_avg``, SGD's ``momentum_buffer``, ...) whose shape is not its parameter's, with
+    the parameters matched by position as ``Optimizer.load_state_dict`` does (which would load it
+    and fail only at the next step)."""
+    if not isinstance(saved, Mapping) or not isinstance(saved.get("state"), Mapping):
+        return  # torch's own load_state_dict reports a malformed state
+    groups = saved.get("param_groups", [])
+    if [len(g.get("params", [])) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
+        return  # torch's own load_state_dict reports groups of other sizes
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ids = [i for group in groups for i in group.get("params", [])]
+    for position, (index, param) in enumerate(zip(ids, params)):
+        entry = saved["state"].get(index)
+        for key, value in (entry.items() if isinstance(entry, Mapping) else ()):
+            if key in _PARAMETER_SHAPED and isinstance(value, Tensor) and value.shape != param.shape:
+                raise ValueError(
+                    f"this state is for another model: the optimizer's {key!r} of parameter {position} has shape "
+                    f"{tuple(value.shape)}, the parameter {tuple(param.shape)}; nothing was loaded"
+                )

@@ -79,6 +79,15 @@ def test_out_of_range_strategy_option_and_missing_model():
         LossBalancer.from_config(torch.optim.Adam(Model().parameters()), {"scope": {"pde": ["coef"]}})
 
 
+@pytest.mark.parametrize("bounds", [{"min_weight": 2.0, "max_weight": 1.0}, {"min_weight": {"bc": 3.0}, "max_weight": 2.0}])
+def test_min_weight_above_max_weight_is_refused_when_built(bounds):
+    # accepted until the first step (or a terms= declaration) before
+    with pytest.raises(ConfigError, match=r"min_weight (2.0|3.0) > max_weight"):
+        LossBalancer.from_config(torch.optim.Adam(Model().parameters()), {"strategy": "lra", **bounds})
+    with pytest.raises(ValueError, match=r"min_weight (2.0|3.0) > max_weight"):
+        LossBalancer(torch.optim.Adam(Model().parameters()), "lra", **bounds)
+
+
 # The numbers below are copied from the sources named, not from lossbalance.
 SOURCES = {
     # GradientPathologiesPINNs/Helmholtz/Helmholtz2D_model_tf.py: beta = 0.9 (old value), "it % 10 == 0",

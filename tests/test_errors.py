@@ -445,7 +445,7 @@ def test_reference_term_not_in_the_dict():
         (dict(diagnose_every=-1), "diagnose_every must be a non-negative integer"),
         (dict(weights={"pde": float("nan")}, terms=["pde"]), "initial weight of term 'pde' must be finite and positive"),
         (dict(weights={"pde": float("inf")}, terms=["pde"]), "initial weight of term 'pde' must be finite and positive"),
-        (dict(min_weight=2.0, max_weight=1.0, terms=["pde"]), "term 'pde': min_weight 2.0 > max_weight 1.0"),
+        (dict(min_weight=2.0, max_weight=1.0, terms=["pde"]), r"every term \(the defaults\): min_weight 2.0 > max_weight 1.0"),
         (dict(combine="pcgrad", memory="lean"), "combine= and diagnose_every= need the kept per-term gradients"),
         (dict(scope={"pde": []}), "the scope of term 'pde' is empty"),
         (dict(scope={"pde": [torch.nn.Parameter(torch.zeros(1))]}), "scope of term 'pde' names a parameter the optimizer"),

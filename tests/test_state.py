@@ -75,11 +75,18 @@ def _wrong_optimizer(state):
     state["optimizer"]["param_groups"][0]["params"] = [0]
 
 
+def _another_model(state):
+    # the same layout, another width: it loaded, and the next step failed inside Adam
+    entry = state["optimizer"]["state"][0]
+    entry["exp_avg"] = torch.zeros(entry["exp_avg"].shape[0] + 1, *entry["exp_avg"].shape[1:])
+
+
 @pytest.mark.parametrize(
     "corrupt, error",
     [(_corrupt_generator, ValueError), (_wrong_strategy_state, Exception), (_missing_key, KeyError),
-     (_wrong_weights, ValueError), (_future_format, ValueError), (_wrong_optimizer, ValueError)],
-    ids=["generator", "strategy", "key set", "weights", "format", "optimizer"],
+     (_wrong_weights, ValueError), (_future_format, ValueError), (_wrong_optimizer, ValueError),
+     (_another_model, ValueError)],
+    ids=["generator", "strategy", "key set", "weights", "format", "optimizer", "another model"],
 )
 def test_a_bad_state_leaves_everything_exactly_as_it_was(corrupt, error):
     model, balancer = trained()
