@@ -142,7 +142,7 @@ def test_example_runs(name, capsys):
     labels = [r.label for r in result]
     if name == "helmholtz_wang2021":
         assert labels == ["static", "lra"]
-        assert "0.175" in out and "0.026" in out
+        assert "2.03e-01" in out and "3.92e-02" in out  # the README's figures for the full setup
     else:
         expected = "relobralo" if "relobralo" in available_strategies() else "lra"
         assert labels == ["static", expected]
