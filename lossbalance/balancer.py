@@ -5,7 +5,7 @@ import inspect
 import warnings
 import weakref
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Literal, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Literal, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -372,22 +372,21 @@ class LossBalancer:
         self._terms.remove(name)
         self._checked.discard(name)
 
-    def _inspect(self, batch: _Batch) -> None:
+    def _inspect(self, names: tuple[str, ...], terms: Sequence[Tensor]) -> None:
         """Walk each term's graph at its first appearance (and, with ``check_paths="always"``,
         check its path to the parameters on every call): a path to what it may train, no
         reentrant checkpoint; the engine learns its size, compiled parts and unbalanced leaves."""
-        if self.check_paths == "first" and self._checked.issuperset(batch.names):
+        if self.check_paths == "first" and self._checked.issuperset(names):
             return
-        for name, term, scope in zip(batch.names, batch.terms, batch.scopes):
-            if not term.requires_grad:
-                continue  # held by another rank only (a zero here)
+        for name, term in zip(names, terms):
+            scope = self._scopes.get(name)
             targets = self._param_ids if scope is None else scope
             if name in self._checked:
                 if self.check_paths == "always" and not reaches(term, targets):
                     raise no_path_error(name, scoped=scope is not None)
                 continue
             self._first_look(name, term, targets, scoped=scope is not None)
-        self._checked.update(batch.names)
+        self._checked.update(names)
 
     def _first_look(self, name: str, term: Tensor, targets: frozenset[int], *, scoped: bool) -> None:
         """A term's first appearance: one walk of its graph (path, reentrant checkpoints, facts)."""
@@ -490,17 +489,19 @@ class LossBalancer:
         names, terms, values = self._agree(names, terms, values)
         batch = _Batch(names, list(terms.values()), values, [self._scopes.get(n) for n in names], stale, reduced)
         self.strategy.validate_terms(names)
-        self._inspect(batch)
         return batch
 
     def _checked_names(self, losses: Losses) -> tuple[str, ...]:
         """The present terms in canonical order, after the local checks (types, shapes, graph,
-        device, the key set). Distributed, a rank whose checks fail still joins the agreement
-        collectives the others are in (:meth:`Reduction.refuse`), so that every rank raises:
-        this one its own error, the others one saying that another rank refused its terms."""
+        device, the key set, each term's path to what it may train: :meth:`_inspect`).
+        Distributed, a rank whose checks fail still joins the agreement collectives the others
+        are in (:meth:`Reduction.refuse`), so that every rank raises: this one its own error,
+        the others one saying that another rank refused its terms."""
         try:
             check_losses(losses, self._engine.device)
-            return self._terms.resolve(tuple(losses), self._scopes)
+            names = self._terms.resolve(tuple(losses), self._scopes)
+            self._inspect(names, [losses[n] for n in names])
+            return names
         except (TypeError, ValueError, KeyError):
             if self._reduction.active:
                 keys = tuple(losses) if isinstance(losses, Mapping) and all(isinstance(k, str) for k in losses) else ()

@@ -25,12 +25,14 @@ REFUSED = {
     "extra": lambda losses: {**losses, "ic": losses["pde"] * 2},
     "detached": lambda losses: {**losses, "neumann": losses["neumann"].detach()},
     "not a scalar": lambda losses: {**losses, "neumann": losses["neumann"].expand(3)},
+    # on the first step (a term's path is checked at its first appearance): a graph that reaches no parameter
+    "no path": lambda losses: {**losses, "neumann": torch.ones((), requires_grad=True) * 2.0},
 }
 
 
 def _losses(problem, rank, case, step=0):
     losses = problem.losses()
-    if case in REFUSED and rank == 1 and step == 2:
+    if case in REFUSED and rank == 1 and step == (0 if case == "no path" else 2):
         return REFUSED[case](losses)
     if case == "reordered" and rank == 1:
         return dict(reversed(list(losses.items())))  # e.g. a dict built from a set
