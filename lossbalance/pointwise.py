@@ -643,7 +643,7 @@ class Reduced(NamedTuple):
     figures: dict[str, dict[str, Any]]
     state: dict[str, dict[str, Any]]
     given: Any = None
-    held: dict[str, dict[str, Any]] = {}
+    held: dict[str, dict[str, Any]] | None = None
 
 
 class Pointwise:

@@ -145,18 +145,32 @@ def check_optimizer_state(saved: Any, optimizer: torch.optim.Optimizer) -> None:
     (Adam's ``exp_avg``, SGD's ``momentum_buffer``, ...) whose shape is not its parameter's, with
     the parameters matched by position as ``Optimizer.load_state_dict`` does (which would load it
     and fail only at the next step)."""
-    if not isinstance(saved, Mapping) or not isinstance(saved.get("state"), Mapping):
-        return  # torch's own load_state_dict reports a malformed state
-    groups = saved.get("param_groups", [])
-    if [len(g.get("params", [])) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
-        return  # torch's own load_state_dict reports groups of other sizes
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    ids = [i for group in groups for i in group.get("params", [])]
-    for position, (index, param) in enumerate(zip(ids, params)):
-        entry = saved["state"].get(index)
-        for key, value in (entry.items() if isinstance(entry, Mapping) else ()):
+    for position, entry, param in _saved_entries(saved, optimizer):
+        for key, value in entry.items():
             if key in _PARAMETER_SHAPED and isinstance(value, Tensor) and value.shape != param.shape:
                 raise ValueError(
                     f"this state is for another model: the optimizer's {key!r} of parameter {position} has shape "
                     f"{tuple(value.shape)}, the parameter {tuple(param.shape)}; nothing was loaded"
                 )
+
+
+def _saved_entries(saved: Any, optimizer: torch.optim.Optimizer) -> list[tuple[int, Mapping[str, Any], Tensor]]:
+    """``(position, saved state, parameter)`` per parameter with a saved state, matched by
+    position; none where torch's own ``load_state_dict`` reports the state (malformed, or
+    groups of other sizes)."""
+    if not _same_layout(saved, optimizer):
+        return []
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ids = [i for group in saved["param_groups"] for i in group["params"]]
+    entries = [(position, saved["state"].get(index), param) for position, (index, param) in enumerate(zip(ids, params))]
+    return [(position, entry, param) for position, entry, param in entries if isinstance(entry, Mapping)]
+
+
+def _same_layout(saved: Any, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``saved`` is an optimizer state whose groups hold as many parameters as ``optimizer``'s."""
+    if not isinstance(saved, Mapping) or not isinstance(saved.get("state"), Mapping):
+        return False
+    groups = saved.get("param_groups")
+    if not isinstance(groups, list) or not all(isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in groups):
+        return False
+    return [len(g["params"]) for g in groups] == [len(g["params"]) for g in optimizer.param_groups]

@@ -7,9 +7,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from ..validation import warn_user
 from .base import Combiner, check_grads, register
 from .conflict_free import ConFIG
-from ..validation import warn_user
 from .numerics import compute_dtype, unit_rows
 
 __all__ = ["DCGD"]
