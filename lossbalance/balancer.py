@@ -86,7 +86,7 @@ class _Undo(NamedTuple):
     strategy: Any  # the strategy's checkpoint (None: not taken)
     generator: Tensor | None
     last: LastStep | None
-    rows: int
+    rows: int  # StepLog.recorded at this point
     combiner: Any = None  # a stateful combiner's checkpoint ("mconfig")
     pointwise: Any = None  # Pointwise.snapshot(): the states and the held re-evaluation states
 
@@ -799,7 +799,7 @@ class LossBalancer:
         return _Undo(
             self._step, self._updates, self._skipped, self._terms.weights, tuple(self._terms.names),
             self.strategy.checkpoint() if full else None, self.generator.get_state() if full else None,
-            self._log.last, len(self._log.rows), combiner=self.combiner.checkpoint() if self._momentum else None,
+            self._log.last, self._log.recorded, combiner=self.combiner.checkpoint() if self._momentum else None,
             pointwise=self._pointwise.snapshot(),
         )
 
@@ -819,8 +819,7 @@ class LossBalancer:
         if undo.pointwise is not None:
             self._pointwise.restore(undo.pointwise)
         self._log.last = undo.last
-        while len(self._log.rows) > undo.rows:
-            self._log.forget_last_row()
+        self._log.forget_since(undo.rows)
 
     # ------------------------------------------------------------------ the public step
     def backward(self, losses: Losses) -> Tensor:
@@ -1275,6 +1274,7 @@ class LossBalancer:
             self._pointwise.commit(checked["pointwise"])
         self._step, self._updates, self._skipped = checked["counters"]
         self.generator.set_state(checked["generator"])
+        self._log = StepLog(self._log.keeps_history)  # the abandoned run's stats, diagnostics and history
         self._checked = set()
         self._deferred = self._deferred_checks(self.check_every)  # what was pending belongs to the old run
 

@@ -65,13 +65,14 @@ def _log_line(ax: Any, points: list[tuple[float, float]], *, linewidth: float = 
 
 
 def _series(results: Sequence[Any], key: str, title: str, ylabel: str, path: PathLike | None) -> Figure:
-    """One panel per term, one line per run, log y."""
-    names = _ordered_keys(record[key] for result in results for record in result.history) or ["(none)"]
+    """One panel per term, one line per run (runs with ``.history``, or one ``balancer.history``), log y."""
+    runs = _runs(results, None)
+    names = _ordered_keys(record[key] for _, history in runs for record in history) or ["(none)"]
     fig, axes = _panels(len(names), (4.2, 3.2), sharex=True)
     for ax, name in zip(axes.flat, names):
-        for result in results:
-            points = [(r["step"], r[key][name]) for r in result.history if name in r[key]]
-            _log_line(ax, points, linewidth=1.2, label=result.label)
+        for label, history in runs:
+            points = [(r["step"], r[key][name]) for r in history if name in r[key]]
+            _log_line(ax, points, linewidth=1.2, label=label or None)
         ax.set_yscale("log")
         ax.set_title(name)
         ax.set_xlabel("step")
@@ -85,13 +86,15 @@ def _series(results: Sequence[Any], key: str, title: str, ylabel: str, path: Pat
 
 
 def plot_weights(results: Sequence[Any], path: PathLike | None = None, *, title: str = "Loss weights") -> Figure:
-    """Each term's weight over the steps, one panel per term, one line per run (log y)."""
+    """Each term's weight over the steps, one panel per term, one line per run (log y).
+    ``results``: runs with ``.history`` (``RunResult``) or one ``balancer.history``."""
     return _series(results, "weights", title, "weight", path)
 
 
 def plot_losses(results: Sequence[Any], path: PathLike | None = None, *,
                 title: str = "Loss terms (unweighted)") -> Figure:
-    """Each term's (unweighted) loss over the steps, one panel per term, one line per run (log y)."""
+    """Each term's (unweighted) loss over the steps, one panel per term, one line per run (log y;
+    values <= 0 and non-finite ones are not drawn). ``results``: as :func:`plot_weights`."""
     return _series(results, "losses", title, "loss", path)
 
 
@@ -137,8 +140,9 @@ def plot_error_fields(results: Sequence[Any], path: PathLike | None = None, *,
 
 def _largest_error(runs: Sequence[Any]) -> float:
     """The top of the shared colour scale: the largest ``|u - u*|`` (1 if none is positive and finite)."""
-    top = max((max(r.abs_error) for r in runs if r.abs_error), default=1.0)
-    return top if math.isfinite(top) and top > 0 else 1.0
+    finite = [e for r in runs for e in (r.abs_error or ()) if math.isfinite(e)]  # a diverged run's NaN is no top
+    top = max(finite, default=1.0)
+    return top if top > 0 else 1.0
 
 
 def _error_curve(ax: Any, run: Any, top: float, xlabel: str) -> None:

@@ -90,6 +90,7 @@ class StepLog:
         self.rows: deque[HistoryRow] = deque(maxlen=history)
         self._entries: deque[dict[str, Any]] = deque(maxlen=history)
         self._added = 0  # rows appended since the entries were last brought up to date
+        self.recorded = 0  # rows appended in all (a full history drops its oldest: len(rows) stops counting)
 
     @property
     def keeps_history(self) -> int:
@@ -105,9 +106,16 @@ class StepLog:
             figures = _figures(last.stats) if kept else None
             self.rows.append(HistoryRow(step, last.names, last.weights, last.values, figures, _settled(last.pointwise)))
             self._added += 1
+            self.recorded += 1
 
-    def forget_last_row(self) -> None:
-        """Take back the last recorded history row (its step was undone)."""
+    def forget_since(self, recorded: int) -> None:
+        """Take back the rows recorded since :attr:`recorded` was ``recorded`` (their steps were
+        undone); the older rows a full history dropped for them stay dropped."""
+        while self.recorded > recorded:
+            self.recorded -= 1
+            self._forget_last_row()
+
+    def _forget_last_row(self) -> None:
         if self.rows:
             self.rows.pop()
             if self._added:

@@ -84,3 +84,30 @@ def test_plot_pointwise_draws_a_band_per_weighting_and_the_causal_minimum(tmp_pa
     assert list(ic.get_lines()[0].get_ydata()) == [0.5, 1.0]
     with pytest.raises(ValueError, match="pointwise"):
         plot_pointwise(history[1:2])
+
+
+def test_plot_weights_takes_a_balancer_history_and_draws_its_numbers():
+    # it took only runs with .history: plot_weights(balancer.history) raised AttributeError
+    pytest.importorskip("matplotlib")
+    from lossbalance.plots import plot_losses, plot_weights
+
+    history = _history(["pde", "bc"], [[[1.0, 0.0], [0.0, 1.0]]] * 3, [0, 5, 10])
+    fig = plot_weights(history)
+    line = fig.axes[1].get_lines()[0]  # the panel of bc
+    assert list(line.get_xdata()) == [0, 5, 10] and list(line.get_ydata()) == [2.0, 2.0, 2.0]
+    assert len(plot_losses(history).axes[0].get_lines()) == 1
+
+
+def test_a_diverged_run_does_not_flatten_the_shared_error_scale():
+    # with the NaN run first, max() stuck on NaN and the scale fell back to 1: every field saturated
+    pytest.importorskip("matplotlib")
+    import types
+
+    from lossbalance.plots import plot_error_fields
+
+    points = [[x, y] for y in (0, 1, 2, 3) for x in (0.0, 0.5, 1.0)]
+    errors = [10 * p[0] + p[1] for p in points]
+    ok = types.SimpleNamespace(label="a", error=0.1, points=points, abs_error=errors, history=[])
+    bad = types.SimpleNamespace(label="n", error=float("nan"), points=points, abs_error=[float("nan")] + errors[1:], history=[])
+    for runs in ([ok, bad], [bad, ok]):
+        assert plot_error_fields(runs).axes[0].get_images()[0].get_clim() == (0, 13)

@@ -326,6 +326,44 @@ def test_history_entries_are_built_once_and_follow_the_steps():
     assert later[-1]["weights"] == balancer.weights and set(later[-1]) >= {"grad_norm", "cosine"}
 
 
+@pytest.mark.parametrize("history", [100, 2])
+def test_an_undone_step_leaves_a_full_history_too(history):
+    # a full history had dropped its oldest row for the undone step's, and kept the undone one
+    torch.manual_seed(0)
+    net = nn.Linear(2, 1)
+    balancer = LossBalancer(torch.optim.LBFGS(net.parameters(), lr=0.5, max_iter=3), "static", history=history,
+                            nonfinite="skip")
+    x = torch.randn(8, 2)
+    for step in range(4):
+        calls = []
+
+        def closure():
+            calls.append(1)
+            u = net(x)
+            a = (u**2).mean() * (float("nan") if step == 2 and len(calls) == 2 else 1.0)  # a re-evaluation: undone
+            return {"a": a, "b": ((u - 1) ** 2).mean()}
+
+        balancer.step(closure=closure)
+    assert balancer.step_count == 3 and balancer.skipped == 1
+    assert [e["step"] for e in balancer.history] == ([0, 1, 2] if history == 100 else [1, 2])
+    assert all(v == v for e in balancer.history for v in e["losses"].values())  # no NaN row
+
+
+def test_loading_a_state_drops_the_abandoned_runs_reports():
+    # stats, diagnostics and history of the steps after the saved state stayed (weights 2.65 in stats, 1.28 loaded)
+    model = TwoHeads()
+    balancer = LossBalancer(torch.optim.SGD(model.parameters(), lr=1e-2), LRAnnealing("a"), history=10)
+    for _ in range(3):
+        balancer.step(model.losses())
+    saved = copy.deepcopy(balancer.state_dict())
+    for _ in range(3):
+        balancer.step(model.losses())
+    balancer.load_state_dict(saved)
+    assert balancer.stats == {} and balancer.diagnostics is None and balancer.history == []
+    balancer.step(model.losses())
+    assert [e["step"] for e in balancer.history] == [3] and balancer.stats["b"]["weight"] == balancer.weights["b"]
+
+
 # ---------------------------------------------------------------- the parameters moved (module.to)
 @pytest.mark.parametrize("strategy", ["lra", "static", "relobralo", "gradnorm", "uncertainty", "famo", "mconfig", "pcgrad"])
 @pytest.mark.parametrize("when", ["before the first step", "after some steps"])
