@@ -109,6 +109,19 @@ def test_a_pinn_solver_is_balanced_and_validation_does_not_step_it():
     assert history and history[0] < 200
 
 
+def test_step_hooks_given_to_the_weighting_see_every_step_from_the_first():
+    # the balancer is built at the first training step: a hook could not be registered before it
+    from lossbalance.logging import MetricsLogger
+
+    logged = []
+    weighting = BalancedWeighting(LRAnnealing(reference="D"), update_every=2,
+                                  hooks=[MetricsLogger(lambda metrics, step: logged.append((step, metrics)))])
+    _, _, trainer = solver_and_trainer(3, weighting=weighting)
+    trainer.train()
+    assert [step for step, _ in logged] == [0, 1, 2]
+    assert logged[-1][1]["weight/boundary"] == pytest.approx(weighting.balancer.weights["boundary"])
+
+
 def test_a_resume_from_a_model_checkpoint_file_continues_bit_for_bit(tmp_path):
     """A checkpoint written by Lightning's ModelCheckpoint during ``trainer.train()`` and resumed
     with ``trainer.train(ckpt_path=...)``: the callback stores the balancer's state, the weighting

@@ -67,7 +67,7 @@ torch: PINA samples union domains (e.g. a square's boundary) with ``random.sampl
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -107,10 +107,14 @@ class BalancedWeighting(_weighting.BaseWeighting):
 
     Args:
         strategy: the :class:`~lossbalance.LossBalancer` strategy (a name or a Strategy).
+        hooks: step hooks (:meth:`LossBalancer.register_step_hook`, e.g. a
+            :class:`~lossbalance.tensorboard.TensorBoardLogger`), registered when the balancer is
+            built at the first training step, so that they see step 0.
         options: any other ``LossBalancer`` keyword (``update_every=``, ``weights=``, ...).
     """
 
-    def __init__(self, strategy: str | Strategy = "lra", **options: Any):
+    def __init__(self, strategy: str | Strategy = "lra", *, hooks: Sequence[Callable[[LossBalancer], None]] = (),
+                 **options: Any):
         if options.get("pointwise"):
             raise ValueError(
                 "BalancedWeighting does not take pointwise=: PINA reduces each condition's residual to one "
@@ -121,6 +125,7 @@ class BalancedWeighting(_weighting.BaseWeighting):
         super().__init__(update_every_n_epochs=1, aggregator=self._aggregate)
         self.strategy = strategy
         self.options = options
+        self.hooks = list(hooks)
         self.balancer: LossBalancer | None = None
         self._balanced: Tensor | None = None  # this aggregate's balanced loss (training steps)
         self._pending: Mapping[str, Any] | None = None
@@ -166,6 +171,8 @@ class BalancedWeighting(_weighting.BaseWeighting):
 
     def _build(self) -> LossBalancer:
         self.balancer = LossBalancer(self._balanced_parameters(), self.strategy, **self.options)
+        for hook in self.hooks:
+            self.balancer.register_step_hook(hook)
         if self._pending is not None:
             self.balancer.load_state_dict(self._pending)
             self._pending = None
