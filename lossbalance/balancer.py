@@ -224,6 +224,8 @@ class LossBalancer:
         self._install_engine(self._balanced_params())
         self._install_combiner(combine)
         self._declare_terms(terms, weights, min_weight, max_weight, optional)
+        if terms:
+            self.combiner.declare_terms(list(terms))
         self._needs_closure = self.optimizer is not None and _needs_closure(self.optimizer)
         if self._momentum:
             self._check_one_term_per_step()

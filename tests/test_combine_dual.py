@@ -342,6 +342,14 @@ def test_mgda_never_conflicts(g):
         assert dot(o, row) >= dot(o, o) - 1e-12 * frob**2 - 1e-5 * math.sqrt(dot(o, o)) * n - 3e-6 * frob * n
 
 
+def test_mgda_two_rows_a_million_times_apart_do_not_conflict():
+    # the ridge on the trace-normalised Gramian swamped the short row: g1 . d < 0
+    g = torch.tensor([[1e-6, 0.0], [-1e2 * math.cos(1e-3), 1e2 * math.sin(1e-3)]], dtype=F64)
+    d = MGDA(double=True)(g)
+    assert float(g[0] @ d) >= 0  # was -9.9e-17: a conflict with the short row
+    close(d, naive_mgda(g), g, 1e-12)  # (g[1] . d is a cancellation of two 1e-10 terms: its sign is rounding)
+
+
 def test_mgda_edge_cases_and_options():
     z = torch.zeros(3, dtype=F64)
     assert torch.equal(MGDA()(torch.zeros(2, 3, dtype=F64)), z)
@@ -519,3 +527,10 @@ def test_dcgd_in_a_balancer_groups_by_the_balancers_row_names():
     assert default.options()["groups"] == ["bc"]
     with pytest.warns(UserWarning, match="'pde'"):
         grads(DCGD(), ["pde", "bc", "ic"])
+    # terms= declares the order: its first term, pinned when the balancer is built, so that an
+    # optional first term absent on the first step is not replaced by the next one (a clear error)
+    declared = DCGD()
+    with pytest.warns(UserWarning, match=r"first term 'pde' as the PDE group and the others \(\['bc', 'ic'\]\)"):
+        with pytest.raises(ValueError, match="'pde' is not among the terms"):
+            grads(declared, ["pde", "bc", "ic"], present=["bc", "ic"], optional=["pde"])
+    assert declared.groups == (["pde"],)

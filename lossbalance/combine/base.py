@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor
@@ -34,6 +34,9 @@ class Combiner(ABC):
     def options(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this combiner."""
         return {}
+
+    def declare_terms(self, names: Sequence[str]) -> None:
+        """The balancer's declared terms (``terms=``), in their order, when it is built (nothing by default)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}

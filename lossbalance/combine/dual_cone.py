@@ -83,6 +83,11 @@ class DCGD(Combiner):
         self.double = bool(double)
         self._default = groups is None
 
+    def declare_terms(self, names: Sequence[str]) -> None:
+        """The balancer's declared terms (``terms=``), in order: the default PDE group is the first."""
+        if self._default and names:
+            self._pin_default(names)
+
     def _pin_default(self, names: Sequence[str]) -> None:
         """No ``groups=``: the first term named becomes the PDE group, by name, with a warning."""
         self.groups, self._default = ([names[0]],), False

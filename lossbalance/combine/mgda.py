@@ -87,8 +87,8 @@ class MGDA(Combiner):
         a = gram.to("cpu", torch.float64)
         if not bool(torch.isfinite(a).all()):
             return torch.full((k,), math.nan, dtype=torch.float64), basis, factors
-        if k == 2:
-            return _segment(a + self.reg_eps * torch.eye(2, dtype=a.dtype)), basis, factors
+        if k == 2:  # the ridge of the cosine problem in alpha: reg_eps ||g_i||^2 on the diagonal
+            return _segment(a + self.reg_eps * torch.diag(a.diagonal())), basis, factors
         return _jacobi_scaled_weights(a, self.reg_eps), basis, factors
 
     def __call__(self, grads: Tensor, /, *, generator: torch.Generator | None = None) -> Tensor:
