@@ -694,10 +694,10 @@ class Pointwise:
         pooled = self._pooled_decays(unions) if update else {}
         out, figures, state = dict(losses), {}, {}
         for name, arrays in prepared.items():
-            if not update and not reevaluation:
-                self._warn_fresh(name, arrays)
             out[name], weighted = self._reduce_term(name, losses[name].reduction, arrays, self._state_for(name, reevaluation),
                                                     update, pooled.get(name), unions.get(name))
+            if not update and not reevaluation:
+                self._warn_fresh(name, arrays[2])
             if weighted is not None:
                 figures[name], state[name] = weighted
         return out, figures, state
@@ -711,14 +711,15 @@ class Pointwise:
         the weightings whose value uses that (see :attr:`held`)."""
         return {n: self.state[n] for n in state if self.weightings[n].value_before_update}
 
-    def _warn_fresh(self, name: str, arrays: tuple) -> None:
-        """Warn once per term when a held per-id table lacks some of the batch's points."""
+    def _warn_fresh(self, name: str, ids: Tensor) -> None:
+        """After a held reduction: warn once per term when its per-id table, started (a table
+        before the first step holds nothing yet: an evaluation then is not the trap), lacked
+        some of the batch's points (the count the reduction's table lookup left, no host read more)."""
         weighting = self.weightings.get(name)
         if weighting is None or isinstance(weighting, Causal) or name in self._warned_fresh:
             return
-        values, _, ids = arrays
-        count = _IdTable(self.state[name], ids, values, weighting._same_ids).new_count
-        if count:
+        count = weighting._same_ids.unknown
+        if count and self.state[name]["ids"].numel():
             self._warned_fresh.add(name)
             warn_user(f"loss term {name!r}: {count} of its {ids.numel()} points have ids that its {weighting.label} "
                       f"table does not hold, and the table is held (frozen=True, or evaluate()): they take "
@@ -932,6 +933,7 @@ class _Memo:
 
     def __init__(self) -> None:
         self._entries: dict[int, tuple[tuple[tuple[weakref.ref, int], ...], Any]] = {}
+        self.unknown = 0  # an id table's memo: how many ids of its last lookup it did not hold (_IdTable)
 
     def __reduce__(self) -> tuple:
         return (_Memo, ())
@@ -968,10 +970,12 @@ class _IdTable:
             memo.note(self.known, ids)
         if self.same:  # the whole table, in its order
             self.pos, self.found, self.new_count = None, None, 0
+            memo.unknown = 0
             return
         self.pos = torch.searchsorted(self.known, ids).clamp(max=max(n - 1, 0))
         self.found = self.known[self.pos] == ids if n else torch.zeros_like(ids, dtype=torch.bool)
         self.new_count = int(ids.numel() - self.found.sum()) if n else ids.numel()  # one host read
+        memo.unknown = self.new_count
 
     def column(self, key: str, fresh: Tensor | float) -> Tensor:
         """Column ``key`` for the batch's points: the stored row, ``fresh`` (a number or one value

@@ -478,10 +478,14 @@ def test_frozen_holds_the_pointwise_weights_too(name):
 def test_a_held_table_warns_once_about_points_it_does_not_hold(name):
     problem = Problem()
     balancer = LossBalancer(torch.optim.SGD([problem.w], lr=0.05), "static", pointwise={"pde": WEIGHTINGS[name]()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        balancer.evaluate({"pde": residual(problem, slice(0, 20), "residual")})  # before the first step (a sanity check)
     balancer.step({"pde": residual(problem, slice(0, 20), "residual")})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         balancer.evaluate({"pde": residual(problem, slice(0, 20), "residual")})  # held points: no warning
+        balancer.evaluate({"pde": residual(problem, slice(3, 9), "residual")})
     with pytest.warns(UserWarning, match=r"loss term 'pde': 10 of its 30 points .* table is held"):
         balancer.evaluate({"pde": residual(problem, slice(None), "residual")})
     with warnings.catch_warnings():
