@@ -1205,17 +1205,17 @@ class LossBalancer:
         strategy's state); ``generator`` (the random generator's state); ``scaler`` (the
         GradScaler's state or ``None``); ``frozen`` (:meth:`freeze`); ``combiner`` (the
         combiner's state: ``{}`` except for stateful ones such as ``"mconfig"``); ``pointwise``
-        (per term of ``pointwise=``: the causal ``eps_index``; the per-point tables of RBA, SA-PINN and BRDR keyed by point id). States of
+        (per term of ``pointwise=``: the causal ``eps_index``; the per-point tables of RBA, SA-PINN and BRDR keyed by point id);
+        ``deferred`` (the unread verdict of ``check_every > 1``, else ``None``). States of
         lossbalance 0.1.0 (no ``format``) load too, and states without ``frozen``/``combiner``
         keep the balancer's own (so do terms missing from ``pointwise``).
 
-        With ``check_every > 1`` it first reads the deferred NaN/Inf verdict (:meth:`check`): a
-        non-finite call still pending rolls the balancer, the parameters (in place) and the
-        optimizer back, and raises or is counted skipped, so no checkpoint holds a state that
-        the pending verdict would undo (one taken with the NaN parameters resumed into steps
-        that were all skipped). Take the model's and the optimizer's states after it.
+        With ``check_every > 1`` the verdict not read yet goes with it (``deferred``, device
+        tensors: no host read, nothing rolled back, no collective), and :meth:`load_state_dict`
+        refuses a state saved after a non-finite call that no read had caught: its parameters
+        (saved next to it) are those after the NaN. Call :meth:`check` before saving to roll
+        back first (on every process, in a distributed run).
         """
-        self.check()
         return {
             "format": STATE_FORMAT,
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
@@ -1230,6 +1230,7 @@ class LossBalancer:
             "frozen": self.frozen,
             "combiner": self.combiner.state_dict(),
             "pointwise": self._pointwise.state_dict(),
+            "deferred": None if self._deferred is None else self._deferred.unread(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -1307,6 +1308,7 @@ class LossBalancer:
             raise ValueError(f"corrupt state: the step counters are not integers ({error})") from error
         if self.optimizer is not None and state["optimizer"] is not None:
             check_optimizer_state(state["optimizer"], self.optimizer)
+        _check_no_unread_nan(state.get("deferred"))
         return {
             "terms": self._terms.checked_state(state), "counters": counters, "generator": generator,
             "pointwise": self._pointwise.checked_state(state.get("pointwise")),
@@ -1316,6 +1318,19 @@ class LossBalancer:
         return (
             f"LossBalancer({type(self.optimizer).__name__ if self.optimizer else 'parameters'}, {self.strategy!r}, update_every={self.update_every}, "
             f"combine={self.combiner!r}, memory={self.memory!r}, terms={self._terms.names})"
+        )
+
+
+def _check_no_unread_nan(deferred: Any) -> None:
+    """Refuse a state saved after a non-finite call that no deferred read had caught."""
+    if not isinstance(deferred, Mapping) or not isinstance(deferred.get("first"), Tensor):
+        return
+    first = int(deferred["first"])
+    if first >= 0:
+        raise ValueError(
+            f"this state was saved with check_every > 1 after a non-finite call (step {first}) that no read had "
+            "caught yet: the model and optimizer states saved with it hold the values after the NaN. Resume from "
+            "an earlier checkpoint; call balancer.check() before saving to roll back first. Nothing was loaded"
         )
 
 

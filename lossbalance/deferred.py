@@ -124,6 +124,13 @@ class DeferredChecks:
         self._first = torch.full((), -1, dtype=torch.int64, device=like.device)
         self._terms = torch.zeros_like(like)
 
+    def unread(self) -> dict[str, Any] | None:
+        """The verdict not read yet, for a checkpoint (device tensors, no host read): ``first``
+        (the step of the first non-finite call since the last read, -1 if none) and the names."""
+        if self._first is None:
+            return None
+        return {"first": self._first.clone(), "names": list(self._names)}
+
     # ------------------------------------------------------------------ the read (one sync)
     def read(self) -> Finding | None:
         """Read the pending verdict (one host sync) and start afresh; ``None``: all finite."""

@@ -10,6 +10,7 @@ optimizer's, not the balancer's, and are not counted.
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 
 import pytest
@@ -360,27 +361,38 @@ def test_a_strategy_failing_on_an_unchecked_nan_value_gets_the_value_error(nonfi
 
 
 @pytest.mark.parametrize("nonfinite", ["skip", "raise"])
-def test_a_state_taken_while_a_nan_is_pending_is_the_state_before_it(nonfinite):
-    # state_dict() did not read the verdict: the checkpoint held NaN parameters and the resumed
-    # run skipped every later step
+def test_a_state_saved_after_an_unread_nan_is_refused_on_load(nonfinite):
+    # the checkpoint held the NaN parameters' state and the resumed run skipped every later step
     model, losses = _problem()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     balancer = LossBalancer(opt, "static", check_every=100, nonfinite=nonfinite)
-    clean = _state(model, opt)  # the last clean read: before the first call
     balancer.step(losses())
+    clean = copy.deepcopy(balancer.state_dict())  # nothing non-finite unread: loads
     balancer.step(losses("value"))
-    if nonfinite == "raise":
-        with pytest.raises(ValueError, match="at step 1"):
-            balancer.state_dict()
-    state = balancer.state_dict()
-    _assert_same_state(_state(model, opt), clean)  # both unread calls undone, in place
-    assert state["step"] == 0 and all(torch.isfinite(p).all() for p in model.parameters())
-    resumed_model, resumed_losses = _problem()
-    resumed_model.load_state_dict(model.state_dict())
-    resumed = LossBalancer(torch.optim.SGD(resumed_model.parameters(), lr=1e-2), "static", check_every=100,
-                           nonfinite=nonfinite)
-    resumed.load_state_dict(state)
-    for _ in range(3):
-        assert torch.isfinite(resumed.step(resumed_losses()))
-    resumed.check()
-    assert resumed.skipped == state["skipped"] and resumed.step_count == 3
+    saved = copy.deepcopy(balancer.state_dict())  # no read, no rollback: the run is as it was
+    assert balancer.step_count == 2 and balancer.skipped == 0
+    fresh_model, fresh_losses = _problem()
+    fresh = LossBalancer(torch.optim.SGD(fresh_model.parameters(), lr=1e-2), "static", check_every=100,
+                         nonfinite=nonfinite)
+    fresh.step(fresh_losses())
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(ValueError, match=r"after a non-finite call \(step 1\) that no read had caught"):
+        fresh.load_state_dict(saved)
+    _assert_same_tree(fresh.state_dict(), before)
+    fresh.load_state_dict(clean)
+    assert fresh.step_count == 1
+    if nonfinite == "skip":  # check() first: the rollback, then a state that loads
+        balancer.check()
+        fresh.load_state_dict(balancer.state_dict())
+        assert fresh.step_count == 0
+
+
+def _assert_same_tree(a, b):
+    if torch.is_tensor(a):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys() and all(_assert_same_tree(a[k], b[k]) is None for k in a)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b) and all(_assert_same_tree(x, y) is None for x, y in zip(a, b))
+    else:
+        assert a == b

@@ -45,7 +45,8 @@ def test_the_state_carries_its_format_and_documented_keys():
     state = balancer.state_dict()
     assert state["format"] == STATE_FORMAT == 2
     documented = {"format", "optimizer", "names", "optional", "weights", "lower", "upper", "step", "updates",
-                  "skipped", "strategy_name", "strategy", "generator", "scaler", "frozen", "combiner", "pointwise"}
+                  "skipped", "strategy_name", "strategy", "generator", "scaler", "frozen", "combiner", "pointwise",
+                  "deferred"}
     assert set(state) == documented
     for key in documented:
         assert f"``{key}``" in LossBalancer.state_dict.__doc__
