@@ -1169,8 +1169,8 @@ class LossBalancer:
             return cls(optimizer, **options)
         except ConfigError:
             raise
-        except ValueError as error:
-            raise ConfigError([str(error)]) from error
+        except (ValueError, KeyError) as error:  # e.g. weights= naming a term outside terms=
+            raise ConfigError([str(error.args[0]) if error.args else str(error)]) from error
 
     def config(self, model: torch.nn.Module | None = None) -> dict[str, Any]:
         """The plain dict that :meth:`from_config` turns back into an equivalent balancer: the

@@ -61,6 +61,10 @@ class TermTable:
         named = {n for bound in self.bounds if isinstance(bound, Mapping) for n in bound}
         for name in sorted(named) + [None]:
             lower, upper = self._bound(0, name), self._bound(1, name)
+            if not (0 <= lower < float("inf")) or not upper > 0:  # NaN fails both
+                which = f"term {name!r}" if name is not None else "every term (the defaults)"
+                raise ValueError(f"{which}: min_weight must be a finite number >= 0 and max_weight a number > 0, "
+                                 f"got {lower} and {upper}")
             if lower > upper:
                 which = f"term {name!r}" if name is not None else "every term (the defaults)"
                 raise ValueError(f"{which}: min_weight {lower} > max_weight {upper}")

@@ -135,23 +135,45 @@ def check_key_set(present: Collection[str], known: Collection[str], optional: Co
         )
 
 
-# the per-parameter state of torch.optim's optimizers that has the parameter's shape
+# the per-parameter state of torch.optim's optimizers that has the parameter's shape, and
+# L-BFGS's flat vectors over all its parameters (its state sits under the first one)
 _PARAMETER_SHAPED = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "momentum_buffer", "square_avg",
                                "grad_avg", "acc_delta", "sum", "ax", "prev", "step_size"})
+_FLAT = frozenset({"d", "prev_flat_grad", "old_dirs", "old_stps"})
 
 
 def check_optimizer_state(saved: Any, optimizer: torch.optim.Optimizer) -> None:
     """Raise ``ValueError`` when a saved optimizer state is for other parameters: a moment
     (Adam's ``exp_avg``, SGD's ``momentum_buffer``, ...) whose shape is not its parameter's, with
     the parameters matched by position as ``Optimizer.load_state_dict`` does (which would load it
-    and fail only at the next step)."""
+    and fail only at the next step). Only ``torch.optim``'s own optimizers, whose state keys are known."""
+    if not type(optimizer).__module__.startswith("torch.optim"):
+        return
+    flat_keys = _FLAT if isinstance(optimizer, torch.optim.LBFGS) else frozenset()
+    total = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
     for position, entry, param in _saved_entries(saved, optimizer):
-        for key, value in entry.items():
-            if key in _PARAMETER_SHAPED and isinstance(value, Tensor) and value.shape != param.shape:
-                raise ValueError(
-                    f"this state is for another model: the optimizer's {key!r} of parameter {position} has shape "
-                    f"{tuple(value.shape)}, the parameter {tuple(param.shape)}; nothing was loaded"
-                )
+        _check_entry(position, entry, param, flat_keys, total)
+
+
+def _check_entry(position: int, entry: Mapping[str, Any], param: Tensor, flat_keys: frozenset[str], total: int) -> None:
+    """One parameter's saved state against the parameter (and the parameters' ``total`` elements)."""
+    for key, value in entry.items():
+        if key in _PARAMETER_SHAPED and isinstance(value, Tensor) and value.shape != param.shape:
+            raise ValueError(
+                f"this state is for another model: the optimizer's {key!r} of parameter {position} has shape "
+                f"{tuple(value.shape)}, the parameter {tuple(param.shape)}; nothing was loaded"
+            )
+        if key in flat_keys and any(v.numel() != total for v in _tensors(value)):
+            raise ValueError(
+                f"this state is for another model: the optimizer's {key!r} holds vectors of another length than "
+                f"the {total} elements of its parameters; nothing was loaded"
+            )
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    """The tensors of a state entry: itself, or those of a list (L-BFGS's history)."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [v for v in items if isinstance(v, Tensor)]
 
 
 def _saved_entries(saved: Any, optimizer: torch.optim.Optimizer) -> list[tuple[int, Mapping[str, Any], Tensor]]:

@@ -88,6 +88,18 @@ def test_min_weight_above_max_weight_is_refused_when_built(bounds):
         LossBalancer(torch.optim.Adam(Model().parameters()), "lra", **bounds)
 
 
+@pytest.mark.parametrize("bounds", [{"min_weight": float("nan")}, {"min_weight": -1.0}, {"max_weight": {"bc": float("nan")}}])
+def test_bounds_that_are_not_weights_are_refused_when_built(bounds):
+    # NaN and negative bounds were accepted (NaN compares false with everything)
+    with pytest.raises(ConfigError, match="min_weight must be a finite number >= 0 and max_weight a number > 0"):
+        LossBalancer.from_config(torch.optim.Adam(Model().parameters()), {"strategy": "lra", **bounds})
+
+
+def test_a_per_term_option_outside_terms_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"weights names term\(s\) \['zz'\]"):
+        LossBalancer.from_config(torch.optim.Adam(Model().parameters()), {"terms": ["a"], "weights": {"zz": 1.0}})
+
+
 # The numbers below are copied from the sources named, not from lossbalance.
 SOURCES = {
     # GradientPathologiesPINNs/Helmholtz/Helmholtz2D_model_tf.py: beta = 0.9 (old value), "it % 10 == 0",

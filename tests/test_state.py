@@ -100,6 +100,24 @@ def test_a_bad_state_leaves_everything_exactly_as_it_was(corrupt, error):
     balancer.step(model.losses())  # and it still steps
 
 
+def test_an_lbfgs_state_for_another_model_is_refused():
+    # L-BFGS keeps flat vectors over all the parameters: another width loaded, and the next step failed
+    def run(width):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(2, width), torch.nn.Tanh(), torch.nn.Linear(width, 1))
+        x = torch.rand(8, 2)
+        balancer = LossBalancer(torch.optim.LBFGS(model.parameters(), max_iter=3), "static", frozen=True)
+        balancer.step(closure=lambda: {"a": model(x).pow(2).mean(), "b": (model(x) - 1).pow(2).mean()})
+        return balancer
+
+    four, five = run(4), run(5)
+    before = copy.deepcopy(five.state_dict())
+    with pytest.raises(ValueError, match="another model: the optimizer's '(d|prev_flat_grad|old_dirs|old_stps)'"):
+        five.load_state_dict(four.state_dict())
+    _assert_same(five.state_dict(), before)
+    five.load_state_dict(before)
+
+
 def test_a_state_of_lossbalance_0_1_0_still_loads():
     model, balancer = trained(steps=4)
     old = balancer.state_dict()
