@@ -479,7 +479,12 @@ class LossBalancer:
         :class:`~lossbalance.Residual` reduced to a scalar after its pointwise weighting (its new
         state, with ``advance`` and not frozen, pending until the call succeeds; without
         ``advance``, a re-evaluation: the states the step's first evaluation used)."""
-        reduced = self._pointwise.reduce(losses, advance and not self.frozen, reevaluation=not advance)
+        update = advance and not self.frozen
+        try:
+            reduced = self._pointwise.reduce(losses, update, reevaluation=not advance)
+        except (TypeError, ValueError, KeyError):
+            self._relay_refusal(losses, told=self._pointwise.relays(update))
+            raise
         losses = _plain_tensors(reduced.losses)
         names = self._checked_names(losses)
         if not self._terms.names:
@@ -505,10 +510,15 @@ class LossBalancer:
             self._inspect(names, [losses[n] for n in names])
             return names
         except (TypeError, ValueError, KeyError):
-            if self._reduction.active:
-                keys = tuple(losses) if isinstance(losses, Mapping) and all(isinstance(k, str) for k in losses) else ()
-                self._reduction.refuse(keys, first=not self._terms.names, device=self._engine.device)
+            self._relay_refusal(losses, told=False)
             raise
+
+    def _relay_refusal(self, losses: Any, *, told: bool) -> None:
+        """Distributed: this rank's terms failed its checks; unless the others were ``told``
+        already, join the agreement collectives they are in with a refusal flag."""
+        if self._reduction.active and not told:
+            keys = tuple(losses) if isinstance(losses, Mapping) and all(isinstance(k, str) for k in losses) else ()
+            self._reduction.refuse(keys, first=not self._terms.names, device=self._engine.device)
 
     def _agree(self, names: tuple[str, ...], terms: dict[str, Tensor], values: Tensor):
         """Distributed: check the ranks agree on the terms; an optional term that another rank

@@ -680,10 +680,13 @@ class Pointwise:
         initial value (a warning, once per term)."""
         if not isinstance(losses, Mapping):
             return Reduced(losses, {}, {})
-        self._check_terms(losses, update)
-        if not any(isinstance(v, Residual) for v in losses.values()):
+        prepared, refusal = self._checked_terms(losses)
+        if update:
+            self._require_everywhere(losses, refused=refusal is not None)
+        if refusal is not None:
+            raise refusal
+        if not prepared:  # no Residual term
             return Reduced(losses, {}, {}, losses)
-        prepared = {name: self._prepared(name, term) for name, term in losses.items() if isinstance(term, Residual)}
         out, figures, state = self._reduce_terms(losses, prepared, update, reevaluation)
         return Reduced(out, figures, state, losses, self._held_after(state) if update else {})
 
@@ -744,19 +747,32 @@ class Pointwise:
             weighting.check(name, term)
         return (values if isinstance(weighting, RBA) else per_point), t, ids  # RBA scales the residuals
 
-    def _check_terms(self, losses: Mapping[str, Any], update: bool) -> None:
-        """Weighted terms passed as Residuals, and (distributed, on an update) by every rank."""
-        self._refuse_scalars(losses)
-        if update:
-            self._require_everywhere(losses)
+    def _checked_terms(self, losses: Mapping[str, Any]) -> tuple[dict[str, tuple], Exception | None]:
+        """This rank's checks: weighted terms passed as Residuals, each Residual's values, times
+        and ids (:meth:`_prepared`). Returns the prepared arrays, or the error, which the caller
+        raises once the other ranks were told (:meth:`_require_everywhere`)."""
+        try:
+            self._refuse_scalars(losses)
+            return {name: self._prepared(name, term) for name, term in losses.items() if isinstance(term, Residual)}, None
+        except (TypeError, ValueError) as error:
+            return {}, error
 
-    def _require_everywhere(self, losses: Mapping[str, Any]) -> None:
+    def relays(self, update: bool) -> bool:
+        """Whether a call with ``update`` tells the other ranks when this one's terms fail its
+        checks (:meth:`_require_everywhere`'s all-reduce), so the balancer need not."""
+        return update and self.reduction.active and any(not isinstance(w, Causal) for w in self.weightings.values())
+
+    def _require_everywhere(self, losses: Mapping[str, Any], *, refused: bool = False) -> None:
         """Distributed, on an update: a term with per-id weights that some ranks pass and others
-        do not would leave the gather of :meth:`_unions` waiting; every rank raises instead."""
+        do not would leave the gather of :meth:`_unions` waiting; every rank raises instead. The
+        same all-reduce carries ``refused`` (this rank's checks failed): the other ranks raise."""
         keyed = [n for n, w in self.weightings.items() if not isinstance(w, Causal)]
         if not keyed or not self.reduction.active:
             return
-        counts = self.reduction.holders([isinstance(losses.get(n), Residual) for n in keyed])
+        *counts, refusing = self.reduction.holders([isinstance(losses.get(n), Residual) for n in keyed] + [refused])
+        if refusing:
+            _raise_unless_refused(refusing, refused)
+            return  # this rank raises its own error
         partial = [n for n, c in zip(keyed, counts) if 0 < c < self.reduction.world]
         if partial:
             raise ValueError(
@@ -844,6 +860,15 @@ class Pointwise:
                                  f"{weighting!r}: build it with the same pointwise= before loading")
             checked[name] = weighting.checked_state(name, s)
         return checked
+
+
+def _raise_unless_refused(refusing: int, refused: bool) -> None:
+    """After the ranks told each other: a rank whose own checks passed raises, the others refused."""
+    if not refused:
+        raise RuntimeError(
+            f"{refusing} other process(es) refused their loss terms this step (their error names the term and "
+            "the fix); nothing was changed here. Every rank must pass the same, valid terms"
+        )
 
 
 def _causal_schedule(chunks: Any, eps: Any) -> list[float]:

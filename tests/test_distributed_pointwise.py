@@ -80,10 +80,43 @@ def _missing_on_one_rank(rank):
     return None, balancer.step_count
 
 
+def _refused_on_one_rank(rank, weighting):
+    """Rank 1's pointwise term fails its own check (duplicate ids; Causal: fewer points than
+    chunks, as on an uneven last batch) on the second step: every rank raises, and the ranks
+    stay in step (a third step on both succeeds). Before, rank 1 raised alone and rank 0 waited,
+    or averaged its step with rank 1's next one."""
+    from lossbalance import Causal
+
+    model = torch.nn.Linear(1, 1, dtype=torch.float64)
+    make = {"rba": lambda: RBA(), "causal": lambda: Causal(chunks=4)}[weighting]
+    balancer = LossBalancer(torch.optim.SGD(model.parameters(), lr=0.05), "static", pointwise={"pde": make()})
+    x, ids = torch.linspace(-1, 1, 8, dtype=torch.float64), torch.arange(8)
+
+    def losses(bad):
+        r = model(x[:, None]).squeeze(-1) - torch.sin(3 * x)
+        if bad and weighting == "rba":
+            return {"pde": Residual(r, ids=torch.zeros(8, dtype=torch.long), kind="residual"), "bc": r[0] ** 2}
+        if bad:
+            return {"pde": Residual(r[:2] ** 2, t=x[:2]), "bc": r[0] ** 2}
+        extra = {"ids": ids} if weighting == "rba" else {"t": x}
+        return {"pde": Residual(r if weighting == "rba" else r**2, kind="residual" if weighting == "rba" else "loss",
+                                **extra), "bc": r[0] ** 2}
+
+    balancer.step(losses(False))
+    try:
+        balancer.step(losses(rank == 1))
+        error = None
+    except (ValueError, RuntimeError) as raised:
+        error = (type(raised).__name__, str(raised))
+    balancer.step(losses(False))
+    return error, balancer.step_count
+
+
 def worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
     with gloo_group(rank, world, init_file, timeout=datetime.timedelta(seconds=60)):
-        results = {"gather": _gather_check(rank), "missing": _missing_on_one_rank(rank)}
+        results = {"gather": _gather_check(rank), "missing": _missing_on_one_rank(rank),
+                   "refused rba": _refused_on_one_rank(rank, "rba"), "refused causal": _refused_on_one_rank(rank, "causal")}
         for case in CASES:
             results[case, "different"] = run(case, lambda b: b[rank * PER_RANK:(rank + 1) * PER_RANK])
             results[case, "same"] = run(case, lambda b: b[:PER_RANK])
@@ -153,6 +186,14 @@ def test_the_state_dict_is_the_same_on_both_ranks(case, points, ranks):
     a, b = (r[case, points]["state"] for r in ranks)
     _equal(a["pointwise"], b["pointwise"])
     _equal(a["weights"], b["weights"])
+
+
+@pytest.mark.parametrize("weighting", ["rba", "causal"])
+def test_a_pointwise_term_one_rank_refuses_raises_on_every_rank(weighting, ranks):
+    (other, steps0), (refused, steps1) = (r[f"refused {weighting}"] for r in ranks)
+    assert refused[0] == "ValueError" and "'pde'" in refused[1]
+    assert other[0] == "RuntimeError" and "other process(es) refused their loss terms" in other[1]
+    assert steps0 == steps1 == 2  # the refused step changed nothing, the next one ran on both
 
 
 def test_a_weighted_term_missing_on_one_rank_raises_on_every_rank(ranks):
