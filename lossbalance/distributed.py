@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Reduction", "ProcessGroupMean", "make_reduction"]
+__all__ = ["Reduction", "ProcessGroupMean", "make_reduction", "refused_error"]
 
 
 class Reduction:
@@ -113,10 +113,7 @@ class ProcessGroupMean(Reduction):
         torch.distributed.all_reduce(header, group=self.group)
         world, total, squares, refused = header.tolist()
         if refused:
-            raise RuntimeError(
-                f"{refused} other process(es) refused their loss terms this step (their error names the term and "
-                "the fix); nothing was changed here. Every rank must pass the same, valid terms"
-            )
+            raise refused_error(refused)
         if world * squares != total * total:  # the hashes differ (equality case of Cauchy-Schwarz)
             raise RuntimeError(
                 f"the processes disagree on the loss terms: this rank declared {list(declared)}. Every rank "
@@ -192,3 +189,11 @@ def make_reduction(distributed: bool | None, group: Any) -> Reduction:
     if not active:
         raise ValueError("distributed=True needs an initialised torch.distributed process group")
     return ProcessGroupMean(group)
+
+
+def refused_error(count: int) -> RuntimeError:
+    """What a rank whose own checks passed raises when ``count`` other ranks refused their terms."""
+    return RuntimeError(
+        f"{count} other process(es) refused their loss terms this step (their error names the term and "
+        "the fix); nothing was changed here. Every rank must pass the same, valid terms"
+    )

@@ -51,7 +51,7 @@ from typing import Any, Literal, Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from .distributed import Reduction
+from .distributed import Reduction, refused_error
 from .reporting import LazyFigures
 from .validation import warn_user
 
@@ -865,10 +865,7 @@ class Pointwise:
 def _raise_unless_refused(refusing: int, refused: bool) -> None:
     """After the ranks told each other: a rank whose own checks passed raises, the others refused."""
     if not refused:
-        raise RuntimeError(
-            f"{refusing} other process(es) refused their loss terms this step (their error names the term and "
-            "the fix); nothing was changed here. Every rank must pass the same, valid terms"
-        )
+        raise refused_error(refusing)
 
 
 def _causal_schedule(chunks: Any, eps: Any) -> list[float]:

@@ -61,12 +61,11 @@ class TermTable:
         named = {n for bound in self.bounds if isinstance(bound, Mapping) for n in bound}
         for name in sorted(named) + [None]:
             lower, upper = self._bound(0, name), self._bound(1, name)
+            which = f"term {name!r}" if name is not None else "every term (the defaults)"
             if not (0 <= lower < float("inf")) or not upper > 0:  # NaN fails both
-                which = f"term {name!r}" if name is not None else "every term (the defaults)"
                 raise ValueError(f"{which}: min_weight must be a finite number >= 0 and max_weight a number > 0, "
                                  f"got {lower} and {upper}")
             if lower > upper:
-                which = f"term {name!r}" if name is not None else "every term (the defaults)"
                 raise ValueError(f"{which}: min_weight {lower} > max_weight {upper}")
 
     # ------------------------------------------------------------------ declaring
@@ -83,9 +82,7 @@ class TermTable:
         value = self.initial_weight(name) if weight is None else float(weight)
         if not value > 0 or value == float("inf"):
             raise ValueError(f"the initial weight of term {name!r} must be finite and positive, got {value}")
-        lower, upper = self._bound(0, name), self._bound(1, name)
-        if lower > upper:
-            raise ValueError(f"term {name!r}: min_weight {lower} > max_weight {upper}")
+        lower, upper = self._bound(0, name), self._bound(1, name)  # checked when built (_check_bounds)
         self.names.append(name)
         self.weights = _extended(self.weights, value)
         self.lower = _extended(self.lower, lower)
