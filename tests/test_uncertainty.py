@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -256,3 +257,31 @@ def test_optimizer_options_checked_alike_in_both_learned_strategies(cls) -> None
     with pytest.raises(ValueError, match="optimizer must be a torch.optim.Optimizer subclass"):
         make_strategy(cls, optimizer="NoSuchOptimizer")
     assert make_strategy(cls, optimizer=torch.optim.SGD).options()["optimizer"] == "SGD"
+
+
+def test_an_init_log_var_key_naming_no_term_warns_once() -> None:
+    """A misspelt key in ``init_log_var`` would silently start its term at s = 0 (LibMTL users
+    copy s = -0.5): it warns, once, naming the key and the terms seen; the named terms start
+    where asked."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 2)
+    x = torch.randn(8, 2)
+    balancer = LossBalancer(torch.optim.SGD(model.parameters(), lr=1e-2),
+                            UncertaintyWeighting(init_log_var={"clss": -0.5, "reg": -0.5}))
+
+    def losses():
+        out = model(x)
+        return {"reg": out[:, 0].pow(2).mean(), "cls": out[:, 1].pow(2).mean()}
+
+    with pytest.warns(UserWarning, match=r"init_log_var.*\['clss'\].*\['cls', 'reg'\]"):
+        balancer.step(losses())
+    assert balancer.weights["reg"] == pytest.approx(0.5 * math.exp(0.5))
+    assert balancer.weights["cls"] == pytest.approx(0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        balancer.step(losses())
+    right = LossBalancer(torch.optim.SGD(model.parameters(), lr=1e-2),
+                         UncertaintyWeighting(init_log_var={"cls": -0.5}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        right.step(losses())

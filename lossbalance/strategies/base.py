@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
 from ..registry import Registry, did_you_mean
 from ..stats import GradStats
+from ..validation import warn_user
 
 __all__ = ["StepRecord", "Strategy", "register", "available_strategies", "make_strategy"]
 
@@ -89,6 +90,26 @@ class Strategy(ABC):
 
 _REGISTRY = Registry("strategy")
 register = _REGISTRY.register  # class decorator: make a strategy available under its name
+
+
+class StrayKeys:
+    """The keys of a per-term option dict (``FAMO(min_losses=)``, ``UncertaintyWeighting(init_log_var=)``)
+    that name none of the terms seen so far: each warned once, since a misspelt name would
+    silently leave its term at the default (a term may still appear later: no error)."""
+
+    def __init__(self, option: str, consequence: str):
+        self.option, self.consequence = option, consequence
+        self._seen: set[str] = set()
+        self._warned: set[str] = set()
+
+    def note(self, keys: Iterable[str], names: Iterable[str]) -> None:
+        """Record the terms ``names`` as seen; warn about the ``keys`` not seen (once each)."""
+        self._seen.update(names)
+        stray = sorted(set(keys) - self._seen - self._warned)
+        if stray:
+            self._warned.update(stray)
+            warn_user(f"{self.option} names term(s) {stray}, which the steps so far do not pass (their "
+                      f"terms: {sorted(self._seen)}): {self.consequence}")
 
 
 def available_strategies() -> list[str]:

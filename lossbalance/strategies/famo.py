@@ -7,8 +7,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ..validation import warn_user
-from .base import StepRecord, Strategy, register
+from .base import StepRecord, Strategy, StrayKeys, register
 from .learned import VectorAdam
 
 __all__ = ["FAMO"]
@@ -129,8 +128,7 @@ class FAMO(Strategy):
         self.min_losses = dict(min_losses) if isinstance(min_losses, Mapping) else float(min_losses)
         self._logits = VectorAdam(self.lr, weight_decay=self.weight_decay)
         self._bounds: tuple[tuple[str, ...], Tensor] | None = None  # the L_i^min of the last names
-        self._seen: set[str] = set()  # the terms seen (the min_losses keys are checked against them)
-        self._warned: set[str] = set()
+        self._stray = StrayKeys("FAMO(min_losses=...)", "a misspelt name gives its term the bound 0")
         self._pending: tuple[tuple[str, ...], Tensor] | None = None  # log D of the last update, until judged
 
     def options(self) -> dict[str, Any]:
@@ -161,14 +159,8 @@ class FAMO(Strategy):
 
     def _warn_stray_bounds(self, names: tuple[str, ...]) -> None:
         """Warn once per ``min_losses`` key that names none of the terms seen so far (a typo?)."""
-        if not isinstance(self.min_losses, dict):
-            return
-        self._seen.update(names)
-        stray = sorted(set(self.min_losses) - self._seen - self._warned)
-        if stray:
-            self._warned.update(stray)
-            warn_user(f"FAMO(min_losses=...) names term(s) {stray}, which the steps so far do not pass (their "
-                      f"terms: {sorted(self._seen)}): a misspelt name gives its term the bound 0")
+        if isinstance(self.min_losses, dict):
+            self._stray.note(self.min_losses, names)
 
     def _learn(self, names: tuple[str, ...], log_gap: Tensor) -> None:
         """One Adam step of the logits on ``delta = pending log D - log_gap`` (terms in both)."""

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .base import StepRecord, Strategy, register
+from .base import StepRecord, Strategy, StrayKeys, register
 from .learned import LearnedScalars, optimizer_option, optimizer_settings
 
 __all__ = ["UncertaintyWeighting"]
@@ -44,7 +44,8 @@ class UncertaintyWeighting(Strategy):
     example code (yaringal/multi-task-learning-example, ``Constant(0.)``; it minimises
     ``exp(-s) L + s``, twice ``J``: weight ``exp(-s)``, same optimum); LibMTL's ``UW`` (same
     ``J`` as here) starts at ``s = -0.5`` (weight ``0.5 e^0.5 = 0.82``): ``init_log_var=-0.5``.
-    A dict gives one value per term name (0 for terms it does not name). Unlike the other
+    A dict gives one value per term name (0 for terms it does not name; a key that names none of
+    the terms of the steps so far warns once, as a likely typo). Unlike the other
     strategies the weights do not start from the balancer's initial weights; its
     ``min_weight``/``max_weight`` clamp what is applied but do not feed back into ``s``.
 
@@ -103,6 +104,7 @@ class UncertaintyWeighting(Strategy):
         self.optimizer_name = optimizer_option(optimizer)
         self.optimizer_options = options
         self._log_vars = LearnedScalars(cls, self.lr, options)  # term -> s_i, trained by its own optimizer
+        self._stray = StrayKeys("UncertaintyWeighting(init_log_var=...)", "a misspelt name starts its term at s = 0")
 
     def options(self) -> dict[str, Any]:
         return {
@@ -127,14 +129,16 @@ class UncertaintyWeighting(Strategy):
             return None
         return 0.5 * self._log_vars.values(self._log_vars.params).sum()
 
-    def _initial(self, name: str) -> float:
+    def _initial(self, name: str, names: tuple[str, ...]) -> float:
+        """The starting ``s`` of a new term (the terms of its first step: a dict's typo warns)."""
         if isinstance(self.init_log_var, dict):
+            self._stray.note(self.init_log_var, names)
             return float(self.init_log_var.get(name, 0.0))
         return self.init_log_var
 
     def update(self, record: StepRecord) -> Tensor:
         names, losses = record.names, record.losses.detach()
-        self._log_vars.ensure(names, lambda n: losses.new_full((), self._initial(n)))
+        self._log_vars.ensure(names, lambda n: losses.new_full((), self._initial(n, names)))
         s = self._log_vars.values(names)
         out = torch.finfo(losses.dtype)
         weights = (0.5 * torch.exp(-s)).to(losses.dtype).clamp(out.tiny, out.max)
