@@ -161,8 +161,10 @@ class LossBalancer:
             and every N-th call; a non-finite call found then undoes every call since the last
             clean read (parameters and optimizer state included), see :mod:`lossbalance.deferred`.
         check_paths: when to check that each term's graph reaches the parameters it may train:
-            ``"first"`` (its first appearance; gradient steps check every time anyway, for free)
-            or ``"always"`` (a walk of the autograd graph per term and step, also on plain steps).
+            ``"first"`` (its first appearance; gradient steps check every time anyway, and a leaf
+            term is refused on every call, for free; a term that loses its path otherwise adds no
+            gradient to a plain step but its value still counts) or ``"always"`` (a walk of the
+            autograd graph per term and step, also on plain steps).
         seed: seed of the balancer's own random generator (saved in ``state_dict``).
         pointwise: ``{term: Causal(...) | RBA(...) | SAPINN(...) | BRDR(...)}``: pointwise weights of terms passed as
             :class:`~lossbalance.Residual` (per-point losses), reduced to a scalar before the
@@ -379,6 +381,7 @@ class LossBalancer:
         check its path to the parameters on every call): a path to what it may train, no
         reentrant checkpoint; the engine learns its size, compiled parts and unbalanced leaves."""
         if self.check_paths == "first" and self._checked.issuperset(names):
+            self._check_leaves(names, terms)
             return
         for name, term in zip(names, terms):
             scope = self._scopes.get(name)
@@ -389,6 +392,14 @@ class LossBalancer:
                 continue
             self._first_look(name, term, targets, scoped=scope is not None)
         self._checked.update(names)
+
+    def _check_leaves(self, names: tuple[str, ...], terms: Sequence[Tensor]) -> None:
+        """Every call, for free: a term that is a leaf tensor (e.g. a cached value made
+        ``requires_grad``) reaches no parameter but itself; its value would enter the total and
+        the strategy without a gradient."""
+        for name, term in zip(names, terms):
+            if term.grad_fn is None and id(term) not in self._scopes.get(name, self._param_ids):
+                raise no_path_error(name, scoped=name in self._scopes)
 
     def _first_look(self, name: str, term: Tensor, targets: frozenset[int], *, scoped: bool) -> None:
         """A term's first appearance: one walk of its graph (path, reentrant checkpoints, facts)."""

@@ -161,6 +161,10 @@ CASES = {
         replace("dirichlet", lambda v: torch.ones((), requires_grad=True) * 2), ValueError,
         "'dirichlet' has no path to any balanced parameter",
     ),
+    "a leaf tensor (a cached value made requires_grad)": (  # caught on every step, plain ones too
+        replace("dirichlet", lambda v: v.detach().clone().requires_grad_()), ValueError,
+        "'dirichlet' has no path to any balanced parameter",
+    ),
     "depends only on collocation points": (
         replace_with("pde", collocation_only), ValueError, "'pde' has no path to any balanced parameter.*only on inputs",
     ),
