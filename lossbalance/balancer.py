@@ -31,7 +31,7 @@ from .strategies.static import Static
 from .terms import Bound, TermTable
 from .graph import graph_facts, reaches
 from .validation import (
-    check_finite, check_key_set, check_losses, check_optimizer_state, no_path_error, reentrant_checkpoint_error, warn_user,
+    check_finite, check_key_set, check_losses, check_optimizer_state, check_parameters, no_path_error, reentrant_checkpoint_error, warn_user,
 )
 
 __all__ = ["LossBalancer"]
@@ -310,6 +310,7 @@ class LossBalancer:
 
     def _install_engine(self, params: list[Tensor]) -> None:
         """Build the engine and the scopes for ``params``; nothing is replaced unless both succeed."""
+        check_parameters(params)
         engine = make_engine(
             params, memory=self.memory, probe=self._probe, reduction=self._reduction, grad_mode=self.grad_mode
         )
@@ -1128,7 +1129,8 @@ class LossBalancer:
 
     @property
     def weights(self) -> dict[str, float]:
-        """Current weight of every declared term."""
+        """Current weight of every declared term (before the first step: the ``weights=`` given;
+        an optional term not seen yet: its ``weights=`` value)."""
         return self._terms.as_dict()
 
     @property
@@ -1237,7 +1239,7 @@ class LossBalancer:
         (saved next to it) are those after the NaN. Call :meth:`check` before saving to roll
         back first (on every process, in a distributed run).
         """
-        return {
+        return _plain_strings({
             "format": STATE_FORMAT,
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
             **self._terms.state_dict(),
@@ -1252,7 +1254,7 @@ class LossBalancer:
             "combiner": self.combiner.state_dict(),
             "pointwise": self._pointwise.state_dict(),
             "deferred": None if self._deferred is None else self._deferred.unread(),
-        }
+        })
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`. Everything is checked first and committed at once: any
@@ -1397,6 +1399,19 @@ def _plain_tensors(losses: Losses) -> Losses:
     if not isinstance(losses, Mapping) or all(type(v) is Tensor for v in losses.values()):
         return losses
     return {k: v.as_subclass(Tensor) if isinstance(v, Tensor) else v for k, v in losses.items()}
+
+
+def _plain_strings(value: Any) -> Any:
+    """``value`` with every ``str`` subclass (an ``enum.StrEnum`` or ``numpy.str_`` term name) as a
+    plain ``str``, in dict keys and values, lists and tuples: what ``torch.load(weights_only=True)``
+    accepts. Such names hash and compare as their plain strings, so the state loads either way."""
+    if isinstance(value, str):
+        return value if type(value) is str else str.__str__(value)
+    if isinstance(value, dict):
+        return {_plain_strings(k): _plain_strings(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_plain_strings(v) for v in value)
+    return value
 
 
 def _resolve_scopes(scope_params: Mapping[str, list[Tensor]], held: frozenset[int]) -> dict[str, frozenset[int]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from typing import Any, Collection, Mapping
+from typing import Any, Collection, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -71,6 +71,25 @@ def no_path_error(name: str, *, scoped: bool) -> ValueError:
     )
 
 
+def _article(noun: str) -> str:
+    """``noun`` with its indefinite article: "an int", "a float"."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+def check_parameters(params: Sequence[Tensor]) -> None:
+    """Refuse parameters the balancer cannot differentiate for: complex ones (the per-term
+    gradient statistics and the weights are real) and ones on the ``meta`` device (no data)."""
+    for i, p in enumerate(params):
+        where = f"parameter {i} of the optimizer (shape {tuple(p.shape)}, {p.dtype})"
+        if p.is_complex():
+            raise TypeError(f"{where} is complex: the balancer works on real parameters; hold the real and "
+                            "imaginary parts as a real parameter and build the complex tensor in the forward "
+                            "(torch.view_as_complex)")
+        if p.device.type == "meta":
+            raise ValueError(f"{where} is on the meta device, which holds no data: materialise the model first "
+                             "(model.to_empty(device=...), then initialise or load its weights)")
+
+
 def check_losses(losses: Any, device: torch.device, *, need_grad: bool = True) -> None:
     """Raise ``TypeError``/``ValueError`` unless ``losses`` is a non-empty ``{str: scalar loss}``
     (``need_grad``: that requires grad)."""
@@ -85,7 +104,7 @@ def check_losses(losses: Any, device: torch.device, *, need_grad: bool = True) -
             raise TypeError(f"loss term names must be strings; got the key {name!r} ({type(name).__name__})")
         if not isinstance(loss, Tensor):
             raise TypeError(
-                f"loss term {name!r} is a {type(loss).__name__}, expected a scalar torch.Tensor computed "
+                f"loss term {name!r} is {_article(type(loss).__name__)}, expected a scalar torch.Tensor computed "
                 "from the model (a Python number carries no gradient)"
             )
         if loss.numel() != 1:

@@ -139,7 +139,7 @@ CASES = {
     "non-string key": (lambda p: {**p.losses(), 3: p.losses()["pde"]}, TypeError, "key 3"),
     # --- what a term is
     "python float": (replace("dirichlet", 0.5), TypeError, "'dirichlet' is a float"),
-    "python int": (replace("dirichlet", 3), TypeError, "'dirichlet' is a int.*scalar torch.Tensor computed from the model"),
+    "python int": (replace("dirichlet", 3), TypeError, "'dirichlet' is an int.*scalar torch.Tensor computed from the model"),
     "None": (replace("pde", None), TypeError, "'pde' is a NoneType.*torch.Tensor"),
     "numpy-like list": (replace("dirichlet", [0.5]), TypeError, "'dirichlet' is a list"),
     "non-scalar": (replace("neumann", lambda v: v.expand(4)), ValueError, r"'neumann' has shape \(4,\).*mean"),
@@ -552,3 +552,19 @@ def test_load_state_dict_for_another_model():
         other.load_state_dict(state)
     assert other.step_count == 0 and other.weights == {}
     assert_same(before, other.state_dict())
+
+
+@pytest.mark.parametrize("case", ["complex", "meta"])
+def test_parameters_the_balancer_cannot_differentiate_for_are_refused_when_built(case):
+    """A complex parameter (raw torch errors from inside the step, before) or a model on the meta
+    device (a bare .item() error): refused at construction, naming the parameter and the fix."""
+    if case == "complex":
+        params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, dtype=torch.cdouble))]
+        error, message = TypeError, r"parameter 1 of the optimizer \(shape \(2,\), torch.complex128\) is complex.*view_as_complex"
+    else:
+        params = list(torch.nn.Linear(2, 1).to("meta").parameters())
+        error, message = ValueError, "parameter 0 .* is on the meta device.*to_empty"
+    with pytest.raises(error, match=message):
+        LossBalancer(torch.optim.SGD(params, lr=0.1), "static")
+    with pytest.raises(error, match=message):
+        LossBalancer(params, "lra")

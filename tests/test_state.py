@@ -197,3 +197,48 @@ def test_a_strategy_that_changes_record_weights_in_place_cannot_corrupt_the_undo
     x = torch.ones(4, 1)
     balancer.step({"a": model(x).pow(2).mean(), "b": model(x).abs().mean()})
     assert balancer.weights == {"a": 2.0, "b": 5.0}
+
+
+def test_str_subclass_term_names_save_and_resume_through_weights_only_load(tmp_path):
+    """Term names as ``enum.StrEnum`` members or ``numpy.str_`` (``np.array(["pde", "bc"])``) are
+    strings to every check; the saved state holds them as plain strings, so
+    ``torch.load(weights_only=True)`` (torch's default) reads it and the run resumes bit for bit."""
+    import enum
+
+    from lossbalance import RBA, Residual
+
+    class Term(enum.StrEnum):
+        PDE = "pde"
+        BC = "bc"
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        balancer = LossBalancer(torch.optim.Adam(model.parameters(), lr=1e-2), LRAnnealing(reference=Term.PDE),
+                                weights={Term.BC: 10.0}, pointwise={Term.PDE: RBA()})
+        return model, balancer
+
+    x, ids = torch.linspace(0, 1, 16)[:, None], torch.arange(16)
+
+    def step(model, balancer):
+        out = model(x)
+        balancer.step({Term.PDE: Residual(out[:, 0] - x[:, 0], ids=ids, kind="residual"), Term.BC: out[0, 0].pow(2)})
+
+    model, balancer = build()
+    for _ in range(3):
+        step(model, balancer)
+    path = tmp_path / "state.pt"
+    torch.save({"model": model.state_dict(), "balancer": balancer.state_dict()}, path)
+    for _ in range(3):
+        step(model, balancer)
+
+    saved = torch.load(path, weights_only=True)
+    again, resumed = build()
+    again.load_state_dict(saved["model"])
+    resumed.load_state_dict(saved["balancer"])
+    for _ in range(3):
+        step(again, resumed)
+    assert resumed.weights == balancer.weights
+    for a, b in zip(again.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    assert all(type(k) is str for k in saved["balancer"]["names"])
