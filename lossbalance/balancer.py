@@ -136,6 +136,11 @@ class LossBalancer:
         scope: ``{term: parameters}``: the parameters a term may train (default: all). The term's
             gradient flows through the whole graph but only its scope receives it.
         probe: take the gradient statistics on this subset of the parameters only.
+        shared: with a combiner (``combine=``), the parameters it acts on: a multi-task model's
+            shared encoder. Every other balanced parameter (the task heads) gets the weighted
+            sum ``sum_i w_i g_i`` of its per-term gradients (a head only its own task reaches:
+            ``w_i`` times that task's gradient), as in Sener & Koltun (2018, Algorithm 2) and
+            LibMTL. Default: the combiner acts on every balanced parameter, heads included.
         combine: how the weighted per-term gradients become one direction: ``"sum"`` (default),
             ``"pcgrad"``, ``"config"``, a :class:`~lossbalance.combine.Combiner` or a callable on
             the ``(K, P)`` matrix. Anything but the sum needs the per-term gradients every step,
@@ -187,6 +192,7 @@ class LossBalancer:
         optional: Iterable[str] = (),
         scope: Mapping[str, Iterable[Tensor]] | None = None,
         probe: Iterable[Tensor] | None = None,
+        shared: Iterable[Tensor] | None = None,
         combine: str | Combiner | Callable[[Tensor], Tensor] = "sum",
         diagnose_every: int = 0,
         memory: Literal["keep", "lean"] = "keep",
@@ -216,6 +222,7 @@ class LossBalancer:
         self.memory = memory
         self.grad_mode = grad_mode
         self._probe = None if probe is None else list(probe)
+        self._shared = None if shared is None else list(shared)
         self._reduction = make_reduction(distributed, process_group)
         self._precision = make_precision(scaler)
         self._hooks: dict[int, Callable[["LossBalancer"], None]] = OrderedDict()
@@ -225,6 +232,7 @@ class LossBalancer:
             check_ntk_weightings(self._pointwise)
         self._install_engine(self._balanced_params())
         self._install_combiner(combine)
+        self._check_shared()
         self._declare_terms(terms, weights, min_weight, max_weight, optional)
         if terms:
             self.combiner.declare_terms(list(terms))
@@ -234,6 +242,7 @@ class LossBalancer:
         self._check_line_search()
         check_sharded(self._engine, {f"combine={combine!r}": not isinstance(self.combiner, WeightedSum),
                                      "diagnose_every=": bool(diagnose_every), "scope=": bool(scope),
+                                     "shared=": shared is not None,
                                      "scaler=": self._precision.scaled, "L-BFGS": self._needs_closure,
                                      "check_every > 1": check_every > 1,
                                      f"strategy {self.strategy.name!r} (NTK traces)": self.strategy.needs_traces})
@@ -260,6 +269,25 @@ class LossBalancer:
                 "step anyway; keep check_every=1"
             )
         return DeferredChecks(every)
+
+    def _check_shared(self) -> None:
+        """``shared=``: a non-empty set of the optimizer's parameters, for a combiner that acts
+        on the kept per-term gradients."""
+        if self._shared is None:
+            return
+        if not self._combines:
+            which = ("'mconfig' combines one term's momenta per step over every parameter" if self._momentum
+                     else "the weighted sum treats every parameter alike")
+            raise ValueError(f"shared= names the parameters a combiner acts on, but {which}: use it with "
+                             "combine='mgda', 'upgrad', 'pcgrad', 'config', 'dcgd' or a combiner object")
+        if not self._shared:
+            raise ValueError("shared= is empty: name the shared parameters, e.g. shared=model.encoder.parameters()")
+        held = {id(p) for group in self.param_groups for p in group["params"]}
+        for i, p in enumerate(self._shared):
+            if not isinstance(p, Tensor) or id(p) not in held:
+                raise ValueError(f"shared= item {i} is not a parameter the optimizer holds: name parameters of "
+                                 "the model the optimizer trains")
+        self._shared_ids = frozenset(map(id, self._shared))
 
     def _install_combiner(self, combine: str | Combiner | Callable[[Tensor], Tensor]) -> None:
         self.combiner = make_combiner(combine)
@@ -701,8 +729,19 @@ class LossBalancer:
         return Direction([v if hit else None for v, hit in zip(layout.views(step), hits)], result.direction.others), result.values
 
     def _direction(self, weights: Tensor, stats: GradStats, names: tuple[str, ...]) -> Tensor:
+        """The combiner's direction from the weighted per-term gradients; with ``shared=``, on
+        the shared parameters' columns only, the weighted sum on the others."""
         assert stats.gradients is not None
         weighted = weights.to(stats.gradients.dtype)[:, None] * stats.gradients
+        if self._shared is None:
+            return self._combined(weighted, names)
+        columns = self._engine.layout.columns(self._shared_ids)
+        direction = weighted.sum(0)
+        if columns.numel():
+            direction[columns] = self._combined(weighted[:, columns], names)
+        return direction
+
+    def _combined(self, weighted: Tensor, names: tuple[str, ...]) -> Tensor:
         if getattr(self.combiner, "takes_names", False):
             return self.combiner(weighted, generator=self.generator, names=names)
         return self.combiner(weighted, generator=self.generator)
@@ -1215,7 +1254,7 @@ class LossBalancer:
             settings["optional"] = sorted(self._terms.optional)
         if self._pointwise.weightings:
             settings["pointwise"] = pointwise_config(self._pointwise.weightings)
-        return export_config(settings, self._scope_params, self._probe, model)
+        return export_config(settings, self._scope_params, {"probe": self._probe, "shared": self._shared}, model)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -8,7 +8,7 @@ Keys: ``preset``, ``strategy``, ``strategy_options``, ``update_every``, ``weight
 ``min_weight``, ``max_weight``, ``warmup``, ``frozen``, ``terms``, ``optional``, ``scope``
 (``{term: [parameter names or module paths]}``, resolved against ``model.named_parameters()``:
 ``"coef"`` selects the parameter ``coef`` and everything under the module ``coef``, never
-``coef_net``), ``probe`` (the same kind of names), ``combine``, ``combine_options``, and the plain
+``coef_net``), ``probe`` and ``shared`` (the same kind of names), ``combine``, ``combine_options``, and the plain
 options of :data:`lossbalance.options.PLAIN_OPTIONS` (``memory``, ``grad_mode``, ``nonfinite``,
 ``check_paths``, ``history``, ``diagnose_every``, ``seed``, ...). A ``preset`` fills in the
 strategy, its options and the schedule; the other keys override it.
@@ -120,7 +120,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 _STRUCTURED_KEYS = (
     "preset", "strategy", "strategy_options", "weights", "min_weight", "max_weight", "terms", "optional",
-    "scope", "probe", "combine", "combine_options", "pointwise",
+    "scope", "probe", "shared", "combine", "combine_options", "pointwise",
 )
 _KEYS = sorted({*_STRUCTURED_KEYS, *PLAIN_NAMES})
 
@@ -343,15 +343,19 @@ def _scope(spec: Any, model: nn.Module, kwargs: dict[str, Any], problems: list[s
     }
 
 
-def _probe(spec: Any, model: nn.Module, kwargs: dict[str, Any], problems: list[str]) -> None:
-    if _names_list("probe", spec, problems):
-        kwargs["probe"] = parameters_by_prefix(model, spec)
+def _parameter_list(key: str) -> Callable[[Any, nn.Module, dict[str, Any], list[str]], None]:
+    """The resolver of a list of parameter prefixes (``probe``, ``shared``)."""
+    def resolve(spec: Any, model: nn.Module, kwargs: dict[str, Any], problems: list[str]) -> None:
+        if _names_list(key, spec, problems):
+            kwargs[key] = parameters_by_prefix(model, spec)
+
+    return resolve
 
 
 def _parameter_sets(
     merged: dict[str, Any], model: nn.Module | None, kwargs: dict[str, Any], problems: list[str]
 ) -> None:
-    for key, resolve in (("scope", _scope), ("probe", _probe)):
+    for key, resolve in (("scope", _scope), ("probe", _parameter_list("probe")), ("shared", _parameter_list("shared"))):
         if key not in merged:
             continue
         if model is None:
@@ -386,16 +390,18 @@ def parse_config(config: Mapping[str, Any], *, model: nn.Module | None = None) -
 def export_config(
     settings: Mapping[str, Any],
     scope: Mapping[str, list],
-    probe: list | None,
+    lists: Mapping[str, list | None],
     model: nn.Module | None = None,
 ) -> dict[str, Any]:
-    """The plain dict that rebuilds a balancer: its plain ``settings`` plus scope and probe named
-    by the parameters' names in ``model`` (required when there is a scope or a probe)."""
+    """The plain dict that rebuilds a balancer: its plain ``settings`` plus scope and the
+    parameter ``lists`` (``probe``, ``shared``) named by the parameters' names in ``model``
+    (required when there is any)."""
     config = dict(settings)
-    if not scope and probe is None:
+    lists = {key: params for key, params in lists.items() if params is not None}
+    if not scope and not lists:
         return config
     if model is None:
-        raise ValueError("this balancer has scopes or a probe: pass model= to name their parameters")
+        raise ValueError(f"this balancer has {'scopes' if scope else ' and '.join(lists)}: pass model= to name their parameters")
     names = {id(p): n for n, p in model.named_parameters()}
 
     def named(params: list, what: str) -> list[str]:
@@ -405,6 +411,6 @@ def export_config(
 
     if scope:
         config["scope"] = {term: named(params, f"scope of {term!r}") for term, params in scope.items()}
-    if probe is not None:
-        config["probe"] = named(probe, "probe")
+    for key, params in lists.items():
+        config[key] = named(params, key)
     return config

@@ -54,6 +54,7 @@ class _Layout:
         self.position = {id(p): j for j, p in enumerate(self.params)}
         self.zeros = self.views(torch.zeros(self.total, dtype=self.dtype, device=self.device))
         self._masks: dict[tuple[frozenset[int] | None, ...], Tensor] = {}
+        self._columns: dict[frozenset[int], Tensor] = {}
         self._inputs: dict[frozenset[int] | None, list[int]] = {}
         self._tensors: dict[frozenset[int] | None, list[Tensor]] = {}
         # consecutive tensors of one size (the hidden layers of an MLP, their biases) are reduced
@@ -70,6 +71,15 @@ class _Layout:
     def views(self, flat: Tensor) -> list[Tensor]:
         """Views of a flat vector of this layout, shaped like the parameters."""
         return [v.view_as(p) for v, p in zip(flat.split(self.sizes), self.params)]
+
+    def columns(self, ids: frozenset[int]) -> Tensor:
+        """The positions in the flat vector of the tensors whose ``id`` is in ``ids`` (kept)."""
+        if ids not in self._columns:
+            starts = [sum(self.sizes[:j]) for j in range(len(self.sizes))]
+            parts = [torch.arange(start, start + size) for start, size, p in zip(starts, self.sizes, self.params)
+                     if id(p) in ids]
+            self._columns[ids] = (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)).to(self.device)
+        return self._columns[ids]
 
     def masks(self, scopes: Sequence[frozenset[int] | None]) -> Tensor:
         """(K, T) bool: which tensors of this layout each scope (set of ``id(param)``) covers."""
