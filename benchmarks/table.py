@@ -230,6 +230,7 @@ POINTWISE = {  # variant: (label, target over the plain step or None)
     "plain": ("plain step paired with itself (noise)", None),
     "residual": ("balancer, Residual without weighting (its mean)", None),
     "causal": ("Causal(chunks=32, eps=1)", 1.05),
+    "causal_ftz": ("Causal, subnormals flushed (set_flush_denormal)", None),
     "rba": ("RBA()", 1.05),
     "sa_pinn": ("SAPINN() (its Adam ascent included)", None),
     "brdr": ("BRDR()", None),

@@ -8,7 +8,9 @@ ids ``0..1023``, and a boundary MSE on 128 points; SGD(lr=1e-6). ``plain`` is th
 itself it shows the noise of the run). The other variants are ``LossBalancer(opt, "static",
 pointwise=...).step({"pde": Residual(r, t=t, ids=ids, kind="residual"), "bc": bc})``: ``residual``
 without a weighting (the term's mean), then ``Causal(chunks=32, eps=1)``, ``RBA()``, ``SAPINN()``
-(its closed-form Adam ascent included) and ``BRDR()``. Nothing here asserts a timing;
+(its closed-form Adam ascent included) and ``BRDR()``; ``causal_ftz`` is Causal with subnormal
+floats flushed to zero during its steps (``torch.set_flush_denormal``; its weights reach the
+subnormal range, which x86 CPUs compute slowly). Nothing here asserts a timing;
 ``benchmarks/table.py`` renders the rows (``pointwise_table``).
 """
 from __future__ import annotations
@@ -23,7 +25,8 @@ ITERATIONS = 10
 WEIGHTINGS = {
     "residual": lambda: None, "causal": lambda: Causal(chunks=32, eps=1.0), "rba": RBA, "sa_pinn": SAPINN, "brdr": BRDR,
 }
-VARIANTS = ["plain", *WEIGHTINGS]
+FLUSHED = {"causal_ftz": "causal"}  # the same weighting, subnormal floats flushed to zero during its steps
+VARIANTS = ["plain", *WEIGHTINGS, *FLUSHED]
 
 
 class Poisson:
@@ -56,14 +59,24 @@ def plain_step(p: Poisson):
 
 
 def pointwise_step(p: Poisson, variant: str):
-    weighting = WEIGHTINGS[variant]()
+    weighting = WEIGHTINGS[FLUSHED.get(variant, variant)]()
     balancer = LossBalancer(p.optimizer, "static", pointwise={} if weighting is None else {"pde": weighting})
 
     def step():
         r, bc = p.terms()
         return balancer.step({"pde": Residual(r, t=p.t, ids=p.ids, kind="residual"), "bc": bc})
 
-    return step
+    if variant not in FLUSHED:
+        return step
+
+    def flushed():  # Causal's weights exp(-eps sum L_j) reach the subnormal range (slow on x86 CPUs)
+        torch.set_flush_denormal(True)
+        try:
+            return step()
+        finally:
+            torch.set_flush_denormal(False)
+
+    return flushed
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -234,6 +234,7 @@ class LossBalancer:
         self._install_combiner(combine)
         self._check_shared()
         self._declare_terms(terms, weights, min_weight, max_weight, optional)
+        self.strategy.check_optional(self._terms.optional)
         if terms:
             self.combiner.declare_terms(list(terms))
         self._needs_closure = self.optimizer is not None and _needs_closure(self.optimizer)

@@ -102,6 +102,8 @@ def check_losses(losses: Any, device: torch.device, *, need_grad: bool = True) -
     for name, loss in losses.items():
         if not isinstance(name, str):
             raise TypeError(f"loss term names must be strings; got the key {name!r} ({type(name).__name__})")
+        if not name:
+            raise ValueError("a loss term is named '' (the empty string): give every term a name, e.g. 'pde'")
         if not isinstance(loss, Tensor):
             raise TypeError(
                 f"loss term {name!r} is {_article(type(loss).__name__)}, expected a scalar torch.Tensor computed "

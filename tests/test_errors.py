@@ -138,6 +138,8 @@ CASES = {
     ),
     "non-string key": (lambda p: {**p.losses(), 3: p.losses()["pde"]}, TypeError, "key 3"),
     # --- what a term is
+    "an empty name": (lambda problem: {**problem.losses(), "": problem.losses()["pde"]}, ValueError,
+                      "a loss term is named '' .*give every term a name"),
     "python float": (replace("dirichlet", 0.5), TypeError, "'dirichlet' is a float"),
     "python int": (replace("dirichlet", 3), TypeError, "'dirichlet' is an int.*scalar torch.Tensor computed from the model"),
     "None": (replace("pde", None), TypeError, "'pde' is a NoneType.*torch.Tensor"),

@@ -201,3 +201,12 @@ def test_a_scope_without_weight_matrices_is_refused():
         scope={"pde": [coef]},
     )
     balancer.step({"data": (model(x) - 1).pow(2).mean(), "pde": (coef * model(x)).pow(2).mean()})
+
+
+def test_an_optional_reference_is_refused_when_built():
+    """Every LRA update divides by the reference's gradient: declaring it optional= only failed
+    on the first step it was absent (a KeyError mid-run); now at construction."""
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(ValueError, match="reference term 'pde' is declared optional="):
+        LossBalancer(torch.optim.SGD(model.parameters(), lr=0.1), LRAnnealing(reference="pde"), optional=["pde"])
+    LossBalancer(torch.optim.SGD(model.parameters(), lr=0.1), LRAnnealing(reference="pde"), optional=["bc"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import Any, ClassVar, Collection, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -57,6 +57,10 @@ class Strategy(ABC):
 
     def validate_terms(self, names: Sequence[str]) -> None:
         """Raise ``KeyError`` naming what is wrong if the strategy cannot work on these terms."""
+
+    def check_optional(self, optional: Collection[str]) -> None:
+        """When the balancer is built: raise ``ValueError`` if a term the strategy needs on every
+        update is declared ``optional=``."""
 
     @abstractmethod
     def update(self, record: StepRecord) -> Tensor:

@@ -1,7 +1,7 @@
 """Learning-rate annealing (Wang, Teng & Perdikaris 2021)."""
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from typing import Any, Collection, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -93,6 +93,11 @@ class LRAnnealing(Strategy):
             "weighted_denominator": self.weighted_denominator, "layerwise_mean": self.layerwise_mean,
             "include_bias": self.include_bias, "over": self.over, "eps": self.eps,
         }
+
+    def check_optional(self, optional: Collection[str]) -> None:
+        if self.reference is not None and self.reference in optional:
+            raise ValueError(f"LRAnnealing reference term {self.reference!r} is declared optional=, but every update "
+                             "divides by its gradient: make another term the reference, or keep it required")
 
     def validate_terms(self, names: Sequence[str]) -> None:
         if self.reference is None:
