@@ -234,7 +234,7 @@ class LossBalancer:
         self._install_combiner(combine)
         self._check_shared()
         self._declare_terms(terms, weights, min_weight, max_weight, optional)
-        self.strategy.check_optional(self._terms.optional)
+        self.strategy.declare_terms(self._terms.names, self._terms.optional)
         if terms:
             self.combiner.declare_terms(list(terms))
         self._needs_closure = self.optimizer is not None and _needs_closure(self.optimizer)
@@ -472,8 +472,6 @@ class LossBalancer:
         for non-finite values) and what undoes the call. ``deferrable``: may this call's checks
         wait (``check_every > 1``; not for an L-BFGS closure)."""
         self._refresh_parameters()
-        if may_update:
-            self._pointwise.start_step()
         batch = self._take(losses, advance=may_update)
         plan = self._plan(may_update, checks_later=into == "grad", deferrable=deferrable)
         undo = self._undo_point(plan)
@@ -503,6 +501,7 @@ class LossBalancer:
             self._undo(undo)
             raise
         if may_update:
+            self._pointwise.start_step()  # the last step's re-evaluation states go only when this one succeeded
             figures = self._commit_pointwise(batch.pointwise)
             self._log.record(self._step, LastStep(batch.names, values, weights, stats, figures))
             self._step += 1
@@ -522,7 +521,7 @@ class LossBalancer:
         ``advance``, a re-evaluation: the states the step's first evaluation used)."""
         update = advance and not self.frozen
         try:
-            reduced = self._pointwise.reduce(losses, update, reevaluation=not advance)
+            reduced = self._pointwise.reduce(losses, update, reevaluation=not advance, frozen=advance and self.frozen)
         except (TypeError, ValueError, KeyError):
             self._relay_refusal(losses, told=self._pointwise.relays(update))
             raise
@@ -1169,8 +1168,9 @@ class LossBalancer:
 
     @property
     def weights(self) -> dict[str, float]:
-        """Current weight of every declared term (before the first step: the ``weights=`` given;
-        an optional term not seen yet: its ``weights=`` value)."""
+        """Current weight of every registered term: those of ``terms=``, then each term from the
+        first step it appears in (empty before the first step without ``terms=``; the
+        ``weights=`` given apply from then)."""
         return self._terms.as_dict()
 
     @property
@@ -1262,7 +1262,8 @@ class LossBalancer:
         """The optimizer's and the balancer's state; loading it continues a run bit for bit.
 
         Keys (format 2): ``format``; ``optimizer`` (the optimizer's ``state_dict``, ``None``
-        for a balancer built from parameters); ``names``,
+        for a balancer built from parameters) and ``optimizer_type`` (its class, e.g.
+        ``"torch.optim.adam.Adam"``; a state of another optimizer type is refused); ``names``,
         ``optional``, ``weights``, ``lower``, ``upper`` (the terms, their weights and bounds);
         ``step``, ``updates``, ``skipped`` (counters); ``strategy_name``, ``strategy`` (the
         strategy's state); ``generator`` (the random generator's state); ``scaler`` (the
@@ -1282,6 +1283,7 @@ class LossBalancer:
         return _plain_strings({
             "format": STATE_FORMAT,
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+            "optimizer_type": None if self.optimizer is None else _optimizer_type(self.optimizer),
             **self._terms.state_dict(),
             "step": self._step,
             "updates": self._updates,
@@ -1302,10 +1304,13 @@ class LossBalancer:
         balancer, its strategy and the optimizer exactly as they were. A state saved without an
         optimizer (``LossBalancer(model.parameters(), ...)``) loads into a balancer with one: its
         balancer's part, with a warning (the optimizer keeps its state); a balancer without an
-        optimizer loads the balancer's part of any state."""
+        optimizer loads the balancer's part of any state. A state whose optimizer is of another
+        type (Adam's into an L-BFGS balancer) is refused; ``{**state, "optimizer": None}`` loads
+        its balancer's part alone (weights, per-point tables, strategy state), with no warning:
+        how an Adam phase hands over to an L-BFGS balancer."""
         checked = self._checked_state(state)
         self._load_stateful_parts(state)
-        if self.optimizer is not None and state["optimizer"] is None:
+        if self.optimizer is not None and state["optimizer"] is None and state.get("optimizer_type") is None:
             warn_user("this state was saved by a balancer without an optimizer: the balancer's part is loaded, the "
                       "optimizer keeps its own state (load it from where it was saved, e.g. the framework's checkpoint)")
         self._commit_state(state, checked)
@@ -1370,6 +1375,7 @@ class LossBalancer:
         except (TypeError, ValueError) as error:
             raise ValueError(f"corrupt state: the step counters are not integers ({error})") from error
         if self.optimizer is not None and state["optimizer"] is not None:
+            self._check_optimizer_type(state.get("optimizer_type"))
             check_optimizer_state(state["optimizer"], self.optimizer)
         _check_no_unread_nan(state.get("deferred"))
         return {
@@ -1377,11 +1383,26 @@ class LossBalancer:
             "pointwise": self._pointwise.checked_state(state.get("pointwise")),
         }
 
+    def _check_optimizer_type(self, saved: Any) -> None:
+        """Refuse the optimizer state of another optimizer class (torch.optim would take Adam's
+        groups into an L-BFGS and fail at its next step); states without the type pass."""
+        mine = _optimizer_type(self.optimizer)
+        if saved is not None and saved != mine:
+            raise ValueError(
+                f"this state holds the state of a {saved} optimizer; this balancer's optimizer is a {mine}: "
+                "nothing was loaded. To carry the balancer's part over to this optimizer (weights, per-point "
+                "tables, strategy state), load balancer.load_state_dict({**state, 'optimizer': None})"
+            )
+
     def __repr__(self) -> str:
         return (
             f"LossBalancer({type(self.optimizer).__name__ if self.optimizer else 'parameters'}, {self.strategy!r}, update_every={self.update_every}, "
             f"combine={self.combiner!r}, memory={self.memory!r}, terms={self._terms.names})"
         )
+
+
+def _optimizer_type(optimizer: torch.optim.Optimizer) -> str:
+    return f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
 
 
 def _check_no_unread_nan(deferred: Any) -> None:
@@ -1438,7 +1459,7 @@ def _plain_tensors(losses: Losses) -> Losses:
     """``losses`` with tensor subclasses (e.g. PINA's ``LabelTensor``) as plain tensor views."""
     if not isinstance(losses, Mapping) or all(type(v) is Tensor for v in losses.values()):
         return losses
-    return {k: v.as_subclass(Tensor) if isinstance(v, Tensor) else v for k, v in losses.items()}
+    return {k: v.as_subclass(Tensor) if isinstance(v, Tensor) and type(v) is not Tensor else v for k, v in losses.items()}
 
 
 def _plain_strings(value: Any) -> Any:

@@ -339,14 +339,14 @@ class RBA:
         """``union``: the update's points of every rank (:meth:`Reduction.gather_points`; ``None``: this batch)."""
         if not update:
             lam = _IdTable(state, ids, r, self._same_ids).column("lambdas", self.init)
-            return (lam * r).pow(2).mean(), _summary("rba", lam), state
+            return (lam.to(r.dtype) * r).pow(2).mean(), _summary("rba", lam), state
         union = union or _Union.local(ids, r)
         table = _IdTable(state, union.ids, union.values, self._same_ids)
-        a = union.values.abs()
+        a = union.values.abs().to(table.dtype)
         lam = self.gamma * table.column("lambdas", self.init) + self.eta * a / a.max().clamp(min=torch.finfo(a.dtype).tiny)
         mine = union.mine(lam)
         new_state = {"kind": self.kind, **_advanced(table, {"lambdas": lam}, state, self.forget_after)}
-        return (mine * r).pow(2).mean(), _summary("rba", mine), new_state
+        return (mine.to(r.dtype) * r).pow(2).mean(), _summary("rba", mine), new_state
 
     def checked_state(self, name: str, state: Any) -> dict[str, Any]:
         return {"kind": self.kind, **_checked_id_state(name, self.label, state, floats=("lambdas",))}
@@ -454,7 +454,7 @@ class SAPINN:
         fresh, generator = self._fresh(table, state["generator"])
         lam = table.column("lambdas", fresh)
         weight, slope = self.masked(lam)
-        value = (union.mine(weight) * losses).mean()  # the weights before the ascent
+        value = (union.mine(weight).to(losses.dtype) * losses).mean()  # the weights before the ascent
         figures = _summary("sa_pinn", union.mine(lam))
         if not update:
             return value, figures, state
@@ -475,7 +475,7 @@ class SAPINN:
         generator.set_state(generator_state)
         draws = self.scale * torch.rand(count, generator=generator, dtype=torch.float64)
         ranked = torch.empty_like(draws).scatter_(0, torch.argsort(table.ids[new].cpu()), draws)
-        fresh = torch.zeros(table.ids.shape, dtype=table.like.dtype, device=table.like.device)
+        fresh = torch.zeros(table.ids.shape, dtype=table.dtype, device=table.like.device)
         fresh[new] = ranked.to(fresh)
         return fresh, generator.get_state()
 
@@ -604,7 +604,7 @@ class BRDR:
         table = _IdTable(state, union.ids, union.values, self._same_ids)
         step = state["step"] + 1
         gap = (step - table.column("last_seen", 0)).clamp(max=self.max_gap)
-        l = union.values
+        l = union.values.to(table.dtype)
         r4 = table.column("r4", 0.0)
         r4 = r4 + (1 - torch.pow(l.new_tensor(self.beta_c), gap)) * (l * l - r4)
         irdr = l / ((r4 / (1 - self.beta_c**step)).sqrt() + 1e-14)
@@ -616,7 +616,7 @@ class BRDR:
         ``union``: the update's points of every rank (:meth:`Reduction.gather_points`; ``None``: this batch)."""
         if not update:
             w = _IdTable(state, ids, losses, self._same_ids).column("weights", 1.0)
-            return (w * losses).mean(), _summary("brdr", w), state
+            return (w.to(losses.dtype) * losses).mean(), _summary("brdr", w), state
         union = union or _Union.local(ids, losses)
         decay, mean = pooled if pooled is not None else (self.decay(union, state), None)
         mean = decay.irdr.mean() if mean is None else mean
@@ -625,7 +625,7 @@ class BRDR:
         w = w + (1 - torch.pow(w.new_tensor(self.beta_w), decay.gap)) * (balanced - w)
         new_state = {"kind": self.kind, **_advanced(decay.table, {"weights": w, "r4": decay.r4}, state, self.forget_after)}
         mine = union.mine(w)
-        return (mine * losses).mean(), _summary("brdr", mine), new_state
+        return (mine.to(losses.dtype) * losses).mean(), _summary("brdr", mine), new_state
 
     def checked_state(self, name: str, state: Any) -> dict[str, Any]:
         return {"kind": self.kind, **_checked_id_state(name, self.label, state, floats=("weights", "r4"))}
@@ -671,13 +671,14 @@ class Pointwise:
         self.held: dict[str, dict[str, Any]] = {}
         self._warned_fresh: set[str] = set()
 
-    def reduce(self, losses: Any, update: bool, *, reevaluation: bool = False) -> Reduced:
+    def reduce(self, losses: Any, update: bool, *, reevaluation: bool = False, frozen: bool = False) -> Reduced:
         """``losses`` with every :class:`Residual` reduced to a scalar; nothing is changed here
         (the new state is returned, committed by :meth:`commit` once the step succeeded).
         ``update``: the step advances the state; ``reevaluation``: the step just taken evaluated
         again (its :attr:`held` states); neither: the committed state held (``frozen``,
         :meth:`~lossbalance.LossBalancer.evaluate`), where points the tables do not hold take the
-        initial value (a warning, once per term)."""
+        initial value (a warning, once per term; ``frozen``: a frozen step, which warns about an
+        empty table too)."""
         if not isinstance(losses, Mapping):
             return Reduced(losses, {}, {})
         prepared, refusal = self._checked_terms(losses)
@@ -687,11 +688,11 @@ class Pointwise:
             raise refusal
         if not prepared:  # no Residual term
             return Reduced(losses, {}, {}, losses)
-        out, figures, state = self._reduce_terms(losses, prepared, update, reevaluation)
+        out, figures, state = self._reduce_terms(losses, prepared, update, reevaluation, frozen)
         return Reduced(out, figures, state, losses, self._held_after(state) if update else {})
 
     def _reduce_terms(self, losses: Mapping[str, Any], prepared: Mapping[str, tuple], update: bool,
-                      reevaluation: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+                      reevaluation: bool, frozen: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         """The loss dict with the ``prepared`` terms reduced, their figures and new states."""
         unions = self._unions(prepared) if update else {}
         pooled = self._pooled_decays(unions) if update else {}
@@ -700,7 +701,7 @@ class Pointwise:
             out[name], weighted = self._reduce_term(name, losses[name].reduction, arrays, self._state_for(name, reevaluation),
                                                     update, pooled.get(name), unions.get(name))
             if not update and not reevaluation:
-                self._warn_fresh(name, arrays[2])
+                self._warn_fresh(name, arrays[2], frozen)
             if weighted is not None:
                 figures[name], state[name] = weighted
         return out, figures, state
@@ -714,15 +715,22 @@ class Pointwise:
         the weightings whose value uses that (see :attr:`held`)."""
         return {n: self.state[n] for n in state if self.weightings[n].value_before_update}
 
-    def _warn_fresh(self, name: str, ids: Tensor) -> None:
-        """After a held reduction: warn once per term when its per-id table, started (a table
-        before the first step holds nothing yet: an evaluation then is not the trap), lacked
-        some of the batch's points (the count the reduction's table lookup left, no host read more)."""
+    def _warn_fresh(self, name: str, ids: Tensor, frozen: bool) -> None:
+        """After a held reduction: warn once per term when its per-id table lacked some of the
+        batch's points (the count the reduction's table lookup left, no host read more): a
+        started table, or on a ``frozen`` step an empty one too (an evaluation before the first
+        step is not the trap; a balancer frozen from the start never learns its weights)."""
         weighting = self.weightings.get(name)
         if weighting is None or isinstance(weighting, Causal) or name in self._warned_fresh:
             return
         count = weighting._same_ids.unknown
-        if count and self.state[name]["ids"].numel():
+        if count and not self.state[name]["ids"].numel() and frozen:
+            self._warned_fresh.add(name)
+            warn_user(f"loss term {name!r}: its {weighting.label} table is empty and held (frozen before any step "
+                      f"updated it): all {ids.numel()} points take {weighting.fresh_label()}. To keep the weights "
+                      "an earlier balancer learned (Adam before L-BFGS), load its state first: "
+                      "balancer.load_state_dict({**earlier.state_dict(), 'optimizer': None}), then balancer.freeze()")
+        elif count and self.state[name]["ids"].numel():
             self._warned_fresh.add(name)
             warn_user(f"loss term {name!r}: {count} of its {ids.numel()} points have ids that its {weighting.label} "
                       f"table does not hold, and the table is held (frozen=True, or evaluate()): they take "
@@ -984,6 +992,7 @@ class _IdTable:
 
     def __init__(self, state: Mapping[str, Any], ids: Tensor, like: Tensor, memo: _Memo):
         self.state, self.ids, self.like = state, ids, like
+        self.dtype = torch.promote_types(like.dtype, torch.float32)  # a bf16 batch does not round the table
         self.known = state["ids"].to(ids.device)
         n = self.known.numel()
         self.same = memo.find(self.known, ids) is not None
@@ -1001,10 +1010,11 @@ class _IdTable:
 
     def column(self, key: str, fresh: Tensor | float) -> Tensor:
         """Column ``key`` for the batch's points: the stored row, ``fresh`` (a number or one value
-        per point) for a new id. Float columns in the dtype of ``like``."""
+        per point) for a new id. Float columns in :attr:`dtype` (``like``'s, at least float32:
+        the tables keep their precision under bf16/float16 residuals, as optimizer states do)."""
         stored = self.state[key].to(self.like.device)
         if stored.is_floating_point():
-            stored = stored.to(self.like.dtype)
+            stored = stored.to(self.dtype)
         if self.new_count == 0:
             return stored if self.same else stored[self.pos]
         fresh = torch.as_tensor(fresh, dtype=stored.dtype, device=stored.device).expand(self.ids.shape)

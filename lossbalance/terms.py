@@ -180,11 +180,7 @@ class TermTable:
             self._indexed = None
 
     def as_dict(self) -> dict[str, float]:
-        """The registered terms' weights, then the ``weights=`` of the terms declared but not
-        registered yet: all of them before the first step, the optional ones after it."""
-        pending = {n: float(w) for n, w in self.initial.items()
-                   if n not in self.names and (not self.names or n in self.optional)}
-        return {**dict(zip(self.names, self.weights.tolist())), **pending}
+        return dict(zip(self.names, self.weights.tolist()))
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

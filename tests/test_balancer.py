@@ -268,18 +268,3 @@ def test_a_skipped_backward_leaves_nothing_for_a_manual_optimizer_step():
     for a, b in zip(params, problem.model.parameters()):
         assert torch.equal(a, b)
 
-
-def test_weights_before_the_first_step_are_the_initial_ones():
-    """``weights=adam_balancer.weights`` (the README's L-BFGS hand-over) must not silently hand
-    over {} when the first phase has not stepped: the declared initial weights show at once, and
-    an optional term not seen yet keeps showing its own."""
-    model = torch.nn.Linear(2, 1)
-    x = torch.randn(4, 2)
-    balancer = LossBalancer(torch.optim.SGD(model.parameters(), lr=0.1), "static",
-                            weights={"pde": 1.0, "bc": 100.0, "aux": 5.0}, optional=["aux"])
-    assert balancer.weights == {"pde": 1.0, "bc": 100.0, "aux": 5.0}
-    balancer.step({"pde": model(x).pow(2).mean(), "bc": model(x).abs().mean()})
-    assert balancer.weights == {"pde": 1.0, "bc": 100.0, "aux": 5.0}
-    handed = LossBalancer(torch.optim.SGD(model.parameters(), lr=0.1), "static", weights=balancer.weights, frozen=True,
-                          optional=["aux"])
-    assert handed.weights == balancer.weights

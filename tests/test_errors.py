@@ -20,6 +20,10 @@ from lossbalance import LossBalancer, LRAnnealing
 from _models import InfiniteGradient, PINN1D, mlp
 
 
+class _Tagged(torch.Tensor):
+    """A tensor subclass, as PINA's LabelTensor."""
+
+
 def fresh(strategy="lra", **options):
     problem = PINN1D(seed=1)
     chosen = LRAnnealing("pde") if strategy == "lra" else strategy
@@ -166,6 +170,11 @@ CASES = {
     "a leaf tensor (a cached value made requires_grad)": (  # caught on every step, plain ones too
         replace("dirichlet", lambda v: v.detach().clone().requires_grad_()), ValueError,
         "'dirichlet' has no path to any balanced parameter",
+    ),
+    "a leaf tensor next to a tensor-subclass term (PINA's LabelTensor)": (
+        lambda problem: {**(lambda d: {**d, "pde": d["pde"].as_subclass(_Tagged)})(problem.losses()),
+                         "dirichlet": torch.tensor(0.5, requires_grad=True)},
+        ValueError, "'dirichlet' has no path to any balanced parameter",
     ),
     "depends only on collocation points": (
         replace_with("pde", collocation_only), ValueError, "'pde' has no path to any balanced parameter.*only on inputs",

@@ -12,7 +12,7 @@ from lossbalance.options import PLAIN_NAMES, PLAIN_OPTIONS, option_problems, str
 
 # The keyword arguments of LossBalancer.__init__ that are not plain options: objects, tables and
 # lists, each handled by a key group of its own in the config (or not configurable at all).
-STRUCTURED = {"optimizer", "strategy", "weights", "min_weight", "max_weight", "terms", "optional", "scope", "probe",
+STRUCTURED = {"optimizer", "strategy", "weights", "min_weight", "max_weight", "terms", "optional", "scope", "probe", "shared",
               "combine", "scaler", "distributed", "process_group", "pointwise"}
 
 

@@ -428,6 +428,21 @@ def _timed(problem):
     return {"pde": Residual(problem.r(), t=problem.x[:, 0], ids=problem.ids, kind="residual")}
 
 
+@pytest.mark.parametrize("name", ["sa_pinn", "causal"])
+def test_a_refused_call_leaves_the_held_reevaluation_state(name):
+    """loss(); a call refused (duplicate ids, times of the wrong length); loss(reevaluation=True): the refused call
+    dropped the held states before its checks, so the re-evaluation weighted the points as the
+    next step would (SA-PINN after its ascent, Causal's next eps)."""
+    problem = Problem()
+    balancer = LossBalancer([problem.w], "static", pointwise={"pde": ONE_OBJECTIVE[name]()})
+    first = balancer.loss(_timed(problem))
+    duplicate_ids = Residual(problem.r(), t=problem.x[:, 0], ids=torch.zeros_like(problem.ids), kind="residual")
+    short_times = Residual(problem.r(), t=problem.x[:2, 0], ids=problem.ids, kind="residual")
+    with pytest.raises(ValueError, match="'pde'"):
+        balancer.loss({"pde": short_times if name == "causal" else duplicate_ids})
+    assert float(balancer.loss(_timed(problem), reevaluation=True)) == float(first.detach())
+
+
 class _TwiceAtTheSamePoint(torch.optim.SGD):
     """SGD that evaluates its closure twice before moving (as a line search may): both values kept."""
 
@@ -502,3 +517,62 @@ def test_a_held_table_warns_once_about_points_it_does_not_hold(name):
 def test_bad_options_are_refused_when_built(make):
     with pytest.raises(ValueError):
         make()
+
+
+@pytest.mark.parametrize("weighting", ["rba", "sa_pinn", "brdr"])
+def test_per_point_tables_keep_float32_under_bf16_residuals(weighting):
+    """The tables were cast to the batch's dtype: one bf16 minibatch turned the whole table into
+    bf16, where RBA's ``0.999 lambda + 1e-3 |r|/max|r|`` rounds away (its largest weight stuck at
+    0.5 against 0.95 after 3000 steps). The tables keep float32, as optimizer states do under
+    AMP; the term's value keeps the residuals' dtype."""
+    from lossbalance import BRDR, RBA, SAPINN, Residual
+
+    make = {"rba": RBA, "sa_pinn": SAPINN, "brdr": BRDR}[weighting]
+    model = torch.nn.Linear(1, 1)
+    balancer = LossBalancer(torch.optim.SGD(model.parameters(), lr=0.0), "static", pointwise={"pde": make()})
+    x = torch.linspace(0, 1, 20)[:, None]
+    pool = torch.arange(20)
+    for step in range(1000):
+        ids = pool[(step % 2) * 10:(step % 2) * 10 + 10]  # minibatches of the pool
+        r = (model(x[ids])[:, 0] + 1 + x[ids, 0]).to(torch.bfloat16)
+        term = Residual(r, ids=ids, kind="residual")
+        balancer.step({"pde": term, "bc": model(x[:1]).pow(2).sum()})
+    state = balancer.state_dict()["pointwise"]["pde"]
+    floats = [v for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float32 for v in floats)
+    if weighting == "rba":  # 500 updates per point: 1 - 0.999^500 = 0.394 for the largest |r|
+        assert state["lambdas"].max().item() == pytest.approx(1 - 0.999 ** 500, rel=1e-3)
+    out = model(x[:10])[:, 0].to(torch.bfloat16)
+    value = balancer.evaluate({"pde": Residual(out, ids=pool[:10], kind="residual"), "bc": model(x[:1]).pow(2).sum()})
+    assert torch.isfinite(value)
+
+
+@pytest.mark.parametrize("name", list(WEIGHTINGS))
+def test_adam_hands_its_per_point_tables_over_to_an_lbfgs_balancer(name):
+    """The README's Adam -> L-BFGS recipe with per-point weights: Adam's full state is refused
+    by the L-BFGS balancer (torch.optim took Adam's groups into L-BFGS, whose next step then
+    failed with KeyError 'max_iter'), its balancer's part loads without a warning, and the frozen
+    L-BFGS phase weights the points as Adam left them; frozen with an empty table it warns."""
+    problem = Problem()
+    adam = LossBalancer(torch.optim.Adam([problem.w], lr=1e-2), "static", pointwise={"pde": WEIGHTINGS[name]()})
+    for _ in range(3):
+        adam.step({"pde": residual(problem, slice(None), "residual")})
+    state = adam.state_dict()
+    lbfgs = LossBalancer(torch.optim.LBFGS([problem.w], max_iter=2), "static", pointwise={"pde": WEIGHTINGS[name]()})
+    before = copy.deepcopy(lbfgs.optimizer.state_dict())
+    with pytest.raises(ValueError, match=r"state of a torch\.optim\.adam\.Adam optimizer.*LBFGS.*'optimizer': None"):
+        lbfgs.load_state_dict(state)
+    assert lbfgs.optimizer.state_dict() == before
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lbfgs.load_state_dict({**state, "optimizer": None})
+    lbfgs.freeze()
+    expected = adam.evaluate({"pde": residual(problem, slice(None), "residual")})
+    value = lbfgs.step(closure=lambda: {"pde": residual(problem, slice(None), "residual")})
+    assert float(value) == pytest.approx(float(expected), rel=1e-12)
+    _assert_same_state(lbfgs.state_dict()["pointwise"]["pde"], state["pointwise"]["pde"])
+
+    cold = LossBalancer(torch.optim.LBFGS([problem.w], max_iter=2), "static", pointwise={"pde": WEIGHTINGS[name]()},
+                        frozen=True)
+    with pytest.warns(UserWarning, match=r"'pde': its .* table is empty and held.*load_state_dict"):
+        cold.step(closure=lambda: {"pde": residual(problem, slice(None), "residual")})

@@ -44,7 +44,7 @@ def test_the_state_carries_its_format_and_documented_keys():
     _, balancer = trained()
     state = balancer.state_dict()
     assert state["format"] == STATE_FORMAT == 2
-    documented = {"format", "optimizer", "names", "optional", "weights", "lower", "upper", "step", "updates",
+    documented = {"format", "optimizer", "optimizer_type", "names", "optional", "weights", "lower", "upper", "step", "updates",
                   "skipped", "strategy_name", "strategy", "generator", "scaler", "frozen", "combiner", "pointwise",
                   "deferred"}
     assert set(state) == documented

@@ -285,3 +285,14 @@ def test_an_init_log_var_key_naming_no_term_warns_once() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         right.step(losses())
+
+
+def test_an_init_log_var_key_for_a_declared_optional_term_does_not_warn() -> None:
+    model = torch.nn.Linear(2, 2)
+    x = torch.randn(8, 2)
+    balancer = LossBalancer(torch.optim.SGD(model.parameters(), lr=1e-2),
+                            UncertaintyWeighting(init_log_var={"c": 1.0}), terms=["a", "b"], optional=["c"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = model(x)
+        balancer.step({"a": out[:, 0].pow(2).mean(), "b": out[:, 1].pow(2).mean()})

@@ -58,9 +58,9 @@ class Strategy(ABC):
     def validate_terms(self, names: Sequence[str]) -> None:
         """Raise ``KeyError`` naming what is wrong if the strategy cannot work on these terms."""
 
-    def check_optional(self, optional: Collection[str]) -> None:
-        """When the balancer is built: raise ``ValueError`` if a term the strategy needs on every
-        update is declared ``optional=``."""
+    def declare_terms(self, terms: Collection[str], optional: Collection[str]) -> None:
+        """When the balancer is built: its declared terms (``terms=``) and the ``optional=`` ones.
+        Raise ``ValueError`` if a term the strategy needs on every update is optional."""
 
     @abstractmethod
     def update(self, record: StepRecord) -> Tensor:
@@ -105,6 +105,10 @@ class StrayKeys:
         self.option, self.consequence = option, consequence
         self._seen: set[str] = set()
         self._warned: set[str] = set()
+
+    def declare(self, names: Iterable[str]) -> None:
+        """Terms known to exist (``terms=``, ``optional=``) before any step passes them."""
+        self._seen.update(names)
 
     def note(self, keys: Iterable[str], names: Iterable[str]) -> None:
         """Record the terms ``names`` as seen; warn about the ``keys`` not seen (once each)."""

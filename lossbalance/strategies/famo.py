@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -130,6 +130,9 @@ class FAMO(Strategy):
         self._bounds: tuple[tuple[str, ...], Tensor] | None = None  # the L_i^min of the last names
         self._stray = StrayKeys("FAMO(min_losses=...)", "a misspelt name gives its term the bound 0")
         self._pending: tuple[tuple[str, ...], Tensor] | None = None  # log D of the last update, until judged
+
+    def declare_terms(self, terms: Collection[str], optional: Collection[str]) -> None:
+        self._stray.declare([*terms, *optional])
 
     def options(self) -> dict[str, Any]:
         return {"lr": self.lr, "weight_decay": self.weight_decay, "min_losses": self.min_losses, "eps": self.eps}

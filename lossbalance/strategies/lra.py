@@ -94,7 +94,7 @@ class LRAnnealing(Strategy):
             "include_bias": self.include_bias, "over": self.over, "eps": self.eps,
         }
 
-    def check_optional(self, optional: Collection[str]) -> None:
+    def declare_terms(self, terms: Collection[str], optional: Collection[str]) -> None:
         if self.reference is not None and self.reference in optional:
             raise ValueError(f"LRAnnealing reference term {self.reference!r} is declared optional=, but every update "
                              "divides by its gradient: make another term the reference, or keep it required")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import torch
 from torch import Tensor
@@ -105,6 +105,9 @@ class UncertaintyWeighting(Strategy):
         self.optimizer_options = options
         self._log_vars = LearnedScalars(cls, self.lr, options)  # term -> s_i, trained by its own optimizer
         self._stray = StrayKeys("UncertaintyWeighting(init_log_var=...)", "a misspelt name starts its term at s = 0")
+
+    def declare_terms(self, terms: Collection[str], optional: Collection[str]) -> None:
+        self._stray.declare([*terms, *optional])
 
     def options(self) -> dict[str, Any]:
         return {
