@@ -402,6 +402,16 @@ def export_config(
         return config
     if model is None:
         raise ValueError(f"this balancer has {'scopes' if scope else ' and '.join(lists)}: pass model= to name their parameters")
+    named = _namer(model)
+    if scope:
+        config["scope"] = {term: named(params, f"scope of {term!r}") for term, params in scope.items()}
+    for key, params in lists.items():
+        config[key] = named(params, key)
+    return config
+
+
+def _namer(model: nn.Module) -> Callable[[list, str], list[str]]:
+    """``named(params, what)``: the names of ``params`` in ``model`` (``what`` names them in the error)."""
     names = {id(p): n for n, p in model.named_parameters()}
 
     def named(params: list, what: str) -> list[str]:
@@ -409,8 +419,4 @@ def export_config(
             raise ValueError(f"the {what} holds parameters that model= does not contain")
         return [names[id(p)] for p in params]
 
-    if scope:
-        config["scope"] = {term: named(params, f"scope of {term!r}") for term, params in scope.items()}
-    for key, params in lists.items():
-        config[key] = named(params, key)
-    return config
+    return named

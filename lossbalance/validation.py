@@ -90,6 +90,13 @@ def check_parameters(params: Sequence[Tensor]) -> None:
                              "(model.to_empty(device=...), then initialise or load its weights)")
 
 
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str):
+        raise TypeError(f"loss term names must be strings; got the key {name!r} ({type(name).__name__})")
+    if not name:
+        raise ValueError("a loss term is named '' (the empty string): give every term a name, e.g. 'pde'")
+
+
 def check_losses(losses: Any, device: torch.device, *, need_grad: bool = True) -> None:
     """Raise ``TypeError``/``ValueError`` unless ``losses`` is a non-empty ``{str: scalar loss}``
     (``need_grad``: that requires grad)."""
@@ -100,10 +107,7 @@ def check_losses(losses: Any, device: torch.device, *, need_grad: bool = True) -
     if not losses:
         raise ValueError("losses is empty: pass at least one named loss term")
     for name, loss in losses.items():
-        if not isinstance(name, str):
-            raise TypeError(f"loss term names must be strings; got the key {name!r} ({type(name).__name__})")
-        if not name:
-            raise ValueError("a loss term is named '' (the empty string): give every term a name, e.g. 'pde'")
+        _check_name(name)
         if not isinstance(loss, Tensor):
             raise TypeError(
                 f"loss term {name!r} is {_article(type(loss).__name__)}, expected a scalar torch.Tensor computed "
