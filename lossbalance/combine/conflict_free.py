@@ -86,7 +86,7 @@ class ConFIG(Combiner):
         after the model's backward), the same tests on ``S``. Its accuracy is ``kappa^2 * 1e-16`` in float64 instead of
         ``kappa * 1e-16``: below the rounding of float32 gradients themselves (``kappa * 6e-8``)
         for ``kappa < 5e8``. Its eigenvalues carry errors of about ``K eps S_max^2``, so its
-        default ``rtol`` is ``sqrt(1000 K eps)`` (6e-7 at K = 4 in float64): singular values
+        default ``rtol`` is ``sqrt(1000 K eps)`` (9.4e-7 at K = 4 in float64): singular values
         below it count as zero, where the QR solver would still resolve them. Momentum ConFIG
         (``"mconfig"``) uses it: its one backward per step leaves the solve as its largest cost.
 
