@@ -399,6 +399,7 @@ class LossBalancer:
     # ------------------------------------------------------------------ terms
     def add_term(self, name: str, weight: float | None = None, *, optional: bool = False) -> None:
         """Declare a term (e.g. one that appears in a later phase) with its initial weight."""
+        self.strategy.declare_terms((name,), (name,) if optional else ())
         self._terms.add(name, weight, optional=optional)
 
     def remove_term(self, name: str) -> None:
@@ -475,6 +476,8 @@ class LossBalancer:
         batch = self._take(losses, advance=may_update)
         plan = self._plan(may_update, checks_later=into == "grad", deferrable=deferrable)
         undo = self._undo_point(plan)
+        if may_update:
+            self._pointwise.start_step()  # the last step's re-evaluation states (an error puts them back)
         try:
             if self._deferred is not None and not plan.defer:
                 self._read(undo)  # a call that checks at once: what earlier calls left pending, first
@@ -493,6 +496,8 @@ class LossBalancer:
                 self._settle(batch.names, plan.update, undo)
         except _Skip as skip:
             self._undo(undo)
+            if may_update:
+                self._pointwise.start_step()  # a skipped step is still a step: re-evaluations see its state
             self._skipped += 1
             if isinstance(skip, _Rollback):
                 self._roll_back(skip.finding, undo)
@@ -501,7 +506,6 @@ class LossBalancer:
             self._undo(undo)
             raise
         if may_update:
-            self._pointwise.start_step()  # the last step's re-evaluation states go only when this one succeeded
             figures = self._commit_pointwise(batch.pointwise)
             self._log.record(self._step, LastStep(batch.names, values, weights, stats, figures))
             self._step += 1
@@ -830,6 +834,7 @@ class LossBalancer:
         self._deferred.point = None  # the next call makes a new one
         undone = undo.step - point.undo.step + undo.skipped - point.undo.skipped + int(current)
         self._undo(point.undo)
+        self._pointwise.start_step()  # the undone calls' re-evaluation states go with them
         restore_snapshot(point.snapshot, self.optimizer, point.params)
         for p in point.params:
             p.grad = None
@@ -1263,7 +1268,7 @@ class LossBalancer:
 
         Keys (format 2): ``format``; ``optimizer`` (the optimizer's ``state_dict``, ``None``
         for a balancer built from parameters) and ``optimizer_type`` (its class, e.g.
-        ``"torch.optim.adam.Adam"``; a state of another optimizer type is refused); ``names``,
+        ``"torch.optim.adam.Adam"``, ``None`` without one); ``names``,
         ``optional``, ``weights``, ``lower``, ``upper`` (the terms, their weights and bounds);
         ``step``, ``updates``, ``skipped`` (counters); ``strategy_name``, ``strategy`` (the
         strategy's state); ``generator`` (the random generator's state); ``scaler`` (the
@@ -1304,10 +1309,12 @@ class LossBalancer:
         balancer, its strategy and the optimizer exactly as they were. A state saved without an
         optimizer (``LossBalancer(model.parameters(), ...)``) loads into a balancer with one: its
         balancer's part, with a warning (the optimizer keeps its state); a balancer without an
-        optimizer loads the balancer's part of any state. A state whose optimizer is of another
-        type (Adam's into an L-BFGS balancer) is refused; ``{**state, "optimizer": None}`` loads
-        its balancer's part alone (weights, per-point tables, strategy state), with no warning:
-        how an Adam phase hands over to an L-BFGS balancer."""
+        optimizer loads the balancer's part of any state. An optimizer state whose parameter groups
+        lack this optimizer's hyper-parameters (Adam's into an L-BFGS balancer: torch.optim would
+        take it and fail at the next step) is refused; ``{**state, "optimizer": None}`` loads the
+        balancer's part alone (weights, per-point tables, strategy state, the ``frozen`` flag;
+        no warning unless the state predates ``optimizer_type``): how an Adam phase hands over
+        to an L-BFGS balancer with the same strategy."""
         checked = self._checked_state(state)
         self._load_stateful_parts(state)
         if self.optimizer is not None and state["optimizer"] is None and state.get("optimizer_type") is None:
@@ -1375,24 +1382,12 @@ class LossBalancer:
         except (TypeError, ValueError) as error:
             raise ValueError(f"corrupt state: the step counters are not integers ({error})") from error
         if self.optimizer is not None and state["optimizer"] is not None:
-            self._check_optimizer_type(state.get("optimizer_type"))
             check_optimizer_state(state["optimizer"], self.optimizer)
         _check_no_unread_nan(state.get("deferred"))
         return {
             "terms": self._terms.checked_state(state), "counters": counters, "generator": generator,
             "pointwise": self._pointwise.checked_state(state.get("pointwise")),
         }
-
-    def _check_optimizer_type(self, saved: Any) -> None:
-        """Refuse the optimizer state of another optimizer class (torch.optim would take Adam's
-        groups into an L-BFGS and fail at its next step); states without the type pass."""
-        mine = _optimizer_type(self.optimizer)
-        if saved is not None and saved != mine:
-            raise ValueError(
-                f"this state holds the state of a {saved} optimizer; this balancer's optimizer is a {mine}: "
-                "nothing was loaded. To carry the balancer's part over to this optimizer (weights, per-point "
-                "tables, strategy state), load balancer.load_state_dict({**state, 'optimizer': None})"
-            )
 
     def __repr__(self) -> str:
         return (

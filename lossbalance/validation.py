@@ -172,12 +172,33 @@ def check_optimizer_state(saved: Any, optimizer: torch.optim.Optimizer) -> None:
     (Adam's ``exp_avg``, SGD's ``momentum_buffer``, ...) whose shape is not its parameter's, with
     the parameters matched by position as ``Optimizer.load_state_dict`` does (which would load it
     and fail only at the next step). Only ``torch.optim``'s own optimizers, whose state keys are known."""
+    _check_hyperparameters(saved, optimizer)
     if not type(optimizer).__module__.startswith("torch.optim"):
         return
     flat_keys = _FLAT if isinstance(optimizer, torch.optim.LBFGS) else frozenset()
     total = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
     for position, entry, param in _saved_entries(saved, optimizer):
         _check_entry(position, entry, param, flat_keys, total)
+
+
+def _check_hyperparameters(saved: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Raise ``ValueError`` when the saved parameter groups lack a hyper-parameter of this
+    optimizer that torch does not fill in for older states (its flags: ``None`` or bool
+    defaults): the state of another optimizer type (Adam's ``betas`` and ``eps`` where L-BFGS
+    needs ``max_iter``), which ``Optimizer.load_state_dict`` would take."""
+    groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
+    if not isinstance(groups, list):
+        return
+    needed = {k for k, v in optimizer.defaults.items() if v is not None and not isinstance(v, bool)}
+    for i, group in enumerate(groups):
+        missing = sorted(needed - set(group)) if isinstance(group, Mapping) else []
+        if missing:
+            raise ValueError(
+                f"the saved optimizer state is not a {type(optimizer).__name__}'s: its parameter group {i} has no "
+                f"{missing} (saved with {sorted(k for k in group if k not in ('params', 'param_names'))}); nothing was "
+                "loaded. To carry the balancer's part over to this optimizer (weights, per-point tables, strategy "
+                "state), load {**state, 'optimizer': None}"
+            )
 
 
 def _check_entry(position: int, entry: Mapping[str, Any], param: Tensor, flat_keys: frozenset[str], total: int) -> None:

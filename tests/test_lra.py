@@ -210,3 +210,12 @@ def test_an_optional_reference_is_refused_when_built():
     with pytest.raises(ValueError, match="reference term 'pde' is declared optional="):
         LossBalancer(torch.optim.SGD(model.parameters(), lr=0.1), LRAnnealing(reference="pde"), optional=["pde"])
     LossBalancer(torch.optim.SGD(model.parameters(), lr=0.1), LRAnnealing(reference="pde"), optional=["bc"])
+
+
+def test_an_optional_reference_declared_later_is_refused_too():
+    model = torch.nn.Linear(2, 1)
+    balancer = LossBalancer(torch.optim.SGD(model.parameters(), lr=0.1), LRAnnealing(reference="pde"), terms=["bc"])
+    with pytest.raises(ValueError, match="reference term 'pde' is declared optional="):
+        balancer.add_term("pde", optional=True)
+    assert balancer.weights == {"bc": 1.0}
+    balancer.add_term("pde")

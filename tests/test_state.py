@@ -242,3 +242,33 @@ def test_str_subclass_term_names_save_and_resume_through_weights_only_load(tmp_p
     for a, b in zip(again.parameters(), model.parameters()):
         assert torch.equal(a, b)
     assert all(type(k) is str for k in saved["balancer"]["names"])
+
+
+def test_an_optimizer_state_of_the_same_kind_loads_into_a_subclass_or_a_newer_flag_set():
+    """The refusal of another optimizer's state looks at its hyper-parameters, not the class
+    name: an Adam state loads into a balancer on an Adam subclass (a user's, Lightning's
+    wrapper), a state without torch's newer flags (``fused``, ``capturable``) loads too, and an
+    AdamW state into Adam's."""
+    class MyAdam(torch.optim.Adam):
+        pass
+
+    def balancer(cls):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(2, 1)
+        return model, LossBalancer(cls(model.parameters(), lr=1e-2), "static")
+
+    model, plain = balancer(torch.optim.Adam)
+    x = torch.randn(4, 2)
+    plain.step({"a": model(x).pow(2).mean()})
+    state = plain.state_dict()
+    old = copy.deepcopy(state)
+    for group in old["optimizer"]["param_groups"]:
+        for flag in ("fused", "capturable", "differentiable", "decoupled_weight_decay"):
+            group.pop(flag, None)
+    for cls, saved in ((MyAdam, state), (torch.optim.Adam, old), (torch.optim.AdamW, state)):
+        _, other = balancer(cls)
+        other.load_state_dict(saved)
+        assert other.step_count == 1
+    _, sgd = balancer(torch.optim.SGD)
+    with pytest.raises(ValueError, match=r"not a SGD's: its parameter group 0 has no \['dampening', 'momentum'\]"):
+        sgd.load_state_dict(state)
