@@ -145,6 +145,10 @@ class Causal:
     the last call's by value (``torch.equal``), so a buffer refilled in any way is grouped anew;
     on other devices the times are grouped on every call (no host read).
 
+    On a CPU, weights that underflow to subnormal floats (a large ``eps``, late chunks) slow the
+    backward down (x86 computes subnormals slowly); ``torch.set_flush_denormal(True)`` avoids it
+    (measured in the README's performance section).
+
     The authors' repository states that the method is covered by a University of Pennsylvania
     patent; implemented here from the paper only.
     """
