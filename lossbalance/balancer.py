@@ -533,14 +533,13 @@ class LossBalancer:
         names = self._checked_names(losses)
         if not self._terms.names:
             names = self._reduction.canonical(names)
+        self._validate_for_strategy(names, losses)
         terms = {n: losses[n] if losses[n].dim() == 0 else losses[n].reshape(()) for n in names}
         stale = _StaleTerms(self._previous, losses)
         self._previous = {n: weakref.ref(losses[n]) for n in names}
         values = torch.stack(list(terms.values())).detach().to(self._terms.weights.dtype)
         names, terms, values = self._agree(names, terms, values)
-        batch = _Batch(names, list(terms.values()), values, [self._scopes.get(n) for n in names], stale, reduced)
-        self.strategy.validate_terms(names)
-        return batch
+        return _Batch(names, list(terms.values()), values, [self._scopes.get(n) for n in names], stale, reduced)
 
     def _checked_names(self, losses: Losses) -> tuple[str, ...]:
         """The present terms in canonical order, after the local checks (types, shapes, graph,
@@ -557,12 +556,23 @@ class LossBalancer:
             self._relay_refusal(losses, told=False)
             raise
 
-    def _relay_refusal(self, losses: Any, *, told: bool) -> None:
+    def _validate_for_strategy(self, names: tuple[str, ...], losses: Losses) -> None:
+        """The strategy's check of the terms (e.g. LRA's reference among them), before the
+        ranks' agreement: a rank that fails it still joins the agreement with a refusal flag."""
+        try:
+            self.strategy.validate_terms(names)
+        except (TypeError, ValueError, KeyError):
+            self._relay_refusal(losses, told=False, canonical_done=True)
+            raise
+
+    def _relay_refusal(self, losses: Any, *, told: bool, canonical_done: bool = False) -> None:
         """Distributed: this rank's terms failed its checks; unless the others were ``told``
-        already, join the agreement collectives they are in with a refusal flag."""
+        already, join the agreement collectives they are in with a refusal flag (the first
+        step's order broadcast too, unless ``canonical_done``)."""
         if self._reduction.active and not told:
             keys = tuple(losses) if isinstance(losses, Mapping) and all(isinstance(k, str) for k in losses) else ()
-            self._reduction.refuse(keys, first=not self._terms.names, device=self._engine.device)
+            first = not self._terms.names and not canonical_done
+            self._reduction.refuse(keys, first=first, device=self._engine.device)
 
     def _agree(self, names: tuple[str, ...], terms: dict[str, Tensor], values: Tensor):
         """Distributed: check the ranks agree on the terms; an optional term that another rank

@@ -43,8 +43,8 @@ def _losses(problem, rank, case, step=0):
     return losses
 
 
-def _balancer(problem, case):
-    strategy = "static" if case == "optional-plain" else LRAnnealing("pde")
+def _balancer(problem, case, rank=0):
+    strategy = "static" if case == "optional-plain" else LRAnnealing("pdee" if case == "reference typo" and rank == 1 else "pde")
     options = dict(terms=["pde", "dirichlet"], optional=["neumann"]) if case.startswith("optional") else {}
     return LossBalancer(torch.optim.Adam(problem.model.parameters(), lr=1e-2), strategy, **options)
 
@@ -53,7 +53,7 @@ def run(case, rank=None, world=1):
     problem = PINN1D(seed=0, n=64)
     if rank is not None:
         problem.x = problem.x[rank::world]
-    balancer = _balancer(problem, case)
+    balancer = _balancer(problem, case, 0 if rank is None else rank)
     local = []
     for step in range(STEPS):
         losses = _losses(problem, 0 if rank is None else rank, case, step)
@@ -69,7 +69,7 @@ def worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
     with gloo_group(rank, world, init_file, timeout=datetime.timedelta(seconds=60)):
         results = {}
-        for case in ["reordered", "renamed", *REFUSED, "optional-update", "optional-plain"]:
+        for case in ["reordered", "renamed", *REFUSED, "reference typo", "optional-update", "optional-plain"]:
             try:
                 results[case] = run(case, rank, world)
             except (RuntimeError, KeyError, ValueError, TypeError) as error:
@@ -124,3 +124,11 @@ def test_an_optional_term_on_one_rank_only_is_averaged_over_the_ranks_holding_it
     for name in ("pde", "dirichlet"):  # the other terms: the mean over both ranks
         mean = (a["local"][name] + b["local"][name]) / 2
         assert a["stats"][name]["loss"] == pytest.approx(mean, rel=1e-5)
+
+
+def test_a_strategy_refusing_the_terms_on_one_rank_raises_on_every_rank(ranks):
+    """LRAnnealing(reference="pdee") on one rank: its check of the terms ran after the ranks'
+    agreement, so that rank raised alone and the other waited in the gradient all-reduce (a hang)."""
+    refused, other = ranks[1]["reference typo"], ranks[0]["reference typo"]
+    assert refused["type"] == "KeyError" and "'pdee'" in refused["error"]
+    assert other["type"] == "RuntimeError" and "other process(es) refused their loss terms" in other["error"]
