@@ -495,12 +495,7 @@ class LossBalancer:
             if plan.defer:
                 self._settle(batch.names, plan.update, undo)
         except _Skip as skip:
-            self._undo(undo)
-            if may_update:
-                self._pointwise.start_step()  # a skipped step is still a step: re-evaluations see its state
-            self._skipped += 1
-            if isinstance(skip, _Rollback):
-                self._roll_back(skip.finding, undo)
+            self._skip(skip, undo, may_update)
             return None, undo
         except BaseException:
             self._undo(undo)
@@ -510,6 +505,16 @@ class LossBalancer:
             self._log.record(self._step, LastStep(batch.names, values, weights, stats, figures))
             self._step += 1
         return result, undo
+
+    def _skip(self, skip: _Skip, undo: _Undo, may_update: bool) -> None:
+        """A call skipped for non-finite values (``nonfinite="skip"``; a deferred read rolls back
+        the calls since its rollback point too): undone, counted."""
+        self._undo(undo)
+        if may_update:
+            self._pointwise.start_step()  # a skipped step is still a step: re-evaluations see its state
+        self._skipped += 1
+        if isinstance(skip, _Rollback):
+            self._roll_back(skip.finding, undo)
 
     def _commit_pointwise(self, reduced: Reduced) -> dict[str, dict[str, Any]] | None:
         """After a successful call: the pointwise state advances; returns its figures for ``stats``."""

@@ -187,18 +187,20 @@ def _check_hyperparameters(saved: Any, optimizer: torch.optim.Optimizer) -> None
     defaults): the state of another optimizer type (Adam's ``betas`` and ``eps`` where L-BFGS
     needs ``max_iter``), which ``Optimizer.load_state_dict`` would take."""
     groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
-    if not isinstance(groups, list):
-        return
     needed = {k for k, v in optimizer.defaults.items() if v is not None and not isinstance(v, bool)}
-    for i, group in enumerate(groups):
+    for i, group in enumerate(groups if isinstance(groups, list) else []):
         missing = sorted(needed - set(group)) if isinstance(group, Mapping) else []
         if missing:
-            raise ValueError(
-                f"the saved optimizer state is not a {type(optimizer).__name__}'s: its parameter group {i} has no "
-                f"{missing} (saved with {sorted(k for k in group if k not in ('params', 'param_names'))}); nothing was "
-                "loaded. To carry the balancer's part over to this optimizer (weights, per-point tables, strategy "
-                "state), load {**state, 'optimizer': None}"
-            )
+            raise _other_optimizer_error(type(optimizer).__name__, i, missing, group)
+
+
+def _other_optimizer_error(kind: str, index: int, missing: list[str], group: Mapping[str, Any]) -> ValueError:
+    saved = sorted(k for k in group if k not in ("params", "param_names"))
+    return ValueError(
+        f"the saved optimizer state is not a {kind}'s: its parameter group {index} has no {missing} (saved with "
+        f"{saved}); nothing was loaded. To carry the balancer's part over to this optimizer (weights, per-point "
+        "tables, strategy state), load {**state, 'optimizer': None}"
+    )
 
 
 def _check_entry(position: int, entry: Mapping[str, Any], param: Tensor, flat_keys: frozenset[str], total: int) -> None:
