@@ -20,6 +20,7 @@ one backward of the weighted sum.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Collection, Iterable, Literal, NamedTuple, Sequence
 
 import torch
@@ -75,7 +76,7 @@ class _Layout:
     def columns(self, ids: frozenset[int]) -> Tensor:
         """The positions in the flat vector of the tensors whose ``id`` is in ``ids`` (kept)."""
         if ids not in self._columns:
-            starts = [sum(self.sizes[:j]) for j in range(len(self.sizes))]
+            starts = itertools.accumulate(self.sizes, initial=0)
             parts = [torch.arange(start, start + size) for start, size, p in zip(starts, self.sizes, self.params)
                      if id(p) in ids]
             self._columns[ids] = (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)).to(self.device)

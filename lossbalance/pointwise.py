@@ -727,15 +727,16 @@ class Pointwise:
         weighting = self.weightings.get(name)
         if weighting is None or isinstance(weighting, Causal) or name in self._warned_fresh:
             return
-        count = weighting._same_ids.unknown
-        if count and not self.state[name]["ids"].numel() and frozen:
-            self._warned_fresh.add(name)
+        count, empty = weighting._same_ids.unknown, not self.state[name]["ids"].numel()
+        if not count or (empty and not frozen):
+            return
+        self._warned_fresh.add(name)
+        if empty:
             warn_user(f"loss term {name!r}: its {weighting.label} table is empty and held (frozen before any step "
                       f"updated it): all {ids.numel()} points take {weighting.fresh_label()}. To keep the weights "
                       "an earlier balancer learned (Adam before L-BFGS), load its state first: "
                       "balancer.load_state_dict({**earlier.state_dict(), 'optimizer': None}), then balancer.freeze()")
-        elif count and self.state[name]["ids"].numel():
-            self._warned_fresh.add(name)
+        else:
             warn_user(f"loss term {name!r}: {count} of its {ids.numel()} points have ids that its {weighting.label} "
                       f"table does not hold, and the table is held (frozen=True, or evaluate()): they take "
                       f"{weighting.fresh_label()}. Evaluate on points the table holds, or a plain tensor term")

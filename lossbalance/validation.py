@@ -171,7 +171,8 @@ def check_optimizer_state(saved: Any, optimizer: torch.optim.Optimizer) -> None:
     """Raise ``ValueError`` when a saved optimizer state is for other parameters: a moment
     (Adam's ``exp_avg``, SGD's ``momentum_buffer``, ...) whose shape is not its parameter's, with
     the parameters matched by position as ``Optimizer.load_state_dict`` does (which would load it
-    and fail only at the next step). Only ``torch.optim``'s own optimizers, whose state keys are known."""
+    and fail only at the next step), checked for ``torch.optim``'s own optimizers, whose state keys
+    are known; or the state of another optimizer type (:func:`_check_hyperparameters`), for any."""
     _check_hyperparameters(saved, optimizer)
     if not type(optimizer).__module__.startswith("torch.optim"):
         return
