@@ -25,7 +25,8 @@ Two ways to compute ``s`` (``trace=``):
 - ``"hutchinson"``: ``s = E_v ||grad_theta (v^T diag(sqrt(c)) r)||^2`` with Rademacher ``v``
   (``E[v v^T] = I``, so the estimate is unbiased: Hutchinson 1990), averaged over ``probes``
   independent ``v`` (about ``probes`` backward passes, ``chunk`` probes at a time; no ``N x P`` Jacobian). Its
-  standard error is the sample standard deviation over the probes divided by ``sqrt(probes)``.
+  standard error is the sample standard deviation over the probes divided by ``sqrt(probes)``
+  (NaN with ``probes=1``: one probe has no spread to estimate it from).
   The probes come from the balancer's generator (saved in its state: a resumed run draws the
   same ones).
 

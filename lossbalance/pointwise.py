@@ -139,7 +139,7 @@ class Causal:
         cumulative: ``"exclusive"`` (the paper, jaxpi; default) or ``"inclusive"`` (PhysicsNeMo,
             PINA).
         delta: the annealing threshold (0.99, the paper).
-        t_range: ``(t_min, t_max)`` for ``split="time"``.
+        t_range: ``(t_min, t_max)`` for ``split="time"`` (refused with ``split="count"``, which has no grid).
 
     The grouping of a fixed point set is computed once: on the CPU the times are compared with
     the last call's by value (``torch.equal``), so a buffer refilled in any way is grouped anew;
@@ -898,6 +898,9 @@ def _check_causal_variant(split: Any, cumulative: Any, delta: Any, t_range: Any)
         raise ValueError(f"Causal(cumulative=...) is 'exclusive' or 'inclusive', got {cumulative!r}")
     if not 0 < delta < 1:
         raise ValueError(f"Causal(delta=...) is in (0, 1), got {delta!r}")
+    if t_range is not None and split != "time":
+        raise ValueError(f"Causal(t_range=...) sets the time grid of split='time'; split={split!r} groups the "
+                         "batch by rank of t and has no grid: pass split='time' or drop t_range")
     if t_range is not None and (len(t_range) != 2 or not t_range[0] < t_range[1]):
         raise ValueError(f"Causal(t_range=...) is (t_min, t_max) with t_min < t_max, got {t_range!r}")
 

@@ -340,7 +340,7 @@ def test_a_skipped_step_leaves_the_pointwise_state_as_it_was():
 
 @pytest.mark.parametrize("make", [
     lambda: Causal(chunks=0), lambda: Causal(eps=[]), lambda: Causal(split="grid"), lambda: Causal(cumulative="all"),
-    lambda: Causal(delta=1.0), lambda: RBA(gamma=1.0), lambda: RBA(eta=0.0), lambda: Residual(torch.ones(2), kind="r"),
+    lambda: Causal(delta=1.0), lambda: Causal(split="count", t_range=(0.0, 1.0)), lambda: RBA(gamma=1.0), lambda: RBA(eta=0.0), lambda: Residual(torch.ones(2), kind="r"),
 ])
 def test_bad_options_are_refused_when_built(make):
     with pytest.raises(ValueError):
