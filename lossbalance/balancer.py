@@ -953,7 +953,8 @@ class LossBalancer:
         ``reevaluation=True``: the same step evaluated again (the closure of a framework's L-BFGS,
         called several times per step): the weights are held, and neither the step counter, the
         pointwise state, the history nor the hooks advance, as for the re-evaluations of
-        :meth:`step` with ``closure=``; its values and gradients are checked at once.
+        :meth:`step` with ``closure=``; its values and gradients are checked at once. Refused
+        (``ValueError``) with ``combine="mconfig"``, whose every evaluation is a step of its own.
 
         While :attr:`evaluating` is true (the Lightning callback sets it during validation, test
         and prediction, sanity checks included) it returns :meth:`evaluate` instead: nothing advances.
@@ -972,6 +973,12 @@ class LossBalancer:
             raise TypeError(
                 "loss() cannot be used with scaler=: the framework that calls .backward() on the returned "
                 "loss scales it; build the balancer without scaler= (for float16, use bf16 or the framework's scaler)"
+            )
+        if reevaluation and self._momentum:
+            raise ValueError(
+                f"loss(..., reevaluation=True) cannot be used with combine={self.combiner.name!r}: each call "
+                "differentiates the next term in turn and moves its momenta, so a second evaluation of one step "
+                "is a new step; nothing was changed. Use a first-order optimizer that evaluates once per step (SGD)"
             )
         total, _ = self._balance(losses, not reevaluation, into="loss", deferrable=not reevaluation)
         if total is None:

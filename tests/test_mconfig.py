@@ -225,3 +225,19 @@ def test_parameters_no_term_reaches_keep_grad_none() -> None:
     balancer.zero_grad()
     balancer.loss(losses()).backward()
     assert unused.grad is None
+
+
+def test_a_reevaluation_is_refused_before_anything_changes() -> None:
+    # each mconfig evaluation differentiates the next term and moves its momenta: a second
+    # evaluation of the same step would be a new step, so loss(..., reevaluation=True) refuses it
+    model, losses = tiny_pinn(3)
+    balancer = sgd_balancer(model)
+    balancer.loss(losses()).backward()
+    before = copy.deepcopy(balancer.state_dict())
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="reevaluation=True.*mconfig"):
+        balancer.loss(losses(), reevaluation=True)
+    after = balancer.state_dict()
+    for key in ("combiner", "step", "updates", "weights", "generator"):
+        assert str(after[key]) == str(before[key]), key
+    assert all((p.grad is None and g is None) or torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
